@@ -1,0 +1,95 @@
+"""Communication: the ring pass, and the sequence gather used by ``unshard``.
+
+The ring is a process group's ranks in group order; rank i sends to i+1 and receives
+from i-1. ``RingComm.exchange`` posts all sends and receives of a step at once
+(``batch_isend_irecv``) and returns immediately, so the caller computes on the current
+block while the next one travels; ``Pending.wait`` then hands over the received tensors.
+There is no barrier per step: a rank only ever waits for its own receives.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import profile
+
+
+def group_size(group=None) -> int:
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group=None) -> int:
+    if not dist.is_available() or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+class Pending:
+    def __init__(self, works, received):
+        self._works, self._received = works, received
+
+    def wait(self) -> list[torch.Tensor]:
+        with profile.timed("wait_s", self._received[0].device):
+            for w in self._works:
+                w.wait()
+        return self._received
+
+
+class RingComm:
+    def __init__(self, group=None):
+        self.group = group
+        self.size = group_size(group)
+        self.rank = group_rank(group)
+        if self.size > 1:
+            self.send_to = dist.get_global_rank(group or dist.group.WORLD, (self.rank + 1) % self.size)
+            self.recv_from = dist.get_global_rank(group or dist.group.WORLD, (self.rank - 1) % self.size)
+
+    def exchange(self, tensors: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> Pending:
+        """Send ``tensors`` to the next rank; receive same-shaped ones from the previous.
+
+        ``out``: buffers to receive into (double buffering); fresh ones when None.
+        """
+        received = out if out is not None else [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.recv_from, self.group) for r in received]
+        prof = profile.active()
+        if prof is not None:
+            prof.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        return Pending(dist.batch_isend_irecv(ops), received)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along ``dim`` in rank order; backward reduce-scatters (sums) the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        parts = [torch.empty_like(x) for _ in range(group_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        size, rank = group_size(ctx.group), group_rank(ctx.group)
+        chunks = [c.contiguous() for c in grad.chunk(size, dim=ctx.dim)]
+        if dist.get_backend(ctx.group) == "gloo":
+            # gloo has no reduce-scatter: sum the whole gradient, keep our chunk.
+            full = grad.contiguous()
+            dist.all_reduce(full, group=ctx.group)
+            return full.chunk(size, dim=ctx.dim)[rank].contiguous(), None, None
+        mine = torch.empty_like(chunks[rank])
+        dist.reduce_scatter(mine, chunks, group=ctx.group)
+        return mine, None, None
+
+
+def gather_sequence(x_local: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """Concatenate every rank's shard along ``dim`` in rank order (differentiable).
+
+    Backward sums each rank's gradient of the full tensor into the owner's shard, i.e.
+    the gradient of the sum of all ranks' losses.
+    """
+    if group_size(group) == 1:
+        return x_local
+    return _GatherSequence.apply(x_local, dim % x_local.dim(), group)

@@ -1,0 +1,56 @@
+"""Validation of attention inputs, shared by every strategy. Errors name the problem."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .comm import group_size
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> None:
+    """Local checks: q (b, s, h, d); k, v (b, s_k, h_kv, d) with h % h_kv == 0."""
+    if dropout_p:
+        raise ValueError(f"attention dropout is not supported (dropout_p={dropout_p}); pass 0.0")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims (batch, seqlen, heads, head_dim); got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch sizes differ: q has {q.shape[0]}, k/v have {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"head_dim differs: q has {q.shape[3]}, k/v have {k.shape[3]}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]}) for GQA/MQA"
+        )
+
+
+def check_same_on_all_ranks(q: torch.Tensor, k: torch.Tensor, group=None) -> None:
+    """All ranks of ``group`` must hold equally shaped shards (one tiny all-gather).
+
+    Without this, a rank with a different local length would deadlock the ring or read
+    garbage; with it, every rank raises the same ValueError.
+    """
+    if group_size(group) == 1:
+        return
+    device = q.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    mine = torch.tensor([*q.shape, k.shape[1], k.shape[2]], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(group_size(group))]
+    dist.all_gather(every, mine, group=group)
+    shapes = [tuple(t.tolist()) for t in every]
+    if len(set(shapes)) > 1:
+        fields = "(batch, q_len, heads, head_dim, kv_len, kv_heads)"
+        listing = ", ".join(f"rank {i}: {s}" for i, s in enumerate(shapes))
+        raise ValueError(
+            f"local shards differ across the {len(shapes)} ranks of the sequence-parallel group; "
+            f"every rank must hold the same local length and heads {fields}: {listing}"
+        )

@@ -1,0 +1,105 @@
+"""Run a function on P real processes (gloo on CPU, NCCL on GPUs) without ever hanging.
+
+    results = run_distributed(fn, world_size, *args, backend="gloo", timeout=120)
+
+``fn(rank, world_size, *args)`` runs in a fresh spawned process with the default process
+group initialised on a free loopback port; its return values come back as a list by rank.
+If any rank raises, the others are stopped and an AssertionError names the rank and shows
+its traceback; if the ranks do not all finish within ``timeout`` seconds, the ones still
+running are killed and named.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, backend, timeout, fn, args, results):
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 120):
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise RuntimeError(f"NCCL run needs {world_size} GPUs, found {torch.cuda.device_count()}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout, fn, args, results),
+                    daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    values, failures = {}, {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(values) + len(failures) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs)
+                        if p.exitcode not in (None, 0) and r not in values and r not in failures]
+                for r in dead:
+                    failures[r] = f"process exited with code {procs[r].exitcode} without reporting"
+                continue
+            (values if ok else failures)[rank] = value
+            if failures:
+                break  # one rank failed: the others may be blocked on it
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+    if failures:
+        first = min(failures)
+        raise AssertionError(
+            f"rank {first} of {world_size} failed ({len(failures)} failed in all):\n{failures[first]}"
+        )
+    missing = [r for r in range(world_size) if r not in values]
+    if missing:
+        raise AssertionError(f"ranks {missing} of {world_size} did not finish within {timeout}s (killed)")
+    return [values[r] for r in range(world_size)]
+
+
+def gpu_backends(world_size: int):
+    """pytest params: gloo always; nccl where >= world_size GPUs exist (skipped otherwise)."""
+    import pytest
+
+    return [
+        "gloo",
+        pytest.param("nccl", marks=pytest.mark.skipif(
+            torch.cuda.device_count() < world_size,
+            reason=f"NCCL needs {world_size} GPUs; this machine has {torch.cuda.device_count()}")),
+    ]
