@@ -44,6 +44,9 @@ class TrainerConfig:
     eval_every: int = 100  # 0: only at the end
     save_every: int = 0  # 0: no checkpoints; else every K steps and at the end
     dtype: str = "fp32"  # fp32 | bf16
+    # Stop this invocation after this step (e.g. to fit a job time limit); the LR schedule
+    # still spans max_steps and rerunning the command resumes. null: run to max_steps.
+    stop_at_step: Optional[int] = None
     # Tests only: exit abruptly in the middle of the checkpoint save at this step.
     crash_in_save_at_step: Optional[int] = None
 
@@ -231,14 +234,18 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
                     if "accuracy" in metrics else ""
                 print(f"step {step}/{t.max_steps} | loss {loss:.4f}{acc} | lr {metrics['lr']:.2e} | "
                       f"{metrics['tokens_per_s']:.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
-        if t.save_every and (step % t.save_every == 0 or step == t.max_steps):
+        stopping = step == t.stop_at_step
+        if t.save_every and (step % t.save_every == 0 or step == t.max_steps or stopping):
             meta = dict(expect, world_size=mesh.world_size, zero_stage=job.deepspeed.zero_stage,
                         samples_seen=step * job.data.global_batch_size)
             checkpoint.save(engine, run_dir, step, meta, mesh.rank,
                             crash_before_commit=(t.crash_in_save_at_step == step))
+        if stopping:
+            break
     tracker.close()
     if mesh.is_logger:
-        log.info("done: %d steps in %s", t.max_steps - start, _fmt_time(time.time() - t_begin))
+        log.info("done: step %d of %d, %s in this run", step if start < t.max_steps else start, t.max_steps,
+                 _fmt_time(time.time() - t_begin))
 
 
 def _rss() -> int:
