@@ -38,10 +38,10 @@ log = logging.getLogger("recipes.train")
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 600
+    max_steps: int = 800
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 100  # 0: only at the end
+    eval_every: int = 200  # 0: only at the end
     save_every: int = 0  # 0: no checkpoints; else every K steps and at the end
     dtype: str = "fp32"  # fp32 | bf16
     # Stop this invocation after this step (e.g. to fit a job time limit); the LR schedule
@@ -111,6 +111,11 @@ def _fmt_time(s: float) -> str:
 def _token_loss_sum(logits, labels):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
+
+
+def _grad_norm(module) -> float:
+    grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)).item() if grads else 0.0
 
 
 def _all_sum(*values, device):
@@ -195,6 +200,8 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
                  run_dir, mesh.world_size, p.dp, mesh.sp_size, p.micro, p.grad_accum, n_params / 1e6,
                  f"resumed from {ckpt} at step {start}" if ckpt else "fresh start")
 
+    # DeepSpeed reports the gradient norm except on its plain fp32 path (stage 0, no bf16)
+    own_grad_norm = not engine.zero_optimization() and not engine.bfloat16_enabled()
     t = job.trainer
     tokens_per_step = job.data.global_batch_size * job.data.seq_len
     t_begin, t_last, steps_timed = time.time(), time.time(), 0
@@ -205,11 +212,16 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
         (n_valid,) = _all_sum(local_valid, device=mesh.device)  # valid tokens of the global batch
         scale = mesh.world_size / max(n_valid, 1.0)  # see the note in recipes/engine.py
         lr, loss_sum = engine.get_lr()[0], 0.0
-        for x, y in micro_batches:
+        grad_norm = None
+        for i, (x, y) in enumerate(micro_batches):
             s = _token_loss_sum(engine(x, positions), y)
             engine.backward(s * scale, scale_wrt_gas=False)
+            if i == len(micro_batches) - 1 and own_grad_norm:
+                grad_norm = _grad_norm(engine.module)  # already reduced over the world by backward
             engine.step()
             loss_sum += s.item()
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
         (loss_sum,) = _all_sum(loss_sum, device=mesh.device)
         loss = loss_sum / max(n_valid, 1.0)
 
@@ -218,8 +230,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
             steps_timed_now = step - start
             dt = (now - t_last) / max(1, steps_timed_now - steps_timed)
             t_last, steps_timed = now, steps_timed_now
-            gn = engine.get_global_grad_norm()
-            metrics = {"loss": loss, "lr": lr, "grad_norm": None if gn is None else float(gn),
+            metrics = {"loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                        "tokens_per_s": tokens_per_step / dt, "seq_len": job.data.seq_len}
             if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
                 if getattr(dataset, "chance", None) is not None:
