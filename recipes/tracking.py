@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,7 +51,7 @@ class Tracker:
             if os.path.exists(id_file):
                 run_id = open(id_file).read().strip()
             else:
-                run_id = wandb.util.generate_id()
+                run_id = uuid.uuid4().hex[:12]
                 with open(id_file, "w") as f:
                     f.write(run_id)
             mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")

@@ -85,15 +85,18 @@ def test_crash_during_save_leaves_previous_checkpoint(baseline, tmp_path):
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_in_run_dir(tmp_path):
-    train_ok(tmp_path, 1, ["trainer.max_steps=3", "logger=wandb"])
+def test_wandb_offline_run_in_run_dir_and_resumed(tmp_path):
+    over = ["trainer.max_steps=4", "trainer.save_every=2", "logger=wandb"]
+    train_ok(tmp_path, 1, over + ["trainer.stop_at_step=2"])
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
-    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
-    records = (runs[0] / f"run-{run_id}.wandb").read_bytes()
+    train_ok(tmp_path, 1, over)  # resumed: the same W&B run id continues
+    assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2, list((tmp_path / "wandb").iterdir())
+    records = b"".join((r / f"run-{run_id}.wandb").read_bytes() for r in runs)
     for needle in (b"tokens_per_s", b"grad_norm", b"loss", b"seq_len", b"global_batch_size", b"zero_stage"):
         assert needle in records, f"{needle!r} missing from the offline W&B run"
-    assert (tmp_path / "config.yaml").exists() and sorted(metrics(tmp_path)) == [1, 2, 3]
+    assert (tmp_path / "config.yaml").exists() and sorted(metrics(tmp_path)) == [1, 2, 3, 4]
 
 
 # ---- bad input: a clear error before any work ----
