@@ -38,7 +38,7 @@ log = logging.getLogger("recipes.train")
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 800
+    max_steps: int = 1200
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200  # 0: only at the end
