@@ -47,6 +47,8 @@ class TrainerConfig:
     # Stop this invocation after this step (e.g. to fit a job time limit); the LR schedule
     # still spans max_steps and rerunning the command resumes. null: run to max_steps.
     stop_at_step: Optional[int] = None
+    # Peak dense TFLOP/s of one GPU for the MFU estimate; None: looked up for known GPUs (bf16)
+    peak_tflops: Optional[float] = None
     # Tests only: exit abruptly in the middle of the checkpoint save at this step.
     crash_in_save_at_step: Optional[int] = None
 
@@ -101,6 +103,25 @@ def plan(job: JobConfig, world_size: int) -> Plan:
     if d.eval_batch_size % dp:
         raise ValueError(f"data.eval_batch_size={d.eval_batch_size} is not divisible by dp={dp}")
     return Plan(dp=dp, micro=micro, grad_accum=per_rank // micro)
+
+
+_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_flops(t: TrainerConfig, device: torch.device) -> Optional[float]:
+    if t.peak_tflops:
+        return t.peak_tflops * 1e12
+    if device.type != "cuda" or t.dtype != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def flops_per_step(m: LlamaConfig, global_batch: int, seq_len: int) -> float:
+    """6 N per token for the matmuls (embedding lookup excluded) plus causal attention:
+    forward 4*b*s^2*dim per layer halved by the mask, backward 2.5x forward."""
+    n = m.num_params(include_embedding=False) + m.vocab_size * m.dim
+    return 6 * n * global_batch * seq_len + 3.5 * 2 * global_batch * seq_len**2 * m.dim * m.n_layers
 
 
 def _fmt_time(s: float) -> str:
@@ -203,6 +224,8 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
     # DeepSpeed reports the gradient norm except on its plain fp32 path (stage 0, no bf16)
     own_grad_norm = not engine.zero_optimization() and not engine.bfloat16_enabled()
     t = job.trainer
+    peak = peak_flops(t, mesh.device)
+    step_flops = flops_per_step(model_cfg, job.data.global_batch_size, job.data.seq_len)
     tokens_per_step = job.data.global_batch_size * job.data.seq_len
     t_begin, t_last, steps_timed = time.time(), time.time(), 0
     for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
@@ -232,6 +255,8 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
             t_last, steps_timed = now, steps_timed_now
             metrics = {"loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                        "tokens_per_s": tokens_per_step / dt, "seq_len": job.data.seq_len}
+            if peak:
+                metrics["mfu"] = step_flops / dt / (peak * mesh.world_size)
             if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
                 if getattr(dataset, "chance", None) is not None:
                     metrics["accuracy"] = evaluate(engine, batches, mesh, job, positions)
@@ -241,10 +266,11 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
                                      else _rss()) / 2**30
                 tracker.log(step, metrics)
                 eta = (now - t_begin) / (step - start) * (t.max_steps - step)
+                mfu = f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
                 acc = f" | acc {metrics['accuracy']:.3f} (chance {metrics['accuracy_chance']:.2f})" \
                     if "accuracy" in metrics else ""
                 print(f"step {step}/{t.max_steps} | loss {loss:.4f}{acc} | lr {metrics['lr']:.2e} | "
-                      f"{metrics['tokens_per_s']:.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
+                      f"{metrics['tokens_per_s']:.0f} tok/s{mfu} | ETA {_fmt_time(eta)}", flush=True)
         stopping = step == t.stop_at_step
         if t.save_every and (step % t.save_every == 0 or step == t.max_steps or stopping):
             meta = dict(expect, world_size=mesh.world_size, zero_stage=job.deepspeed.zero_stage,
