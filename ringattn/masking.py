@@ -17,6 +17,10 @@ import torch
 
 from .layouts import BlockTask
 
+# Rows per tile when an irregular block is cut up: large enough to keep kernels efficient,
+# small enough that a tile's bounding box hugs a window band or a document boundary.
+TILE_ROWS = 256
+
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, seqlen: int) -> None:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
@@ -95,10 +99,15 @@ class AttentionMask:
         lo, hi = self.key_interval(q_pos)
         return (k_pos[None, :] >= lo[:, None]) & (k_pos[None, :] <= hi[:, None])
 
-    def refine(self, task: BlockTask, q_pos: torch.Tensor, k_pos: torch.Tensor) -> BlockTask | None:
-        """Narrow a layout task to what this mask leaves visible: None if nothing, else a
-        task on the bounding box of the visible part, unmasked if that box is a full
-        rectangle or a causal triangle, else carrying its boolean mask."""
+    def refine(self, task: BlockTask, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[BlockTask]:
+        """Narrow a layout task to what this mask leaves visible.
+
+        Returns no task if nothing is visible; else tasks on the bounding boxes of the
+        visible part, unmasked where a box is a full rectangle or a causal triangle, else
+        carrying its boolean mask. Irregular blocks are cut into ``TILE_ROWS``-row tiles
+        first, so a window band or a document boundary costs about its own area rather
+        than the whole block.
+        """
         rows0 = task.q_rows.indices(len(q_pos))[0]
         cols0 = task.k_rows.indices(len(k_pos))[0]
         qp, kp = q_pos[task.q_rows], k_pos[task.k_rows]
@@ -106,9 +115,14 @@ class AttentionMask:
         counts = (torch.searchsorted(kp, hi, right=True) - torch.searchsorted(kp, lo)).clamp_min(0)
         total = int(counts.sum())
         if total == 0:
-            return None
+            return []
         if total == task.scores(len(q_pos), len(k_pos)):
-            return task  # the mask removes nothing from the layout's block
+            return [task]  # the mask removes nothing from the layout's block
+        if len(qp) > TILE_ROWS:
+            return [tile for start in range(0, len(qp), TILE_ROWS)
+                    for tile in self.refine(
+                        BlockTask(slice(rows0 + start, rows0 + min(start + TILE_ROWS, len(qp))),
+                                  task.k_rows, False), q_pos, k_pos)]
         visible = self.dense(qp, kp)
         rows = torch.nonzero(counts > 0).flatten()
         cols = torch.nonzero(visible.any(dim=0)).flatten()
@@ -116,10 +130,10 @@ class AttentionMask:
         box = visible[r0:r1, c0:c1]
         q_rows, k_rows = slice(rows0 + r0, rows0 + r1), slice(cols0 + c0, cols0 + c1)
         if bool(box.all()):
-            return BlockTask(q_rows, k_rows, False)
+            return [BlockTask(q_rows, k_rows, False)]
         if box.shape[0] == box.shape[1] and torch.equal(box, torch.ones_like(box).tril()):
-            return BlockTask(q_rows, k_rows, True)
-        return replace(BlockTask(q_rows, k_rows, False), mask=box)
+            return [BlockTask(q_rows, k_rows, True)]
+        return [replace(BlockTask(q_rows, k_rows, False), mask=box)]
 
 
 def document_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def plan_ring(layout: Layout, mask: AttentionMask, comm: RingComm, local_len: in
     if mask.is_plain:
         return plan
     q_pos = layout.indices(mask.seqlen, p, rank)
-    plan = [[r for t in tasks if (r := mask.refine(t, q_pos, layout.indices(mask.seqlen, p, src)))]
+    plan = [[r for t in tasks for r in mask.refine(t, q_pos, layout.indices(mask.seqlen, p, src))]
             for src, tasks in zip(srcs, plan)]
     mine = max((i + 1 for i, tasks in enumerate(plan) if tasks), default=1)
     # Every rank must take part in every step it passes blocks in: run the longest need.
