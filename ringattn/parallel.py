@@ -4,6 +4,7 @@ from __future__ import annotations
 from . import sharding
 from .comm import group_rank, group_size
 from .layouts import get_layout
+from .masking import document_positions
 from .ring import ring_attention
 
 STRATEGIES = ("ring",)
@@ -31,10 +32,16 @@ class SequenceParallel:
     def rank(self) -> int:
         return group_rank(self.group)
 
-    def attention(self, q, k, v, *, causal: bool = True, softmax_scale=None):
-        """q (b, s_local, h, d), k/v (b, s_local, h_kv, d) -> (b, s_local, h, d)."""
+    def attention(self, q, k, v, *, causal: bool = True, softmax_scale=None, cu_seqlens=None,
+                  window_size=(-1, -1)):
+        """q (b, s_local, h, d), k/v (b, s_local, h_kv, d) -> (b, s_local, h, d).
+
+        ``cu_seqlens``: int32 document boundaries of the full packed sequence (batch 1);
+        ``window_size``: (left, right) sliding window, -1 = unbounded.
+        """
         return ring_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                              layout=self.layout, group=self.group, backend=self.backend)
+                              layout=self.layout, group=self.group, backend=self.backend,
+                              cu_seqlens=cu_seqlens, window_size=window_size)
 
     def shard(self, x, dim: int = 1):
         return sharding.shard(x, layout=self.layout, group=self.group, dim=dim)
@@ -42,8 +49,12 @@ class SequenceParallel:
     def unshard(self, x, dim: int = 1):
         return sharding.unshard(x, layout=self.layout, group=self.group, dim=dim)
 
-    def positions(self, seqlen: int, device=None):
-        return sharding.positions(seqlen, layout=self.layout, group=self.group, device=device)
+    def positions(self, seqlen: int, device=None, cu_seqlens=None):
+        """RoPE positions of this rank's tokens: global positions, or, for packed
+        documents (``cu_seqlens``), positions within each token's document."""
+        if cu_seqlens is None:
+            return sharding.positions(seqlen, layout=self.layout, group=self.group, device=device)
+        return self.shard(document_positions(cu_seqlens), dim=0).to(device)
 
     def __repr__(self):
         return (f"SequenceParallel(strategy={self.strategy!r}, layout={self.layout!r}, "
