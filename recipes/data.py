@@ -142,6 +142,8 @@ class PackedText:
 
 
 def check_files(cfg: DataConfig) -> None:
+    if cfg.tokenizer is not None and not os.path.exists(cfg.tokenizer):
+        raise FileNotFoundError(f"data.tokenizer={cfg.tokenizer}: no such local tokenizer directory or file")
     if cfg.kind != "text":
         return
     if not cfg.files:

@@ -314,5 +314,14 @@ def main(cfg) -> None:
         distributed.shutdown()
 
 
+def _strip_launcher_args() -> None:
+    """The deepspeed launcher appends ``--local_rank=N``; Hydra takes only overrides."""
+    for a in list(sys.argv[1:]):
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+            sys.argv.remove(a)
+
+
 if __name__ == "__main__":
+    _strip_launcher_args()
     sys.exit(main())
