@@ -49,6 +49,18 @@ def _count(prof, q, k, tasks):
     prof.ring_steps += 1
 
 
+def backward_inputs(ctx, dout, dlse, who):
+    """Saved (q, k, v, out, lse) and dout (zeros if unused) of an attention Function whose
+    forward returned (out, lse); gradients through lse are refused."""
+    if dlse is not None:
+        raise RuntimeError(
+            f"{who}(return_lse=True): gradients through the returned lse are not "
+            "supported; detach it (lse.detach()) before using it in a loss"
+        )
+    q, k, v, out, lse = ctx.saved_tensors
+    return (torch.zeros_like(out) if dout is None else dout), q, k, v, out, lse
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, layout, group, backend):
@@ -86,14 +98,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        if dlse is not None:
-            raise RuntimeError(
-                "ring_attention(return_lse=True): gradients through the returned lse are not "
-                "supported; detach it (lse.detach()) before using it in a loss"
-            )
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
+        dout, q, k, v, out, lse = backward_inputs(ctx, dout, dlse, "ring_attention")
         comm = RingComm(ctx.group)
         kernel = get_backend(ctx.backend, q)
         acc_dtype = accumulation_dtype(q.dtype)
