@@ -25,12 +25,6 @@ def _scores(q, k, scale, causal):
     return s
 
 
-def _row_lse(s):
-    # A row with no visible key has lse = -inf; keep its probabilities at 0 instead of NaN.
-    lse = torch.logsumexp(s, dim=-1)
-    return lse, torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-
-
 class MathBackend:
     name = "math"
 
@@ -41,8 +35,10 @@ class MathBackend:
         b, sq, h, d = q.shape
         hk = k.shape[2]
         s = _scores(q, k, scale, causal)
-        lse, lse_safe = _row_lse(s)
-        p = torch.exp(s - lse_safe.unsqueeze(-1))
+        lse = torch.logsumexp(s, dim=-1)
+        # softmax subtracts the row max before exp: exact even when |logits| is so large
+        # that the fp32 lse itself is coarse. A row with no visible key gets p = 0, not NaN.
+        p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(lse).unsqueeze(-1), 0.0)
         out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(p.dtype)).reshape(b, sq, h, d)
         return out, lse.reshape(b, h, sq)
 
@@ -53,6 +49,7 @@ class MathBackend:
         acc = accumulation_dtype(q.dtype)
         s = _scores(q, k, scale, causal)
         lse = lse.to(acc).view(b, hk, g, sq)
+        # A row with no visible key has lse = -inf; keep its probabilities at 0, not NaN.
         lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
         p = torch.exp(s - lse_safe.unsqueeze(-1))
         do = dout.to(acc).view(b, sq, hk, g, d)

@@ -1,0 +1,247 @@
+"""Attention benchmark: ring attention per layout vs. the same kernel on one process.
+
+    # one process (P = 1), then two ranks:
+    python -m recipes.benchmark_attention
+    torchrun --standalone --nproc-per-node 2 -m recipes.benchmark_attention seqlens=[8192]
+
+Per configuration it reports forward and forward+backward time (max over ranks),
+achieved FLOP/s (forward 4*b*s^2*h*d, causal half; backward 2.5x forward), per-rank work
+balance (max/mean of attention scores computed), the share of each pass spent waiting
+for the ring, bytes sent per rank, peak memory per rank, and the single-process time of
+the same shape, giving ring efficiency = (single-process time / P) / ring time.
+On CPU each rank (and the single-process baseline) uses ``threads_per_rank`` threads, so
+P ranks stand for P devices. Results go to a table on stdout and to ``output`` (JSON).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+import ringattn
+from ringattn import profile
+from ringattn.kernels import get_backend
+from recipes.memory import PeakMemory
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchmarkConfig:
+    seqlens: list[int] = field(default_factory=lambda: [8192])
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 64
+    dtype: str = "fp32"
+    causal: bool = True
+    layouts: list[str] = field(default_factory=lambda: ["zigzag", "striped", "contiguous"])
+    backend: str = "auto"
+    warmup: int = 1
+    iters: int = 3
+    threads_per_rank: int = 1
+    baseline: bool = True
+    output: str = "bench_results/attention_p${oc.env:WORLD_SIZE,1}.json"
+
+
+ConfigStore.instance().store(name="benchmark_attention_schema", node=BenchmarkConfig)
+
+
+def attention_flops(batch, seqlen, heads, head_dim, causal, backward):
+    fwd = 4 * batch * seqlen**2 * heads * head_dim * (0.5 if causal else 1.0)
+    return fwd * (3.5 if backward else 1.0)
+
+
+def _setup():
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_over_ranks(x: float) -> float:
+    return _reduce(x, dist.ReduceOp.MAX) if dist.is_initialized() else x
+
+
+def _reduce(x: float, op) -> float:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def _time(fn, cfg, device, across_ranks=True):
+    """Mean seconds per call (of the slowest rank when ``across_ranks``)."""
+    for _ in range(cfg.warmup):
+        fn()
+    _sync(device)
+    if across_ranks and dist.is_initialized():
+        dist.barrier()
+    start = time.perf_counter()
+    for _ in range(cfg.iters):
+        fn()
+    _sync(device)
+    elapsed = (time.perf_counter() - start) / cfg.iters
+    return _max_over_ranks(elapsed) if across_ranks else elapsed
+
+
+def _inputs(cfg, seqlen, device, dtype):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(cfg.batch, seqlen, cfg.heads, cfg.head_dim, generator=gen)
+    k = torch.randn(cfg.batch, seqlen, cfg.kv_heads, cfg.head_dim, generator=gen)
+    v = torch.randn(cfg.batch, seqlen, cfg.kv_heads, cfg.head_dim, generator=gen)
+    return [t.to(device, dtype) for t in (q, k, v)]
+
+
+def _fwd_bwd(attend, q, k, v):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def fwd():
+        with torch.no_grad():
+            attend(q, k, v)
+
+    def fwd_bwd():
+        out = attend(q, k, v)
+        out.backward(torch.ones_like(out))
+
+    return fwd, fwd_bwd
+
+
+def bench_ring(cfg, seqlen, layout, device, dtype):
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    q, k, v = (ringattn.shard(t, layout=layout) for t in _inputs(cfg, seqlen, device, dtype))
+    attend = lambda q, k, v: ringattn.ring_attention(  # noqa: E731
+        q, k, v, causal=cfg.causal, layout=layout, backend=cfg.backend)
+    fwd, fwd_bwd = _fwd_bwd(attend, q, k, v)
+    t_fwd, t_fwd_bwd = _time(fwd, cfg, device), _time(fwd_bwd, cfg, device)
+    with profile.RingProfile() as prof, PeakMemory(device) as mem:
+        start = time.perf_counter()
+        fwd_bwd()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    work = prof.scores
+    return {
+        "layout": layout, "world": world, "seqlen": seqlen,
+        "fwd_s": t_fwd, "fwd_bwd_s": t_fwd_bwd,
+        "fwd_tflops": attention_flops(cfg.batch, seqlen, cfg.heads, cfg.head_dim, cfg.causal, False) / t_fwd / 1e12,
+        "fwd_bwd_tflops": attention_flops(cfg.batch, seqlen, cfg.heads, cfg.head_dim, cfg.causal, True) / t_fwd_bwd / 1e12,
+        "work_balance": _max_over_ranks(work) / (_reduce(work, dist.ReduceOp.SUM) / world) if work else 1.0,
+        "comm_wait_share": _max_over_ranks(prof.wait_s / elapsed),
+        "sent_mib_per_rank": _max_over_ranks(prof.bytes_sent / 2**20),
+        "peak_mib_per_rank": _max_over_ranks(mem.peak_bytes / 2**20),
+    }
+
+
+def bench_single(cfg, seqlen, device, dtype):
+    """The same kernel backend on the whole sequence in one process: the baseline."""
+    q, k, v = _inputs(cfg, seqlen, device, dtype)
+    kernel = get_backend(cfg.backend, q)
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    class _Single(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = kernel.forward(q, k, v, causal=cfg.causal, scale=scale)
+            out = out.to(q.dtype)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            return kernel.backward(dout, *ctx.saved_tensors, causal=cfg.causal, scale=scale)
+
+    fwd, fwd_bwd = _fwd_bwd(_Single.apply, q, k, v)
+    t_fwd, t_fwd_bwd = _time(fwd, cfg, device, False), _time(fwd_bwd, cfg, device, False)
+    with PeakMemory(device) as mem:
+        fwd_bwd()
+    return {"fwd_s": t_fwd, "fwd_bwd_s": t_fwd_bwd, "peak_mib": mem.peak_bytes / 2**20,
+            "kernel": kernel.name}
+
+
+def run(cfg: BenchmarkConfig) -> list[dict]:
+    device = _setup()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads_per_rank)
+    dtype = DTYPES[cfg.dtype]
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rows = []
+    for seqlen in cfg.seqlens:
+        base = None
+        if cfg.baseline:
+            base = _baseline(cfg, seqlen, device, dtype)
+        for layout in cfg.layouts:
+            row = bench_ring(cfg, seqlen, layout, device, dtype)
+            if base is not None:
+                row["single_fwd_bwd_s"] = base["fwd_bwd_s"]
+                row["single_peak_mib"] = base["peak_mib"]
+                row["efficiency_fwd"] = base["fwd_s"] / row["world"] / row["fwd_s"]
+                row["efficiency_fwd_bwd"] = base["fwd_bwd_s"] / row["world"] / row["fwd_bwd_s"]
+            rows.append(row)
+            if rank0:
+                _print_row(row)
+    if rank0:
+        out = Path(cfg.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"config": asdict(cfg) if not OmegaConf.is_config(cfg) else OmegaConf.to_container(cfg),
+                "device": str(device), "torch": torch.__version__,
+                "kernel": get_backend(cfg.backend, torch.empty(1, 1, 1, cfg.head_dim, device=device, dtype=dtype)).name}
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        print(f"wrote {out}")
+    return rows
+
+
+def _baseline(cfg, seqlen, device, dtype):
+    """Measured on rank 0 alone (the others wait in the broadcast), shared with all ranks."""
+    result = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        result = [bench_single(cfg, seqlen, device, dtype)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+_HEADER = (f"{'layout':<11}{'P':>3}{'seqlen':>8}{'fwd ms':>9}{'f+b ms':>9}{'f+b TF/s':>10}"
+           f"{'balance':>9}{'wait %':>8}{'MiB sent':>10}{'peak MiB':>10}{'1-proc f+b ms':>15}{'eff f+b':>9}")
+_printed_header = False
+
+
+def _print_row(row):
+    global _printed_header
+    if not _printed_header:
+        print(_HEADER)
+        _printed_header = True
+    print(f"{row['layout']:<11}{row['world']:>3}{row['seqlen']:>8}{row['fwd_s'] * 1e3:>9.1f}"
+          f"{row['fwd_bwd_s'] * 1e3:>9.1f}{row['fwd_bwd_tflops']:>10.3f}{row['work_balance']:>9.2f}"
+          f"{row['comm_wait_share'] * 100:>8.1f}{row['sent_mib_per_rank']:>10.1f}{row['peak_mib_per_rank']:>10.1f}"
+          f"{row.get('single_fwd_bwd_s', float('nan')) * 1e3:>15.1f}{row.get('efficiency_fwd_bwd', float('nan')):>9.2f}",
+          flush=True)
+
+
+@hydra.main(config_path="../conf", config_name="benchmark_attention", version_base="1.3")
+def main(cfg: BenchmarkConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
