@@ -1,19 +1,22 @@
-"""Attention benchmark: ring attention per layout vs. the same kernel on one process.
+"""Attention benchmark: ring, Ulysses and hybrid attention per layout vs. one process.
 
     # one process (P = 1), then two ranks:
     python -m recipes.benchmark_attention
     torchrun --standalone --nproc-per-node 2 -m recipes.benchmark_attention seqlens=[8192]
 
-Per configuration it reports forward and forward+backward time (max over ranks),
-achieved FLOP/s (forward 4*b*s^2*h*d, causal half; backward 2.5x forward), per-rank work
-balance (max/mean of attention scores computed), the share of each pass spent waiting
-for the ring, bytes sent per rank, peak memory per rank, and the single-process time of
-the same shape, giving ring efficiency = (single-process time / P) / ring time.
+Per strategy (ring / ulysses / hybrid ring_size x ulysses_size; one the head counts or
+world size cannot split is skipped with the reason) and layout it reports forward and
+forward+backward time (max over ranks), achieved FLOP/s (forward 4*b*s^2*h*d, causal
+half; backward 2.5x forward), per-rank work balance (max/mean of attention scores
+computed), the share of each pass spent waiting for communication, bytes sent per rank
+(ring passes and all-to-alls), peak memory per rank, and the single-process time of the
+same shape, giving efficiency = (single-process time / P) / parallel time.
 On CPU each rank (and the single-process baseline) uses ``threads_per_rank`` threads, so
 P ranks stand for P devices. Results go to a table on stdout and to ``output`` (JSON).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -30,6 +33,7 @@ from omegaconf import OmegaConf
 import ringattn
 from ringattn import profile
 from ringattn.kernels import get_backend
+from ringattn.ulysses import local_attention
 from recipes.memory import PeakMemory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,6 +49,10 @@ class BenchmarkConfig:
     dtype: str = "fp32"
     causal: bool = True
     layouts: list[str] = field(default_factory=lambda: ["zigzag", "striped", "contiguous"])
+    # ring: K/V around all P ranks; ulysses: all-to-all over all P (needs heads % P == 0);
+    # hybrid: Ulysses over ulysses_size consecutive ranks x ring over P / ulysses_size.
+    strategies: list[str] = field(default_factory=lambda: ["ring", "ulysses", "hybrid"])
+    ulysses_size: int = 2
     backend: str = "auto"
     warmup: int = 1
     iters: int = 3
@@ -128,11 +136,26 @@ def _fwd_bwd(attend, q, k, v):
     return fwd, fwd_bwd
 
 
-def bench_ring(cfg, seqlen, layout, device, dtype):
+def _front_door(cfg, strategy, layout):
+    """The SequenceParallel for ``strategy``, or None (with the reason) if it cannot run."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    q, k, v = (ringattn.shard(t, layout=layout) for t in _inputs(cfg, seqlen, device, dtype))
-    attend = lambda q, k, v: ringattn.ring_attention(  # noqa: E731
-        q, k, v, causal=cfg.causal, layout=layout, backend=cfg.backend)
+    u = {"ring": 1, "ulysses": world, "hybrid": cfg.ulysses_size}[strategy]
+    if world % u:
+        return None, f"ulysses_size {u} does not divide {world} ranks"
+    if cfg.heads % u or (cfg.kv_heads % u and u % cfg.kv_heads):
+        return None, f"{cfg.heads} heads / {cfg.kv_heads} kv_heads do not split over {u} Ulysses ranks"
+    kw = {"ulysses_size": u} if strategy == "hybrid" else {}
+    return ringattn.SequenceParallel(strategy, layout, backend=cfg.backend, **kw), None
+
+
+def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sp, why_not = _front_door(cfg, strategy, layout)
+    if sp is None:
+        return {"strategy": strategy, "layout": layout, "world": world, "seqlen": seqlen,
+                "skipped": why_not}
+    q, k, v = (sp.shard(t) for t in _inputs(cfg, seqlen, device, dtype))
+    attend = lambda q, k, v: sp.attention(q, k, v, causal=cfg.causal)  # noqa: E731
     fwd, fwd_bwd = _fwd_bwd(attend, q, k, v)
     t_fwd, t_fwd_bwd = _time(fwd, cfg, device), _time(fwd_bwd, cfg, device)
     with profile.RingProfile() as prof, PeakMemory(device) as mem:
@@ -142,6 +165,7 @@ def bench_ring(cfg, seqlen, layout, device, dtype):
         elapsed = time.perf_counter() - start
     work = prof.scores
     return {
+        "strategy": strategy, "ring_size": sp.ring_size, "ulysses_size": sp.ulysses_size,
         "layout": layout, "world": world, "seqlen": seqlen,
         "fwd_s": t_fwd, "fwd_bwd_s": t_fwd_bwd,
         "fwd_tflops": attention_flops(cfg.batch, seqlen, cfg.heads, cfg.head_dim, cfg.causal, False) / t_fwd / 1e12,
@@ -158,20 +182,9 @@ def bench_single(cfg, seqlen, device, dtype):
     q, k, v = _inputs(cfg, seqlen, device, dtype)
     kernel = get_backend(cfg.backend, q)
     scale = 1.0 / math.sqrt(cfg.head_dim)
-
-    class _Single(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            out, lse = kernel.forward(q, k, v, causal=cfg.causal, scale=scale)
-            out = out.to(q.dtype)
-            ctx.save_for_backward(q, k, v, out, lse)
-            return out
-
-        @staticmethod
-        def backward(ctx, dout):
-            return kernel.backward(dout, *ctx.saved_tensors, causal=cfg.causal, scale=scale)
-
-    fwd, fwd_bwd = _fwd_bwd(_Single.apply, q, k, v)
+    attend = lambda q, k, v: local_attention(  # noqa: E731
+        q, k, v, causal=cfg.causal, scale=scale, backend=cfg.backend)
+    fwd, fwd_bwd = _fwd_bwd(attend, q, k, v)
     t_fwd, t_fwd_bwd = _time(fwd, cfg, device, False), _time(fwd_bwd, cfg, device, False)
     with PeakMemory(device) as mem:
         fwd_bwd()
@@ -190,8 +203,12 @@ def run(cfg: BenchmarkConfig) -> list[dict]:
         base = None
         if cfg.baseline:
             base = _baseline(cfg, seqlen, device, dtype)
-        for layout in cfg.layouts:
-            row = bench_ring(cfg, seqlen, layout, device, dtype)
+        for strategy, layout in itertools.product(cfg.strategies, cfg.layouts):
+            row = bench_ring(cfg, seqlen, layout, device, dtype, strategy)
+            if "skipped" in row:
+                if rank0:
+                    print(f"{strategy} {layout}: skipped ({row['skipped']})", flush=True)
+                continue
             if base is not None:
                 row["single_fwd_bwd_s"] = base["fwd_bwd_s"]
                 row["single_peak_mib"] = base["peak_mib"]
@@ -221,7 +238,7 @@ def _baseline(cfg, seqlen, device, dtype):
     return result[0]
 
 
-_HEADER = (f"{'layout':<11}{'P':>3}{'seqlen':>8}{'fwd ms':>9}{'f+b ms':>9}{'f+b TF/s':>10}"
+_HEADER = (f"{'strategy':<13}{'layout':<11}{'P':>3}{'seqlen':>8}{'fwd ms':>9}{'f+b ms':>9}{'f+b TF/s':>10}"
            f"{'balance':>9}{'wait %':>8}{'MiB sent':>10}{'peak MiB':>10}{'1-proc f+b ms':>15}{'eff f+b':>9}")
 _printed_header = False
 
@@ -231,7 +248,8 @@ def _print_row(row):
     if not _printed_header:
         print(_HEADER)
         _printed_header = True
-    print(f"{row['layout']:<11}{row['world']:>3}{row['seqlen']:>8}{row['fwd_s'] * 1e3:>9.1f}"
+    shape = {"ring": "", "ulysses": "", "hybrid": f" {row['ring_size']}x{row['ulysses_size']}"}[row["strategy"]]
+    print(f"{row['strategy'] + shape:<13}{row['layout']:<11}{row['world']:>3}{row['seqlen']:>8}{row['fwd_s'] * 1e3:>9.1f}"
           f"{row['fwd_bwd_s'] * 1e3:>9.1f}{row['fwd_bwd_tflops']:>10.3f}{row['work_balance']:>9.2f}"
           f"{row['comm_wait_share'] * 100:>8.1f}{row['sent_mib_per_rank']:>10.1f}{row['peak_mib_per_rank']:>10.1f}"
           f"{row.get('single_fwd_bwd_s', float('nan')) * 1e3:>15.1f}{row.get('efficiency_fwd_bwd', float('nan')):>9.2f}",

@@ -26,11 +26,12 @@ import math
 
 import torch
 
+from . import profile
 from .comm import all_to_all, group_size
 from .inputs import check_qkv, check_same_on_all_ranks, check_ulysses_heads
 from .kernels import get_backend
-from .layouts import get_layout
-from .ring import backward_inputs
+from .layouts import ALL, BlockTask, get_layout
+from .ring import _count, backward_inputs
 
 
 class _LocalAttention(torch.autograd.Function):
@@ -39,6 +40,7 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, backend):
         kernel = get_backend(backend, q)
+        _count(profile.active(), q, k, [BlockTask(ALL, ALL, causal)])
         out, lse = kernel.forward(q, k, v, causal=causal, scale=scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -52,6 +54,12 @@ class _LocalAttention(torch.autograd.Function):
         kernel = get_backend(ctx.backend, q)
         dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def local_attention(q, k, v, *, causal, scale, backend="auto", return_lse=False):
+    """Differentiable attention of whole local tensors with one kernel call (no communication)."""
+    out, lse = _LocalAttention.apply(q, k, v, causal, scale, backend)
+    return (out, lse) if return_lse else out
 
 
 def heads_to_ranks(q, k, v, group):
@@ -98,7 +106,8 @@ def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigz
         held = torch.cat([lay.indices(seqlen, u, r) for r in range(u)]).to(q.device)
         order = torch.argsort(held)
         qh, kh, vh = (t.index_select(1, order) for t in (qh, kh, vh))
-    out, lse = _LocalAttention.apply(qh, kh, vh, causal, scale, backend)
+    out, lse = local_attention(qh, kh, vh, causal=causal, scale=scale, backend=backend,
+                               return_lse=True)
     lse = lse if return_lse else None  # skip its all-to-all when nobody wants it
     if held is not None:  # position order -> rank-major order
         out = out.index_select(1, held)
@@ -107,4 +116,4 @@ def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigz
     return (out, lse) if return_lse else out
 
 
-__all__ = ["ulysses_attention", "heads_to_ranks", "sequence_to_ranks"]
+__all__ = ["ulysses_attention", "local_attention", "heads_to_ranks", "sequence_to_ranks"]
