@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 import ringattn
 from tests.distributed import run_distributed
-from tests.reference import layout_indices, reference_attention, rel_err
-from tests.test_ring_attention import FP32_TOL, LAYOUTS, _inputs
+from tests.reference import layout_indices, reference_attention, rel_err, rms_err
+from tests.test_ring_attention import FP32_TOL, LAYOUTS, _inputs, _single_device_rms
 
 HEADS = ((8, 8), (8, 2), (8, 1))  # MHA, GQA 8->2, kv_heads < u (and 8->2 < u=4)
 
@@ -29,23 +29,23 @@ def _held(strategy, layout, seqlen, world, rank, ulysses_size):
     return ring_shard.chunk(ulysses_size)[rank % ulysses_size]
 
 
-def _errors(sp, cfg, seed=0):
-    """Run one configuration through ``sp``; return {tensor name: rel. error of this shard}."""
+def _errors(sp, cfg, seed=0, dtype=torch.float32, err=rel_err):
+    """Run one configuration through ``sp``; return {tensor name: error of this shard}."""
     layout, causal, (heads, kv_heads), batch, head_dim, local_len = cfg
     world, rank = sp.world_size, sp.rank
     seqlen = local_len * world
     q, k, v, dout = _inputs(seed, batch, seqlen, heads, kv_heads, head_dim)
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_attention(q, k, v, dout, causal=causal)
     idx = _held(sp.strategy, layout, seqlen, world, rank, sp.ulysses_size)
-    ql, kl, vl = (t[:, idx].float().requires_grad_() for t in (q, k, v))
+    ql, kl, vl = (t[:, idx].to(dtype).requires_grad_() for t in (q, k, v))
     out, lse = sp.attention(ql, kl, vl, causal=causal, return_lse=True)
-    out.backward(dout[:, idx].float())
-    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    out.backward(dout[:, idx].to(dtype))
+    assert out.dtype == dtype and lse.dtype == torch.float32 and kl.grad.dtype == dtype
     assert out.shape == ql.shape and lse.shape == (batch, heads, local_len)
     return {
-        "out": rel_err(out, ref_out[:, idx]), "lse": rel_err(lse, ref_lse[:, :, idx]),
-        "dq": rel_err(ql.grad, ref_dq[:, idx]), "dk": rel_err(kl.grad, ref_dk[:, idx]),
-        "dv": rel_err(vl.grad, ref_dv[:, idx]),
+        "out": err(out, ref_out[:, idx]), "lse": rel_err(lse, ref_lse[:, :, idx]),
+        "dq": err(ql.grad, ref_dq[:, idx]), "dk": err(kl.grad, ref_dk[:, idx]),
+        "dv": err(vl.grad, ref_dv[:, idx]),
     }
 
 
@@ -85,6 +85,25 @@ def test_world2_ring_ulysses_hybrid_match_reference():
 def test_world4_ring_ulysses_hybrid_2x2_match_reference():
     for rank, failures in enumerate(run_distributed(_matrix, 4, timeout=300)):
         assert not failures, f"rank {rank}: {len(failures)} configs beyond {FP32_TOL}: {failures[:5]}"
+
+
+def _bf16(rank, world, cfgs):
+    doors = [ringattn.SequenceParallel("ulysses", "zigzag"),
+             ringattn.SequenceParallel("hybrid", "zigzag", ulysses_size=2)]
+    return [[_errors(sp, cfg, dtype=torch.bfloat16, err=rms_err) for cfg in cfgs] for sp in doors]
+
+
+def test_bf16_ulysses_and_hybrid_within_2x_single_device_error():
+    # Same criterion as the ring's: RMS error over the whole sequence <= 2x that of
+    # single-device fused SDPA in bf16 (a per-step bf16 rounding would exceed it).
+    cfgs = [("zigzag", causal, (8, 2), 2, 64, 64) for causal in (False, True)]
+    per_rank = run_distributed(_bf16, 4, cfgs, timeout=300)
+    for door, name in enumerate(("ulysses", "hybrid 2x2")):
+        for i, cfg in enumerate(cfgs):
+            single = _single_device_rms(cfg, torch.bfloat16)
+            for t, base in single.items():
+                got = (sum(r[door][i][t] ** 2 for r in per_rank) / 4) ** 0.5
+                assert got <= 2 * base, f"{name} {cfg} {t}: rms {got:.3g} > 2x single-device {base:.3g}"
 
 
 def _dp_sp(rank, world):
