@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 import ringattn
 from ringattn import profile
 from ringattn.kernels import get_backend
-from ringattn.ulysses import local_attention
+from ringattn.masking import AttentionMask
 from recipes.memory import PeakMemory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +54,9 @@ class BenchmarkConfig:
     strategies: list[str] = field(default_factory=lambda: ["ring", "ulysses", "hybrid"])
     ulysses_size: int = 2
     backend: str = "auto"
+    # packed documents (lengths summing to each seqlen; empty = one document) and window
+    doc_lengths: list[int] = field(default_factory=list)
+    window: list[int] = field(default_factory=lambda: [-1, -1])
     warmup: int = 1
     iters: int = 3
     threads_per_rank: int = 1
@@ -91,7 +94,7 @@ def _max_over_ranks(x: float) -> float:
 
 def _reduce(x: float, op) -> float:
     if not dist.is_initialized():
-        return x
+        return float(x)
     t = torch.tensor([x], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
@@ -136,6 +139,15 @@ def _fwd_bwd(attend, q, k, v):
     return fwd, fwd_bwd
 
 
+def _cu_seqlens(cfg, seqlen, device):
+    if not cfg.doc_lengths:
+        return None
+    if sum(cfg.doc_lengths) != seqlen:
+        raise ValueError(f"doc_lengths sum to {sum(cfg.doc_lengths)}, not seqlen {seqlen}")
+    cu = torch.tensor([0, *cfg.doc_lengths], dtype=torch.int64).cumsum(0)
+    return cu.to(device, torch.int32)
+
+
 def _front_door(cfg, strategy, layout):
     """The SequenceParallel for ``strategy``, or None (with the reason) if it cannot run."""
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -155,7 +167,9 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
         return {"strategy": strategy, "layout": layout, "world": world, "seqlen": seqlen,
                 "skipped": why_not}
     q, k, v = (sp.shard(t) for t in _inputs(cfg, seqlen, device, dtype))
-    attend = lambda q, k, v: sp.attention(q, k, v, causal=cfg.causal)  # noqa: E731
+    cu = _cu_seqlens(cfg, seqlen, device)
+    attend = lambda q, k, v: sp.attention(  # noqa: E731
+        q, k, v, causal=cfg.causal, cu_seqlens=cu, window_size=tuple(cfg.window))
     fwd, fwd_bwd = _fwd_bwd(attend, q, k, v)
     t_fwd, t_fwd_bwd = _time(fwd, cfg, device), _time(fwd_bwd, cfg, device)
     with profile.RingProfile() as prof, PeakMemory(device) as mem:
@@ -164,6 +178,7 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
         _sync(device)
         elapsed = time.perf_counter() - start
     work = prof.scores
+    dense = cfg.batch * cfg.heads * (seqlen * (seqlen + 1) // 2 if cfg.causal else seqlen**2)
     return {
         "strategy": strategy, "ring_size": sp.ring_size, "ulysses_size": sp.ulysses_size,
         "layout": layout, "world": world, "seqlen": seqlen,
@@ -171,6 +186,9 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
         "fwd_tflops": attention_flops(cfg.batch, seqlen, cfg.heads, cfg.head_dim, cfg.causal, False) / t_fwd / 1e12,
         "fwd_bwd_tflops": attention_flops(cfg.batch, seqlen, cfg.heads, cfg.head_dim, cfg.causal, True) / t_fwd_bwd / 1e12,
         "work_balance": _max_over_ranks(work) / (_reduce(work, dist.ReduceOp.SUM) / world) if work else 1.0,
+        # share of the layout's (causal) score pairs that documents/windows let us skip
+        "mask_skipped": 1.0 - _reduce(work, dist.ReduceOp.SUM) / dense,
+        "ring_steps": int(_max_over_ranks(prof.ring_steps)),
         "comm_wait_share": _max_over_ranks(prof.wait_s / elapsed),
         "sent_mib_per_rank": _max_over_ranks(prof.bytes_sent / 2**20),
         "peak_mib_per_rank": _max_over_ranks(mem.peak_bytes / 2**20),
@@ -182,9 +200,28 @@ def bench_single(cfg, seqlen, device, dtype):
     q, k, v = _inputs(cfg, seqlen, device, dtype)
     kernel = get_backend(cfg.backend, q)
     scale = 1.0 / math.sqrt(cfg.head_dim)
-    attend = lambda q, k, v: local_attention(  # noqa: E731
-        q, k, v, causal=cfg.causal, scale=scale, backend=cfg.backend)
-    fwd, fwd_bwd = _fwd_bwd(attend, q, k, v)
+    # With documents/windows the single-process baseline is the kernel with a dense mask
+    # (what SDPA with attn_mask does), without them the plain (causal) kernel.
+    rule = AttentionMask.build(seqlen, cfg.causal, _cu_seqlens(cfg, seqlen, "cpu"), tuple(cfg.window))
+    mask, causal = None, cfg.causal
+    if not rule.is_plain:
+        kernel = kernel if kernel.supports_mask else get_backend("sdpa", q)
+        pos = torch.arange(seqlen)
+        mask, causal = rule.dense(pos, pos).to(device), False
+
+    class _Single(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = kernel.forward(q, k, v, causal=causal, scale=scale, mask=mask)
+            out = out.to(q.dtype)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            return kernel.backward(dout, *ctx.saved_tensors, causal=causal, scale=scale, mask=mask)
+
+    fwd, fwd_bwd = _fwd_bwd(_Single.apply, q, k, v)
     t_fwd, t_fwd_bwd = _time(fwd, cfg, device, False), _time(fwd_bwd, cfg, device, False)
     with PeakMemory(device) as mem:
         fwd_bwd()
@@ -239,7 +276,7 @@ def _baseline(cfg, seqlen, device, dtype):
 
 
 _HEADER = (f"{'strategy':<13}{'layout':<11}{'P':>3}{'seqlen':>8}{'fwd ms':>9}{'f+b ms':>9}{'f+b TF/s':>10}"
-           f"{'balance':>9}{'wait %':>8}{'MiB sent':>10}{'peak MiB':>10}{'1-proc f+b ms':>15}{'eff f+b':>9}")
+           f"{'balance':>9}{'steps':>6}{'skip %':>7}{'wait %':>8}{'MiB sent':>10}{'peak MiB':>10}{'1-proc f+b ms':>15}{'eff f+b':>9}")
 _printed_header = False
 
 
@@ -251,7 +288,7 @@ def _print_row(row):
     shape = {"ring": "", "ulysses": "", "hybrid": f" {row['ring_size']}x{row['ulysses_size']}"}[row["strategy"]]
     print(f"{row['strategy'] + shape:<13}{row['layout']:<11}{row['world']:>3}{row['seqlen']:>8}{row['fwd_s'] * 1e3:>9.1f}"
           f"{row['fwd_bwd_s'] * 1e3:>9.1f}{row['fwd_bwd_tflops']:>10.3f}{row['work_balance']:>9.2f}"
-          f"{row['comm_wait_share'] * 100:>8.1f}{row['sent_mib_per_rank']:>10.1f}{row['peak_mib_per_rank']:>10.1f}"
+          f"{row['ring_steps']:>6}{row['mask_skipped'] * 100:>7.1f}{row['comm_wait_share'] * 100:>8.1f}{row['sent_mib_per_rank']:>10.1f}{row['peak_mib_per_rank']:>10.1f}"
           f"{row.get('single_fwd_bwd_s', float('nan')) * 1e3:>15.1f}{row.get('efficiency_fwd_bwd', float('nan')):>9.2f}",
           flush=True)
 

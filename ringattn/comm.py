@@ -42,22 +42,34 @@ class RingComm:
         self.group = group
         self.size = group_size(group)
         self.rank = group_rank(group)
-        if self.size > 1:
-            self.send_to = dist.get_global_rank(group or dist.group.WORLD, (self.rank + 1) % self.size)
-            self.recv_from = dist.get_global_rank(group or dist.group.WORLD, (self.rank - 1) % self.size)
 
-    def exchange(self, tensors: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> Pending:
-        """Send ``tensors`` to the next rank; receive same-shaped ones from the previous.
+    def _global(self, offset: int) -> int:
+        return dist.get_global_rank(self.group or dist.group.WORLD, (self.rank + offset) % self.size)
+
+    def exchange(self, tensors: list[torch.Tensor], out: list[torch.Tensor] | None = None,
+                 shift: int = 1) -> Pending:
+        """Send ``tensors`` to rank + shift; receive same-shaped ones from rank - shift.
 
         ``out``: buffers to receive into (double buffering); fresh ones when None.
         """
         received = out if out is not None else [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, r, self.recv_from, self.group) for r in received]
+        send_to, recv_from = self._global(shift), self._global(-shift)
+        ops = [dist.P2POp(dist.isend, t, send_to, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, recv_from, self.group) for r in received]
         prof = profile.active()
         if prof is not None:
             prof.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
         return Pending(dist.batch_isend_irecv(ops), received)
+
+
+def max_over_group(value: int, group=None, device=None) -> int:
+    """The largest ``value`` over the group's ranks (one tiny all-reduce)."""
+    if group_size(group) == 1:
+        return value
+    on_device = device is not None and dist.get_backend(group) != "gloo"
+    t = torch.tensor([value], dtype=torch.int64, device=device if on_device else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
 
 
 class _GatherSequence(torch.autograd.Function):

@@ -34,8 +34,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         )
 
 
-def check_same_on_all_ranks(q: torch.Tensor, k: torch.Tensor, group=None) -> None:
-    """All ranks of ``group`` must hold equally shaped shards (one tiny all-gather).
+def check_same_on_all_ranks(q: torch.Tensor, k: torch.Tensor, group=None,
+                            cu_seqlens: torch.Tensor | None = None) -> None:
+    """All ranks of ``group`` must hold equally shaped shards and the same ``cu_seqlens``
+    (one tiny all-gather).
 
     Without this, a rank with a different local length would deadlock the ring or read
     garbage; with it, every rank raises the same ValueError.
@@ -43,10 +45,15 @@ def check_same_on_all_ranks(q: torch.Tensor, k: torch.Tensor, group=None) -> Non
     if group_size(group) == 1:
         return
     device = q.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
-    mine = torch.tensor([*q.shape, k.shape[1], k.shape[2]], dtype=torch.int64, device=device)
+    docs = [0, 0]
+    if cu_seqlens is not None:  # a cheap fingerprint: count and position-weighted sum
+        cu = cu_seqlens.to("cpu", torch.int64)
+        docs = [cu.numel(), int((cu * torch.arange(1, cu.numel() + 1)).sum())]
+    mine = torch.tensor([*q.shape, k.shape[1], k.shape[2], *docs], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(group_size(group))]
     dist.all_gather(every, mine, group=group)
-    shapes = [tuple(t.tolist()) for t in every]
+    rows = [t.tolist() for t in every]
+    shapes = [tuple(r[:6]) for r in rows]
     if len(set(shapes)) > 1:
         fields = "(batch, q_len, heads, head_dim, kv_len, kv_heads)"
         listing = ", ".join(f"rank {i}: {s}" for i, s in enumerate(shapes))
@@ -54,6 +61,9 @@ def check_same_on_all_ranks(q: torch.Tensor, k: torch.Tensor, group=None) -> Non
             f"local shards differ across the {len(shapes)} ranks of the sequence-parallel group; "
             f"every rank must hold the same local length and heads {fields}: {listing}"
         )
+    if len({tuple(r[6:]) for r in rows}) > 1:
+        raise ValueError("cu_seqlens differs across the ranks of the sequence-parallel group; "
+                         "pass the same full-sequence cu_seqlens on every rank")
 
 
 def check_ulysses_heads(heads: int, kv_heads: int, ulysses_size: int) -> None:

@@ -20,13 +20,30 @@ import torch
 ALL = slice(None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BlockTask:
-    """Attend q[:, q_rows] to k/v[:, k_rows]; ``causal`` = top-left aligned triangle."""
+    """Attend q[:, q_rows] to k/v[:, k_rows]; ``causal`` = top-left aligned triangle.
+
+    ``mask``: optional bool (q rows, k rows), True = visible, for blocks that documents or
+    windows cut irregularly (see ``ringattn.masking``).
+    """
 
     q_rows: slice
     k_rows: slice
     causal: bool
+    mask: torch.Tensor | None = None
+
+    def shape(self, q_len: int, k_len: int) -> tuple[int, int]:
+        return len(range(*self.q_rows.indices(q_len))), len(range(*self.k_rows.indices(k_len)))
+
+    def scores(self, q_len: int, k_len: int) -> int:
+        """Query-key pairs the kernel computes for this task (per batch row and head)."""
+        n, m = self.shape(q_len, k_len)
+        if self.causal:  # top-left triangle: row i sees min(i + 1, m) keys
+            full_rows = max(0, n - m)
+            k = n - full_rows
+            return k * (k + 1) // 2 + full_rows * m
+        return n * m
 
 
 class Layout:

@@ -5,6 +5,7 @@ from . import sharding
 from .comm import group_rank, group_size
 from .hybrid import hybrid_attention
 from .layouts import get_layout
+from .masking import document_positions
 from .mesh import mesh_sp_groups, mesh_sp_sizes, split_hybrid_groups
 from .ring import ring_attention
 from .ulysses import ulysses_attention
@@ -53,10 +54,16 @@ class SequenceParallel:
     def rank(self) -> int:
         return group_rank(self.group)
 
-    def attention(self, q, k, v, *, causal: bool = True, softmax_scale=None, return_lse=False):
-        """q (b, s_local, h, d), k/v (b, s_local, h_kv, d) -> (b, s_local, h, d) [, lse]."""
+    def attention(self, q, k, v, *, causal: bool = True, softmax_scale=None, cu_seqlens=None,
+                  window_size=(-1, -1), return_lse=False):
+        """q (b, s_local, h, d), k/v (b, s_local, h_kv, d) -> (b, s_local, h, d) [, lse].
+
+        ``cu_seqlens``: int32 document boundaries of the full packed sequence (batch 1);
+        ``window_size``: (left, right) sliding window, -1 = unbounded.
+        """
         kw = dict(causal=causal, softmax_scale=softmax_scale, layout=self.layout,
-                  backend=self.backend, return_lse=return_lse)
+                  backend=self.backend, return_lse=return_lse, cu_seqlens=cu_seqlens,
+                  window_size=window_size)
         if self.strategy == "ring":
             return ring_attention(q, k, v, group=self.group, **kw)
         if self.strategy == "ulysses":
@@ -77,9 +84,13 @@ class SequenceParallel:
         return sharding.unshard(x, layout=self.layout, group=self.group, dim=dim,
                                 ulysses_size=self._inner)
 
-    def positions(self, seqlen: int, device=None):
-        return sharding.positions(seqlen, layout=self.layout, group=self.group, device=device,
-                                  ulysses_size=self._inner)
+    def positions(self, seqlen: int, device=None, cu_seqlens=None):
+        """RoPE positions of this rank's tokens: global positions, or, for packed
+        documents (``cu_seqlens``), positions within each token's document."""
+        if cu_seqlens is None:
+            return sharding.positions(seqlen, layout=self.layout, group=self.group, device=device,
+                                      ulysses_size=self._inner)
+        return self.shard(document_positions(cu_seqlens), dim=0).to(device)
 
     def __repr__(self):
         return (f"SequenceParallel(strategy={self.strategy!r}, layout={self.layout!r}, "

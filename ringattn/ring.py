@@ -1,14 +1,16 @@
 """Ring attention: exact attention over a sequence sharded across a process group.
 
-Each rank keeps its Q shard; K/V shards travel around the ring, P steps in all. At step i
-rank r holds the K/V of rank (r - i) mod P, computes the block pairs its layout says are
-visible (``Layout.block_tasks``), and merges them into fp32 accumulators
-(``PartialAttention``). The next K/V block is posted before the current one is computed,
-so transfer overlaps compute (double buffered: two receive buffers alternate).
+Each rank keeps its Q shard; K/V shards travel around the ring. At step i rank r holds
+the K/V of rank (r - i) mod P, computes the block pairs that are visible (the layout's
+causal structure, narrowed by documents/windows: ``plan_ring``), and merges them into
+fp32 accumulators (``PartialAttention``). The next K/V block is posted before the
+current one is computed, so transfer overlaps compute (double buffered: two receive
+buffers alternate). When masks leave the last steps empty on every rank, the ring stops
+early instead of passing blocks nobody uses.
 
 Backward runs the same ring with the saved final out/lse: dq accumulates locally, while
-each K/V block travels together with its fp32 dK/dV accumulators, which arrive back home
-after P hops.
+each K/V block travels together with its fp32 dK/dV accumulators; after the last step
+each accumulator is sent straight back to the rank that owns its K/V.
 """
 from __future__ import annotations
 
@@ -17,33 +19,62 @@ import math
 import torch
 
 from . import profile
-from .comm import RingComm
+from .comm import RingComm, max_over_group
 from .inputs import check_qkv, check_same_on_all_ranks
-from .kernels import get_backend
+from .kernels import BACKENDS, get_backend
 from .kernels.base import accumulation_dtype
-from .layouts import get_layout
+from .layouts import BlockTask, Layout, get_layout
+from .masking import AttentionMask
 from .merge import PartialAttention
 
 
-def _run_tasks(tasks, kernel_call):
+def plan_ring(layout: Layout, mask: AttentionMask, comm: RingComm, local_len: int,
+              device=None) -> list[list[BlockTask]]:
+    """The kernel calls of each ring step for this rank; as many steps as any rank needs."""
+    p, rank = comm.size, comm.rank
+    srcs = [(rank - step) % p for step in range(p)]
+    plan = [layout.block_tasks(rank, src, p, local_len, mask.causal) for src in srcs]
+    if mask.is_plain:
+        return plan
+    q_pos = layout.indices(mask.seqlen, p, rank)
+    plan = [[r for t in tasks for r in mask.refine(t, q_pos, layout.indices(mask.seqlen, p, src))]
+            for src, tasks in zip(srcs, plan)]
+    mine = max((i + 1 for i, tasks in enumerate(plan) if tasks), default=1)
+    # Every rank must take part in every step it passes blocks in: run the longest need.
+    return plan[:max_over_group(mine, comm.group, device)]
+
+
+def _kernel_for(kernel, task):
+    return kernel if task.mask is None or kernel.supports_mask else BACKENDS["sdpa"]
+
+
+def attend_blocks(kernel, tasks, q, k, v, scale, acc: PartialAttention) -> None:
+    """Run ``tasks`` (q rows x k/v rows) and merge each block's (out, lse) into ``acc``."""
+    for t in tasks:
+        o, lse = _kernel_for(kernel, t).forward(
+            q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], causal=t.causal, scale=scale,
+            mask=t.mask)
+        if t.mask is not None:
+            # Rows this block hides entirely contribute nothing (fused kernels
+            # report lse = 0 there, which the merge would weigh).
+            lse = lse.masked_fill(~t.mask.any(dim=1).to(lse.device), float("-inf"))
+        acc.add(o, lse, t.q_rows)
+
+
+def block_grads(kernel, tasks, dout, q, k, v, out, lse, scale):
+    """[(task, (dq, dk, dv) of its block)] from the final out and lse of the whole rows."""
+    return [(t, _kernel_for(kernel, t).backward(
+        dout[:, t.q_rows], q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], out[:, t.q_rows],
+        lse[:, :, t.q_rows], causal=t.causal, scale=scale, mask=t.mask)) for t in tasks]
+
+
+def _record(plan_step, q, k):
     prof = profile.active()
-    for task in tasks:
-        kernel_call(task)
-        if prof is not None:
-            prof.kernel_calls += 1
-
-
-def _count(prof, q, k, tasks):
-    """Scores computed by ``tasks`` (a work measure for balance checks)."""
     if prof is None:
         return
     b, sq, h, _ = q.shape
-    sk = k.shape[1]
-    n = 0
-    for t in tasks:
-        rows = len(range(*t.q_rows.indices(sq)))
-        cols = len(range(*t.k_rows.indices(sk)))
-        n += b * h * (rows * cols if not t.causal else rows * (rows + 1) // 2 + rows * (cols - rows))
+    n = sum(b * h * t.scores(sq, k.shape[1]) for t in plan_step)
+    prof.kernel_calls += len(plan_step)
     prof.scores += n
     prof.per_step_scores.append(n)
     prof.ring_steps += 1
@@ -63,28 +94,18 @@ def backward_inputs(ctx, dout, dlse, who):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout, group, backend):
+    def forward(ctx, q, k, v, scale, layout, mask, group, backend):
         comm = RingComm(group)
         kernel = get_backend(backend, q)
+        plan = plan_ring(layout, mask, comm, q.shape[1], q.device)
         acc = PartialAttention(q, accumulation_dtype(q.dtype))
-        prof = profile.active()
         k_cur, v_cur = k.contiguous(), v.contiguous()
         spare = None  # the receive buffers not in use this step (double buffering)
-        for step in range(comm.size):
-            pending = None
-            if step + 1 < comm.size:
-                pending = comm.exchange([k_cur, v_cur], out=spare)
-            src = (comm.rank - step) % comm.size
-            tasks = layout.block_tasks(comm.rank, src, comm.size, q.shape[1], causal)
-            _count(prof, q, k_cur, tasks)
-
-            def call(t, k_cur=k_cur, v_cur=v_cur):
-                o, lse = kernel.forward(q[:, t.q_rows], k_cur[:, t.k_rows], v_cur[:, t.k_rows],
-                                        causal=t.causal, scale=scale)
-                acc.add(o, lse, t.q_rows)
-
+        for step, tasks in enumerate(plan):
+            pending = comm.exchange([k_cur, v_cur], out=spare) if step + 1 < len(plan) else None
+            _record(tasks, q, k_cur)
             with profile.timed("compute_s", q.device):
-                _run_tasks(tasks, call)
+                attend_blocks(kernel, tasks, q, k_cur, v_cur, scale, acc)
             if pending is not None:
                 # The buffers we just computed on become next step's receive buffers,
                 # except k/v themselves (the caller's tensors), which are never written.
@@ -93,7 +114,7 @@ class _RingAttention(torch.autograd.Function):
         out = acc.out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, acc.lse)
         ctx.set_materialize_grads(False)
-        ctx.causal, ctx.scale, ctx.layout, ctx.group, ctx.backend = causal, scale, layout, group, backend
+        ctx.scale, ctx.plan, ctx.group, ctx.backend = scale, plan, group, backend
         return out, acc.lse
 
     @staticmethod
@@ -107,21 +128,11 @@ class _RingAttention(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
         k_cur, v_cur = k.contiguous(), v.contiguous()
         dkv_pending = None
-        for step in range(comm.size):
-            kv_pending = None
-            if step + 1 < comm.size:
-                kv_pending = comm.exchange([k_cur, v_cur])
-            src = (comm.rank - step) % comm.size
-            tasks = ctx.layout.block_tasks(comm.rank, src, comm.size, q.shape[1], ctx.causal)
-            grads = []
-
-            def call(t, k_cur=k_cur, v_cur=v_cur):
-                grads.append((t, kernel.backward(
-                    dout[:, t.q_rows], q[:, t.q_rows], k_cur[:, t.k_rows], v_cur[:, t.k_rows],
-                    out[:, t.q_rows], lse[:, :, t.q_rows], causal=t.causal, scale=ctx.scale)))
-
+        steps = len(ctx.plan)
+        for step, tasks in enumerate(ctx.plan):
+            kv_pending = comm.exchange([k_cur, v_cur]) if step + 1 < steps else None
             with profile.timed("compute_s", q.device):
-                _run_tasks(tasks, call)
+                grads = block_grads(kernel, tasks, dout, q, k_cur, v_cur, out, lse, ctx.scale)
             if dkv_pending is not None:
                 # The accumulators of the K/V block we hold arrive from the previous rank.
                 dk, dv = dkv_pending.wait()
@@ -129,24 +140,29 @@ class _RingAttention(torch.autograd.Function):
                 dq[:, t.q_rows] += dq_b
                 dk[:, t.k_rows] += dk_b
                 dv[:, t.k_rows] += dv_b
-            if comm.size > 1:
-                # After P hops, every accumulator is back with the rank that owns its K/V.
+            if step + 1 < steps:
                 dkv_pending = comm.exchange([dk, dv])
+            elif steps > 1:
+                # We hold the K/V of rank (r - steps + 1): send its gradients home directly
+                # (the next hop when the ring went all the way round).
+                dk, dv = comm.exchange([dk, dv], shift=1 - steps).wait()
             if kv_pending is not None:
                 k_cur, v_cur = kv_pending.wait()
-        if dkv_pending is not None:
-            dk, dv = dkv_pending.wait()
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
-                   backend="auto", return_lse=False, dropout_p=0.0):
+                   backend="auto", return_lse=False, cu_seqlens=None, window_size=(-1, -1),
+                   dropout_p=0.0):
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
     q: (batch, local_seqlen, heads, head_dim); k, v: (batch, local_seqlen, kv_heads, head_dim),
     each rank's shard in ``layout`` order (see ``ringattn.shard``). ``group``: the process
-    group forming the ring (default: the world). Returns out shaped like q (q's dtype), and
-    with ``return_lse`` also the fp32 log-sum-exp (batch, heads, local_seqlen).
+    group forming the ring (default: the world). ``cu_seqlens``: int32 cumulative document
+    lengths of the full packed sequence (batch 1), the same on every rank: attention stays
+    within documents. ``window_size=(left, right)``: query i sees keys i-left..i+right
+    (-1 = unbounded), as in flash-attn. Returns out shaped like q (q's dtype), and with
+    ``return_lse`` also the fp32 log-sum-exp (batch, heads, local_seqlen).
     """
     check_qkv(q, k, v, dropout_p)
     lay = get_layout(layout)
@@ -155,9 +171,13 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
             f"ring attention needs equal local q and k/v lengths; got {q.shape[1]} and {k.shape[1]}"
         )
     get_backend(backend, q)  # fail early, before any communication, if it cannot run
-    check_same_on_all_ranks(q, k, group)
     comm_size = RingComm(group).size
-    lay.check_seqlen(q.shape[1] * comm_size, comm_size)
+    seqlen = q.shape[1] * comm_size
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens (packed documents) needs batch size 1; got {q.shape[0]}")
+    mask = AttentionMask.build(seqlen, causal, cu_seqlens, window_size)
+    check_same_on_all_ranks(q, k, group, cu_seqlens)
+    lay.check_seqlen(seqlen, comm_size)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = _RingAttention.apply(q, k, v, causal, scale, lay, group, backend)
+    out, lse = _RingAttention.apply(q, k, v, scale, lay, mask, group, backend)
     return (out, lse) if return_lse else out

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import ringattn
 from tests.distributed import run_distributed
+from tests.test_documents_windows import _case, cu_of
 from tests.reference import layout_indices, reference_attention, rel_err, rms_err
 from tests.test_ring_attention import FP32_TOL, LAYOUTS, _inputs, _single_device_rms
 
@@ -32,16 +33,22 @@ def _held(strategy, layout, seqlen, world, rank, ulysses_size):
 def _errors(sp, cfg, seed=0, dtype=torch.float32, err=rel_err):
     """Run one configuration through ``sp``; return {tensor name: error of this shard}."""
     layout, causal, (heads, kv_heads), batch, head_dim, local_len = cfg
-    world, rank = sp.world_size, sp.rank
-    seqlen = local_len * world
-    q, k, v, dout = _inputs(seed, batch, seqlen, heads, kv_heads, head_dim)
-    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_attention(q, k, v, dout, causal=causal)
-    idx = _held(sp.strategy, layout, seqlen, world, rank, sp.ulysses_size)
+    inputs = _inputs(seed, batch, local_len * sp.world_size, heads, kv_heads, head_dim)
+    ref = reference_attention(*inputs, causal=causal)
+    return _shard_errors(sp, inputs, ref, dtype, err, causal=causal)
+
+
+def _shard_errors(sp, inputs, ref, dtype=torch.float32, err=rel_err, **attention_kwargs):
+    """This rank's shard of full float64 ``inputs`` through ``sp`` vs. the reference's."""
+    q, k, v, dout = inputs
+    batch, seqlen, heads, _ = q.shape
+    idx = _held(sp.strategy, sp.layout, seqlen, sp.world_size, sp.rank, sp.ulysses_size)
     ql, kl, vl = (t[:, idx].to(dtype).requires_grad_() for t in (q, k, v))
-    out, lse = sp.attention(ql, kl, vl, causal=causal, return_lse=True)
+    out, lse = sp.attention(ql, kl, vl, return_lse=True, **attention_kwargs)
     out.backward(dout[:, idx].to(dtype))
     assert out.dtype == dtype and lse.dtype == torch.float32 and kl.grad.dtype == dtype
-    assert out.shape == ql.shape and lse.shape == (batch, heads, local_len)
+    assert out.shape == ql.shape and lse.shape == (batch, heads, len(idx))
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = ref
     return {
         "out": err(out, ref_out[:, idx]), "lse": rel_err(lse, ref_lse[:, :, idx]),
         "dq": err(ql.grad, ref_dq[:, idx]), "dk": err(kl.grad, ref_dk[:, idx]),
@@ -104,6 +111,28 @@ def test_bf16_ulysses_and_hybrid_within_2x_single_device_error():
             for t, base in single.items():
                 got = (sum(r[door][i][t] ** 2 for r in per_rank) / 4) ** 0.5
                 assert got <= 2 * base, f"{name} {cfg} {t}: rms {got:.3g} > 2x single-device {base:.3g}"
+
+
+def _documents_windows(rank, world):
+    """Packed documents and sliding windows through Ulysses and hybrid 2x2 (world 4)."""
+    doors = [ringattn.SequenceParallel(strategy, layout, ulysses_size=2 if strategy == "hybrid" else None)
+             for strategy in ("ulysses", "hybrid") for layout in ("zigzag", "striped")]
+    docs = [5, 27, 1, 31]  # 64 tokens
+    failures = []
+    for window, causal, use_docs in (((-1, -1), True, True), ((5, -1), True, True),
+                                     ((3, 2), False, True), ((4, 4), False, False)):
+        inputs, ref = _case(0, docs, window, causal, use_docs, (8, 2))
+        for sp in doors:
+            errs = _shard_errors(sp, inputs, ref, causal=causal, window_size=window,
+                                 cu_seqlens=cu_of(docs) if use_docs else None)
+            if not max(errs.values()) <= FP32_TOL:
+                failures.append((repr(sp), window, causal, use_docs, errs))
+    return failures
+
+
+def test_documents_and_windows_under_ulysses_and_hybrid():
+    for rank, failures in enumerate(run_distributed(_documents_windows, 4, timeout=300)):
+        assert not failures, f"rank {rank}: {failures[:3]}"
 
 
 def _dp_sp(rank, world):

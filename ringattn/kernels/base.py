@@ -24,12 +24,14 @@ import torch
 
 class KernelBackend(Protocol):
     name: str
+    supports_mask: bool  # accepts ``mask``: bool (q_len, k_len), True = visible
 
     def supports(self, q: torch.Tensor) -> str | None:
         """None if this backend can run q's device/dtype/head_dim, else why not."""
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (out in q.dtype or float32, lse float32)."""
 
@@ -44,6 +46,7 @@ class KernelBackend(Protocol):
         *,
         causal: bool,
         scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv) shaped like q, k, v (k/v summed over their query-head group)."""
 

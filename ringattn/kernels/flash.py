@@ -27,6 +27,8 @@ def _flash():
 
 class FlashAttnBackend:
     name = "flash_attn"
+    # Irregular (document/window) blocks go to the sdpa backend, which takes a mask.
+    supports_mask = False
 
     def supports(self, q):
         if q.device.type != "cuda":
@@ -39,14 +41,16 @@ class FlashAttnBackend:
             return "flash-attn is not installed (pip install 'ringattn[flash]')"
         return None
 
-    def forward(self, q, k, v, *, causal, scale):
+    def forward(self, q, k, v, *, causal, scale, mask=None):
+        assert mask is None, "flash_attn blocks take no mask (ring routes masked blocks to sdpa)"
         assert not causal or q.shape[1] == k.shape[1], "causal blocks must be square"
         out, lse, _ = _flash().flash_attn_func(
             q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True
         )
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None):
+        assert mask is None, "flash_attn blocks take no mask (ring routes masked blocks to sdpa)"
         fa = _flash()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         kwargs = dict(

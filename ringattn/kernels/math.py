@@ -11,7 +11,7 @@ import torch
 from .base import accumulation_dtype
 
 
-def _scores(q, k, scale, causal):
+def _scores(q, k, scale, causal, mask=None):
     """fp32 (or fp64) scores (b, kv_heads, groups, q_len, k_len); GQA without repeating k."""
     b, sq, h, d = q.shape
     hk = k.shape[2]
@@ -20,21 +20,23 @@ def _scores(q, k, scale, causal):
     s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(acc)) * scale
     if causal:
         sk = k.shape[1]
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
-        s = s.masked_fill(mask, float("-inf"))
+        hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
+        s = s.masked_fill(hidden, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask.to(s.device), float("-inf"))
     return s
 
 
 class MathBackend:
     name = "math"
+    supports_mask = True
 
     def supports(self, q):
         return None
 
-    def forward(self, q, k, v, *, causal, scale):
+    def forward(self, q, k, v, *, causal, scale, mask=None):
         b, sq, h, d = q.shape
-        hk = k.shape[2]
-        s = _scores(q, k, scale, causal)
+        s = _scores(q, k, scale, causal, mask)
         lse = torch.logsumexp(s, dim=-1)
         # softmax subtracts the row max before exp: exact even when |logits| is so large
         # that the fp32 lse itself is coarse. A row with no visible key gets p = 0, not NaN.
@@ -42,12 +44,12 @@ class MathBackend:
         out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(p.dtype)).reshape(b, sq, h, d)
         return out, lse.reshape(b, h, sq)
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None):
         b, sq, h, d = q.shape
         hk = k.shape[2]
         g = h // hk
         acc = accumulation_dtype(q.dtype)
-        s = _scores(q, k, scale, causal)
+        s = _scores(q, k, scale, causal, mask)
         lse = lse.to(acc).view(b, hk, g, sq)
         # A row with no visible key has lse = -inf; keep its probabilities at 0, not NaN.
         lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)

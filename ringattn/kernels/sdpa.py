@@ -21,8 +21,23 @@ def _bhsd(x):
     return x.transpose(1, 2)
 
 
+def _additive(mask, q):
+    """bool (q_len, k_len), True = visible -> additive bias in q's dtype (0 / -inf).
+
+    CUDA efficient attention wants the bias row stride aligned to 16 elements, so the
+    bias is a view into a padded buffer there.
+    """
+    if mask is None:
+        return None
+    sq, sk = mask.shape
+    width = -(-sk // 16) * 16 if q.device.type == "cuda" else sk
+    bias = torch.zeros(sq, width, dtype=q.dtype, device=q.device)[:, :sk]
+    return bias.masked_fill_(~mask.to(q.device), float("-inf"))
+
+
 class SdpaBackend:
     name = "sdpa"
+    supports_mask = True
 
     def supports(self, q):
         if q.device.type == "cpu":
@@ -37,35 +52,39 @@ class SdpaBackend:
             return None
         return f"device type {q.device.type!r} has no fused SDPA op with log-sum-exp"
 
-    def forward(self, q, k, v, *, causal, scale):
+    def forward(self, q, k, v, *, causal, scale, mask=None):
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
+        bias = _additive(mask, q)
         if q.device.type == "cpu":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qt, kt, vt, 0.0, causal, scale=scale
+                qt, kt, vt, 0.0, causal, attn_mask=bias, scale=scale
             )
         else:
+            bias = None if bias is None else bias.expand(q.shape[0], q.shape[2], *bias.shape)
             out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-                qt, kt, vt, None, True, 0.0, causal, scale=scale
+                qt, kt, vt, bias, True, 0.0, causal, scale=scale
             )
             lse = lse[..., : q.shape[1]]
         return _bhsd(out), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None):
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
         dout_t, out_t = _bhsd(dout.to(q.dtype)), _bhsd(out.to(q.dtype))
+        bias = _additive(mask, q)
         if q.device.type == "cpu":
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dout_t, qt, kt, vt, out_t, lse.contiguous(), 0.0, causal, scale=scale
+                dout_t, qt, kt, vt, out_t, lse.contiguous(), 0.0, causal, attn_mask=bias, scale=scale
             )
         else:
             sq = q.shape[1]
             padded = -(-sq // _CUDA_LSE_ALIGN) * _CUDA_LSE_ALIGN
             lse_p = torch.nn.functional.pad(lse, (0, padded - sq)).contiguous()
             seed = torch.zeros((), dtype=torch.int64, device=q.device)
+            bias = None if bias is None else bias.expand(q.shape[0], q.shape[2], *bias.shape)
             dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-                dout_t, qt, kt, vt, None, out_t, lse_p, seed, seed, 0.0,
+                dout_t, qt, kt, vt, bias, out_t, lse_p, seed, seed, 0.0,
                 [True, True, True, False], causal, scale=scale,
             )
         return _bhsd(dq), sum_kv_groups(_bhsd(dk), groups), sum_kv_groups(_bhsd(dv), groups)
