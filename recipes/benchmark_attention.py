@@ -1,19 +1,22 @@
-"""Attention benchmark: ring attention per layout vs. the same kernel on one process.
+"""Attention benchmark: ring, Ulysses and hybrid attention per layout vs. one process.
 
     # one process (P = 1), then two ranks:
     python -m recipes.benchmark_attention
     torchrun --standalone --nproc-per-node 2 -m recipes.benchmark_attention seqlens=[8192]
 
-Per configuration it reports forward and forward+backward time (max over ranks),
-achieved FLOP/s (forward 4*b*s^2*h*d, causal half; backward 2.5x forward), per-rank work
-balance (max/mean of attention scores computed), the share of each pass spent waiting
-for the ring, bytes sent per rank, peak memory per rank, and the single-process time of
-the same shape, giving ring efficiency = (single-process time / P) / ring time.
+Per strategy (ring / ulysses / hybrid ring_size x ulysses_size; one the head counts or
+world size cannot split is skipped with the reason) and layout it reports forward and
+forward+backward time (max over ranks), achieved FLOP/s (forward 4*b*s^2*h*d, causal
+half; backward 2.5x forward), per-rank work balance (max/mean of attention scores
+computed), the share of each pass spent waiting for communication, bytes sent per rank
+(ring passes and all-to-alls), peak memory per rank, and the single-process time of the
+same shape, giving efficiency = (single-process time / P) / parallel time.
 On CPU each rank (and the single-process baseline) uses ``threads_per_rank`` threads, so
 P ranks stand for P devices. Results go to a table on stdout and to ``output`` (JSON).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -46,6 +49,10 @@ class BenchmarkConfig:
     dtype: str = "fp32"
     causal: bool = True
     layouts: list[str] = field(default_factory=lambda: ["zigzag", "striped", "contiguous"])
+    # ring: K/V around all P ranks; ulysses: all-to-all over all P (needs heads % P == 0);
+    # hybrid: Ulysses over ulysses_size consecutive ranks x ring over P / ulysses_size.
+    strategies: list[str] = field(default_factory=lambda: ["ring", "ulysses", "hybrid"])
+    ulysses_size: int = 2
     backend: str = "auto"
     # packed documents (lengths summing to each seqlen; empty = one document) and window
     doc_lengths: list[int] = field(default_factory=list)
@@ -141,13 +148,28 @@ def _cu_seqlens(cfg, seqlen, device):
     return cu.to(device, torch.int32)
 
 
-def bench_ring(cfg, seqlen, layout, device, dtype):
+def _front_door(cfg, strategy, layout):
+    """The SequenceParallel for ``strategy``, or None (with the reason) if it cannot run."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    q, k, v = (ringattn.shard(t, layout=layout) for t in _inputs(cfg, seqlen, device, dtype))
+    u = {"ring": 1, "ulysses": world, "hybrid": cfg.ulysses_size}[strategy]
+    if world % u:
+        return None, f"ulysses_size {u} does not divide {world} ranks"
+    if cfg.heads % u or (cfg.kv_heads % u and u % cfg.kv_heads):
+        return None, f"{cfg.heads} heads / {cfg.kv_heads} kv_heads do not split over {u} Ulysses ranks"
+    kw = {"ulysses_size": u} if strategy == "hybrid" else {}
+    return ringattn.SequenceParallel(strategy, layout, backend=cfg.backend, **kw), None
+
+
+def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sp, why_not = _front_door(cfg, strategy, layout)
+    if sp is None:
+        return {"strategy": strategy, "layout": layout, "world": world, "seqlen": seqlen,
+                "skipped": why_not}
+    q, k, v = (sp.shard(t) for t in _inputs(cfg, seqlen, device, dtype))
     cu = _cu_seqlens(cfg, seqlen, device)
-    attend = lambda q, k, v: ringattn.ring_attention(  # noqa: E731
-        q, k, v, causal=cfg.causal, layout=layout, backend=cfg.backend, cu_seqlens=cu,
-        window_size=tuple(cfg.window))
+    attend = lambda q, k, v: sp.attention(  # noqa: E731
+        q, k, v, causal=cfg.causal, cu_seqlens=cu, window_size=tuple(cfg.window))
     fwd, fwd_bwd = _fwd_bwd(attend, q, k, v)
     t_fwd, t_fwd_bwd = _time(fwd, cfg, device), _time(fwd_bwd, cfg, device)
     with profile.RingProfile() as prof, PeakMemory(device) as mem:
@@ -158,6 +180,7 @@ def bench_ring(cfg, seqlen, layout, device, dtype):
     work = prof.scores
     dense = cfg.batch * cfg.heads * (seqlen * (seqlen + 1) // 2 if cfg.causal else seqlen**2)
     return {
+        "strategy": strategy, "ring_size": sp.ring_size, "ulysses_size": sp.ulysses_size,
         "layout": layout, "world": world, "seqlen": seqlen,
         "fwd_s": t_fwd, "fwd_bwd_s": t_fwd_bwd,
         "fwd_tflops": attention_flops(cfg.batch, seqlen, cfg.heads, cfg.head_dim, cfg.causal, False) / t_fwd / 1e12,
@@ -217,8 +240,12 @@ def run(cfg: BenchmarkConfig) -> list[dict]:
         base = None
         if cfg.baseline:
             base = _baseline(cfg, seqlen, device, dtype)
-        for layout in cfg.layouts:
-            row = bench_ring(cfg, seqlen, layout, device, dtype)
+        for strategy, layout in itertools.product(cfg.strategies, cfg.layouts):
+            row = bench_ring(cfg, seqlen, layout, device, dtype, strategy)
+            if "skipped" in row:
+                if rank0:
+                    print(f"{strategy} {layout}: skipped ({row['skipped']})", flush=True)
+                continue
             if base is not None:
                 row["single_fwd_bwd_s"] = base["fwd_bwd_s"]
                 row["single_peak_mib"] = base["peak_mib"]
@@ -248,7 +275,7 @@ def _baseline(cfg, seqlen, device, dtype):
     return result[0]
 
 
-_HEADER = (f"{'layout':<11}{'P':>3}{'seqlen':>8}{'fwd ms':>9}{'f+b ms':>9}{'f+b TF/s':>10}"
+_HEADER = (f"{'strategy':<13}{'layout':<11}{'P':>3}{'seqlen':>8}{'fwd ms':>9}{'f+b ms':>9}{'f+b TF/s':>10}"
            f"{'balance':>9}{'steps':>6}{'skip %':>7}{'wait %':>8}{'MiB sent':>10}{'peak MiB':>10}{'1-proc f+b ms':>15}{'eff f+b':>9}")
 _printed_header = False
 
@@ -258,7 +285,8 @@ def _print_row(row):
     if not _printed_header:
         print(_HEADER)
         _printed_header = True
-    print(f"{row['layout']:<11}{row['world']:>3}{row['seqlen']:>8}{row['fwd_s'] * 1e3:>9.1f}"
+    shape = {"ring": "", "ulysses": "", "hybrid": f" {row['ring_size']}x{row['ulysses_size']}"}[row["strategy"]]
+    print(f"{row['strategy'] + shape:<13}{row['layout']:<11}{row['world']:>3}{row['seqlen']:>8}{row['fwd_s'] * 1e3:>9.1f}"
           f"{row['fwd_bwd_s'] * 1e3:>9.1f}{row['fwd_bwd_tflops']:>10.3f}{row['work_balance']:>9.2f}"
           f"{row['ring_steps']:>6}{row['mask_skipped'] * 100:>7.1f}{row['comm_wait_share'] * 100:>8.1f}{row['sent_mib_per_rank']:>10.1f}{row['peak_mib_per_rank']:>10.1f}"
           f"{row.get('single_fwd_bwd_s', float('nan')) * 1e3:>15.1f}{row.get('efficiency_fwd_bwd', float('nan')):>9.2f}",

@@ -1,9 +1,13 @@
 """ringattn: exact sequence-parallel attention for long-context training."""
+from .hybrid import hybrid_attention
 from .layouts import layout_divisor
 from .masking import document_positions
+from .mesh import init_mesh
 from .parallel import SequenceParallel
 from .ring import ring_attention
 from .sharding import positions, shard, unshard
+from .ulysses import ulysses_attention
 
-__all__ = ["SequenceParallel", "document_positions", "layout_divisor", "positions", "ring_attention", "shard", "unshard"]
+__all__ = ["SequenceParallel", "document_positions", "hybrid_attention", "init_mesh",
+           "layout_divisor", "positions", "ring_attention", "shard", "unshard", "ulysses_attention"]
 __version__ = "0.1.0"

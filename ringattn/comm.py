@@ -1,4 +1,4 @@
-"""Communication: the ring pass, and the sequence gather used by ``unshard``.
+"""Communication: the ring pass, the Ulysses all-to-all, and the sequence gather used by ``unshard``.
 
 The ring is a process group's ranks in group order; rank i sends to i+1 and receives
 from i-1. ``RingComm.exchange`` posts all sends and receives of a step at once
@@ -105,3 +105,52 @@ def gather_sequence(x_local: torch.Tensor, dim: int, group=None) -> torch.Tensor
     if group_size(group) == 1:
         return x_local
     return _GatherSequence.apply(x_local, dim % x_local.dim(), group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Split ``x`` into P chunks along ``scatter_dim``, send chunk j to rank j, and
+    concatenate the chunks received along ``gather_dim`` in rank order.
+
+    Backward is the same exchange with the two dims swapped (the exact inverse).
+    ``all_to_all_single`` on one contiguous (P, ...) buffer runs on gloo and NCCL alike.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+def _all_to_all(x, scatter_dim, gather_dim, group):
+    size = group_size(group)
+    send = torch.stack(x.chunk(size, dim=scatter_dim))  # (P, ...), contiguous
+    received = torch.empty_like(send)
+    prof = profile.active()
+    if prof is not None:  # what leaves this rank: every chunk but our own
+        prof.bytes_sent += send.numel() * send.element_size() * (size - 1) // size
+    with profile.timed("wait_s", x.device):
+        dist.all_to_all_single(received, send, group=group)
+    return torch.cat(received.unbind(0), dim=gather_dim)
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
+    """Differentiable all-to-all: scatter ``scatter_dim`` over the group, gather ``gather_dim``.
+
+    ``x.shape[scatter_dim]`` must be a multiple of the group size. Ulysses uses it to trade
+    a sequence shard of all heads for the whole sequence of a head shard, and back.
+    """
+    size = group_size(group)
+    if size == 1:
+        return x
+    scatter_dim, gather_dim = scatter_dim % x.dim(), gather_dim % x.dim()
+    if x.shape[scatter_dim] % size:
+        raise ValueError(
+            f"all_to_all: dim {scatter_dim} of size {x.shape[scatter_dim]} cannot be split "
+            f"evenly over {size} ranks"
+        )
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)

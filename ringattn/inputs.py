@@ -64,3 +64,21 @@ def check_same_on_all_ranks(q: torch.Tensor, k: torch.Tensor, group=None,
     if len({tuple(r[6:]) for r in rows}) > 1:
         raise ValueError("cu_seqlens differs across the ranks of the sequence-parallel group; "
                          "pass the same full-sequence cu_seqlens on every rank")
+
+
+def check_ulysses_heads(heads: int, kv_heads: int, ulysses_size: int) -> None:
+    """Ulysses gives each of its u ranks heads/u query heads and the K/V heads they use.
+
+    K/V heads split evenly (kv_heads % u == 0) or, when there are fewer than u, each is
+    replicated u / kv_heads times (u % kv_heads == 0); anything else cannot be split.
+    """
+    u = ulysses_size
+    if heads % u:
+        raise ValueError(
+            f"Ulysses over {u} ranks needs heads divisible by {u}; got {heads} heads"
+        )
+    if kv_heads % u and u % kv_heads:
+        raise ValueError(
+            f"Ulysses over {u} ranks needs kv_heads to divide {u} or be a multiple of it; "
+            f"got {kv_heads} kv_heads"
+        )

@@ -3,26 +3,48 @@ from __future__ import annotations
 
 from . import sharding
 from .comm import group_rank, group_size
+from .hybrid import hybrid_attention
 from .layouts import get_layout
 from .masking import document_positions
+from .mesh import mesh_sp_groups, mesh_sp_sizes, split_hybrid_groups
 from .ring import ring_attention
+from .ulysses import ulysses_attention
 
-STRATEGIES = ("ring",)
+STRATEGIES = ("ring", "ulysses", "hybrid")
 
 
 class SequenceParallel:
     """Holds the sequence-parallel group and layout; shards data and runs attention.
 
-    strategy: "ring". layout: "zigzag" | "striped" | "contiguous". group: the process
-    group whose ranks share one sequence (default: the world). backend: kernel backend.
+    strategy: "ring" (K/V pass around the ring), "ulysses" (all-to-all heads <-> sequence,
+    needs heads % P == 0) or "hybrid" (Ulysses over ``ulysses_size`` consecutive ranks
+    inside each of ``ring_size`` ring positions; give either size, or a mesh from
+    ``ringattn.init_mesh(..., ulysses=u)``). layout: "zigzag" | "striped" | "contiguous"
+    (for hybrid it splits the sequence over the ring; see ``ringattn.sharding``).
+    group: the process group whose ranks share one sequence (default: the world), or
+    mesh: a mesh from ``init_mesh`` or its SP sub-mesh (``mesh["ring", "ulysses"]``).
+    backend: kernel backend. Sizes are checked before any communication.
     """
 
-    def __init__(self, strategy: str = "ring", layout: str = "zigzag", group=None,
+    def __init__(self, strategy: str = "ring", layout: str = "zigzag", group=None, *, mesh=None,
+                 ring_size: int | None = None, ulysses_size: int | None = None,
                  backend: str = "auto"):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
         get_layout(layout)
-        self.strategy, self.layout, self.group, self.backend = strategy, layout, group, backend
+        if mesh is not None and group is not None:
+            raise ValueError("SequenceParallel: pass either group or mesh, not both")
+        p, mesh_u = mesh_sp_sizes(mesh) if mesh is not None else (group_size(group), None)
+        ring_size, ulysses_size = _resolve_sizes(strategy, p, ring_size, ulysses_size, mesh_u)
+        self.strategy, self.layout, self.backend = strategy, layout, backend
+        self.ring_size, self.ulysses_size = ring_size, ulysses_size
+        # Everything is checked: now build groups (may communicate).
+        ring_group = uly_group = None
+        if mesh is not None:
+            group, ring_group, uly_group = mesh_sp_groups(mesh)
+        if strategy == "hybrid" and ring_group is None:
+            ring_group, uly_group = split_hybrid_groups(group, ulysses_size)
+        self.group, self.ring_group, self.ulysses_group = group, ring_group, uly_group
 
     @property
     def world_size(self) -> int:
@@ -33,29 +55,77 @@ class SequenceParallel:
         return group_rank(self.group)
 
     def attention(self, q, k, v, *, causal: bool = True, softmax_scale=None, cu_seqlens=None,
-                  window_size=(-1, -1)):
-        """q (b, s_local, h, d), k/v (b, s_local, h_kv, d) -> (b, s_local, h, d).
+                  window_size=(-1, -1), return_lse=False):
+        """q (b, s_local, h, d), k/v (b, s_local, h_kv, d) -> (b, s_local, h, d) [, lse].
 
         ``cu_seqlens``: int32 document boundaries of the full packed sequence (batch 1);
         ``window_size``: (left, right) sliding window, -1 = unbounded.
         """
-        return ring_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                              layout=self.layout, group=self.group, backend=self.backend,
-                              cu_seqlens=cu_seqlens, window_size=window_size)
+        kw = dict(causal=causal, softmax_scale=softmax_scale, layout=self.layout,
+                  backend=self.backend, return_lse=return_lse, cu_seqlens=cu_seqlens,
+                  window_size=window_size)
+        if self.strategy == "ring":
+            return ring_attention(q, k, v, group=self.group, **kw)
+        if self.strategy == "ulysses":
+            return ulysses_attention(q, k, v, group=self.group, **kw)
+        return hybrid_attention(q, k, v, ring_group=self.ring_group,
+                                ulysses_group=self.ulysses_group, **kw)
+
+    @property
+    def _inner(self) -> int:
+        """Ulysses ranks per ring position in the token sharding (1 unless hybrid)."""
+        return self.ulysses_size if self.strategy == "hybrid" else 1
 
     def shard(self, x, dim: int = 1):
-        return sharding.shard(x, layout=self.layout, group=self.group, dim=dim)
+        return sharding.shard(x, layout=self.layout, group=self.group, dim=dim,
+                              ulysses_size=self._inner)
 
     def unshard(self, x, dim: int = 1):
-        return sharding.unshard(x, layout=self.layout, group=self.group, dim=dim)
+        return sharding.unshard(x, layout=self.layout, group=self.group, dim=dim,
+                                ulysses_size=self._inner)
 
     def positions(self, seqlen: int, device=None, cu_seqlens=None):
         """RoPE positions of this rank's tokens: global positions, or, for packed
         documents (``cu_seqlens``), positions within each token's document."""
         if cu_seqlens is None:
-            return sharding.positions(seqlen, layout=self.layout, group=self.group, device=device)
+            return sharding.positions(seqlen, layout=self.layout, group=self.group, device=device,
+                                      ulysses_size=self._inner)
         return self.shard(document_positions(cu_seqlens), dim=0).to(device)
 
     def __repr__(self):
         return (f"SequenceParallel(strategy={self.strategy!r}, layout={self.layout!r}, "
-                f"world_size={self.world_size}, backend={self.backend!r})")
+                f"world_size={self.world_size}, ring_size={self.ring_size}, "
+                f"ulysses_size={self.ulysses_size}, backend={self.backend!r})")
+
+
+def _resolve_sizes(strategy, p, ring_size, ulysses_size, mesh_ulysses):
+    """-> (ring_size, ulysses_size) with ring_size * ulysses_size == p, or ValueError."""
+    for name, value in (("ring_size", ring_size), ("ulysses_size", ulysses_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"SequenceParallel: {name} must be a positive int; got {value!r}")
+    if strategy == "ring":
+        ring_size = p if ring_size is None else ring_size
+        ulysses_size = 1 if ulysses_size is None else ulysses_size
+    elif strategy == "ulysses":
+        ring_size = 1 if ring_size is None else ring_size
+        ulysses_size = p if ulysses_size is None else ulysses_size
+    else:
+        if ulysses_size is None and ring_size is None:
+            if mesh_ulysses is None:
+                raise ValueError("strategy='hybrid' needs ring_size or ulysses_size "
+                                 "(or a mesh from init_mesh(..., ulysses=u))")
+            ulysses_size = mesh_ulysses
+        if ulysses_size is None:
+            ulysses_size = p // ring_size if p % ring_size == 0 else 0
+        if ring_size is None:
+            ring_size = p // ulysses_size if p % ulysses_size == 0 else 0
+        if mesh_ulysses is not None and ulysses_size != mesh_ulysses:
+            raise ValueError(f"strategy='hybrid': ulysses_size={ulysses_size} differs from the "
+                             f"mesh's ulysses dim ({mesh_ulysses}); build it with "
+                             f"init_mesh(..., ulysses={ulysses_size})")
+    if ring_size * ulysses_size != p:
+        raise ValueError(
+            f"strategy={strategy!r}: ring_size x ulysses_size must equal the sequence-parallel "
+            f"size {p}; got ring_size={ring_size or '?'}, ulysses_size={ulysses_size or '?'}"
+        )
+    return ring_size, ulysses_size

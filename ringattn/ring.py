@@ -48,6 +48,26 @@ def _kernel_for(kernel, task):
     return kernel if task.mask is None or kernel.supports_mask else BACKENDS["sdpa"]
 
 
+def attend_blocks(kernel, tasks, q, k, v, scale, acc: PartialAttention) -> None:
+    """Run ``tasks`` (q rows x k/v rows) and merge each block's (out, lse) into ``acc``."""
+    for t in tasks:
+        o, lse = _kernel_for(kernel, t).forward(
+            q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], causal=t.causal, scale=scale,
+            mask=t.mask)
+        if t.mask is not None:
+            # Rows this block hides entirely contribute nothing (fused kernels
+            # report lse = 0 there, which the merge would weigh).
+            lse = lse.masked_fill(~t.mask.any(dim=1).to(lse.device), float("-inf"))
+        acc.add(o, lse, t.q_rows)
+
+
+def block_grads(kernel, tasks, dout, q, k, v, out, lse, scale):
+    """[(task, (dq, dk, dv) of its block)] from the final out and lse of the whole rows."""
+    return [(t, _kernel_for(kernel, t).backward(
+        dout[:, t.q_rows], q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], out[:, t.q_rows],
+        lse[:, :, t.q_rows], causal=t.causal, scale=scale, mask=t.mask)) for t in tasks]
+
+
 def _record(plan_step, q, k):
     prof = profile.active()
     if prof is None:
@@ -58,6 +78,18 @@ def _record(plan_step, q, k):
     prof.scores += n
     prof.per_step_scores.append(n)
     prof.ring_steps += 1
+
+
+def backward_inputs(ctx, dout, dlse, who):
+    """Saved (q, k, v, out, lse) and dout (zeros if unused) of an attention Function whose
+    forward returned (out, lse); gradients through lse are refused."""
+    if dlse is not None:
+        raise RuntimeError(
+            f"{who}(return_lse=True): gradients through the returned lse are not "
+            "supported; detach it (lse.detach()) before using it in a loss"
+        )
+    q, k, v, out, lse = ctx.saved_tensors
+    return (torch.zeros_like(out) if dout is None else dout), q, k, v, out, lse
 
 
 class _RingAttention(torch.autograd.Function):
@@ -73,15 +105,7 @@ class _RingAttention(torch.autograd.Function):
             pending = comm.exchange([k_cur, v_cur], out=spare) if step + 1 < len(plan) else None
             _record(tasks, q, k_cur)
             with profile.timed("compute_s", q.device):
-                for t in tasks:
-                    o, lse = _kernel_for(kernel, t).forward(
-                        q[:, t.q_rows], k_cur[:, t.k_rows], v_cur[:, t.k_rows],
-                        causal=t.causal, scale=scale, mask=t.mask)
-                    if t.mask is not None:
-                        # Rows this block hides entirely contribute nothing (fused kernels
-                        # report lse = 0 there, which the merge would weigh).
-                        lse = lse.masked_fill(~t.mask.any(dim=1).to(lse.device), float("-inf"))
-                    acc.add(o, lse, t.q_rows)
+                attend_blocks(kernel, tasks, q, k_cur, v_cur, scale, acc)
             if pending is not None:
                 # The buffers we just computed on become next step's receive buffers,
                 # except k/v themselves (the caller's tensors), which are never written.
@@ -95,14 +119,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        if dlse is not None:
-            raise RuntimeError(
-                "ring_attention(return_lse=True): gradients through the returned lse are not "
-                "supported; detach it (lse.detach()) before using it in a loss"
-            )
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
+        dout, q, k, v, out, lse = backward_inputs(ctx, dout, dlse, "ring_attention")
         comm = RingComm(ctx.group)
         kernel = get_backend(ctx.backend, q)
         acc_dtype = accumulation_dtype(q.dtype)
@@ -114,13 +131,8 @@ class _RingAttention(torch.autograd.Function):
         steps = len(ctx.plan)
         for step, tasks in enumerate(ctx.plan):
             kv_pending = comm.exchange([k_cur, v_cur]) if step + 1 < steps else None
-            grads = []
             with profile.timed("compute_s", q.device):
-                for t in tasks:
-                    grads.append((t, _kernel_for(kernel, t).backward(
-                        dout[:, t.q_rows], q[:, t.q_rows], k_cur[:, t.k_rows], v_cur[:, t.k_rows],
-                        out[:, t.q_rows], lse[:, :, t.q_rows], causal=t.causal, scale=ctx.scale,
-                        mask=t.mask)))
+                grads = block_grads(kernel, tasks, dout, q, k_cur, v_cur, out, lse, ctx.scale)
             if dkv_pending is not None:
                 # The accumulators of the K/V block we hold arrive from the previous rank.
                 dk, dv = dkv_pending.wait()

@@ -1,4 +1,12 @@
-"""Full tensor <-> this rank's shard, in a layout's token order."""
+"""Full tensor <-> this rank's shard, in a layout's token order.
+
+Ring and Ulysses: the layout splits the sequence over the P ranks of the group.
+Hybrid (``ulysses_size`` = u > 1): the group's P ranks form P/u ring positions of u
+consecutive ranks; the layout splits the sequence over the ring positions, and each ring
+position's shard is split contiguously among its u ranks (rank = ring_pos * u + a holds
+the a-th 1/u of ring position ring_pos's tokens). The Ulysses all-to-all inside a ring
+position then concatenates exactly the layout's shard, in increasing position order.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,21 +15,44 @@ from .comm import gather_sequence, group_rank, group_size
 from .layouts import get_layout
 
 
-def positions(seqlen: int, *, layout: str = "zigzag", group=None, device=None) -> torch.Tensor:
+def check_seqlen(layout: str, seqlen: int, world_size: int, ulysses_size: int = 1) -> None:
+    """ValueError unless ``seqlen`` splits over ``world_size`` ranks (two levels for hybrid)."""
+    ring = world_size // ulysses_size
+    get_layout(layout).check_seqlen(seqlen, ring)
+    if (seqlen // ring) % ulysses_size:
+        raise ValueError(
+            f"hybrid sharding: each of the {ring} ring shards ({seqlen // ring} tokens) must "
+            f"split evenly over ulysses_size={ulysses_size} ranks; sequence length {seqlen} "
+            f"must be a multiple of {ring * ulysses_size} (and of what layout {layout!r} needs)"
+        )
+
+
+def held_indices(layout: str, seqlen: int, world_size: int, rank: int,
+                 ulysses_size: int = 1) -> torch.Tensor:
+    """Global positions held by ``rank`` of ``world_size``, increasing (see the module doc)."""
+    ring = world_size // ulysses_size
+    ring_shard = get_layout(layout).indices(seqlen, ring, rank // ulysses_size)
+    return ring_shard.view(ulysses_size, -1)[rank % ulysses_size]
+
+
+def positions(seqlen: int, *, layout: str = "zigzag", group=None, device=None,
+              ulysses_size: int = 1) -> torch.Tensor:
     """Global positions (LongTensor of seqlen / P) of the tokens this rank holds, increasing."""
-    lay = get_layout(layout)
     p = group_size(group)
-    lay.check_seqlen(seqlen, p)
-    return lay.indices(seqlen, p, group_rank(group)).to(device)
+    check_seqlen(layout, seqlen, p, ulysses_size)
+    return held_indices(layout, seqlen, p, group_rank(group), ulysses_size).to(device)
 
 
-def shard(x: torch.Tensor, *, layout: str = "zigzag", group=None, dim: int = 1) -> torch.Tensor:
+def shard(x: torch.Tensor, *, layout: str = "zigzag", group=None, dim: int = 1,
+          ulysses_size: int = 1) -> torch.Tensor:
     """The same full tensor on every rank -> this rank's shard along ``dim`` (a copy)."""
-    idx = positions(x.shape[dim], layout=layout, group=group, device=x.device)
+    idx = positions(x.shape[dim], layout=layout, group=group, device=x.device,
+                    ulysses_size=ulysses_size)
     return x.index_select(dim, idx)
 
 
-def unshard(x_local: torch.Tensor, *, layout: str = "zigzag", group=None, dim: int = 1) -> torch.Tensor:
+def unshard(x_local: torch.Tensor, *, layout: str = "zigzag", group=None, dim: int = 1,
+            ulysses_size: int = 1) -> torch.Tensor:
     """Every rank's shard -> the full tensor on every rank (all-gather, differentiable).
 
     Backward: each shard receives the sum over ranks of the gradient of the full tensor.
@@ -29,10 +60,9 @@ def unshard(x_local: torch.Tensor, *, layout: str = "zigzag", group=None, dim: i
     p = group_size(group)
     if p == 1:
         return x_local
-    lay = get_layout(layout)
     seqlen = x_local.shape[dim] * p
-    lay.check_seqlen(seqlen, p)
+    check_seqlen(layout, seqlen, p, ulysses_size)
     gathered = gather_sequence(x_local, dim, group)  # rank-major order
-    held = torch.cat([lay.indices(seqlen, p, r) for r in range(p)])
+    held = torch.cat([held_indices(layout, seqlen, p, r, ulysses_size) for r in range(p)])
     # gathered[i] holds position held[i]; argsort puts positions back in order.
     return gathered.index_select(dim, torch.argsort(held).to(x_local.device))

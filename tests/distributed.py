@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import time
@@ -38,7 +39,9 @@ def _worker(rank, world_size, port, backend, timeout, fn, args, results):
             timeout=datetime.timedelta(seconds=timeout),
         )
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # Plain pickle copies tensor data: the queue's own pickler would share storages
+        # through a file descriptor this process may close (exit) before the parent reads it.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -74,7 +77,7 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
                 for r in dead:
                     failures[r] = f"process exited with code {procs[r].exitcode} without reporting"
                 continue
-            (values if ok else failures)[rank] = value
+            (values if ok else failures)[rank] = pickle.loads(value) if ok else value
             if failures:
                 break  # one rank failed: the others may be blocked on it
     finally:
