@@ -79,6 +79,7 @@ class Plan:
 def plan(job: JobConfig, world_size: int) -> Plan:
     """Every check that needs no process group: bad input fails here, before any work."""
     distributed.validate(job.parallel, world_size)
+    distributed.validate_heads(job.parallel, job.model.n_heads, job.model.kv_heads)
     engine_lib.validate(job.deepspeed)
     tracking.validate(job.logger)
     data.check_files(job.data)
