@@ -6,9 +6,11 @@ CPU, nccl on GPU. One process without a launcher works too (a world of one).
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,10 @@ class ParallelConfig:
     # 1 = ring, sp_size = Ulysses, in between = hybrid (Ulysses inside, ring across)
     ulysses_size: int = 1
     layout: str = "zigzag"  # zigzag | striped | contiguous
+    # Seconds a collective (and the initial rendezvous) may wait for a peer before this rank
+    # gives up with an error naming the failure: a dead or hung rank then ends the job
+    # instead of hanging it. Keep it above the slowest step and checkpoint save.
+    collective_timeout_s: float = 600.0
 
     @property
     def strategy(self) -> str:
@@ -43,6 +49,8 @@ def validate(cfg: ParallelConfig, world_size: int) -> None:
             f"parallel.sp_size={cfg.sp_size} does not divide the world size {world_size} "
             "(world = dp x sp)"
         )
+    if cfg.collective_timeout_s <= 0:
+        raise ValueError(f"parallel.collective_timeout_s={cfg.collective_timeout_s}: must be > 0")
     if cfg.ulysses_size < 1 or cfg.sp_size % cfg.ulysses_size:
         raise ValueError(f"parallel.ulysses_size={cfg.ulysses_size} does not divide parallel.sp_size={cfg.sp_size}")
 
@@ -98,19 +106,20 @@ def init(cfg: ParallelConfig) -> Mesh:
     if "RANK" not in os.environ:  # one process, no launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     validate(cfg, world)
     sp_size = cfg.sp_size
     dp_size = world // sp_size
     sp_group = dp_group = None
     for d in range(dp_size):  # every rank must create every group, in the same order
-        g = dist.new_group([d * sp_size + i for i in range(sp_size)])
+        g = dist.new_group([d * sp_size + i for i in range(sp_size)], timeout=timeout)
         if rank // sp_size == d:
             sp_group = g
     for i in range(sp_size):
-        g = dist.new_group([d * sp_size + i for d in range(dp_size)])
+        g = dist.new_group([d * sp_size + i for d in range(dp_size)], timeout=timeout)
         if rank % sp_size == i:
             dp_group = g
     sp = ringattn.SequenceParallel(strategy=cfg.strategy, layout=cfg.layout, group=sp_group,
@@ -122,6 +131,26 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+_COMM_ERROR_HINTS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe")
+
+
+def comm_failure(exc: BaseException, cfg: ParallelConfig) -> Optional[str]:
+    """A clear one-line report if ``exc`` is a failed collective (a peer died or hung), else None.
+    Gloo raises plain RuntimeErrors ("Connection closed by peer", "Timed out waiting"); NCCL and
+    the rendezvous store raise torch.distributed.DistError."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    text = str(exc).strip()
+    if not (isinstance(exc, dist.DistError) or
+            (isinstance(exc, RuntimeError) and any(h in text.lower() for h in _COMM_ERROR_HINTS))):
+        return None
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()}: a collective failed -- another rank died or "
+            f"did not answer within parallel.collective_timeout_s={cfg.collective_timeout_s:g}s "
+            f"({type(exc).__name__}: {first}). Stopping this rank; under torchrun --max-restarts the job "
+            "restarts from the latest checkpoint.")
 
 
 def shutdown() -> None:

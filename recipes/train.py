@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 import ringattn
 from ringattn.models import Llama, LlamaConfig
-from recipes import checkpoint, data, distributed, engine as engine_lib, tracking
+from recipes import checkpoint, data, distributed, engine as engine_lib, estimate, tracking
 from recipes.data import IGNORE_INDEX, DataConfig
 from recipes.distributed import ParallelConfig
 from recipes.engine import DeepSpeedConfig, OptimConfig
@@ -49,6 +49,10 @@ class TrainerConfig:
     stop_at_step: Optional[int] = None
     # Peak dense TFLOP/s of one GPU for the MFU estimate; None: looked up for known GPUs (bf16)
     peak_tflops: Optional[float] = None
+    # Validate the config and parallel layout, print a memory estimate per rank, train nothing.
+    dry_run: bool = False
+    # World size the dry run plans for; None: the launcher's WORLD_SIZE (1 without a launcher)
+    dry_run_world_size: Optional[int] = None
     # Tests only: exit abruptly in the middle of the checkpoint save at this step.
     crash_in_save_at_step: Optional[int] = None
 
@@ -292,6 +296,30 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
                  _fmt_time(time.time() - t_begin))
 
 
+def dry_run(job: JobConfig) -> None:
+    """Every check of a real start that needs no process group, then the memory estimate."""
+    world = job.trainer.dry_run_world_size or distributed.env_world_size()
+    p = plan(job, world)
+    model_cfg = job.model
+    if model_cfg.vocab_size is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=data.build_tokenizer(job.data).vocab_size)
+    ds, par = job.deepspeed, job.parallel
+
+    def est(stage, **kw):
+        return estimate.estimate(model_cfg, job.trainer.dtype, stage, world_size=world, sp_size=par.sp_size,
+                                 micro=p.micro, seq_len=job.data.seq_len, **kw)
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    e = est(ds.zero_stage, offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param)
+    print(estimate.report(e, world_size=world, dp=p.dp, sp_size=par.sp_size, strategy=par.strategy,
+                          layout=par.layout, micro=p.micro, grad_accum=p.grad_accum, zero_stage=ds.zero_stage,
+                          dtype=job.trainer.dtype), flush=True)
+    stages = " | ".join(f"{z}: {est(z, offload_optimizer=False, offload_param=False).total / estimate.GiB:.2f}"
+                        for z in range(4))
+    print(f"  total per rank by ZeRO stage, no offload (GiB): {stages}", flush=True)
+
+
 def _rss() -> int:
     try:
         import resource
@@ -308,9 +336,21 @@ def main(cfg) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     job: JobConfig = OmegaConf.to_object(cfg)
+    if job.trainer.dry_run:
+        return dry_run(job)
     run_dir = os.path.abspath(HydraConfig.get().runtime.output_dir)
     try:
         train(job, run_dir, resolved)
+    except Exception as e:
+        failure = distributed.comm_failure(e, job.parallel)
+        if failure is None:
+            raise
+        # a peer is gone: report it and exit without the collective teardown, which could wait on it
+        log.error("%s", failure)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     finally:
         distributed.shutdown()
 
