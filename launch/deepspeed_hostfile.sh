@@ -18,7 +18,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 ds_args=(${DS_ARGS:-})
-if [[ " ${DS_ARGS:-} " == *" --no_ssh"* && -z "${RUN_DIR:-}" ]] && ! has_run_dir "$@"; then
+if [[ " ${DS_ARGS:-} " == *" --no_ssh "* && -z "${RUN_DIR:-}" ]] && ! has_run_dir "$@"; then
   echo "launch/deepspeed_hostfile.sh: with --no_ssh every node runs its own launcher; set RUN_DIR" \
        "to one path for all of them" >&2
   exit 2

@@ -23,16 +23,22 @@ FAST = [
 ]
 
 
+def clean_env(extra=None) -> dict:
+    """This environment without launcher / W&B variables, one thread per process, the repo importable."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TORCHELASTIC_", "RANK", "LOCAL_RANK",
+                                                                    "WORLD_SIZE", "MASTER_", "SLURM_"))}
+    e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    e.update(extra or {})
+    return e
+
+
 def launch(run_dir, nproc: int = 1, overrides=(), timeout: int = 240, env=None):
     """Run the recipe; returns the CompletedProcess (check .returncode yourself)."""
     args = ["-m", "recipes.train", *FAST, *overrides, f"hydra.run.dir={run_dir}"]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TORCHELASTIC_", "RANK", "LOCAL_RANK",
-                                                                    "WORLD_SIZE", "MASTER_"))}
-    e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
     try:
-        return subprocess.run([sys.executable, *args], cwd=REPO, env=e, capture_output=True, text=True,
+        return subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(env), capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired as ex:
         tail = (ex.stderr or b"")[-3000:]

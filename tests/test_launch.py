@@ -1,0 +1,292 @@
+"""Launchers and faults (issue 6), end to end on loopback through the scripts in launch/.
+
+    pytest tests/test_launch.py -m slow       # ~ 3 minutes on 2 CPU cores
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.distributed import free_port
+from tests.train_launch import (FAST, REPO, assert_losses_close, assert_weights_close, clean_env, final_weights,
+                                launch, metrics, tail, train_ok)
+
+LAUNCH = REPO / "launch"
+SP2 = FAST + ["parallel.sp_size=2", "trainer.seed=3"]
+
+# Imported by every Python process whose PYTHONPATH holds its folder: in a rank > 0 process,
+# record each write (open for writing, mkdir, rename, remove) under AUDIT_UNDER.
+AUDIT = '''
+import os, sys
+if os.environ.get("RANK", "0") != "0" and os.environ.get("AUDIT_LOG"):
+    _root, _log, _busy = os.path.realpath(os.environ["AUDIT_UNDER"]), os.environ["AUDIT_LOG"], [False]
+    _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+    def _hook(event, args):
+        if _busy[0] or event not in ("open", "os.mkdir", "os.rename", "os.remove", "os.rmdir"):
+            return
+        if event == "open" and not (args[2] or 0) & _W:
+            return
+        if not isinstance(args[0], (str, bytes, os.PathLike)):
+            return
+        if event != "open" and args[-1] is not None:  # relative to a dir fd (e.g. shutil.rmtree of a tempdir)
+            return
+        _busy[0] = True
+        try:
+            path = os.path.realpath(os.fsdecode(args[0]))
+            if path == _root or path.startswith(_root + os.sep):
+                with open(_log, "a") as f:
+                    f.write(f"{os.environ['RANK']} {event} {path}\\n")
+        finally:
+            _busy[0] = False
+    sys.addaudithook(_hook)
+'''
+
+
+def _audit_env(tmp_path: Path, watch: Path) -> dict:
+    d = tmp_path / "audit"
+    d.mkdir(exist_ok=True)
+    (d / "sitecustomize.py").write_text(AUDIT)
+    return {"PYTHONPATH": f"{REPO}:{d}", "AUDIT_UNDER": str(watch), "AUDIT_LOG": str(tmp_path / "audit.log")}
+
+
+def _writes_by_ranks_above_0(tmp_path: Path, run_dir: Path) -> list[str]:
+    log = tmp_path / "audit.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    # creating the (shared) run dir and its parents (os.makedirs) is not a write of a file
+    keep = {run_dir.resolve(), *run_dir.resolve().parents}
+    return [ln for ln in lines if not (ln.split()[1] == "os.mkdir" and Path(ln.split()[2]) in keep)]
+
+
+def start(cmd, cwd: Path, env=None, **kw) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=clean_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """Wait for a started process; on timeout kill its whole session and fail."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{proc.args[:3]} still running after {timeout}s\n{out[-3000:]}") from None
+
+
+def only_run_dir(cwd: Path) -> Path:
+    dirs = list((cwd / "outputs").iterdir())
+    assert len(dirs) == 1, f"expected one run dir, found {dirs}"
+    return dirs[0]
+
+
+def rank_pid(proc: subprocess.Popen, rank: int) -> int:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            env = child.environ()
+        except psutil.Error:
+            continue
+        if env.get("RANK") == str(rank) and "recipes.train" in " ".join(child.cmdline()):
+            return child.pid
+    raise AssertionError(f"no process of rank {rank} under {proc.pid}")
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {what}\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_two_nodes_match_single_node_and_share_one_run_dir(tmp_path):
+    """Two torchrun agents (nodes) started 2 s apart, c10d rendezvous on 127.0.0.1, one rank each,
+    sp=2 spanning both: one run dir (outputs/$RUN_ID), rank 1 writes nothing in it, same losses."""
+    over = SP2 + ["trainer.max_steps=4"]
+    rc, out = finish(start([LAUNCH / "torchrun_single_node.sh", *over], tmp_path / "single",
+                           {"NPROC_PER_NODE": "2"}), 240)
+    assert rc == 0, out[-3000:]
+    ref = metrics(only_run_dir(tmp_path / "single"))
+
+    cwd, port = tmp_path / "multi", free_port()
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NNODES="2", NPROC_PER_NODE="1", RUN_ID="twonodes",
+               **_audit_env(tmp_path, cwd / "outputs"))
+    nodes = []
+    for node in (0, 1):
+        nodes.append(start([LAUNCH / "torchrun_multi_node.sh", *over], cwd, dict(env, NODE_RANK=str(node))))
+        time.sleep(2)
+    results = [finish(p, 240) for p in nodes]
+    for rc, out in results:
+        assert rc == 0, out[-3000:]
+    run_dir = only_run_dir(cwd)
+    assert run_dir.name == "twonodes"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert _writes_by_ranks_above_0(tmp_path, run_dir) == []
+    got = metrics(run_dir)
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    assert_losses_close(ref, got, [1, 2, 3, 4])
+
+
+@pytest.mark.slow
+def test_srun_without_torchrun_ranks_started_apart_share_one_run_dir(tmp_path):
+    """launch/slurm.sbatch in LAUNCHER=srun mode under a stand-in srun that starts the 2 ranks 3 s
+    apart: both use outputs/slurm-$SLURM_JOB_ID, and only rank 0 writes there."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n# stand-in: SLURM_NTASKS copies of the command, STAGGER seconds apart\n"
+        'while [[ "$1" == -* ]]; do shift; done\npids=()\n'
+        'for ((i=0; i<SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); sleep 3; done\n'
+        'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc\n')
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    cwd = tmp_path / "job"
+    env = dict(LAUNCHER="srun", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="2",
+               SLURM_NNODES="1", SLURM_SUBMIT_DIR=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               PATH=f"{bin_dir}:{os.environ['PATH']}", **_audit_env(tmp_path, cwd))
+    env["AUDIT_UNDER"] = str(cwd)  # writes of ranks > 0 anywhere under the job's folder are recorded
+    rc, out = finish(start(["bash", LAUNCH / "slurm.sbatch", *SP2, "trainer.max_steps=3",
+                            "trainer.save_every=3"], cwd, env), 240)
+    assert rc == 0, out[-3000:]
+    run_dir = only_run_dir(cwd)
+    assert run_dir.name == "slurm-4242"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    # rank 1 writes its own checkpoint shards (through torch.save's C++ writer: not audited)
+    writes = [w for w in _writes_by_ranks_above_0(tmp_path, run_dir) if "/checkpoints/" not in w.split()[2]]
+    assert writes == [], writes
+    assert sorted(metrics(run_dir)) == [1, 2, 3]
+    # the audit itself does see a Python write from a rank > 0
+    probe = run_dir / "probe.txt"
+    subprocess.run([sys.executable, "-c", f"open({str(probe)!r}, 'w')"], env=clean_env(dict(env, RANK="1")),
+                   check=True, timeout=60)
+    assert f"1 open {probe.resolve()}" in (tmp_path / "audit.log").read_text()
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_with_hostfile(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    env = dict(HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               DS_ARGS="--no_ssh_check")
+    rc, out = finish(start([LAUNCH / "deepspeed_hostfile.sh", *SP2, "trainer.max_steps=3"], tmp_path / "ds", env), 240)
+    assert rc == 0, out[-3000:]
+    assert "--local_rank=1" in out  # the launcher's argument reached the recipe, which accepted it
+    run_dir = only_run_dir(tmp_path / "ds")
+    assert run_dir.name.startswith("ds-")
+    assert sorted(metrics(run_dir)) == [1, 2, 3]
+
+
+ELASTIC = SP2 + ["data.seq_len=128", "trainer.max_steps=30", "trainer.save_every=5"]
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_and_resumes_like_an_uninterrupted_run(tmp_path):
+    train_ok(tmp_path / "straight", 2, ELASTIC)
+    cwd = tmp_path / "elastic"
+    proc = start([LAUNCH / "torchrun_single_node.sh", *ELASTIC], cwd, {"NPROC_PER_NODE": "2", "MAX_RESTARTS": "1"})
+    ckpt = lambda: list(cwd.glob("outputs/*/checkpoints/step_00000010/meta.json"))  # noqa: E731
+    wait_for(ckpt, proc, 180, "the step-10 checkpoint")
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    rc, out = finish(proc, 240)
+    assert rc == 0, out[-3000:]
+    run_dir = only_run_dir(cwd)  # the restart found the same dir: outputs/$TORCHELASTIC_RUN_ID
+    assert out.count("resumed from") == 1 and "fresh start" in out, out[-3000:]
+    resumed_at = int(out.split("resumed from")[1].split(" at step ")[1].split()[0])
+    assert 10 <= resumed_at < 30, "the kill should land between the step-10 checkpoint and the end"
+    ref, got = metrics(tmp_path / "straight"), metrics(run_dir)
+    assert sorted(got) == list(range(1, 31))
+    assert_losses_close(ref, got, range(1, 31))
+    assert_weights_close(final_weights(tmp_path / "straight"), final_weights(run_dir))
+
+
+@pytest.mark.slow
+def test_killed_rank_without_restarts_fails_the_torchrun_job(tmp_path):
+    cwd = tmp_path / "job"
+    proc = start([LAUNCH / "torchrun_single_node.sh", *ELASTIC, "parallel.collective_timeout_s=20"], cwd,
+                 {"NPROC_PER_NODE": "2"})
+    wait_for(lambda: list(cwd.glob("outputs/*/metrics.jsonl")), proc, 180, "the first logged step")
+    t0 = time.time()
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    rc, out = finish(proc, 60)
+    assert rc != 0 and time.time() - t0 < 20, out[-3000:]
+    assert "SIGKILL" in out, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_dead_or_hung_peer_ends_rank_0_within_the_collective_timeout(tmp_path, sig):
+    """Ranks started directly (as srun or any non-elastic launcher does): nothing kills rank 0 for
+    us, so the recipe itself must notice -- at once for a dead peer (closed connection), after
+    parallel.collective_timeout_s for a hung one (SIGSTOP keeps its sockets open)."""
+    timeout_s = 8
+    base = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    cmd = [sys.executable, "-m", "recipes.train", *ELASTIC, f"parallel.collective_timeout_s={timeout_s}",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    ranks = [start(cmd, REPO, dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
+    try:
+        wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists(), ranks[0], 180, "the first logged step")
+        t0 = time.time()
+        os.kill(ranks[1].pid, sig)
+        rc, out = finish(ranks[0], timeout_s + 30)
+        elapsed = time.time() - t0
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+    assert rc != 0, out[-3000:]
+    assert "rank 0 of 2: a collective failed -- another rank died or did not answer within " \
+           f"parallel.collective_timeout_s={timeout_s}s" in out, out[-3000:]
+    if sig == signal.SIGKILL:
+        assert elapsed < timeout_s and "Connection closed by peer" in out, (elapsed, out[-2000:])
+    else:
+        assert timeout_s - 1 <= elapsed < timeout_s + 20 and "Timed out" in out, (elapsed, out[-2000:])
+    assert "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_sweep_runs_one_distributed_job_per_point(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, LAUNCH / "sweep.py", "--nproc-per-node", "2", "--sweep-dir", sweep_dir, "--",
+           *SP2, "trainer.max_steps=2", "trainer.seed=1,2"]
+    rc, out = finish(start(cmd, tmp_path), 240)
+    assert rc == 0, out[-3000:]
+    records = [json.loads(ln) for ln in (sweep_dir / "sweep.jsonl").read_text().splitlines()]
+    assert [(r["job"], r["returncode"]) for r in records] == [(0, 0), (1, 0)]
+    assert [r["overrides"][-1] for r in records] == ["trainer.seed=1", "trainer.seed=2"]
+    runs = [metrics(sweep_dir / str(n)) for n in (0, 1)]
+    assert all(sorted(m) == [1, 2] for m in runs)
+    assert runs[0][1]["loss"] != runs[1][1]["loss"], "the two seeds should give different batches"
+    assert "seed: 2" in (sweep_dir / "1" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_dry_run_prints_estimate_and_trains_nothing(tmp_path):
+    over = ["trainer.dry_run=true", "trainer.dry_run_world_size=16", "model=llama3_8b", "data.seq_len=131072",
+            "data.global_batch_size=2", "parallel.sp_size=8", "trainer.dtype=bf16", "deepspeed.zero_stage=3"]
+    proc = launch(tmp_path, 1, over, timeout=60)
+    assert proc.returncode == 0, tail(proc)
+    out = proc.stdout
+    assert "world 16 = dp 2 x sp 8" in out and "16384 tokens per rank" in out, out
+    assert "8030.26M parameters" in out, out
+    for part in ("parameters", "gradients", "optimizer", "activations", "total (device)", "by ZeRO stage"):
+        assert part in out, out
+    assert list(tmp_path.iterdir()) == []  # no config, metrics or checkpoints
+
+    bad = launch(tmp_path, 1, ["trainer.dry_run=true", "trainer.dry_run_world_size=4", "parallel.sp_size=3"],
+                 timeout=60)
+    assert bad.returncode != 0 and "does not divide the world size 4" in bad.stderr, tail(bad)
