@@ -90,6 +90,24 @@ class Mesh:
         return self.rank == 0
 
 
+def _elastic_store(timeout: datetime.timedelta) -> dict:
+    """Under torchrun, one key space per restart attempt.
+
+    A torchrun restart hands the new workers the same store (MASTER_ADDR:MASTER_PORT, hosted by
+    the agent) without a per-attempt prefix, so gloo's connectFullMesh reads the dead attempt's
+    addresses and fails with "Connection refused" (seen with torch 2.13): --max-restarts would
+    never recover. Same store, as torch.distributed's env:// would open it, under a prefix.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts and rank == 0, timeout=timeout, multi_tenant=True)
+    return {"store": dist.PrefixStore(f"ringattn/attempt_{attempt}", store), "rank": rank, "world_size": world}
+
+
 def init(cfg: ParallelConfig) -> Mesh:
     if torch.cuda.is_available():
         backend = "nccl"
@@ -108,7 +126,8 @@ def init(cfg: ParallelConfig) -> Mesh:
                           MASTER_PORT=str(_free_port()))
     timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout)
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout,
+                                **_elastic_store(timeout))
     world, rank = dist.get_world_size(), dist.get_rank()
     validate(cfg, world)
     sp_size = cfg.sp_size
