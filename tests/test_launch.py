@@ -252,7 +252,8 @@ def test_dead_or_hung_peer_ends_rank_0_within_the_collective_timeout(tmp_path, s
     assert "rank 0 of 2: a collective failed -- another rank died or did not answer within " \
            f"parallel.collective_timeout_s={timeout_s}s" in out, out[-3000:]
     if sig == signal.SIGKILL:
-        assert elapsed < timeout_s and "Connection closed by peer" in out, (elapsed, out[-2000:])
+        assert elapsed < timeout_s and ("Connection closed by peer" in out or "Connection reset by peer" in out), \
+            (elapsed, out[-2000:])
     else:
         assert timeout_s - 1 <= elapsed < timeout_s + 20 and "Timed out" in out, (elapsed, out[-2000:])
     assert "Traceback" not in out, out[-3000:]
