@@ -58,11 +58,11 @@ def _audit_env(tmp_path: Path, watch: Path) -> dict:
 
 
 def _writes_by_ranks_above_0(tmp_path: Path, run_dir: Path) -> list[str]:
+    """Audited writes of ranks > 0 inside run_dir (making run_dir itself is not writing a file)."""
     log = tmp_path / "audit.log"
     lines = log.read_text().splitlines() if log.exists() else []
-    # creating the (shared) run dir and its parents (os.makedirs) is not a write of a file
-    keep = {run_dir.resolve(), *run_dir.resolve().parents}
-    return [ln for ln in lines if not (ln.split()[1] == "os.mkdir" and Path(ln.split()[2]) in keep)]
+    root = run_dir.resolve()
+    return [ln for ln in lines if root in Path(ln.split()[2]).parents]
 
 
 def start(cmd, cwd: Path, env=None, **kw) -> subprocess.Popen:
@@ -174,6 +174,34 @@ def test_srun_without_torchrun_ranks_started_apart_share_one_run_dir(tmp_path):
     subprocess.run([sys.executable, "-c", f"open({str(probe)!r}, 'w')"], env=clean_env(dict(env, RANK="1")),
                    check=True, timeout=60)
     assert f"1 open {probe.resolve()}" in (tmp_path / "audit.log").read_text()
+
+
+@pytest.mark.slow
+def test_ranks_started_apart_without_a_run_dir_agree_on_rank_0s(tmp_path):
+    """Ranks started directly, 3 s apart, nobody passes hydra.run.dir: each resolves its own start
+    time, and rank 1 then takes rank 0's dir and drops its own (empty) one."""
+    cwd = tmp_path / "job"
+    base = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", **_audit_env(tmp_path, cwd))
+    cmd = [sys.executable, "-m", "recipes.train", *SP2, "trainer.max_steps=2"]
+    ranks = []
+    for r in (0, 1):
+        ranks.append(start(cmd, cwd, dict(base, RANK=str(r), LOCAL_RANK=str(r))))
+        time.sleep(3)
+    for rc, out in [finish(p, 240) for p in ranks]:
+        assert rc == 0, out[-3000:]
+    run_dir = only_run_dir(cwd)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert _writes_by_ranks_above_0(tmp_path, run_dir) == []
+    assert sorted(metrics(run_dir)) == [1, 2]
+
+
+def test_run_id_ignores_torchruns_placeholder(monkeypatch):
+    from recipes.train import _run_id
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    assert _run_id() == "job-7"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default --rdzv-id (accelerate launch)
+    assert _run_id() != "none"
 
 
 @pytest.mark.slow
