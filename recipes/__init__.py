@@ -1,0 +1,1 @@
+"""Thin programs composed from ringattn parts: training (``python -m recipes.train``)."""

@@ -1,0 +1,178 @@
+"""Data for the training recipe: a synthetic long-range passkey task (default) and local
+text files packed into sequences.
+
+Every sample is a pure function of (seed, index), so the samples of step k are the same
+whatever dp / sp / gradient accumulation are. Labels are shifted on the *full* sequence
+here, before any sequence-parallel sharding; positions that carry no loss are -100.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DataConfig:
+    kind: str = "passkey"  # passkey | text
+    seq_len: int = 256
+    global_batch_size: int = 16  # sequences per optimizer step: the single source of truth
+    micro_batch_size: Optional[int] = None  # per data-parallel rank and forward; None: no accumulation
+    # passkey task: "...filler...<K>d1..dn...filler...<Q>d1..dn"; loss and accuracy on the answer digits
+    passkey_digits: int = 4
+    needle_min_frac: float = 0.25  # needle start, as a fraction of seq_len: the middle of the
+    needle_max_frac: float = 0.5  # sequence, i.e. another rank's shard than the query at the end
+    eval_batch_size: int = 64
+    # text files (txt / jsonl / json / parquet) read by `datasets`, packed into sequences
+    files: List[str] = field(default_factory=list)
+    text_field: str = "text"
+    tokenizer: Optional[str] = None  # local path of a Hugging Face tokenizer; None: bytes
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255 plus three specials."""
+
+    PAD, BOS, EOS = 256, 257, 258
+    vocab_size = 259
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.vocab_size = len(self.tok)
+        self.EOS = self.tok.eos_token_id if self.tok.eos_token_id is not None else 0
+
+    def encode(self, text: str) -> List[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+
+def build_tokenizer(cfg: DataConfig):
+    return ByteTokenizer() if cfg.tokenizer is None else HFTokenizer(cfg.tokenizer)
+
+
+class PasskeyTask:
+    """Random lowercase filler; a needle ``<K>`` + n digits in the middle of the sequence; at
+    the end a query ``<Q>`` followed by the same digits. Only the answer digits carry loss,
+    so nothing is learnable without attending from the end of the sequence to the middle."""
+
+    FILLER = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ", dtype=np.uint8).astype(np.int64)
+    DIGITS = np.frombuffer(b"0123456789", dtype=np.uint8).astype(np.int64)
+    KEY, QUERY = ord("#"), ord("?")
+    chance = 1.0 / 10
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        n, L = cfg.passkey_digits, cfg.seq_len
+        self.lo = int(cfg.needle_min_frac * L)
+        self.hi = int(cfg.needle_max_frac * L)
+        if n < 1 or self.hi - self.lo < 1 or self.hi + n + 1 > L - (n + 1):
+            raise ValueError(
+                f"data.seq_len={L} is too short for a passkey of {n} digits with the needle in "
+                f"[{cfg.needle_min_frac}, {cfg.needle_max_frac}) of the sequence"
+            )
+
+    def sample(self, index: int):
+        n, L = self.cfg.passkey_digits, self.cfg.seq_len
+        rng = np.random.Generator(np.random.PCG64([self.seed, index]))
+        seq = self.FILLER[rng.integers(0, len(self.FILLER), size=L + 1)]
+        digits = self.DIGITS[rng.integers(0, 10, size=n)]
+        at = int(rng.integers(self.lo, self.hi))
+        seq[at] = self.KEY
+        seq[at + 1 : at + 1 + n] = digits
+        q = L - n  # seq has L+1 tokens; the last n are the answer, preceded by the query marker
+        seq[q] = self.QUERY
+        seq[q + 1 :] = digits
+        tokens = torch.from_numpy(seq[:-1].copy())
+        labels = torch.full((L,), IGNORE_INDEX, dtype=torch.long)
+        labels[q:] = torch.from_numpy(seq[q + 1 :].copy())  # shifted on the full sequence
+        return tokens, labels
+
+
+class PackedText:
+    """Local text files tokenized and packed into ``seq_len + 1`` token windows."""
+
+    chance = None
+
+    def __init__(self, cfg: DataConfig, seed: int, tokenizer):
+        import datasets
+
+        check_files(cfg)
+        ext = os.path.splitext(cfg.files[0])[1].lower()
+        builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}[ext]
+        ds = datasets.load_dataset(builder, data_files=list(cfg.files), split="train")
+        ids: List[int] = []
+        for row in ds:
+            ids.extend(tokenizer.encode(row[cfg.text_field]))
+            ids.append(tokenizer.EOS)
+        win = cfg.seq_len + 1
+        n = len(ids) // win
+        if n == 0:
+            raise ValueError(f"data.files hold {len(ids)} tokens: fewer than one sequence of {win}")
+        self.windows = torch.tensor(ids[: n * win], dtype=torch.long).view(n, win)
+        self.seed = seed
+
+    def sample(self, index: int):
+        epoch, i = divmod(index, len(self.windows))
+        perm = torch.randperm(len(self.windows), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        w = self.windows[perm[i]]
+        return w[:-1].clone(), w[1:].clone()
+
+
+def check_files(cfg: DataConfig) -> None:
+    if cfg.kind != "text":
+        return
+    if not cfg.files:
+        raise ValueError("data.kind=text needs data.files=[...] (local txt / jsonl / parquet files)")
+    for f in cfg.files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"data file not found: {f}")
+        if os.path.splitext(f)[1].lower() not in (".txt", ".jsonl", ".json", ".parquet"):
+            raise ValueError(f"data file {f}: expected .txt, .jsonl, .json or .parquet")
+
+
+def build_dataset(cfg: DataConfig, seed: int, tokenizer):
+    if cfg.kind == "passkey":
+        return PasskeyTask(cfg, seed)
+    if cfg.kind == "text":
+        return PackedText(cfg, seed, tokenizer)
+    raise ValueError(f"data.kind={cfg.kind!r}: expected passkey or text")
+
+
+EVAL_OFFSET = 1 << 40  # eval samples come from an index range training never reaches
+
+
+class StepBatches:
+    """The micro-batches one data-parallel rank consumes at optimizer step ``step``.
+
+    Step k covers global sample indices [k*G, (k+1)*G); DP rank d takes the d-th contiguous
+    slice of G/dp sequences and cuts it into micro-batches of ``micro`` sequences."""
+
+    def __init__(self, dataset, global_batch: int, dp_rank: int, dp_size: int, micro: int):
+        self.ds, self.G, self.dp_rank, self.dp_size, self.micro = dataset, global_batch, dp_rank, dp_size, micro
+
+    def _stack(self, indices):
+        toks, labs = zip(*(self.ds.sample(i) for i in indices))
+        return torch.stack(toks), torch.stack(labs)
+
+    def micro_batches(self, step: int):
+        per_rank = self.G // self.dp_size
+        start = step * self.G + self.dp_rank * per_rank
+        return [self._stack(range(s, s + self.micro)) for s in range(start, start + per_rank, self.micro)]
+
+    def eval_batch(self, size: int):
+        per_rank = size // self.dp_size
+        start = EVAL_OFFSET + self.dp_rank * per_rank
+        return self._stack(range(start, start + per_rank))

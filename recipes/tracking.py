@@ -1,0 +1,83 @@
+"""Metrics: ``metrics.jsonl`` in the run directory and, optionally, Weights & Biases.
+
+Only the logging rank builds a real Tracker; every other rank gets ``NullTracker``.
+W&B runs offline when no WANDB_API_KEY is set; its run id is kept in the run directory
+so a resumed job continues the same W&B run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+METRICS = "metrics.jsonl"
+RUN_ID_FILE = "wandb_run_id"
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"  # none | wandb
+    project: str = "ringattn"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    mode: Optional[str] = None  # online | offline | None: offline when WANDB_API_KEY is unset
+
+
+def validate(cfg: LoggerConfig) -> None:
+    if cfg.backend not in ("none", "wandb"):
+        raise ValueError(f"logger.backend={cfg.backend!r}: expected none or wandb")
+
+
+class NullTracker:
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Tracker:
+    def __init__(self, cfg: LoggerConfig, run_dir: str, config: dict, resume_step: int):
+        self.path = os.path.join(run_dir, METRICS)
+        self._truncate_after(resume_step)
+        self.file = open(self.path, "a")
+        self.wandb = None
+        if cfg.backend == "wandb":
+            import wandb
+
+            id_file = os.path.join(run_dir, RUN_ID_FILE)
+            if os.path.exists(id_file):
+                run_id = open(id_file).read().strip()
+            else:
+                run_id = uuid.uuid4().hex[:12]
+                with open(id_file, "w") as f:
+                    f.write(run_id)
+            mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, id=run_id,
+                                    resume="allow", dir=run_dir, mode=mode, config=config,
+                                    settings=wandb.Settings(console="off", quiet=True))
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines past the resumed step (logged after the checkpoint, before a crash)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **metrics}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

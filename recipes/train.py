@@ -1,0 +1,312 @@
+"""Long-context training with sequence parallelism on DeepSpeed.
+
+    python -m recipes.train model=tiny trainer.max_steps=20                 # one process
+    torchrun --standalone --nproc-per-node 2 -m recipes.train parallel.sp_size=2
+    deepspeed --num_gpus 8 -m recipes.train model=llama3_8b parallel.sp_size=8 trainer.dtype=bf16
+
+Composes: typed config (Hydra, conf/) -> process groups -> data -> model -> DeepSpeed engine
+-> checkpoints and metrics. Each part owns its config dataclass; JobConfig only groups them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import hydra
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+import ringattn
+from ringattn.models import Llama, LlamaConfig
+from recipes import checkpoint, data, distributed, engine as engine_lib, tracking
+from recipes.data import IGNORE_INDEX, DataConfig
+from recipes.distributed import ParallelConfig
+from recipes.engine import DeepSpeedConfig, OptimConfig
+from recipes.tracking import LoggerConfig
+
+log = logging.getLogger("recipes.train")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1200
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # 0: only at the end
+    save_every: int = 0  # 0: no checkpoints; else every K steps and at the end
+    dtype: str = "fp32"  # fp32 | bf16
+    # Stop this invocation after this step (e.g. to fit a job time limit); the LR schedule
+    # still spans max_steps and rerunning the command resumes. null: run to max_steps.
+    stop_at_step: Optional[int] = None
+    # Peak dense TFLOP/s of one GPU for the MFU estimate; None: looked up for known GPUs (bf16)
+    peak_tflops: Optional[float] = None
+    # Tests only: exit abruptly in the middle of the checkpoint save at this step.
+    crash_in_save_at_step: Optional[int] = None
+
+
+@dataclass
+class JobConfig:
+    model: LlamaConfig = field(default_factory=LlamaConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+ConfigStore.instance().store(name="job_schema", node=JobConfig)
+
+
+@dataclass
+class Plan:
+    """Numbers derived from the config (never configured)."""
+
+    dp: int
+    micro: int  # sequences per forward on one rank
+    grad_accum: int
+
+
+def plan(job: JobConfig, world_size: int) -> Plan:
+    """Every check that needs no process group: bad input fails here, before any work."""
+    distributed.validate(job.parallel, world_size)
+    engine_lib.validate(job.deepspeed)
+    tracking.validate(job.logger)
+    data.check_files(job.data)
+    t, d = job.trainer, job.data
+    if t.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.dtype={t.dtype!r}: expected fp32 or bf16")
+    if t.max_steps < 1 or t.log_every < 1 or t.save_every < 0 or t.eval_every < 0:
+        raise ValueError("trainer.max_steps and trainer.log_every must be >= 1; save_every, eval_every >= 0")
+    div = ringattn.layout_divisor(job.parallel.layout, job.parallel.sp_size)
+    if d.seq_len < 1 or d.seq_len % div:
+        raise ValueError(f"data.seq_len={d.seq_len} cannot be split by layout {job.parallel.layout!r} over "
+                         f"sp_size={job.parallel.sp_size} ranks: it must be a multiple of {div}")
+    dp = world_size // job.parallel.sp_size
+    if d.global_batch_size % dp:
+        raise ValueError(f"data.global_batch_size={d.global_batch_size} is not divisible by dp={dp} "
+                         f"(world {world_size} / sp {job.parallel.sp_size})")
+    per_rank = d.global_batch_size // dp
+    micro = d.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"data.micro_batch_size={micro} does not divide the {per_rank} sequences per "
+                         f"data-parallel rank (global_batch_size {d.global_batch_size} / dp {dp})")
+    if d.eval_batch_size % dp:
+        raise ValueError(f"data.eval_batch_size={d.eval_batch_size} is not divisible by dp={dp}")
+    return Plan(dp=dp, micro=micro, grad_accum=per_rank // micro)
+
+
+_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_flops(t: TrainerConfig, device: torch.device) -> Optional[float]:
+    if t.peak_tflops:
+        return t.peak_tflops * 1e12
+    if device.type != "cuda" or t.dtype != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def flops_per_step(m: LlamaConfig, global_batch: int, seq_len: int) -> float:
+    """6 N per token for the matmuls (embedding lookup excluded) plus causal attention:
+    forward 4*b*s^2*dim per layer halved by the mask, backward 2.5x forward."""
+    n = m.num_params(include_embedding=False) + m.vocab_size * m.dim
+    return 6 * n * global_batch * seq_len + 3.5 * 2 * global_batch * seq_len**2 * m.dim * m.n_layers
+
+
+def _fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _token_loss_sum(logits, labels):
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _grad_norm(module) -> float:
+    grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)).item() if grads else 0.0
+
+
+def _all_sum(*values, device):
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(engine, batches, mesh, job, positions):
+    tokens, labels = batches.eval_batch(job.data.eval_batch_size)
+    tokens, labels = mesh.sp.shard(tokens.to(mesh.device)), mesh.sp.shard(labels.to(mesh.device))
+    engine.eval()
+    correct = total = 0
+    for i in range(0, tokens.shape[0], batches.micro):
+        logits = engine(tokens[i:i + batches.micro], positions)
+        lab = labels[i:i + batches.micro]
+        mask = lab != IGNORE_INDEX
+        correct += (logits.argmax(-1)[mask] == lab[mask]).sum().item()
+        total += mask.sum().item()
+    engine.train()
+    correct, total = _all_sum(correct, total, device=mesh.device)
+    return correct / max(total, 1)
+
+
+def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
+    p = plan(job, distributed.env_world_size())
+    mesh = distributed.init(job.parallel)
+    if distributed.broadcast_object(run_dir) != run_dir:
+        raise RuntimeError(f"rank {mesh.rank}: run dir {run_dir} differs from rank 0's; pass hydra.run.dir=PATH")
+    torch.manual_seed(job.trainer.seed)
+
+    tokenizer = data.build_tokenizer(job.data)
+    model_cfg = job.model
+    if model_cfg.vocab_size is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    elif model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
+    dataset = data.build_dataset(job.data, job.trainer.seed, tokenizer)
+
+    # Resume: find and check the latest complete checkpoint before building anything big.
+    ckpt, expect = None, {"model": dataclasses.asdict(model_cfg), "seq_len": job.data.seq_len,
+                          "global_batch_size": job.data.global_batch_size, "seed": job.trainer.seed,
+                          "data_kind": job.data.kind}
+    if mesh.is_logger:
+        try:
+            ckpt = checkpoint.latest(run_dir)
+            if ckpt:
+                meta = checkpoint.read_meta(ckpt)
+                expect_here = dict(expect)
+                if job.deepspeed.zero_stage > 0:  # partitioned optimizer state: same world only
+                    expect_here["world_size"] = mesh.world_size
+                    expect_here["zero_stage"] = job.deepspeed.zero_stage
+                checkpoint.check_compatible(ckpt, meta, expect_here)
+                checkpoint.verify_files(ckpt)
+            err = None
+        except checkpoint.CheckpointError as e:
+            err = str(e)
+    else:
+        err = None
+    ckpt, err = distributed.broadcast_object((ckpt, err))
+    if err:
+        raise checkpoint.CheckpointError(err)
+
+    model = Llama(model_cfg, sp=mesh.sp).to(mesh.device)
+    ds_config = engine_lib.deepspeed_config(job.deepspeed, job.optim, job.trainer.dtype, p.micro, p.grad_accum,
+                                            mesh.world_size)
+    engine = engine_lib.build(model, ds_config, job.optim, job.trainer.max_steps)
+    start = 0
+    if ckpt:
+        checkpoint.load(engine, ckpt, mesh.rank)
+        start = checkpoint.read_meta(ckpt)["step"]
+
+    batches = data.StepBatches(dataset, job.data.global_batch_size, mesh.dp_rank, p.dp, p.micro)
+    positions = mesh.sp.positions(job.data.seq_len, device=mesh.device)
+    tracker = tracking.NullTracker()
+    if mesh.is_logger:
+        OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
+        tracker = tracking.Tracker(job.logger, run_dir, resolved, resume_step=start)
+        n_params = sum(x.numel() for x in model.parameters()) if job.deepspeed.zero_stage < 3 else model_cfg.num_params()
+        log.info("run dir %s | world %d = dp %d x sp %d | micro %d x accum %d | %.2fM params | %s",
+                 run_dir, mesh.world_size, p.dp, mesh.sp_size, p.micro, p.grad_accum, n_params / 1e6,
+                 f"resumed from {ckpt} at step {start}" if ckpt else "fresh start")
+
+    # DeepSpeed reports the gradient norm except on its plain fp32 path (stage 0, no bf16)
+    own_grad_norm = not engine.zero_optimization() and not engine.bfloat16_enabled()
+    t = job.trainer
+    peak = peak_flops(t, mesh.device)
+    step_flops = flops_per_step(model_cfg, job.data.global_batch_size, job.data.seq_len)
+    tokens_per_step = job.data.global_batch_size * job.data.seq_len
+    t_begin, t_last, steps_timed = time.time(), time.time(), 0
+    for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
+        micro_batches = [(mesh.sp.shard(x.to(mesh.device)), mesh.sp.shard(y.to(mesh.device)))
+                         for x, y in batches.micro_batches(step - 1)]
+        local_valid = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+        (n_valid,) = _all_sum(local_valid, device=mesh.device)  # valid tokens of the global batch
+        scale = mesh.world_size / max(n_valid, 1.0)  # see the note in recipes/engine.py
+        lr, loss_sum = engine.get_lr()[0], 0.0
+        grad_norm = None
+        for i, (x, y) in enumerate(micro_batches):
+            s = _token_loss_sum(engine(x, positions), y)
+            engine.backward(s * scale, scale_wrt_gas=False)
+            if i == len(micro_batches) - 1 and own_grad_norm:
+                grad_norm = _grad_norm(engine.module)  # already reduced over the world by backward
+            engine.step()
+            loss_sum += s.item()
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+        (loss_sum,) = _all_sum(loss_sum, device=mesh.device)
+        loss = loss_sum / max(n_valid, 1.0)
+
+        if step % t.log_every == 0 or step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
+            now = time.time()
+            steps_timed_now = step - start
+            dt = (now - t_last) / max(1, steps_timed_now - steps_timed)
+            t_last, steps_timed = now, steps_timed_now
+            metrics = {"loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                       "tokens_per_s": tokens_per_step / dt, "seq_len": job.data.seq_len}
+            if peak:
+                metrics["mfu"] = step_flops / dt / (peak * mesh.world_size)
+            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+                if getattr(dataset, "chance", None) is not None:
+                    metrics["accuracy"] = evaluate(engine, batches, mesh, job, positions)
+                    metrics["accuracy_chance"] = dataset.chance
+            if mesh.is_logger:
+                metrics["mem_gb"] = (torch.cuda.max_memory_allocated() if mesh.device.type == "cuda"
+                                     else _rss()) / 2**30
+                tracker.log(step, metrics)
+                eta = (now - t_begin) / (step - start) * (t.max_steps - step)
+                mfu = f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+                acc = f" | acc {metrics['accuracy']:.3f} (chance {metrics['accuracy_chance']:.2f})" \
+                    if "accuracy" in metrics else ""
+                print(f"step {step}/{t.max_steps} | loss {loss:.4f}{acc} | lr {metrics['lr']:.2e} | "
+                      f"{metrics['tokens_per_s']:.0f} tok/s{mfu} | ETA {_fmt_time(eta)}", flush=True)
+        stopping = step == t.stop_at_step
+        if t.save_every and (step % t.save_every == 0 or step == t.max_steps or stopping):
+            meta = dict(expect, world_size=mesh.world_size, zero_stage=job.deepspeed.zero_stage,
+                        samples_seen=step * job.data.global_batch_size)
+            checkpoint.save(engine, run_dir, step, meta, mesh.rank,
+                            crash_before_commit=(t.crash_in_save_at_step == step))
+        if stopping:
+            break
+    tracker.close()
+    if mesh.is_logger:
+        log.info("done: step %d of %d, %s in this run", step if start < t.max_steps else start, t.max_steps,
+                 _fmt_time(time.time() - t_begin))
+
+
+def _rss() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except Exception:
+        return 0
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base=None)
+def main(cfg) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    job: JobConfig = OmegaConf.to_object(cfg)
+    run_dir = os.path.abspath(HydraConfig.get().runtime.output_dir)
+    try:
+        train(job, run_dir, resolved)
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

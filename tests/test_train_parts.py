@@ -1,0 +1,109 @@
+"""Fast unit tests of the recipe's parts: model, data, schedule, config plan."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from recipes import data, engine
+from recipes.train import JobConfig, plan
+from ringattn.models import Llama, LlamaConfig
+from ringattn.models.llama import apply_rope, rope_cos_sin
+
+import ringattn
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(**{"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 50, **kw}))
+
+
+def test_rope_is_relative_and_uses_given_positions():
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    dots = []
+    for shift in (0, 37):
+        cos, sin = rope_cos_sin(torch.tensor([5 + shift]), 8, 10000.0, torch.float32)
+        cos2, sin2 = rope_cos_sin(torch.tensor([2 + shift]), 8, 10000.0, torch.float32)
+        dots.append((apply_rope(q, cos, sin) * apply_rope(k, cos2, sin2)).sum())
+    torch.testing.assert_close(dots[0], dots[1])
+    a = rope_cos_sin(torch.tensor([3]), 8, 10000.0, torch.float32)[0]
+    b = rope_cos_sin(torch.tensor([3]), 8, 500000.0, torch.float32)[0]
+    assert not torch.allclose(a, b), "rope_theta must matter"
+
+
+def test_model_causal_gqa_and_positions():
+    m = _model()
+    x = torch.randint(0, 50, (2, 12))
+    full = m(x, torch.arange(12))
+    assert full.shape == (2, 12, 50)
+    part = m(x[:, :7], torch.arange(7))  # causal: the prefix does not see the future
+    torch.testing.assert_close(full[:, :7], part, rtol=1e-5, atol=1e-5)
+    shifted = m(x[:, :7], torch.arange(7) + 100)  # rope is relative: same logits at other positions
+    torch.testing.assert_close(part, shifted, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_embeddings_and_activation_checkpointing():
+    tied = _model(tie_embeddings=True)
+    assert tied.output is None
+    assert sum(p.numel() for p in tied.parameters()) == tied.cfg.num_params()
+    assert sum(p.numel() for p in _model().parameters()) == _model().cfg.num_params()
+    x = torch.randint(0, 50, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        m = _model(activation_checkpointing=ckpt)
+        m(x, torch.arange(12)).logsumexp(-1).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_passkey_is_deterministic_shifted_and_crosses_shards():
+    cfg = data.DataConfig(seq_len=64, passkey_digits=2)
+    task = data.PasskeyTask(cfg, seed=1)
+    t1, l1 = task.sample(7)
+    t2, l2 = task.sample(7)
+    assert torch.equal(t1, t2) and torch.equal(l1, l2)
+    assert not torch.equal(t1, task.sample(8)[0])
+    ans = (l1 != data.IGNORE_INDEX).nonzero().flatten()
+    assert ans.tolist() == [62, 63]  # the query marker and the first digit predict the next digit
+    assert t1[62] == data.PasskeyTask.QUERY and l1[62] == t1[63]  # labels shifted on the full sequence
+    needle = (t1 == data.PasskeyTask.KEY).nonzero().item()
+    digits = t1[needle + 1:needle + 3]
+    assert torch.equal(l1[62:64], digits)
+    # for P=2 the needle and the query sit on different ranks under zigzag and contiguous
+    for layout, owner in (("zigzag", lambda i: 0 if i < 16 or i >= 48 else 1), ("contiguous", lambda i: i // 32)):
+        assert owner(needle) != owner(62), layout
+
+
+def test_step_batches_are_the_same_whatever_dp_and_accumulation():
+    task = data.PasskeyTask(data.DataConfig(seq_len=32, passkey_digits=1), seed=0)
+
+    def step_samples(dp, micro):
+        rows = []
+        for r in range(dp):
+            for x, _ in data.StepBatches(task, 8, r, dp, micro).micro_batches(3):
+                rows.append(x)
+        return torch.cat(rows)
+
+    ref = step_samples(1, 8)
+    for dp, micro in ((2, 4), (2, 1), (4, 2), (1, 2)):
+        assert torch.equal(step_samples(dp, micro), ref)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = engine.lr_lambda(engine.OptimConfig(warmup_steps=10, min_lr_ratio=0.1), max_steps=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_plan_derives_micro_batch_and_accumulation():
+    job = JobConfig()
+    job.data = dataclasses.replace(job.data, global_batch_size=16, micro_batch_size=2, eval_batch_size=16)
+    job.parallel = dataclasses.replace(job.parallel, sp_size=2)
+    p = plan(job, world_size=8)
+    assert (p.dp, p.micro, p.grad_accum) == (4, 2, 2)
+    ds = engine.deepspeed_config(job.deepspeed, job.optim, "fp32", p.micro, p.grad_accum, 8)
+    assert ds["train_batch_size"] == 2 * 2 * 8 and ds["optimizer"]["params"]["lr"] == job.optim.lr
+    job.data = dataclasses.replace(job.data, seq_len=ringattn.layout_divisor("zigzag", 2) * 10 + 2)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        plan(job, world_size=8)
