@@ -32,6 +32,9 @@ class DataConfig:
     files: List[str] = field(default_factory=list)
     text_field: str = "text"
     tokenizer: Optional[str] = None  # local path of a Hugging Face tokenizer; None: bytes
+    # packed text: attend only within each document (RoPE positions restart per document);
+    # ring attention takes document boundaries for one sequence at a time, so micro-batch 1
+    document_masking: bool = True
 
 
 class ByteTokenizer:
@@ -122,16 +125,25 @@ class PackedText:
         if n == 0:
             raise ValueError(f"data.files hold {len(ids)} tokens: fewer than one sequence of {win}")
         self.windows = torch.tensor(ids[: n * win], dtype=torch.long).view(n, win)
-        self.seed = seed
+        self.seed, self.eos, self.documents = seed, tokenizer.EOS, cfg.document_masking
 
     def sample(self, index: int):
         epoch, i = divmod(index, len(self.windows))
         perm = torch.randperm(len(self.windows), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
         w = self.windows[perm[i]]
-        return w[:-1].clone(), w[1:].clone()
+        tokens, labels = w[:-1].clone(), w[1:].clone()
+        if not self.documents:
+            return tokens, labels
+        ends = (tokens == self.eos).nonzero().flatten() + 1  # a document ends after its EOS
+        labels[tokens == self.eos] = IGNORE_INDEX  # no prediction across a document boundary
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), ends[ends < len(tokens)],
+                        torch.tensor([len(tokens)])]).to(torch.int32)
+        return tokens, labels, cu
 
 
 def check_files(cfg: DataConfig) -> None:
+    if cfg.tokenizer is not None and not os.path.exists(cfg.tokenizer):
+        raise FileNotFoundError(f"data.tokenizer={cfg.tokenizer}: no such local tokenizer directory or file")
     if cfg.kind != "text":
         return
     if not cfg.files:
@@ -164,8 +176,14 @@ class StepBatches:
         self.ds, self.G, self.dp_rank, self.dp_size, self.micro = dataset, global_batch, dp_rank, dp_size, micro
 
     def _stack(self, indices):
-        toks, labs = zip(*(self.ds.sample(i) for i in indices))
-        return torch.stack(toks), torch.stack(labs)
+        """(tokens, labels, cu_seqlens or None); cu_seqlens only for one packed sequence."""
+        samples = [self.ds.sample(i) for i in indices]
+        toks, labs = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+        if len(samples[0]) == 2:
+            return toks, labs, None
+        if len(samples) != 1:
+            raise ValueError("document masking needs one sequence per forward (data.micro_batch_size=1)")
+        return toks, labs, samples[0][2]
 
     def micro_batches(self, step: int):
         per_rank = self.G // self.dp_size

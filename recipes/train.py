@@ -96,7 +96,11 @@ def plan(job: JobConfig, world_size: int) -> Plan:
         raise ValueError(f"data.global_batch_size={d.global_batch_size} is not divisible by dp={dp} "
                          f"(world {world_size} / sp {job.parallel.sp_size})")
     per_rank = d.global_batch_size // dp
-    micro = d.micro_batch_size or per_rank
+    packed_docs = d.kind == "text" and d.document_masking
+    micro = d.micro_batch_size or (1 if packed_docs else per_rank)
+    if packed_docs and micro != 1:
+        raise ValueError(f"data.document_masking needs data.micro_batch_size=1 (got {micro}): ring attention "
+                         "takes the document boundaries of one packed sequence at a time")
     if per_rank % micro:
         raise ValueError(f"data.micro_batch_size={micro} does not divide the {per_rank} sequences per "
                          f"data-parallel rank (global_batch_size {d.global_batch_size} / dp {dp})")
@@ -147,7 +151,7 @@ def _all_sum(*values, device):
 
 @torch.no_grad()
 def evaluate(engine, batches, mesh, job, positions):
-    tokens, labels = batches.eval_batch(job.data.eval_batch_size)
+    tokens, labels, _ = batches.eval_batch(job.data.eval_batch_size)
     tokens, labels = mesh.sp.shard(tokens.to(mesh.device)), mesh.sp.shard(labels.to(mesh.device))
     engine.eval()
     correct = total = 0
@@ -229,15 +233,17 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
     tokens_per_step = job.data.global_batch_size * job.data.seq_len
     t_begin, t_last, steps_timed = time.time(), time.time(), 0
     for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
-        micro_batches = [(mesh.sp.shard(x.to(mesh.device)), mesh.sp.shard(y.to(mesh.device)))
-                         for x, y in batches.micro_batches(step - 1)]
-        local_valid = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+        micro_batches = [(mesh.sp.shard(x.to(mesh.device)), mesh.sp.shard(y.to(mesh.device)),
+                          None if cu is None else cu.to(mesh.device))
+                         for x, y, cu in batches.micro_batches(step - 1)]
+        local_valid = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in micro_batches)
         (n_valid,) = _all_sum(local_valid, device=mesh.device)  # valid tokens of the global batch
         scale = mesh.world_size / max(n_valid, 1.0)  # see the note in recipes/engine.py
         lr, loss_sum = engine.get_lr()[0], 0.0
         grad_norm = None
-        for i, (x, y) in enumerate(micro_batches):
-            s = _token_loss_sum(engine(x, positions), y)
+        for i, (x, y, cu) in enumerate(micro_batches):
+            pos = positions if cu is None else mesh.sp.positions(job.data.seq_len, device=mesh.device, cu_seqlens=cu)
+            s = _token_loss_sum(engine(x, pos, cu), y)
             engine.backward(s * scale, scale_wrt_gas=False)
             if i == len(micro_batches) - 1 and own_grad_norm:
                 grad_norm = _grad_norm(engine.module)  # already reduced over the world by backward
@@ -308,5 +314,14 @@ def main(cfg) -> None:
         distributed.shutdown()
 
 
+def _strip_launcher_args() -> None:
+    """The deepspeed launcher appends ``--local_rank=N``; Hydra takes only overrides."""
+    for a in list(sys.argv[1:]):
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+            sys.argv.remove(a)
+
+
 if __name__ == "__main__":
+    _strip_launcher_args()
     sys.exit(main())

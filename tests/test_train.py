@@ -51,6 +51,21 @@ def test_equivalence(baseline, tmp_path, name):
 
 
 @pytest.mark.slow
+def test_packed_text_documents_equivalence(tmp_path):
+    """Local text through `datasets`, packed with document masking: sp=2 matches sp=1."""
+    text = tmp_path / "corpus.jsonl"
+    text.write_text("".join('{"text": "%s"}\n' % ("document %d " % i + "words " * (i % 7)) for i in range(60)))
+    over = ["data=text", f"data.files=[{text}]", "data.seq_len=32", "data.global_batch_size=4",
+            "trainer.max_steps=3", "trainer.save_every=3"]
+    train_ok(tmp_path / "sp1", 1, over)
+    train_ok(tmp_path / "sp2", 2, over + ["parallel.sp_size=2"])
+    ref, got = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")
+    assert sorted(ref) == sorted(got) == [1, 2, 3]
+    assert_losses_close(ref, got, [1, 2, 3])
+    assert_weights_close(final_weights(tmp_path / "sp1"), final_weights(tmp_path / "sp2"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_train(baseline, tmp_path, stage):
     over = ["parallel.sp_size=2", f"deepspeed.zero_stage={stage}", "trainer.save_every=0"]

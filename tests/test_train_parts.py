@@ -57,6 +57,30 @@ def test_tied_embeddings_and_activation_checkpointing():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_document_masking_matches_separate_documents():
+    m = _model()
+    x = torch.randint(0, 50, (1, 12))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6])
+    packed = m(x, pos, cu)
+    torch.testing.assert_close(packed[:, :5], m(x[:, :5], torch.arange(5)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:, 5:], m(x[:, 5:], torch.arange(7)), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_text_documents(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("hello world\nab\nanother line of text here\n" * 4)
+    cfg = data.DataConfig(kind="text", seq_len=16, files=[str(f)])
+    ds = data.PackedText(cfg, seed=0, tokenizer=data.ByteTokenizer())
+    tokens, labels, cu = ds.sample(0)
+    eos = (tokens == data.ByteTokenizer.EOS).nonzero().flatten()
+    assert cu[0] == 0 and cu[-1] == 16 and cu.dtype == torch.int32
+    assert sorted(set((eos + 1).tolist()) - {16}) == cu[1:-1].tolist()
+    assert (labels[eos] == data.IGNORE_INDEX).all()
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        data.check_files(data.DataConfig(kind="text", files=[str(tmp_path / "missing.txt")]))
+
+
 def test_passkey_is_deterministic_shifted_and_crosses_shards():
     cfg = data.DataConfig(seq_len=64, passkey_digits=2)
     task = data.PasskeyTask(cfg, seed=1)
@@ -81,7 +105,7 @@ def test_step_batches_are_the_same_whatever_dp_and_accumulation():
     def step_samples(dp, micro):
         rows = []
         for r in range(dp):
-            for x, _ in data.StepBatches(task, 8, r, dp, micro).micro_batches(3):
+            for x, _, _ in data.StepBatches(task, 8, r, dp, micro).micro_batches(3):
                 rows.append(x)
         return torch.cat(rows)
 

@@ -96,14 +96,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
 
 
-def local_causal_attention(q, k, v, softmax_scale=None):
-    """Plain single-process causal attention; q (b, s, h, d), k/v (b, s, kvh, d)."""
+def local_causal_attention(q, k, v, softmax_scale=None, cu_seqlens=None):
+    """Plain single-process causal attention; q (b, s, h, d), k/v (b, s, kvh, d).
+    ``cu_seqlens``: document boundaries of packed sequences (tokens attend within their document)."""
     rep = q.shape[2] // k.shape[2]
     if rep > 1:
         k = k.repeat_interleave(rep, dim=2)
         v = v.repeat_interleave(rep, dim=2)
+    mask = None
+    if cu_seqlens is not None:
+        s = q.shape[1]
+        doc = torch.searchsorted(cu_seqlens.to(q.device, torch.long), torch.arange(s, device=q.device), right=True)
+        mask = (doc[:, None] == doc[None, :]) & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=softmax_scale
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+        scale=softmax_scale,
     )
     return out.transpose(1, 2)
 
@@ -117,15 +124,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, sp):
+    def forward(self, x, cos, sin, sp, cu_seqlens=None):
         b, s, _ = x.shape
         q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, self.kv_heads, self.head_dim)
         if sp is None or sp.world_size == 1:
-            out = local_causal_attention(q, k, v)
-        else:
+            out = local_causal_attention(q, k, v, cu_seqlens=cu_seqlens)
+        elif cu_seqlens is None:
             out = sp.attention(q, k, v, causal=True)
+        else:
+            out = sp.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -148,8 +157,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, sp):
-        x = x + self.attention(self.attention_norm(x), cos, sin, sp)
+    def forward(self, x, cos, sin, sp, cu_seqlens=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, sp, cu_seqlens)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -175,15 +184,17 @@ class Llama(nn.Module):
                 continue  # norm weights stay 1
             nn.init.normal_(p, 0.0, out_std if name.endswith(("wo.weight", "w2.weight")) else std)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens: (batch, local_seq) ids; positions: (local_seq,) global positions. Returns logits."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        """tokens: (batch, local_seq) ids; positions: (local_seq,) RoPE positions (global, or within
+        each document when packed). cu_seqlens: int32 document boundaries of the *full* packed
+        sequence (batch 1), or None. Returns logits (batch, local_seq, vocab)."""
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, self.sp, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, self.sp, cu_seqlens, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, self.sp)
+                h = layer(h, cos, sin, self.sp, cu_seqlens)
         h = self.norm(h)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, weight)
