@@ -70,13 +70,14 @@ def _hf_config(cfg: HFModelConfig):
 
 @dataclass
 class HFShape:
-    """What the recipe's FLOPs and parameter reporting read from a model config."""
+    """The numbers the recipe's FLOPs and parameter reporting read from a model config
+    (``recipes.train.flops_per_step`` counts the output head as ``vocab_size * dim`` itself)."""
 
-    dim: int  # attention width: heads x head_dim
+    dim: int  # hidden size (attention FLOPs use it too: exact when heads x head_dim == hidden)
     n_layers: int
     vocab_size: int
-    params: int
-    embedding_params: int
+    params: int  # all parameters
+    embedding_params: int  # input embedding and untied output head
 
     def num_params(self, include_embedding: bool = True) -> int:
         return self.params if include_embedding else self.params - self.embedding_params
@@ -90,11 +91,10 @@ def shape(cfg):
 
     config = _hf_config(cfg)
     meta = hf.empty_model(config)
-    emb = sum(p.numel() for p in meta.get_input_embeddings().parameters())
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return HFShape(dim=config.num_attention_heads * head_dim, n_layers=config.num_hidden_layers,
-                   vocab_size=config.vocab_size, params=sum(p.numel() for p in meta.parameters()),
-                   embedding_params=emb)
+    emb = {id(p): p.numel() for m in (meta.get_input_embeddings(), meta.get_output_embeddings()) if m is not None
+           for p in m.parameters()}
+    return HFShape(dim=config.hidden_size, n_layers=config.num_hidden_layers, vocab_size=config.vocab_size,
+                   params=sum(p.numel() for p in meta.parameters()), embedding_params=sum(emb.values()))
 
 
 def build(cfg, sp, device, ds_config: dict):
