@@ -29,7 +29,6 @@ allocating any.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -158,15 +157,9 @@ class HFCausalLM(nn.Module):
         return out.logits
 
     def save_pretrained(self, path: str, state_dict=None, **kwargs) -> None:
-        """A Hugging Face model directory that loads with the library's default attention."""
-        config = self.hf.config
-        impl = config._attn_implementation
-        config._attn_implementation = None  # do not write "ringattn" into config.json
-        try:
-            self.hf.save_pretrained(path, state_dict=state_dict, **kwargs)
-        finally:
-            config._attn_implementation = impl
-        os.makedirs(path, exist_ok=True)
+        """A Hugging Face model directory (config with the RoPE θ in use). transformers does not
+        write the attention implementation into config.json, so it loads with its default."""
+        self.hf.save_pretrained(path, state_dict=state_dict, **kwargs)
 
 
 def _local_sp():
