@@ -299,3 +299,18 @@ def test_needle_finds_passkey_after_recipe_training(tmp_path, kind):
     table = json.loads((out / "needle.json").read_text())
     print(f"{kind}: needle accuracy {table['accuracy']} (chance 0.1)")
     assert table["mean_accuracy"] >= 0.8, table  # chance: 0.1
+
+
+def test_bf16_cast_keeps_rope_inverse_frequencies_fp32():
+    """DeepSpeed's bf16 casts the whole module; the wrapper keeps RoPE's inv_freq in fp32."""
+    from ringattn.models.hf import HFCausalLM
+
+    model = tiny_model("mistral")
+    want = model.model.rotary_emb.inv_freq.clone()
+    wrapped = HFCausalLM(model).bfloat16()
+    assert model.model.rotary_emb.inv_freq.dtype == torch.bfloat16  # what the cast did
+    with torch.no_grad():
+        out = wrapped(torch.randint(0, VOCAB, (1, 16)), torch.arange(16))
+    assert out.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, want)

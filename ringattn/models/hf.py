@@ -133,6 +133,10 @@ class HFCausalLM(nn.Module):
             hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.hf = hf_model
         self.sp = sp if sp is not None else _local_sp()
+        # fp32 RoPE inverse frequencies, recomputed from the config: a plain attribute, so that
+        # casts of the module (DeepSpeed's bf16 .bfloat16(), .to(dtype)) cannot round them
+        self._rope_fp32 = {name: _inv_freq_fp32(mod) for name, mod in hf_model.named_modules()
+                           if _is_rotary(mod)}
 
     @classmethod
     def from_pretrained(cls, path: str, sp=None, *, rope_theta: Optional[float] = None,
@@ -149,7 +153,18 @@ class HFCausalLM(nn.Module):
     def config(self):
         return self.hf.config
 
+    def _keep_rope_fp32(self) -> None:
+        """transformers loads ``inv_freq`` in fp32 but a module cast (bf16 training) rounds it,
+        which at position p shifts RoPE angles by ~p * 2^-9 rad: ruinous at long context."""
+        for name, mod in self.hf.named_modules():
+            inv = self._rope_fp32.get(name)
+            if inv is not None and mod.inv_freq.dtype != torch.float32:
+                for buf in ("inv_freq", "original_inv_freq"):
+                    if getattr(mod, buf, None) is not None:
+                        setattr(mod, buf, inv.to(mod.inv_freq.device))
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        self._keep_rope_fp32()
         position_ids = positions.reshape(1, -1).expand(tokens.shape[0], -1)
         extra = {} if cu_seqlens is None else {CU_SEQLENS_KWARG: cu_seqlens}
         out = self.hf(input_ids=tokens, position_ids=position_ids, use_cache=False,
@@ -160,6 +175,22 @@ class HFCausalLM(nn.Module):
         """A Hugging Face model directory (config with the RoPE θ in use). transformers does not
         write the attention implementation into config.json, so it loads with its default."""
         self.hf.save_pretrained(path, state_dict=state_dict, **kwargs)
+
+
+def _is_rotary(mod) -> bool:
+    return isinstance(getattr(mod, "inv_freq", None), torch.Tensor) and hasattr(mod, "config") \
+        and hasattr(mod, "rope_type")
+
+
+def _inv_freq_fp32(mod) -> torch.Tensor:
+    """The rotary module's inverse frequencies as transformers computes them at init, in fp32."""
+    if mod.rope_type == "default" and hasattr(type(mod), "compute_default_rope_parameters"):
+        inv, _ = type(mod).compute_default_rope_parameters(mod.config)
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv, _ = ROPE_INIT_FUNCTIONS[mod.rope_type](mod.config, torch.device("cpu"))
+    return inv.float()
 
 
 def _local_sp():
