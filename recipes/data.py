@@ -24,7 +24,7 @@ class DataConfig:
     global_batch_size: int = 16  # sequences per optimizer step: the single source of truth
     micro_batch_size: Optional[int] = None  # per data-parallel rank and forward; None: no accumulation
     # passkey task: "...filler...<K>d1..dn...filler...<Q>d1..dn"; loss and accuracy on the answer digits
-    passkey_digits: int = 4
+    passkey_digits: int = 1
     needle_min_frac: float = 0.25  # needle start, as a fraction of seq_len: the middle of the
     needle_max_frac: float = 0.5  # sequence, i.e. another rank's shard than the query at the end
     eval_batch_size: int = 64

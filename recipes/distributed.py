@@ -19,9 +19,16 @@ import ringattn
 @dataclass
 class ParallelConfig:
     sp_size: int = 1  # ranks that share one sequence; dp = world / sp
-    ulysses_size: int = 1  # all-to-all (Ulysses) degree inside the SP group; 1 = pure ring
-    strategy: str = "ring"
+    # all-to-all (Ulysses) degree inside the SP group; the strategy follows from it:
+    # 1 = ring, sp_size = Ulysses, in between = hybrid (Ulysses inside, ring across)
+    ulysses_size: int = 1
     layout: str = "zigzag"  # zigzag | striped | contiguous
+
+    @property
+    def strategy(self) -> str:
+        if self.ulysses_size == 1:
+            return "ring"
+        return "ulysses" if self.ulysses_size == self.sp_size else "hybrid"
 
 
 LAYOUTS = ("zigzag", "striped", "contiguous")
@@ -31,18 +38,20 @@ def validate(cfg: ParallelConfig, world_size: int) -> None:
     """Checks that need only the world size; run before any process-group work."""
     if cfg.layout not in LAYOUTS:
         raise ValueError(f"parallel.layout={cfg.layout!r}: expected one of {LAYOUTS}")
-    if cfg.strategy != "ring":
-        raise ValueError(f"parallel.strategy={cfg.strategy!r}: only 'ring' is supported so far")
-    if cfg.ulysses_size != 1:
-        raise ValueError(
-            f"parallel.ulysses_size={cfg.ulysses_size}: Ulysses / hybrid sequence parallelism is not "
-            "supported yet; use parallel.ulysses_size=1"
-        )
     if cfg.sp_size < 1 or world_size % cfg.sp_size:
         raise ValueError(
             f"parallel.sp_size={cfg.sp_size} does not divide the world size {world_size} "
             "(world = dp x sp)"
         )
+    if cfg.ulysses_size < 1 or cfg.sp_size % cfg.ulysses_size:
+        raise ValueError(f"parallel.ulysses_size={cfg.ulysses_size} does not divide parallel.sp_size={cfg.sp_size}")
+
+
+def validate_heads(cfg: ParallelConfig, n_heads: int, kv_heads: int) -> None:
+    u = cfg.ulysses_size
+    if u > 1 and (n_heads % u or (kv_heads % u and u % kv_heads)):
+        raise ValueError(f"parallel.ulysses_size={u} needs heads ({n_heads}) divisible by it and kv heads "
+                         f"({kv_heads}) dividing it or a multiple of it")
 
 
 def env_world_size() -> int:
@@ -104,7 +113,8 @@ def init(cfg: ParallelConfig) -> Mesh:
         g = dist.new_group([d * sp_size + i for d in range(dp_size)])
         if rank % sp_size == i:
             dp_group = g
-    sp = ringattn.SequenceParallel(strategy=cfg.strategy, layout=cfg.layout, group=sp_group)
+    sp = ringattn.SequenceParallel(strategy=cfg.strategy, layout=cfg.layout, group=sp_group,
+                                   ulysses_size=cfg.ulysses_size if cfg.strategy == "hybrid" else None)
     return Mesh(rank, world, rank // sp_size, dp_size, rank % sp_size, sp_size, sp_group, dp_group, device, sp)
 
 

@@ -38,10 +38,10 @@ log = logging.getLogger("recipes.train")
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1200
+    max_steps: int = 600
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 200  # 0: only at the end
+    eval_every: int = 100  # 0: only at the end
     save_every: int = 0  # 0: no checkpoints; else every K steps and at the end
     dtype: str = "fp32"  # fp32 | bf16
     # Stop this invocation after this step (e.g. to fit a job time limit); the LR schedule
@@ -79,6 +79,7 @@ class Plan:
 def plan(job: JobConfig, world_size: int) -> Plan:
     """Every check that needs no process group: bad input fails here, before any work."""
     distributed.validate(job.parallel, world_size)
+    distributed.validate_heads(job.parallel, job.model.n_heads, job.model.kv_heads)
     engine_lib.validate(job.deepspeed)
     tracking.validate(job.logger)
     data.check_files(job.data)

@@ -34,6 +34,8 @@ EQUIVALENT = {
     "sp2_contiguous_accum4": (2, ["parallel.sp_size=2", "parallel.layout=contiguous", "data.micro_batch_size=2"]),
     "dp2_striped_accum2": (2, ["parallel.sp_size=1", "parallel.layout=striped", "data.micro_batch_size=2"]),
     "accum8": (1, ["data.micro_batch_size=1"]),
+    "sp2_ulysses": (2, ["parallel.sp_size=2", "parallel.ulysses_size=2"]),
+    "sp4_hybrid_u2": (4, ["parallel.sp_size=4", "parallel.ulysses_size=2"]),
 }
 
 
@@ -135,7 +137,9 @@ def _no_work_done(run_dir: Path):
     (1, ["trainer.no_such_key=1"], "no_such_key"),
     (1, ["model=no_such_model"], "no_such_model"),
     (1, ["parallel.sp_size=2"], "does not divide the world size 1"),
-    (1, ["parallel.ulysses_size=2"], "ulysses_size=2"),
+    (1, ["parallel.ulysses_size=2"], "parallel.ulysses_size=2 does not divide parallel.sp_size=1"),
+    (2, ["parallel.sp_size=2", "parallel.ulysses_size=2", "model.n_heads=3", "model.n_kv_heads=1",
+         "model.dim=96"], "needs heads (3) divisible"),
     (1, ["data=text", "data.seq_len=32", "data.files=[/no/such/file.txt]"], "data file not found: /no/such/file.txt"),
     (2, ["parallel.sp_size=2", "data.seq_len=30"], "must be a multiple of 4"),
     (1, ["trainer.dtype=fp16"], "expected fp32 or bf16"),
