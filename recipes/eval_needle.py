@@ -240,8 +240,10 @@ def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
                          f"{job.parallel.sp_size}: they must be multiples of {div}")
     distributed.validate(job.parallel, distributed.env_world_size())
     tracking.validate(job.logger)
+    model_cfg, saved = model_config_of(job)
+    if not models.is_hf(model_cfg) or os.path.isfile(os.path.join(model_cfg.path, "config.json")):
+        distributed.validate_heads(job.parallel, *models.heads(model_cfg))
     mesh = distributed.init(job.parallel)
-    _, saved = model_config_of(job)
     tok_path = job.tokenizer or (saved.data.get("tokenizer") if saved is not None else None)
     tokenizer = data.build_tokenizer(data.DataConfig(tokenizer=tok_path))
     model, model_cfg, source = build_model(job, mesh, tokenizer)

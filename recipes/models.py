@@ -47,9 +47,6 @@ def is_hf(cfg) -> bool:
 def resolve(cfg, tokenizer):
     """Fill in what comes from elsewhere (the Llama vocabulary from the tokenizer) and check."""
     if is_hf(cfg):
-        if not os.path.isfile(os.path.join(cfg.path, "config.json")):
-            raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json there (a local Hugging Face "
-                                    "model directory is needed; nothing is downloaded)")
         vocab = _hf_config(cfg).vocab_size
         if vocab < tokenizer.vocab_size:
             raise ValueError(f"model.path={cfg.path}: vocabulary {vocab} < tokenizer vocabulary "
@@ -62,7 +59,18 @@ def resolve(cfg, tokenizer):
     return cfg
 
 
+def heads(cfg) -> tuple:
+    """(query heads, kv heads), for the up-front Ulysses checks."""
+    if not is_hf(cfg):
+        return cfg.n_heads, cfg.kv_heads
+    config = _hf_config(cfg)
+    return config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def _hf_config(cfg: HFModelConfig):
+    if not os.path.isfile(os.path.join(cfg.path, "config.json")):
+        raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json there (a local Hugging Face "
+                                "model directory is needed; nothing is downloaded)")
     from ringattn.models import hf
 
     return hf.load_config(cfg.path, cfg.rope_theta, cfg.max_position_embeddings)

@@ -55,7 +55,7 @@ class TrainerConfig:
 
 @dataclass
 class JobConfig:
-    model: Any = MISSING  # LlamaConfig or models.HFModelConfig: each conf/model option names its schema
+    model: Any = field(default_factory=LlamaConfig)  # or models.HFModelConfig (model=hf)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -64,7 +64,9 @@ class JobConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-ConfigStore.instance().store(name="job_schema", node=JobConfig)
+_schema = OmegaConf.structured(JobConfig)
+_schema.model = MISSING  # typed by the chosen conf/model option, which names its schema (recipes/models.py)
+ConfigStore.instance().store(name="job_schema", node=_schema)
 
 
 @dataclass
@@ -79,7 +81,7 @@ class Plan:
 def plan(job: JobConfig, world_size: int) -> Plan:
     """Every check that needs no process group: bad input fails here, before any work."""
     distributed.validate(job.parallel, world_size)
-    distributed.validate_heads(job.parallel, job.model.n_heads, job.model.kv_heads)
+    distributed.validate_heads(job.parallel, *models.heads(job.model))
     engine_lib.validate(job.deepspeed)
     tracking.validate(job.logger)
     data.check_files(job.data)
