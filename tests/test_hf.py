@@ -314,3 +314,20 @@ def test_bf16_cast_keeps_rope_inverse_frequencies_fp32():
     assert out.dtype == torch.bfloat16
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
     assert torch.equal(model.model.rotary_emb.inv_freq, want)
+
+
+@pytest.mark.parametrize("over, message", [
+    (["model=hf", "model.path=/no/such/model"], "no config.json there"),
+    (["model=hf", "model.path=/no/such/model", "model.dim=64"], "dim"),  # a Llama key: Hydra's error
+    (["model=hf"], "path"),  # missing mandatory value
+])
+def test_recipe_bad_hf_model_input(tmp_path, over, message):
+    import subprocess
+    import sys
+
+    from tests.train_launch import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "recipes.train", *over, f"hydra.run.dir={tmp_path}"], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
