@@ -145,7 +145,7 @@ def model_config_of(job: NeedleJob):
     return model_cfg, saved
 
 
-def load_weights(job: NeedleJob, model_cfg, model, rank: int) -> str:
+def load_weights(job: NeedleJob, model) -> str:
     """Our Llama (or an HF run without hf_model/): the latest complete DeepSpeed checkpoint."""
     path = os.path.abspath(job.checkpoint)
     if not _is_step_dir(path):
@@ -181,7 +181,7 @@ def build_model(job: NeedleJob, mesh, tokenizer):
     model = models.build(model_cfg, mesh.sp, torch.device("cpu"), {})
     source = getattr(model_cfg, "path", None)
     if saved is not None:
-        source = load_weights(job, model_cfg, model, mesh.rank)
+        source = load_weights(job, model)
     model = model.to(mesh.device, torch.bfloat16 if job.dtype == "bf16" else torch.float32).eval()
     return model, model_cfg, source
 

@@ -63,7 +63,10 @@ def ringattn_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     window = kwargs.get("sliding_window")
-    window_size = (-1, -1) if window is None else (int(window) - 1, 0 if causal else int(window) - 1)
+    if window is None:
+        window_size = (-1, -1)
+    else:  # transformers' masks: causal i - w < j <= i; bidirectional |i - j| <= w
+        window_size = (int(window) - 1, 0) if causal else (int(window), int(window))
     kw = dict(causal=causal, softmax_scale=scaling, window_size=window_size)
     cu = kwargs.get(CU_SEQLENS_KWARG)
     if cu is not None:
