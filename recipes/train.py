@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import hydra
 import torch
@@ -23,11 +23,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 import ringattn
-from ringattn.models import Llama, LlamaConfig
-from recipes import checkpoint, data, distributed, engine as engine_lib, estimate, tracking
+from ringattn.models import LlamaConfig
+from recipes import checkpoint, data, distributed, engine as engine_lib, estimate, models, tracking
 from recipes.data import IGNORE_INDEX, DataConfig
 from recipes.distributed import ParallelConfig
 from recipes.engine import DeepSpeedConfig, OptimConfig
@@ -59,7 +59,7 @@ class TrainerConfig:
 
 @dataclass
 class JobConfig:
-    model: LlamaConfig = field(default_factory=LlamaConfig)
+    model: Any = field(default_factory=LlamaConfig)  # or models.HFModelConfig (model=hf)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -68,7 +68,9 @@ class JobConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-ConfigStore.instance().store(name="job_schema", node=JobConfig)
+_schema = OmegaConf.structured(JobConfig)
+_schema.model = MISSING  # typed by the chosen conf/model option, which names its schema (recipes/models.py)
+ConfigStore.instance().store(name="job_schema", node=_schema)
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Plan:
 def plan(job: JobConfig, world_size: int) -> Plan:
     """Every check that needs no process group: bad input fails here, before any work."""
     distributed.validate(job.parallel, world_size)
-    distributed.validate_heads(job.parallel, job.model.n_heads, job.model.kv_heads)
+    distributed.validate_heads(job.parallel, *models.heads(job.model))
     engine_lib.validate(job.deepspeed)
     tracking.validate(job.logger)
     data.check_files(job.data)
@@ -201,11 +203,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
     torch.manual_seed(job.trainer.seed)
 
     tokenizer = data.build_tokenizer(job.data)
-    model_cfg = job.model
-    if model_cfg.vocab_size is None:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    elif model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
+    model_cfg = models.resolve(job.model, tokenizer)
     dataset = data.build_dataset(job.data, job.trainer.seed, tokenizer)
 
     # Resume: find and check the latest complete checkpoint before building anything big.
@@ -232,9 +230,9 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
     if err:
         raise checkpoint.CheckpointError(err)
 
-    model = Llama(model_cfg, sp=mesh.sp).to(mesh.device)
     ds_config = engine_lib.deepspeed_config(job.deepspeed, job.optim, job.trainer.dtype, p.micro, p.grad_accum,
                                             mesh.world_size)
+    model = models.build(model_cfg, mesh.sp, mesh.device, ds_config)
     engine = engine_lib.build(model, ds_config, job.optim, job.trainer.max_steps)
     start = 0
     if ckpt:
@@ -247,7 +245,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
     if mesh.is_logger:
         OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
         tracker = tracking.Tracker(job.logger, run_dir, resolved, resume_step=start)
-        n_params = sum(x.numel() for x in model.parameters()) if job.deepspeed.zero_stage < 3 else model_cfg.num_params()
+        n_params = sum(x.numel() for x in model.parameters()) if job.deepspeed.zero_stage < 3 else models.shape(model_cfg).num_params()
         log.info("run dir %s | world %d = dp %d x sp %d | micro %d x accum %d | %.2fM params | %s",
                  run_dir, mesh.world_size, p.dp, mesh.sp_size, p.micro, p.grad_accum, n_params / 1e6,
                  f"resumed from {ckpt} at step {start}" if ckpt else "fresh start")
@@ -256,7 +254,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
     own_grad_norm = not engine.zero_optimization() and not engine.bfloat16_enabled()
     t = job.trainer
     peak = peak_flops(t, mesh.device)
-    step_flops = flops_per_step(model_cfg, job.data.global_batch_size, job.data.seq_len)
+    step_flops = flops_per_step(models.shape(model_cfg), job.data.global_batch_size, job.data.seq_len)
     tokens_per_step = job.data.global_batch_size * job.data.seq_len
     t_begin, t_last, steps_timed = time.time(), time.time(), 0
     for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
@@ -312,6 +310,8 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
                             crash_before_commit=(t.crash_in_save_at_step == step))
         if stopping:
             break
+    if start < t.max_steps and step == t.max_steps:
+        models.save_final(engine, model_cfg, run_dir, mesh.rank)
     tracker.close()
     if mesh.is_logger:
         log.info("done: step %d of %d, %s in this run", step if start < t.max_steps else start, t.max_steps,
@@ -322,14 +322,14 @@ def dry_run(job: JobConfig) -> None:
     """Every check of a real start that needs no process group, then the memory estimate."""
     world = job.trainer.dry_run_world_size or distributed.env_world_size()
     p = plan(job, world)
-    model_cfg = job.model
-    if model_cfg.vocab_size is None:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=data.build_tokenizer(job.data).vocab_size)
+    model_cfg = models.resolve(job.model, data.build_tokenizer(job.data))
+    shape = models.shape(model_cfg)
     ds, par = job.deepspeed, job.parallel
 
     def est(stage, **kw):
-        return estimate.estimate(model_cfg, job.trainer.dtype, stage, world_size=world, sp_size=par.sp_size,
-                                 micro=p.micro, seq_len=job.data.seq_len, **kw)
+        return estimate.estimate(shape, job.trainer.dtype, stage, world_size=world, sp_size=par.sp_size,
+                                 micro=p.micro, seq_len=job.data.seq_len,
+                                 activation_checkpointing=model_cfg.activation_checkpointing, **kw)
 
     if int(os.environ.get("RANK", "0")) != 0:
         return

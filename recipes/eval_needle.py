@@ -1,0 +1,353 @@
+"""Needle-in-a-haystack / passkey retrieval with ring attention at inference (no grad).
+
+    python -m recipes.eval_needle checkpoint=outputs/RUN                    # a recipes.train run
+    torchrun --standalone --nproc-per-node 2 -m recipes.eval_needle checkpoint=outputs/RUN \
+        parallel.sp_size=2 'lengths=[256,512,1024]' 'depths=[0,0.25,0.5,0.75,1]'
+    torchrun --standalone --nproc-per-node 8 -m recipes.eval_needle model=hf model.path=/models/x \
+        task=text tokenizer=/models/x 'lengths=[32768,65536]' parallel.sp_size=8 trainer_dtype=bf16
+
+For every (context length, needle depth) cell, ``samples`` sequences hide an n-digit passkey
+at that depth of the context and ask for it at the end. Scoring is teacher-forced: a sample
+is right when the argmax at every answer position is the answer token -- exactly when greedy
+decoding would produce the answer -- so one forward per sequence suffices and no KV cache is
+needed. ``task=passkey``: the training task's format (recipes.data.PasskeyTask: random letters,
+``#`` + digits, ``?`` + digits), ``task=text``: an English haystack with "The pass key is N"
+(any tokenizer; the byte tokenizer by default). Writes ``needle.json`` (the table) and
+``needle.png`` (a heat map) to the run directory, and logs both to W&B with ``logger=wandb``.
+``ppl_file=PATH``: also perplexity vs. context length on the start of a long local document.
+
+The model: ``checkpoint=RUN_DIR`` (the model config from RUN_DIR/config.yaml; weights from
+RUN_DIR/hf_model for HF runs, else the latest complete DeepSpeed checkpoint), or a model group
+option (``model=hf model.path=...``; our Llama options need ``checkpoint``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import MISSING, OmegaConf
+
+import ringattn
+from ringattn.models import LlamaConfig
+from recipes import checkpoint as ckpt_lib, data, distributed, models, tracking
+from recipes.data import IGNORE_INDEX, PasskeyTask
+from recipes.distributed import ParallelConfig
+from recipes.tracking import LoggerConfig
+
+log = logging.getLogger("recipes.eval_needle")
+
+HAYSTACK = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+            "There and back again. ")
+
+
+@dataclass
+class NeedleJob:
+    model: Any = MISSING  # a conf/model option; replaced by the run's model with checkpoint=
+    checkpoint: Optional[str] = None  # a recipes.train run directory (or one of its step_N dirs)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    task: str = "passkey"  # passkey | text
+    tokenizer: Optional[str] = None  # local HF tokenizer; None: the run's, else bytes
+    lengths: List[int] = field(default_factory=lambda: [256, 512])
+    depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples: int = 8  # per cell
+    batch_size: int = 8  # sequences per forward
+    passkey_digits: int = 2
+    seed: int = 1234
+    dtype: str = "fp32"  # fp32 | bf16
+    ppl_file: Optional[str] = None
+
+
+ConfigStore.instance().store(name="eval_needle_schema", node=NeedleJob)
+
+
+# ---- samples ---------------------------------------------------------------------------------
+
+def passkey_sample(length: int, depth: float, digits: int, rng: np.random.Generator):
+    """PasskeyTask's format with the needle at ``depth`` of the haystack: (tokens, labels) of
+    ``length``, labels on the answer digits only (shifted on the full sequence)."""
+    n = digits
+    seq = PasskeyTask.FILLER[rng.integers(0, len(PasskeyTask.FILLER), size=length + 1)]
+    key = PasskeyTask.DIGITS[rng.integers(0, 10, size=n)]
+    q = length - n  # query marker; the last n tokens of the length+1 sequence are the answer
+    at = int(round(depth * (q - (n + 1))))
+    seq[at] = PasskeyTask.KEY
+    seq[at + 1:at + 1 + n] = key
+    seq[q] = PasskeyTask.QUERY
+    seq[q + 1:] = key
+    tokens = torch.from_numpy(seq[:-1].copy())
+    labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+    labels[q:] = torch.from_numpy(seq[q + 1:].copy())
+    return tokens, labels
+
+
+class TextNeedle:
+    """An English haystack, "The pass key is N. Remember it. N is the pass key." at a depth,
+    then "What is the pass key? The pass key is" and the answer, tokenized to exactly length+1."""
+
+    def __init__(self, tokenizer, digits: int):
+        self.tok, self.digits = tokenizer, digits
+        self.hay = tokenizer.encode(HAYSTACK * 8)
+        self.question = tokenizer.encode(" What is the pass key? The pass key is")
+
+    def sample(self, length: int, depth: float, rng: np.random.Generator):
+        key = "".join(str(d) for d in rng.integers(0, 10, size=self.digits))
+        needle = self.tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+        answer = self.tok.encode(f" {key}")
+        room = length + 1 - len(needle) - len(self.question) - len(answer)
+        if room < 0:
+            raise ValueError(f"context length {length} is too short for the text needle: it needs at least "
+                             f"{length - room} tokens with this tokenizer")
+        before = int(round(depth * room))
+        reps = room // len(self.hay) + 2
+        hay = (self.hay * reps)
+        seq = hay[:before] + needle + hay[before:room] + self.question + answer
+        seq = torch.tensor(seq, dtype=torch.long)
+        labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+        labels[length - len(answer):] = seq[length + 1 - len(answer):]
+        return seq[:-1], labels
+
+
+# ---- model -----------------------------------------------------------------------------------
+
+def _is_step_dir(path: str) -> bool:
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) == ckpt_lib.DIRNAME
+
+
+def _run_dir_of(path: str) -> str:
+    path = os.path.abspath(path)
+    return os.path.dirname(os.path.dirname(path)) if _is_step_dir(path) else path
+
+
+def model_config_of(job: NeedleJob):
+    """The model config: from the checkpoint's run (config.yaml), else the model group option."""
+    if job.checkpoint is None:
+        if not models.is_hf(job.model):
+            raise ValueError("our Llama needs trained weights: pass checkpoint=RUN_DIR (a recipes.train run)")
+        return job.model, None
+    run = _run_dir_of(job.checkpoint)
+    cfg_file = os.path.join(run, "config.yaml")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"checkpoint={job.checkpoint}: no config.yaml in {run} (a recipes.train run dir)")
+    saved = OmegaConf.load(cfg_file)
+    schema = models.HFModelConfig if "path" in saved.model else LlamaConfig
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), saved.model))
+    return model_cfg, saved
+
+
+def load_weights(job: NeedleJob, model) -> str:
+    """Our Llama (or an HF run without hf_model/): the latest complete DeepSpeed checkpoint."""
+    path = os.path.abspath(job.checkpoint)
+    if not _is_step_dir(path):
+        path = ckpt_lib.latest(path)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint={job.checkpoint}: no complete checkpoint in it")
+    meta = ckpt_lib.read_meta(path)
+    if meta.get("zero_stage", 0) == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+    else:
+        sd = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu",
+                        weights_only=False)["module"]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ckpt_lib.CheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, "
+                                       f"unexpected {unexpected[:5]})")
+    return path
+
+
+def build_model(job: NeedleJob, mesh, tokenizer):
+    model_cfg, saved = model_config_of(job)
+    if saved is not None and models.is_hf(model_cfg):
+        final = os.path.join(_run_dir_of(job.checkpoint), models.HF_DIRNAME)
+        if os.path.isdir(final) and not _is_step_dir(job.checkpoint):
+            from dataclasses import replace
+
+            # the saved model already carries the new RoPE theta in its config
+            model_cfg, saved = replace(model_cfg, path=final, rope_theta=None), None
+    model_cfg = models.resolve(model_cfg, tokenizer)
+    model = models.build(model_cfg, mesh.sp, torch.device("cpu"), {})
+    source = getattr(model_cfg, "path", None)
+    if saved is not None:
+        source = load_weights(job, model)
+    model = model.to(mesh.device, torch.bfloat16 if job.dtype == "bf16" else torch.float32).eval()
+    return model, model_cfg, source
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+def _sp_sum(t, mesh):
+    if mesh.sp_size > 1:
+        dist.all_reduce(t, group=mesh.sp_group)
+    return t
+
+
+def _dp_sum(values, mesh):
+    t = torch.tensor(values, dtype=torch.float64, device=mesh.device)
+    if mesh.dp_size > 1:
+        dist.all_reduce(t, group=mesh.dp_group)
+    return t.tolist()
+
+
+@torch.no_grad()
+def score(model, mesh, tokens, labels, positions):
+    """(exactly right samples, right answer tokens, answer tokens) of a batch of full sequences."""
+    x, y = mesh.sp.shard(tokens.to(mesh.device)), mesh.sp.shard(labels.to(mesh.device))
+    pred = model(x, positions).argmax(-1)
+    mask = y != IGNORE_INDEX
+    per = torch.stack([((pred != y) & mask).sum(1), mask.sum(1)], 1).to(torch.float64)
+    per = _sp_sum(per, mesh)  # (batch, [wrong, answer tokens]) over the whole sequence
+    return int((per[:, 0] == 0).sum()), float((per[:, 1] - per[:, 0]).sum()), float(per[:, 1].sum())
+
+
+@torch.no_grad()
+def perplexity(model, mesh, ids: List[int], length: int, positions) -> Optional[float]:
+    if len(ids) < length + 1:
+        return None
+    seq = torch.tensor(ids[:length + 1])[None]
+    x, y = mesh.sp.shard(seq[:, :-1].to(mesh.device)), mesh.sp.shard(seq[:, 1:].to(mesh.device))
+    logits = model(x, positions).float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+    nll = _sp_sum(nll.reshape(1).to(torch.float64), mesh)
+    return float(torch.exp(nll / length))
+
+
+def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
+    if job.task not in ("passkey", "text"):
+        raise ValueError(f"task={job.task!r}: expected passkey or text")
+    if job.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype={job.dtype!r}: expected fp32 or bf16")
+    if not job.lengths or not job.depths or job.samples < 1 or job.batch_size < 1:
+        raise ValueError("lengths and depths must be non-empty; samples, batch_size >= 1")
+    if any(not 0.0 <= d <= 1.0 for d in job.depths):
+        raise ValueError(f"depths must lie in [0, 1]; got {list(job.depths)}")
+    div = ringattn.layout_divisor(job.parallel.layout, job.parallel.sp_size)
+    bad = [n for n in job.lengths if n % div]
+    if bad:
+        raise ValueError(f"lengths {bad} cannot be split by layout {job.parallel.layout!r} over sp_size="
+                         f"{job.parallel.sp_size}: they must be multiples of {div}")
+    distributed.validate(job.parallel, distributed.env_world_size())
+    tracking.validate(job.logger)
+    model_cfg, saved = model_config_of(job)
+    if not models.is_hf(model_cfg) or os.path.isfile(os.path.join(model_cfg.path, "config.json")):
+        distributed.validate_heads(job.parallel, *models.heads(model_cfg))
+    mesh = distributed.init(job.parallel)
+    tok_path = job.tokenizer or (saved.data.get("tokenizer") if saved is not None else None)
+    tokenizer = data.build_tokenizer(data.DataConfig(tokenizer=tok_path))
+    model, model_cfg, source = build_model(job, mesh, tokenizer)
+    text = TextNeedle(tokenizer, job.passkey_digits) if job.task == "text" else None
+
+    acc = np.zeros((len(job.depths), len(job.lengths)))
+    tok_acc = np.zeros_like(acc)
+    for j, length in enumerate(job.lengths):
+        positions = mesh.sp.positions(length, device=mesh.device)
+        for i, depth in enumerate(job.depths):
+            # sample s of the cell is the same whatever the world; DP ranks take every dp-th
+            mine = list(range(mesh.dp_rank, job.samples, mesh.dp_size))
+            right = right_tok = n_tok = 0.0
+            for b in range(0, len(mine), job.batch_size):
+                batch = []
+                for s in mine[b:b + job.batch_size]:
+                    rng = np.random.Generator(np.random.PCG64([job.seed, length, int(depth * 1e6), s]))
+                    batch.append(text.sample(length, depth, rng) if text else
+                                 passkey_sample(length, depth, job.passkey_digits, rng))
+                tokens, labels = (torch.stack(t) for t in zip(*batch))
+                r, rt, nt = score(model, mesh, tokens, labels, positions)
+                right, right_tok, n_tok = right + r, right_tok + rt, n_tok + nt
+            right, right_tok, n_tok = _dp_sum([right, right_tok, n_tok], mesh)
+            acc[i, j], tok_acc[i, j] = right / job.samples, right_tok / max(n_tok, 1.0)
+            if mesh.is_logger:
+                log.info("length %6d depth %.2f: %.3f (answer tokens %.3f)", length, depth, acc[i, j], tok_acc[i, j])
+
+    ppl = None
+    if job.ppl_file:
+        ids: List[int] = []
+        with open(job.ppl_file, encoding="utf-8") as f:
+            ids = tokenizer.encode(f.read())
+        ppl = {}
+        for length in job.lengths:
+            ppl[str(length)] = perplexity(model, mesh, ids, length, mesh.sp.positions(length, device=mesh.device))
+
+    table = {
+        "task": job.task, "model": source, "lengths": list(job.lengths), "depths": list(job.depths),
+        "samples": job.samples, "passkey_digits": job.passkey_digits,
+        "chance": 10.0 ** -job.passkey_digits, "accuracy": acc.tolist(), "answer_token_accuracy": tok_acc.tolist(),
+        "mean_accuracy": float(acc.mean()), "parallel": resolved.get("parallel"), "perplexity": ppl,
+    }
+    if mesh.is_logger:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "needle.json"), "w") as f:
+            json.dump(table, f, indent=1)
+        png = heatmap(table, os.path.join(out_dir, "needle.png"))
+        _log_wandb(job.logger, out_dir, resolved, table, png)
+        log.info("mean accuracy %.3f (chance %.3g); wrote %s and %s", table["mean_accuracy"], table["chance"],
+                 os.path.join(out_dir, "needle.json"), png)
+    return table
+
+
+def heatmap(table: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = np.array(table["accuracy"])
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.9 * acc.shape[1]), max(3.0, 1.2 + 0.6 * acc.shape[0])))
+    im = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(acc.shape[1]), [str(n) for n in table["lengths"]])
+    ax.set_yticks(range(acc.shape[0]), [f"{d:.0%}" for d in table["depths"]])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for (i, j), v in np.ndenumerate(acc):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(f"passkey retrieval ({table['task']}, {table['samples']}/cell)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _log_wandb(cfg: LoggerConfig, out_dir: str, resolved: dict, table: dict, png: str) -> None:
+    if cfg.backend != "wandb":
+        return
+    import wandb
+
+    mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, dir=out_dir, mode=mode,
+                     config=resolved, job_type="eval_needle", settings=wandb.Settings(console="off", quiet=True))
+    rows = [[n, d, table["accuracy"][i][j]] for i, d in enumerate(table["depths"])
+            for j, n in enumerate(table["lengths"])]
+    run.log({"needle/table": wandb.Table(columns=["length", "depth", "accuracy"], data=rows),
+             "needle/heatmap": wandb.Image(png), "needle/mean_accuracy": table["mean_accuracy"]})
+    run.finish()
+
+
+@hydra.main(config_path="../conf", config_name="eval_needle", version_base=None)
+def main(cfg) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    job: NeedleJob = OmegaConf.to_object(cfg)
+    out_dir = os.path.abspath(HydraConfig.get().runtime.output_dir)
+    try:
+        run(job, out_dir, resolved)
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

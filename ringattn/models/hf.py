@@ -1,0 +1,202 @@
+"""Hugging Face causal LMs whose attention is ringattn's front door.
+
+    sp = ringattn.SequenceParallel("ring", layout="zigzag")          # over the world
+    model = HFCausalLM.from_pretrained("/local/llama", sp=sp, rope_theta=1e6)
+    logits = model(sp.shard(tokens), sp.positions(seq_len))          # this rank's logits
+
+How it plugs in, through transformers' public interface only: ``register()`` adds an
+attention function named ``"ringattn"`` to ``transformers.AttentionInterface``, and the
+model is loaded with ``attn_implementation="ringattn"``. Each forward passes the
+``SequenceParallel`` (and packed-document ``cu_seqlens``) as keyword arguments, which
+transformers hands unchanged to every attention call. Nothing in the library is patched;
+the model's own modules (embeddings, RoPE, norms, MLP, head) run as they are, on the local
+tokens, with ``position_ids`` = each token's *global* position so RoPE is right.
+
+transformers gives the attention function q (b, h, s_local, d) and k/v (b, h_kv, s_local, d)
+after RoPE; they go to ``sp.attention`` as (b, s, h, d) with the kv heads as they are (GQA
+is kept, nothing repeated). A layer's ``sliding_window`` w (Mistral, Qwen2/3 with
+``use_sliding_window``) becomes ``window_size=(w - 1, 0)``: transformers' mask lets query i
+see keys j with i - w < j <= i. Since no mask function is registered for ``"ringattn"``,
+transformers builds no (b, 1, s, s) mask at all.
+
+Large models: ``from_pretrained`` (transformers >= 5) builds the model on the meta device
+and loads each weight straight into place. Under DeepSpeed ZeRO-3 keep an
+``transformers.integrations.HfDeepSpeedConfig(ds_config)`` alive while loading (the recipe's
+``build_model`` does this): the model is then constructed inside ``deepspeed.zero.Init`` and
+every rank keeps only its partition of each weight. ``empty_model()`` builds the model on the
+meta device (``accelerate.init_empty_weights``) to count parameters or plan memory without
+allocating any.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+ATTN_IMPLEMENTATION = "ringattn"
+SP_KWARG = "ringattn_sp"
+CU_SEQLENS_KWARG = "ringattn_cu_seqlens"
+
+
+def ringattn_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                               scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
+    """transformers' attention-function signature -> (out (b, s, h, d), None)."""
+    sp = kwargs.get(SP_KWARG)
+    if sp is None:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the SequenceParallel as keyword "
+            f"{SP_KWARG}=sp in the model call; wrap the model in ringattn.models.hf.HFCausalLM"
+        )
+    if attention_mask is not None:
+        raise ValueError("ringattn attention takes no attention_mask (padding is not supported; "
+                         "pack documents with cu_seqlens instead)")
+    if dropout:
+        raise ValueError(f"attention dropout is not supported by ringattn (got {dropout}); "
+                         "set the model config's attention_dropout to 0")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attention logit softcapping is not supported by ringattn")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError("ringattn attention runs without a KV cache (q and k lengths differ); "
+                         "call the model with use_cache=False")
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    window = kwargs.get("sliding_window")
+    if window is None:
+        window_size = (-1, -1)
+    else:  # transformers' masks: causal i - w < j <= i; bidirectional |i - j| <= w
+        window_size = (int(window) - 1, 0) if causal else (int(window), int(window))
+    kw = dict(causal=causal, softmax_scale=scaling, window_size=window_size)
+    cu = kwargs.get(CU_SEQLENS_KWARG)
+    if cu is not None:
+        kw["cu_seqlens"] = cu
+    out = sp.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), **kw)
+    return out, None
+
+
+def register() -> str:
+    """Register the ``"ringattn"`` attention function with transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, ringattn_attention_forward)
+    return ATTN_IMPLEMENTATION
+
+
+def load_config(path: str, rope_theta: Optional[float] = None,
+                max_position_embeddings: Optional[int] = None):
+    """The model's config from a local path, with a new RoPE base and context length if given."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return with_rope(config, rope_theta, max_position_embeddings)
+
+
+def with_rope(config, rope_theta: Optional[float] = None, max_position_embeddings: Optional[int] = None):
+    """Set RoPE θ (transformers >= 5 keeps it in ``config.rope_parameters``) and the context length."""
+    if rope_theta is not None:
+        params = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default"})
+        if "rope_theta" not in params and any(isinstance(v, dict) for v in params.values()):
+            raise ValueError("per-layer-type RoPE parameters: set rope_theta per layer type yourself")
+        params["rope_theta"] = float(rope_theta)
+        config.rope_parameters = params
+    if max_position_embeddings is not None:
+        config.max_position_embeddings = int(max_position_embeddings)
+    return config
+
+
+def rope_theta(config) -> Optional[float]:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+
+
+def empty_model(config):
+    """The model on the meta device (no memory), e.g. to count parameters of a big model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM over this rank's tokens, attention through ``sp``.
+
+    ``forward(tokens, positions, cu_seqlens=None) -> logits`` is the interface of
+    ``ringattn.models.Llama``: tokens (b, s_local), positions (s_local,) global RoPE positions
+    (or positions within each document when packed), cu_seqlens the full packed sequence's
+    document boundaries. Labels are the caller's business (shifted on the full sequence
+    before sharding), so transformers' own loss -- which would shift the local shard -- is
+    never used. ``hf`` is the unchanged transformers model (``save_pretrained`` etc.).
+    """
+
+    def __init__(self, hf_model: nn.Module, sp=None):
+        super().__init__()
+        register()
+        if hf_model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.hf = hf_model
+        self.sp = sp if sp is not None else _local_sp()
+        # fp32 RoPE inverse frequencies, recomputed from the config: a plain attribute, so that
+        # casts of the module (DeepSpeed's bf16 .bfloat16(), .to(dtype)) cannot round them
+        self._rope_fp32 = {name: _inv_freq_fp32(mod) for name, mod in hf_model.named_modules()
+                           if _is_rotary(mod)}
+
+    @classmethod
+    def from_pretrained(cls, path: str, sp=None, *, rope_theta: Optional[float] = None,
+                        max_position_embeddings: Optional[int] = None, dtype=torch.float32, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        register()
+        config = load_config(path, rope_theta, max_position_embeddings)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
+                                                     attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
+        return cls(model, sp)
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def _keep_rope_fp32(self) -> None:
+        """transformers loads ``inv_freq`` in fp32 but a module cast (bf16 training) rounds it,
+        which at position p shifts RoPE angles by ~p * 2^-9 rad: ruinous at long context."""
+        for name, mod in self.hf.named_modules():
+            inv = self._rope_fp32.get(name)
+            if inv is not None and mod.inv_freq.dtype != torch.float32:
+                for buf in ("inv_freq", "original_inv_freq"):
+                    if getattr(mod, buf, None) is not None:
+                        setattr(mod, buf, inv.to(mod.inv_freq.device))
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        self._keep_rope_fp32()
+        position_ids = positions.reshape(1, -1).expand(tokens.shape[0], -1)
+        extra = {} if cu_seqlens is None else {CU_SEQLENS_KWARG: cu_seqlens}
+        out = self.hf(input_ids=tokens, position_ids=position_ids, use_cache=False,
+                      **{SP_KWARG: self.sp}, **extra)
+        return out.logits
+
+    def save_pretrained(self, path: str, state_dict=None, **kwargs) -> None:
+        """A Hugging Face model directory (config with the RoPE θ in use). transformers does not
+        write the attention implementation into config.json, so it loads with its default."""
+        self.hf.save_pretrained(path, state_dict=state_dict, **kwargs)
+
+
+def _is_rotary(mod) -> bool:
+    return isinstance(getattr(mod, "inv_freq", None), torch.Tensor) and hasattr(mod, "config") \
+        and hasattr(mod, "rope_type")
+
+
+def _inv_freq_fp32(mod) -> torch.Tensor:
+    """The rotary module's inverse frequencies as transformers computes them at init, in fp32."""
+    if mod.rope_type == "default" and hasattr(type(mod), "compute_default_rope_parameters"):
+        inv, _ = type(mod).compute_default_rope_parameters(mod.config)
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv, _ = ROPE_INIT_FUNCTIONS[mod.rope_type](mod.config, torch.device("cpu"))
+    return inv.float()
+
+
+def _local_sp():
+    import ringattn
+
+    return ringattn.SequenceParallel("ring", layout="contiguous")
