@@ -141,9 +141,11 @@ def test_two_nodes_match_single_node_and_share_one_run_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_srun_without_torchrun_ranks_started_apart_share_one_run_dir(tmp_path):
-    """launch/slurm.sbatch in LAUNCHER=srun mode under a stand-in srun that starts the 2 ranks 3 s
-    apart: both use outputs/slurm-$SLURM_JOB_ID, and only rank 0 writes there."""
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_slurm_tasks_started_apart_share_one_run_dir(tmp_path, launcher):
+    """launch/slurm.sbatch under a stand-in srun that starts its 2 tasks 3 s apart -- the ranks
+    themselves (LAUNCHER=srun) or one torchrun agent per "node" with a c10d rendezvous: all use
+    outputs/slurm-$SLURM_JOB_ID, and only rank 0 writes there."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(
@@ -155,8 +157,8 @@ def test_srun_without_torchrun_ranks_started_apart_share_one_run_dir(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     cwd = tmp_path / "job"
-    env = dict(LAUNCHER="srun", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="2",
-               SLURM_NNODES="1", SLURM_SUBMIT_DIR=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+    env = dict(LAUNCHER=launcher, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="2",
+               SLURM_NNODES="2", NPROC_PER_NODE="1", SLURM_SUBMIT_DIR=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                PATH=f"{bin_dir}:{os.environ['PATH']}", **_audit_env(tmp_path, cwd))
     env["AUDIT_UNDER"] = str(cwd)  # writes of ranks > 0 anywhere under the job's folder are recorded
     rc, out = finish(start(["bash", LAUNCH / "slurm.sbatch", *SP2, "trainer.max_steps=3",
