@@ -9,11 +9,13 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 import ringattn
 
@@ -175,3 +177,27 @@ def comm_failure(exc: BaseException, cfg: ParallelConfig) -> Optional[str]:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_id() -> str:
+    """The run dir's name (``${run_id:}`` in conf/train.yaml and conf/eval_needle.yaml):
+    torchrun's run id, the same on every rank and across restarts, else the start time. "none" is torchrun's default --rdzv-id (a
+    static rendezvous, accelerate launch): not an id -- every such job would share outputs/none."""
+    rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return rid if rid and rid != "none" else time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+# ``${run_id:}`` in conf/*.yaml (registered on import, before Hydra composes the config)
+OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+
+
+def agree_on_run_dir(run_dir: str) -> str:
+    """Rank 0's run dir for every rank: ranks of launchers without a shared id resolve the start
+    time each for themselves, seconds apart. A rank that resolved another dir drops it if empty."""
+    agreed = broadcast_object(run_dir)
+    if agreed != run_dir:
+        try:
+            os.rmdir(run_dir)  # made by Hydra for this rank alone; only ever removed when empty
+        except OSError:
+            pass
+    return agreed

@@ -244,6 +244,7 @@ def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
     if not models.is_hf(model_cfg) or os.path.isfile(os.path.join(model_cfg.path, "config.json")):
         distributed.validate_heads(job.parallel, *models.heads(model_cfg))
     mesh = distributed.init(job.parallel)
+    out_dir = distributed.agree_on_run_dir(out_dir)
     tok_path = job.tokenizer or (saved.data.get("tokenizer") if saved is not None else None)
     tokenizer = data.build_tokenizer(data.DataConfig(tokenizer=tok_path))
     model, model_cfg, source = build_model(job, mesh, tokenizer)

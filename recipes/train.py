@@ -173,33 +173,10 @@ def evaluate(engine, batches, mesh, job, positions):
     return correct / max(total, 1)
 
 
-def _run_id() -> str:
-    """The run dir's name (``${run_id:}`` in conf/train.yaml): torchrun's run id, the same on every
-    rank and across restarts, else the start time. "none" is torchrun's default --rdzv-id (a
-    static rendezvous, accelerate launch): not an id -- every such job would share outputs/none."""
-    rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return rid if rid and rid != "none" else time.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-OmegaConf.register_new_resolver("run_id", _run_id, replace=True)
-
-
-def _agree_on_run_dir(run_dir: str) -> str:
-    """Rank 0's run dir for every rank: ranks of launchers without a shared id resolve the start
-    time each for themselves, seconds apart. A rank that resolved another dir drops it if empty."""
-    agreed = distributed.broadcast_object(run_dir)
-    if agreed != run_dir:
-        try:
-            os.rmdir(run_dir)  # made by Hydra for this rank alone; only ever removed when empty
-        except OSError:
-            pass
-    return agreed
-
-
 def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
     p = plan(job, distributed.env_world_size())
     mesh = distributed.init(job.parallel)
-    run_dir = _agree_on_run_dir(run_dir)
+    run_dir = distributed.agree_on_run_dir(run_dir)
     torch.manual_seed(job.trainer.seed)
 
     tokenizer = data.build_tokenizer(job.data)

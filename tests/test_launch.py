@@ -198,7 +198,7 @@ def test_ranks_started_apart_without_a_run_dir_agree_on_rank_0s(tmp_path):
 
 
 def test_run_id_ignores_torchruns_placeholder(monkeypatch):
-    from recipes.train import _run_id
+    from recipes.distributed import run_id as _run_id
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
     assert _run_id() == "job-7"
