@@ -338,9 +338,7 @@ def _log_wandb(cfg: LoggerConfig, out_dir: str, resolved: dict, table: dict, png
 
 @hydra.main(config_path="../conf", config_name="eval_needle", version_base=None)
 def main(cfg) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    for noisy in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    tracking.configure_logging()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     job: NeedleJob = OmegaConf.to_object(cfg)
     out_dir = os.path.abspath(HydraConfig.get().runtime.output_dir)

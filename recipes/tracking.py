@@ -7,6 +7,7 @@ so a resumed job continues the same W&B run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,13 @@ class LoggerConfig:
     entity: Optional[str] = None
     name: Optional[str] = None
     mode: Optional[str] = None  # online | offline | None: offline when WANDB_API_KEY is unset
+
+
+def configure_logging() -> None:
+    """Concise INFO logs for a recipe; DeepSpeed's per-rank chatter only from WARNING up."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def validate(cfg: LoggerConfig) -> None:

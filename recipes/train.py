@@ -330,9 +330,7 @@ def _rss() -> int:
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    for noisy in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    tracking.configure_logging()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     job: JobConfig = OmegaConf.to_object(cfg)
     if job.trainer.dry_run:

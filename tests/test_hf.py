@@ -60,6 +60,18 @@ def _rel(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
+def _summed_grad_error(model, ref_grads) -> float:
+    """Largest relative error of the parameter gradients summed over ranks vs the reference."""
+    import torch.distributed as dist
+
+    err = 0.0
+    for n, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        err = max(err, _rel(g, ref_grads[n]))
+    return err
+
+
 def _equivalence_cases(rank, world, cases):
     """Run each (arch, strategy, layout, ulysses) case; return {case: {quantity: error}}."""
     import torch.distributed as dist
@@ -94,11 +106,7 @@ def _equivalence_cases(rank, world, cases):
         (loss_local / n_valid).backward()
         loss = loss_local.detach() / n_valid
         dist.all_reduce(loss)
-        grad_err = 0.0
-        for n, p in model.named_parameters():
-            g = p.grad.clone()
-            dist.all_reduce(g)
-            grad_err = max(grad_err, _rel(g, ref_grads[n]))
+        grad_err = _summed_grad_error(model, ref_grads)
         errs = {"logits": _rel(logits.detach(), sp.shard(ref_logits)),
             "loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()),
             "grads": grad_err}
@@ -145,11 +153,7 @@ def _packed_docs_case(arch, layout, world):
     loss.backward()
     loss = loss.detach()
     dist.all_reduce(loss)
-    grad_err = 0.0
-    for n, p in model.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)
-        grad_err = max(grad_err, _rel(g, ref_grads[n]))
+    grad_err = _summed_grad_error(model, ref_grads)
     return {"logits": _rel(logits.detach(), sp.shard(ref_logits.detach())),
             "loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), "grads": grad_err}
 
