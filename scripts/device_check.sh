@@ -9,6 +9,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$out/gpu.txt"
 python -m pytest -q tests/test_kernels.py -k cuda -rs 2>&1 | tee "$out/kernels.log"
+# the whole ring (fp32 matrix) on CUDA tensors over NCCL, world of one
+python -m pytest -q tests/test_ring_attention.py -k "1-nccl" -rs 2>&1 | tee "$out/ring_cuda.log"
 # ring attention on one rank on the GPU, bf16, against the single-process kernel
 python -m recipes.benchmark_attention seqlens=[16384,65536] dtype=bf16 heads=32 kv_heads=8 \
     head_dim=128 layouts=[zigzag] strategies=[ring] iters=5 output="$out/bench_bf16.json" \

@@ -96,13 +96,15 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
     return [values[r] for r in range(world_size)]
 
 
-def gpu_backends(world_size: int):
-    """pytest params: gloo always; nccl where >= world_size GPUs exist (skipped otherwise)."""
+def world_and_backend(worlds):
+    """pytest params (world, backend): gloo always; nccl where >= world GPUs exist (so one
+    GPU already runs world 1 on CUDA), skipped with the reason otherwise."""
     import pytest
 
-    return [
-        "gloo",
-        pytest.param("nccl", marks=pytest.mark.skipif(
-            torch.cuda.device_count() < world_size,
-            reason=f"NCCL needs {world_size} GPUs; this machine has {torch.cuda.device_count()}")),
-    ]
+    gpus = torch.cuda.device_count()
+    params = []
+    for w in worlds:
+        params.append(pytest.param(w, "gloo", id=f"{w}-gloo"))
+        params.append(pytest.param(w, "nccl", id=f"{w}-nccl", marks=pytest.mark.skipif(
+            gpus < w, reason=f"NCCL with {w} ranks needs {w} GPUs; this machine has {gpus}")))
+    return params

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import ringattn
 from ringattn.layouts import get_layout
-from tests.distributed import gpu_backends, run_distributed
+from tests.distributed import run_distributed, world_and_backend
 from tests.reference import layout_indices, reference_attention, rel_err, rms_err
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -84,8 +84,7 @@ def _full_matrix():
     return cfgs
 
 
-@pytest.mark.parametrize("dist_backend", gpu_backends(4))
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world, dist_backend", world_and_backend([1, 2, 3, 4]))
 def test_fp32_matches_reference_every_layout_and_shape(world, dist_backend):
     results = run_distributed(_fp32_matrix, world, _full_matrix(), "auto", dist_backend,
                               backend=dist_backend, timeout=600)
