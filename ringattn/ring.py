@@ -128,9 +128,10 @@ class _RingAttention(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
         k_cur, v_cur = k.contiguous(), v.contiguous()
         dkv_pending = None
+        spare = None  # double-buffered K/V receives, as in forward
         steps = len(ctx.plan)
         for step, tasks in enumerate(ctx.plan):
-            kv_pending = comm.exchange([k_cur, v_cur]) if step + 1 < steps else None
+            kv_pending = comm.exchange([k_cur, v_cur], out=spare) if step + 1 < steps else None
             with profile.timed("compute_s", q.device):
                 grads = block_grads(kernel, tasks, dout, q, k_cur, v_cur, out, lse, ctx.scale)
             if dkv_pending is not None:
@@ -147,6 +148,7 @@ class _RingAttention(torch.autograd.Function):
                 # (the next hop when the ring went all the way round).
                 dk, dv = comm.exchange([dk, dv], shift=1 - steps).wait()
             if kv_pending is not None:
+                spare = [k_cur, v_cur] if step > 0 else None  # never write the caller's k/v
                 k_cur, v_cur = kv_pending.wait()
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
