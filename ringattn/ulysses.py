@@ -34,7 +34,7 @@ from .kernels.base import accumulation_dtype
 from .layouts import ALL, BlockTask, get_layout
 from .masking import AttentionMask
 from .merge import PartialAttention
-from .ring import _record, attend_blocks, backward_inputs, block_grads
+from .blocks import attend_blocks, backward_inputs, block_grads, record_step
 
 
 class _LocalAttention(torch.autograd.Function):
@@ -47,7 +47,7 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, tasks, backend):
         kernel = get_backend(backend, q)
-        _record(tasks, q, k)
+        record_step(tasks, q, k)
         if len(tasks) == 1 and tasks[0].mask is None and tasks[0].q_rows == tasks[0].k_rows == ALL:
             # One call covers every row: no merge, no fp32 accumulator to hold.
             out, lse = kernel.forward(q, k, v, causal=tasks[0].causal, scale=scale)

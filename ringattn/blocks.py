@@ -1,0 +1,62 @@
+"""Block-level attention helpers shared by every strategy (ring, Ulysses, hybrid).
+
+A strategy decides *which* (q rows, k rows) block pairs to compute (``BlockTask``s from
+``layouts`` / ``masking``); these helpers run them through a kernel and merge the results
+(forward), or compute each block's gradients from the final out/lse (backward).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import profile
+from .kernels import BACKENDS
+from .merge import PartialAttention
+
+
+def _kernel_for(kernel, task):
+    return kernel if task.mask is None or kernel.supports_mask else BACKENDS["sdpa"]
+
+
+def attend_blocks(kernel, tasks, q, k, v, scale, acc: PartialAttention) -> None:
+    """Run ``tasks`` (q rows x k/v rows) and merge each block's (out, lse) into ``acc``."""
+    for t in tasks:
+        o, lse = _kernel_for(kernel, t).forward(
+            q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], causal=t.causal, scale=scale,
+            mask=t.mask)
+        if t.mask is not None:
+            # Rows this block hides entirely contribute nothing (fused kernels
+            # report lse = 0 there, which the merge would weigh).
+            lse = lse.masked_fill(~t.mask.any(dim=1).to(lse.device), float("-inf"))
+        acc.add(o, lse, t.q_rows)
+
+
+def block_grads(kernel, tasks, dout, q, k, v, out, lse, scale):
+    """[(task, (dq, dk, dv) of its block)] from the final out and lse of the whole rows."""
+    return [(t, _kernel_for(kernel, t).backward(
+        dout[:, t.q_rows], q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], out[:, t.q_rows],
+        lse[:, :, t.q_rows], causal=t.causal, scale=scale, mask=t.mask)) for t in tasks]
+
+
+def record_step(plan_step, q, k):
+    """Count one step's kernel calls and score pairs in the active ``RingProfile`` (if any)."""
+    prof = profile.active()
+    if prof is None:
+        return
+    b, sq, h, _ = q.shape
+    n = sum(b * h * t.scores(sq, k.shape[1]) for t in plan_step)
+    prof.kernel_calls += len(plan_step)
+    prof.scores += n
+    prof.per_step_scores.append(n)
+    prof.ring_steps += 1
+
+
+def backward_inputs(ctx, dout, dlse, who):
+    """Saved (q, k, v, out, lse) and dout (zeros if unused) of an attention Function whose
+    forward returned (out, lse); gradients through lse are refused."""
+    if dlse is not None:
+        raise RuntimeError(
+            f"{who}(return_lse=True): gradients through the returned lse are not "
+            "supported; detach it (lse.detach()) before using it in a loss"
+        )
+    q, k, v, out, lse = ctx.saved_tensors
+    return (torch.zeros_like(out) if dout is None else dout), q, k, v, out, lse
