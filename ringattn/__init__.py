@@ -1,4 +1,5 @@
 """ringattn: exact sequence-parallel attention for long-context training."""
+from .decode import decode_attention
 from .hybrid import hybrid_attention
 from .layouts import layout_divisor
 from .masking import document_positions
@@ -8,6 +9,6 @@ from .ring import ring_attention
 from .sharding import positions, shard, unshard
 from .ulysses import ulysses_attention
 
-__all__ = ["SequenceParallel", "document_positions", "hybrid_attention", "init_mesh",
+__all__ = ["SequenceParallel", "decode_attention", "document_positions", "hybrid_attention", "init_mesh",
            "layout_divisor", "positions", "ring_attention", "shard", "unshard", "ulysses_attention"]
 __version__ = "0.1.0"
