@@ -1,0 +1,117 @@
+"""Which fused attention kernel is fastest, per dtype and head_dim (forward + backward).
+
+    python -m recipes.benchmark_kernels                                    # CPU, small
+    python -m recipes.benchmark_kernels seqlens=[8192,16384,32768,65536]   # one GPU
+
+Times torch's fused scaled-dot-product kernels through the public selector
+(``torch.nn.attention.sdpa_kernel``): FlashAttention-2, memory-efficient and cuDNN attention
+on CUDA, the flash kernel on CPU, and the math fallback, causal, batch 1, GQA expanded.
+A kernel that cannot run a configuration is reported as skipped with torch's reason. This
+is the measurement ``backend="auto"`` should follow on a GPU (docs/gpu.md).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+           "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+@dataclass
+class KernelBenchConfig:
+    seqlens: list[int] = field(default_factory=lambda: [2048])
+    dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    head_dims: list[int] = field(default_factory=lambda: [64, 128])
+    heads: int = 8
+    kernels: list[str] = field(default_factory=lambda: list(KERNELS))
+    # math materialises (s x s) scores: only timed up to this length
+    math_max_seqlen: int = 8192
+    warmup: int = 1
+    iters: int = 3
+    output: str = "bench_results/kernels.json"
+
+    def __post_init__(self):
+        for name, values, known in (("dtypes", self.dtypes, DTYPES), ("kernels", self.kernels, KERNELS)):
+            bad = [x for x in values if x not in known]
+            if bad:
+                raise ValueError(f"{name}: unknown {bad}; choose from {sorted(known)}")
+
+
+ConfigStore.instance().store(name="benchmark_kernels_schema", node=KernelBenchConfig)
+
+
+def time_kernel(kernel: str, q, k, v, cfg) -> float | str:
+    """Seconds per causal forward + backward, or why the kernel cannot run."""
+    def step():
+        with sdpa_kernel(KERNELS[kernel]):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(torch.ones_like(out))
+
+    try:
+        for _ in range(cfg.warmup):
+            step()
+    except RuntimeError as e:  # "No available kernel" and its reasons, as torch words them
+        return str(e).splitlines()[0][:120]
+    sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(cfg.iters):
+        step()
+    sync()
+    return (time.perf_counter() - start) / cfg.iters
+
+
+def measure(cfg: KernelBenchConfig, device: torch.device) -> list[dict]:
+    rows = []
+    for dtype in cfg.dtypes:
+        for d in cfg.head_dims:
+            for s in cfg.seqlens:
+                gen = torch.Generator().manual_seed(0)
+                q, k, v = (torch.randn(1, cfg.heads, s, d, generator=gen).to(device, DTYPES[dtype])
+                           .requires_grad_() for _ in range(3))
+                flops = 3.5 * 4 * s * s * cfg.heads * d / 2  # causal fwd + bwd
+                for kernel in cfg.kernels:
+                    row = {"dtype": dtype, "head_dim": d, "seqlen": s, "kernel": kernel}
+                    if kernel == "math" and s > cfg.math_max_seqlen:
+                        row["skipped"] = f"math above math_max_seqlen={cfg.math_max_seqlen}"
+                    else:
+                        t = time_kernel(kernel, q, k, v, cfg)
+                        row.update({"skipped": t} if isinstance(t, str) else
+                                   {"ms": 1e3 * t, "tflops": flops / t / 1e12})
+                    rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| dtype | head_dim | seqlen | kernel | fwd+bwd ms | TFLOP/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        tail = f"{r['ms']:.2f} | {r['tflops']:.1f}" if "ms" in r else f"skipped: {r['skipped']} |"
+        lines.append(f"| {r['dtype']} | {r['head_dim']} | {r['seqlen']} | {r['kernel']} | {tail} |")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=None, config_name="benchmark_kernels_schema", version_base=None)
+def main(cfg) -> None:
+    cfg: KernelBenchConfig = OmegaConf.to_object(cfg)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    rows = measure(cfg, device)
+    print(table(rows), flush=True)
+    path = Path(hydra.utils.to_absolute_path(cfg.output))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                                "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

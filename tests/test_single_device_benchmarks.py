@@ -1,0 +1,53 @@
+"""Single-device benchmarks for the GPU checks (recipes/benchmark_virtual_ring.py, recipes/benchmark_kernels.py).
+
+The virtual ring times the ring's exact block schedule in one process; this checks that what it
+times is the real computation: every virtual rank's out and dq, reassembled by the layout, equal
+the float64 reference. The kernel benchmark reports each fused kernel or why it cannot run."""
+import math
+
+import pytest
+import torch
+
+from recipes.benchmark_virtual_ring import VirtualRingConfig, measure, virtual_rank
+from ringattn.kernels import get_backend
+from ringattn.layouts import get_layout
+from tests.reference import layout_indices, reference_attention
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped", "contiguous"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_virtual_ring_schedule_is_exact(layout, world):
+    gen = torch.Generator().manual_seed(world)
+    s, h, kvh, d = 64, 4, 2, 16
+    q, k, v = (torch.randn(1, s, n, d, generator=gen) for n in (h, kvh, kvh))
+    ref = reference_attention(q, k, v, torch.ones(1, s, h, d, dtype=torch.float64), causal=True)
+    lay, kernel = get_layout(layout), get_backend("auto", q)
+    out, dq = torch.empty(1, s, h, d), torch.empty(1, s, h, d)
+    for r in range(world):
+        idx = layout_indices(layout, s, world, r)  # independent of ringattn.layouts
+        out[:, idx], dq[:, idx] = virtual_rank(kernel, lay, r, world, q, k, v, 1 / math.sqrt(d))()
+    # fp32 kernels against float64: 1e-5 absolute is ~100x the fp32 rounding seen here
+    torch.testing.assert_close(out.double(), ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(dq.double(), ref[2], atol=1e-5, rtol=0)
+
+
+def test_measure_reports_each_world_and_skips_indivisible():
+    cfg = VirtualRingConfig(seqlens=[48], worlds=[2, 5], heads=2, kv_heads=2, head_dim=8, warmup=0, iters=1)
+    rows = measure(cfg, torch.device("cpu"))
+    assert [r["P"] for r in rows] == [2, 5]
+    assert rows[0]["efficiency"] > 0 and rows[0]["overhead"] > 0
+    assert "multiple of 10" in rows[1]["skipped"]
+
+
+def test_kernel_benchmark_times_what_runs_and_names_what_cannot():
+    from recipes.benchmark_kernels import KernelBenchConfig, measure as measure_kernels
+
+    cfg = KernelBenchConfig(seqlens=[64], dtypes=["fp32"], head_dims=[16], heads=2, warmup=1, iters=1,
+                            math_max_seqlen=32)
+    rows = {r["kernel"]: r for r in measure_kernels(cfg, torch.device("cpu"))}
+    assert rows["flash"]["ms"] > 0  # the CPU flash kernel runs fp32
+    assert "math_max_seqlen" in rows["math"]["skipped"]
+    if not torch.cuda.is_available():
+        assert isinstance(rows["efficient"]["skipped"], str)  # CUDA-only kernels say why not
+    with pytest.raises(ValueError, match="kernels: unknown"):
+        KernelBenchConfig(kernels=["fastest"])
