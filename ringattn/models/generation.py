@@ -1,0 +1,221 @@
+"""Generation for ``ringattn.models.Llama`` over a KV cache sharded across the SP group.
+
+1. Prefill: the model's ordinary forward over the prompt, sharded by the SP layout (ring,
+   Ulysses or hybrid; any layout). Forward hooks on each layer's ``wk``/``wv`` (a public
+   extension point; the training forward is untouched) capture the K/V projections of this
+   rank's prompt shard, which become this rank's part of the cache (RoPE applied at their
+   global positions). Prompt tokens past the largest length the layout can split are fed
+   as decode steps.
+2. Decode: each new token's layers run replicated on every rank; its K/V is appended to
+   the rank with the shortest cache (ties: the lowest rank), and attention is
+   ``ringattn.decode_attention`` over all parts. Shortest-cache rather than round-robin:
+   it keeps the longest part -- which sets the per-step kernel time and the peak memory of
+   the slowest rank -- as short as possible even when the prefill left the parts uneven
+   (a prompt remainder, or a prompt shorter than the group), and every rank computes the
+   same choice from host-side lengths, with no communication.
+The next token is chosen on group rank 0 and broadcast (one tiny collective per token), so
+every rank continues with the same token even under sampling.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..comm import group_rank, group_size
+from ..decode import decode_attention
+from ..layouts import layout_divisor
+from .llama import Llama, apply_rope, rope_cos_sin
+
+
+class KVCache:
+    """This rank's part of the KV cache of every layer, plus every rank's part length.
+
+    ``layer(i)`` -> (k, v), each (batch, s_r, kv_heads, head_dim), keys with RoPE applied.
+    Storage grows by doubling, so appending one token is O(1) amortised, not a copy of the
+    whole part. ``lengths`` (host ints, identical on every rank) lets each rank pick the
+    owner of a new token without communicating.
+    """
+
+    def __init__(self, n_layers: int, world_size: int, rank: int):
+        self.rank, self.lengths = rank, [0] * world_size
+        self._k: list[torch.Tensor | None] = [None] * n_layers
+        self._v: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return self.lengths[self.rank]
+
+    def owner(self) -> int:
+        """The rank that takes the next token: the shortest part, ties to the lowest rank."""
+        return min(range(len(self.lengths)), key=lambda r: (self.lengths[r], r))
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append (batch, t, kv_heads, head_dim) K/V to this rank's part of ``layer``
+        (call ``advance`` once all layers got theirs)."""
+        n, t = self.length, k.shape[1]
+        buf_k, buf_v = self._k[layer], self._v[layer]
+        if buf_k is None or buf_k.shape[1] < n + t:
+            cap = max(n + t, 2 * (0 if buf_k is None else buf_k.shape[1]))
+            new_k = k.new_empty(k.shape[0], cap, *k.shape[2:])
+            new_v = v.new_empty(new_k.shape)
+            if n:
+                new_k[:, :n], new_v[:, :n] = buf_k[:, :n], buf_v[:, :n]
+            buf_k, buf_v = self._k[layer], self._v[layer] = new_k, new_v
+        buf_k[:, n:n + t], buf_v[:, n:n + t] = k, v
+
+    def advance(self, rank: int, t: int) -> None:
+        """Record that ``rank``'s part grew by ``t`` tokens (every rank calls it)."""
+        self.lengths[rank] += t
+
+    def layer(self, i: int, like: torch.Tensor, kv_heads: int, pending: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (k, v) part of layer ``i``, including ``pending`` tokens appended since
+        the last ``advance``; an empty (batch, 0, kv_heads, head_dim) part if it holds none."""
+        if self._k[i] is None:
+            empty = like.new_empty(like.shape[0], 0, kv_heads, like.shape[-1])
+            return empty, empty
+        n = self.length + pending
+        return self._k[i][:, :n], self._v[i][:, :n]
+
+    def nbytes(self) -> int:
+        """Bytes of K/V this rank holds (its part's tokens, not the spare capacity)."""
+        return sum(2 * k[:, :self.length].numel() * k.element_size() for k in self._k if k is not None)
+
+
+def _sp_info(model):
+    sp = model.sp
+    if sp is None or sp.world_size == 1:
+        return None, 1, 0, 1, "auto"
+    ring, inner = sp.world_size // sp._inner, sp._inner
+    divisor = math.lcm(layout_divisor(sp.layout, ring), ring * inner)
+    return sp.group, sp.world_size, sp.rank, divisor, sp.backend
+
+
+@torch.no_grad()
+def prefill(model: Llama, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the model over ``prompt`` (batch, n; n a multiple of the layout's divisor), the
+    same on every rank, sharded over the SP group; store each rank's K/V shard in ``cache``.
+    Returns the logits (batch, vocab) after the last prompt token, on every rank."""
+    group, p, rank, _, _ = _sp_info(model)
+    b, n = prompt.shape
+    sp = model.sp if p > 1 else None
+    tokens = sp.shard(prompt) if sp else prompt
+    positions = sp.positions(n, device=prompt.device) if sp else torch.arange(n, device=prompt.device)
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        for name in ("wk", "wv"):
+            def keep(_mod, _inp, out, key=(i, name)):
+                captured[key] = out
+            hooks.append(getattr(layer.attention, name).register_forward_hook(keep))
+    try:
+        logits = model(tokens, positions)
+    finally:
+        for h in hooks:
+            h.remove()
+    cfg = model.cfg
+    s = tokens.shape[1]
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, captured[(0, "wk")].dtype)
+    for i in range(cfg.n_layers):
+        k = captured[(i, "wk")].view(b, s, cfg.kv_heads, cfg.head_dim)
+        v = captured[(i, "wv")].view(b, s, cfg.kv_heads, cfg.head_dim)
+        cache.append(i, apply_rope(k, cos, sin), v)
+    for r in range(p):
+        cache.advance(r, s)  # every layout splits the prompt into P equal parts
+    last = (positions == n - 1).to(logits.dtype)  # the one local row holding position n-1, if any
+    out = torch.einsum("bsv,s->bv", logits.float(), last.float())
+    if p > 1:
+        dist.all_reduce(out, group=group)
+    return out
+
+
+@torch.no_grad()
+def decode_step(model: Llama, tokens: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+    """One token per sequence (batch, 1) at global ``position``, the same on every rank:
+    append its K/V to the owner's cache part, attend over every part. -> logits (batch, vocab)."""
+    group, p, rank, _, backend = _sp_info(model)
+    cfg = model.cfg
+    owner = cache.owner()
+    h = model.tok_embeddings(tokens)
+    pos = torch.tensor([position], device=tokens.device)
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, h.dtype)
+    b = tokens.shape[0]
+    for i, layer in enumerate(model.layers):
+        attn = layer.attention
+        x = layer.attention_norm(h)
+        q = apply_rope(attn.wq(x).view(b, 1, attn.n_heads, attn.head_dim), cos, sin)
+        if rank == owner:
+            k = apply_rope(attn.wk(x).view(b, 1, attn.kv_heads, attn.head_dim), cos, sin)
+            cache.append(i, k, attn.wv(x).view(b, 1, attn.kv_heads, attn.head_dim))
+        k_part, v_part = cache.layer(i, q, attn.kv_heads, pending=int(rank == owner))
+        out = decode_attention(q, k_part, v_part, group=group, backend=backend)
+        h = h + attn.wo(out.reshape(b, 1, -1))
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    cache.advance(owner, 1)
+    h = model.norm(h)
+    weight = model.tok_embeddings.weight if model.output is None else model.output.weight
+    return F.linear(h, weight)[:, -1].float()
+
+
+def _choose(logits, temperature, top_k, generator, group, p):
+    """Next tokens (batch, 1): greedy at temperature 0, else sampled on group rank 0 and
+    broadcast, so every rank continues with the same token."""
+    if temperature == 0:
+        nxt = logits.argmax(-1, keepdim=True)
+    else:
+        scaled = logits / temperature
+        if top_k is not None:
+            kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+    if p > 1:
+        dist.broadcast(nxt, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
+    return nxt
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, generator: torch.Generator | None = None,
+             return_logits: bool = False):
+    """Greedy (``temperature=0``) or sampled continuation of ``prompt`` (batch, n), the same
+    on every rank of ``model.sp``'s group. Prefill over the group with its strategy and
+    layout, then decode over the sharded cache (see the module doc).
+
+    Returns tokens (batch, n + max_new_tokens), the same on every rank, and with
+    ``return_logits`` also the fp32 logits (batch, max_new_tokens, vocab) each new token was
+    chosen from (equal to the full forward's at positions n-1 ... n+max_new_tokens-2).
+    ``generator``: the CPU generator sampling draws from (read on group rank 0 only).
+    """
+    if not isinstance(model, Llama):
+        raise ValueError(
+            f"generate: sharded-KV-cache generation supports ringattn.models.Llama; got "
+            f"{type(model).__name__}. Hugging Face models are refused: transformers' Cache "
+            "interface gives the attention function the full K/V of every layer, not a "
+            "per-rank part, and this adapter does not patch transformers internals")
+    if prompt.dim() != 2 or prompt.shape[1] == 0 or prompt.dtype != torch.long:
+        raise ValueError(f"generate: prompt must be a non-empty (batch, n) LongTensor; got "
+                         f"shape {tuple(prompt.shape)}, dtype {prompt.dtype}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be a positive int; got {max_new_tokens!r}")
+    if temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"generate: temperature must be >= 0 and top_k >= 1; got {temperature}, {top_k}")
+    group, p, rank, divisor, _ = _sp_info(model)
+    cache = KVCache(model.cfg.n_layers, p, rank)
+    n = prompt.shape[1]
+    m = n // divisor * divisor  # what the layout can split; the rest goes token by token
+    logits = prefill(model, prompt[:, :m], cache) if m else None
+    for pos in range(m, n):
+        logits = decode_step(model, prompt[:, pos:pos + 1], pos, cache)
+    tokens, steps = [prompt], []
+    for i in range(max_new_tokens):
+        steps.append(logits)
+        nxt = _choose(logits, temperature, top_k, generator, group, p)
+        tokens.append(nxt)
+        if i + 1 < max_new_tokens:
+            logits = decode_step(model, nxt, n + i, cache)
+    out = torch.cat(tokens, dim=1)
+    return (out, torch.stack(steps, dim=1)) if return_logits else out
