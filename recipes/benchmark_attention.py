@@ -16,10 +16,10 @@ P ranks stand for P devices. Results go to a table on stdout and to ``output`` (
 """
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,8 +32,10 @@ from omegaconf import OmegaConf
 
 import ringattn
 from ringattn import profile
+from ringattn.inputs import check_ulysses_heads
 from ringattn.kernels import get_backend
 from ringattn.masking import AttentionMask
+from recipes import distributed
 from recipes.memory import PeakMemory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,6 +64,7 @@ class BenchmarkConfig:
     threads_per_rank: int = 1
     baseline: bool = True
     output: str = "bench_results/attention_p${oc.env:WORLD_SIZE,1}.json"
+    collective_timeout_s: float = 600.0  # how long a collective may wait for a peer
 
 
 ConfigStore.instance().store(name="benchmark_attention_schema", node=BenchmarkConfig)
@@ -72,15 +75,9 @@ def attention_flops(batch, seqlen, heads, head_dim, causal, backward):
     return fwd * (3.5 if backward else 1.0)
 
 
-def _setup():
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        use_cuda = torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _setup(cfg):
+    """The process group (a world of one without a launcher), as the other recipes start it."""
+    return distributed.init_world(datetime.timedelta(seconds=cfg.collective_timeout_s))
 
 
 def _sync(device):
@@ -89,12 +86,10 @@ def _sync(device):
 
 
 def _max_over_ranks(x: float) -> float:
-    return _reduce(x, dist.ReduceOp.MAX) if dist.is_initialized() else x
+    return _reduce(x, dist.ReduceOp.MAX)
 
 
 def _reduce(x: float, op) -> float:
-    if not dist.is_initialized():
-        return float(x)
     t = torch.tensor([x], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
@@ -107,7 +102,7 @@ def _time(fn, cfg, device, across_ranks=True):
     for _ in range(cfg.warmup):
         fn()
     _sync(device)
-    if across_ranks and dist.is_initialized():
+    if across_ranks:
         dist.barrier()
     start = time.perf_counter()
     for _ in range(cfg.iters):
@@ -148,21 +143,29 @@ def _cu_seqlens(cfg, seqlen, device):
     return cu.to(device, torch.int32)
 
 
-def _front_door(cfg, strategy, layout):
+_MESHES: dict = {}  # Ulysses size -> the mesh over the whole world (built once, by every rank in turn)
+
+
+def _front_door(cfg, strategy, layout, device):
     """The SequenceParallel for ``strategy``, or None (with the reason) if it cannot run."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = dist.get_world_size()
     u = {"ring": 1, "ulysses": world, "hybrid": cfg.ulysses_size}[strategy]
     if world % u:
         return None, f"ulysses_size {u} does not divide {world} ranks"
-    if cfg.heads % u or (cfg.kv_heads % u and u % cfg.kv_heads):
-        return None, f"{cfg.heads} heads / {cfg.kv_heads} kv_heads do not split over {u} Ulysses ranks"
-    kw = {"ulysses_size": u} if strategy == "hybrid" else {}
-    return ringattn.SequenceParallel(strategy, layout, backend=cfg.backend, **kw), None
+    if u > 1:
+        try:
+            check_ulysses_heads(cfg.heads, cfg.kv_heads, u)
+        except ValueError as e:
+            return None, str(e)
+    if u not in _MESHES:
+        _MESHES[u] = ringattn.init_mesh(sp=world, ulysses=u, device_type=device.type,
+                                        timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
+    return ringattn.SequenceParallel(strategy, layout, mesh=_MESHES[u], backend=cfg.backend), None
 
 
 def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    sp, why_not = _front_door(cfg, strategy, layout)
+    world = dist.get_world_size()
+    sp, why_not = _front_door(cfg, strategy, layout, device)
     if sp is None:
         return {"strategy": strategy, "layout": layout, "world": world, "seqlen": seqlen,
                 "skipped": why_not}
@@ -230,11 +233,11 @@ def bench_single(cfg, seqlen, device, dtype):
 
 
 def run(cfg: BenchmarkConfig) -> list[dict]:
-    device = _setup()
+    device = _setup(cfg)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads_per_rank)
     dtype = DTYPES[cfg.dtype]
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = dist.get_rank() == 0
     rows = []
     for seqlen in cfg.seqlens:
         base = None
@@ -268,10 +271,9 @@ def run(cfg: BenchmarkConfig) -> list[dict]:
 def _baseline(cfg, seqlen, device, dtype):
     """Measured on rank 0 alone (the others wait in the broadcast), shared with all ranks."""
     result = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if dist.get_rank() == 0:
         result = [bench_single(cfg, seqlen, device, dtype)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(result, src=0)
+    dist.broadcast_object_list(result, src=0)
     return result[0]
 
 
@@ -295,7 +297,10 @@ def _print_row(row):
 
 @hydra.main(config_path="../conf", config_name="benchmark_attention", version_base="1.3")
 def main(cfg: BenchmarkConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

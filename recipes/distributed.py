@@ -1,8 +1,9 @@
-"""Process groups for the recipe: world = dp x sp.
+"""Processes and groups for the recipes: the process group, then ringattn's device mesh.
 
-Ranks are laid out on a (dp, sp) grid with sp innermost: rank = dp_index * sp + sp_index, so
-an SP group is ``sp`` consecutive ranks (one node's fast links on GPUs). Backend: gloo on
-CPU, nccl on GPU. One process without a launcher works too (a world of one).
+World = dp x sp. The groups come from ``ringattn.init_mesh`` (the one place process groups
+are built): an SP group is ``sp`` consecutive ranks (one node's fast links on GPUs), Ulysses
+ranks consecutive inside it. Backend: gloo on CPU, nccl on GPU. One process without a
+launcher works too (a world of one).
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.distributed.device_mesh import DeviceMesh
 
 import ringattn
+from ringattn.inputs import check_ulysses_heads
+from ringattn.layouts import get_layout
 
 
 @dataclass
@@ -26,7 +30,7 @@ class ParallelConfig:
     # all-to-all (Ulysses) degree inside the SP group; the strategy follows from it:
     # 1 = ring, sp_size = Ulysses, in between = hybrid (Ulysses inside, ring across)
     ulysses_size: int = 1
-    layout: str = "zigzag"  # zigzag | striped | contiguous
+    layout: str = "zigzag"  # a ringattn layout: zigzag | striped | contiguous
     # Seconds a collective (and the initial rendezvous) may wait for a peer before this rank
     # gives up with an error naming the failure: a dead or hung rank then ends the job
     # instead of hanging it. Keep it above the slowest step and checkpoint save.
@@ -39,13 +43,12 @@ class ParallelConfig:
         return "ulysses" if self.ulysses_size == self.sp_size else "hybrid"
 
 
-LAYOUTS = ("zigzag", "striped", "contiguous")
-
-
 def validate(cfg: ParallelConfig, world_size: int) -> None:
     """Checks that need only the world size; run before any process-group work."""
-    if cfg.layout not in LAYOUTS:
-        raise ValueError(f"parallel.layout={cfg.layout!r}: expected one of {LAYOUTS}")
+    try:
+        get_layout(cfg.layout)
+    except ValueError as e:
+        raise ValueError(f"parallel.layout: {e}") from None
     if cfg.sp_size < 1 or world_size % cfg.sp_size:
         raise ValueError(
             f"parallel.sp_size={cfg.sp_size} does not divide the world size {world_size} "
@@ -57,11 +60,13 @@ def validate(cfg: ParallelConfig, world_size: int) -> None:
         raise ValueError(f"parallel.ulysses_size={cfg.ulysses_size} does not divide parallel.sp_size={cfg.sp_size}")
 
 
-def validate_heads(cfg: ParallelConfig, n_heads: int, kv_heads: int) -> None:
-    u = cfg.ulysses_size
-    if u > 1 and (n_heads % u or (kv_heads % u and u % kv_heads)):
-        raise ValueError(f"parallel.ulysses_size={u} needs heads ({n_heads}) divisible by it and kv heads "
-                         f"({kv_heads}) dividing it or a multiple of it")
+def validate_heads(cfg: ParallelConfig, heads: tuple) -> None:
+    """The library's Ulysses head check, before any process-group work; the error names the field."""
+    if cfg.ulysses_size > 1:
+        try:
+            check_ulysses_heads(*heads, cfg.ulysses_size)
+        except ValueError as e:
+            raise ValueError(f"parallel.ulysses_size={cfg.ulysses_size}: {e}") from None
 
 
 def env_world_size() -> int:
@@ -75,21 +80,30 @@ def _free_port() -> int:
 
 
 @dataclass
-class Mesh:
+class Context:
+    """One rank's view of the job: who it is, its device, the mesh and the attention front door."""
+
     rank: int
     world_size: int
-    dp_rank: int
-    dp_size: int
-    sp_rank: int
-    sp_size: int
-    sp_group: object
-    dp_group: object
     device: torch.device
+    mesh: DeviceMesh  # from ringattn.init_mesh: dims ("dp", "ring", "ulysses"), "sp" flattened
     sp: ringattn.SequenceParallel
 
     @property
     def is_logger(self) -> bool:  # the one rank that writes shared files and logs
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh["dp"].size()
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group()
 
 
 def _elastic_store(timeout: datetime.timedelta) -> dict:
@@ -110,7 +124,8 @@ def _elastic_store(timeout: datetime.timedelta) -> dict:
     return {"store": dist.PrefixStore(f"ringattn/attempt_{attempt}", store), "rank": rank, "world_size": world}
 
 
-def init(cfg: ParallelConfig) -> Mesh:
+def init_world(timeout: datetime.timedelta) -> torch.device:
+    """The default process group (gloo on CPU, nccl on GPU) and this rank's device."""
     if torch.cuda.is_available():
         backend = "nccl"
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -126,26 +141,22 @@ def init(cfg: ParallelConfig) -> Mesh:
     if "RANK" not in os.environ:  # one process, no launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout,
                                 **_elastic_store(timeout))
-    world, rank = dist.get_world_size(), dist.get_rank()
+    return device
+
+
+def init(cfg: ParallelConfig) -> Context:
+    """The process group, the (dp, ring, ulysses) mesh and ``SequenceParallel`` on it. Every group
+    gets ``collective_timeout_s`` (the mesh's groups do not inherit init_process_group's)."""
+    timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
+    device = init_world(timeout)
+    world = dist.get_world_size()
     validate(cfg, world)
-    sp_size = cfg.sp_size
-    dp_size = world // sp_size
-    sp_group = dp_group = None
-    for d in range(dp_size):  # every rank must create every group, in the same order
-        g = dist.new_group([d * sp_size + i for i in range(sp_size)], timeout=timeout)
-        if rank // sp_size == d:
-            sp_group = g
-    for i in range(sp_size):
-        g = dist.new_group([d * sp_size + i for d in range(dp_size)], timeout=timeout)
-        if rank % sp_size == i:
-            dp_group = g
-    sp = ringattn.SequenceParallel(strategy=cfg.strategy, layout=cfg.layout, group=sp_group,
-                                   ulysses_size=cfg.ulysses_size if cfg.strategy == "hybrid" else None)
-    return Mesh(rank, world, rank // sp_size, dp_size, rank % sp_size, sp_size, sp_group, dp_group, device, sp)
+    mesh = ringattn.init_mesh(sp=cfg.sp_size, ulysses=cfg.ulysses_size, device_type=device.type, timeout=timeout)
+    sp = ringattn.SequenceParallel(cfg.strategy, cfg.layout, mesh=mesh)
+    return Context(dist.get_rank(), world, device, mesh, sp)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -36,9 +36,8 @@ class MemoryEstimate:
 def estimate(model, dtype: str, zero_stage: int, offload_optimizer: bool, offload_param: bool,
              world_size: int, sp_size: int, micro: int, seq_len: int,
              activation_checkpointing: bool) -> MemoryEstimate:
-    """``model``: a LlamaConfig with its vocab_size set, or recipes.models' HFShape (which has no
-    kv / ffn widths: the activations then assume full-width K/V and an ffn of 4 x dim)."""
-    n = model.num_params()
+    """``model``: the ``recipes.models.ModelShape`` of the recipe's model object."""
+    n = model.params
     b = 2 if dtype == "bf16" else 4
     opt_bytes = 12 if dtype == "bf16" else 8
     w = world_size
@@ -54,8 +53,7 @@ def estimate(model, dtype: str, zero_stage: int, offload_optimizer: bool, offloa
         params = 0.0
 
     tokens = micro * seq_len // sp_size
-    kv = model.kv_heads * model.head_dim if hasattr(model, "kv_heads") else model.dim
-    ffn = getattr(model, "ffn_dim", 4 * model.dim)
+    kv, ffn = model.kv_dim, model.ffn_dim
     per_layer_token = (7 * model.dim + 3 * kv + 4 * ffn) * b
     if activation_checkpointing:
         layers = model.n_layers * model.dim * b * tokens + per_layer_token * tokens

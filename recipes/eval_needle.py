@@ -168,59 +168,67 @@ def load_weights(job: NeedleJob, model) -> str:
     return path
 
 
-def build_model(job: NeedleJob, mesh, tokenizer):
+def resolve_model(job: NeedleJob):
+    """(the model object, the tokenizer, whether weights come from a DeepSpeed checkpoint)."""
     model_cfg, saved = model_config_of(job)
-    if saved is not None and models.is_hf(model_cfg):
+    from_checkpoint = saved is not None
+    if from_checkpoint and models.is_hf(model_cfg):
         final = os.path.join(_run_dir_of(job.checkpoint), models.HF_DIRNAME)
         if os.path.isdir(final) and not _is_step_dir(job.checkpoint):
             from dataclasses import replace
 
             # the saved model already carries the new RoPE theta in its config
-            model_cfg, saved = replace(model_cfg, path=final, rope_theta=None), None
-    model_cfg = models.resolve(model_cfg, tokenizer)
-    model = models.build(model_cfg, mesh.sp, torch.device("cpu"), {})
-    source = getattr(model_cfg, "path", None)
-    if saved is not None:
-        source = load_weights(job, model)
-    model = model.to(mesh.device, torch.bfloat16 if job.dtype == "bf16" else torch.float32).eval()
-    return model, model_cfg, source
+            model_cfg, from_checkpoint = replace(model_cfg, path=final, rope_theta=None), False
+    tok_path = job.tokenizer or (saved.data.get("tokenizer") if saved is not None else None)
+    tokenizer = data.build_tokenizer(data.DataConfig(tokenizer=tok_path))
+    return models.resolve(model_cfg, tokenizer), tokenizer, from_checkpoint
+
+
+def build_model(job: NeedleJob, model, ctx, from_checkpoint: bool):
+    """(the module on ctx.device in eval mode, where its weights came from)."""
+    module = model.build(ctx.sp, torch.device("cpu"), {})
+    source = getattr(model.cfg, "path", None)
+    if from_checkpoint:
+        source = load_weights(job, module)
+    module = module.to(ctx.device, torch.bfloat16 if job.dtype == "bf16" else torch.float32).eval()
+    return module, source
 
 
 # ---- evaluation ------------------------------------------------------------------------------
 
-def _sp_sum(t, mesh):
-    if mesh.sp_size > 1:
-        dist.all_reduce(t, group=mesh.sp_group)
+def _sp_sum(t, ctx):
+    if ctx.sp.world_size > 1:
+        dist.all_reduce(t, group=ctx.sp.group)
     return t
 
 
-def _dp_sum(values, mesh):
-    t = torch.tensor(values, dtype=torch.float64, device=mesh.device)
-    if mesh.dp_size > 1:
-        dist.all_reduce(t, group=mesh.dp_group)
+def _dp_sum(values, ctx):
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    if ctx.dp_size > 1:
+        dist.all_reduce(t, group=ctx.dp_group)
     return t.tolist()
 
 
 @torch.no_grad()
-def score(model, mesh, tokens, labels, positions):
+def score(model, ctx, tokens, labels, positions):
     """(exactly right samples, right answer tokens, answer tokens) of a batch of full sequences."""
-    x, y = mesh.sp.shard(tokens.to(mesh.device)), mesh.sp.shard(labels.to(mesh.device))
+    x, y = ctx.sp.shard(tokens.to(ctx.device)), ctx.sp.shard(labels.to(ctx.device))
     pred = model(x, positions).argmax(-1)
     mask = y != IGNORE_INDEX
     per = torch.stack([((pred != y) & mask).sum(1), mask.sum(1)], 1).to(torch.float64)
-    per = _sp_sum(per, mesh)  # (batch, [wrong, answer tokens]) over the whole sequence
+    per = _sp_sum(per, ctx)  # (batch, [wrong, answer tokens]) over the whole sequence
     return int((per[:, 0] == 0).sum()), float((per[:, 1] - per[:, 0]).sum()), float(per[:, 1].sum())
 
 
 @torch.no_grad()
-def perplexity(model, mesh, ids: List[int], length: int, positions) -> Optional[float]:
+def perplexity(model, ctx, ids: List[int], length: int, positions) -> Optional[float]:
     if len(ids) < length + 1:
         return None
     seq = torch.tensor(ids[:length + 1])[None]
-    x, y = mesh.sp.shard(seq[:, :-1].to(mesh.device)), mesh.sp.shard(seq[:, 1:].to(mesh.device))
+    x, y = ctx.sp.shard(seq[:, :-1].to(ctx.device)), ctx.sp.shard(seq[:, 1:].to(ctx.device))
     logits = model(x, positions).float()
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
-    nll = _sp_sum(nll.reshape(1).to(torch.float64), mesh)
+    nll = _sp_sum(nll.reshape(1).to(torch.float64), ctx)
     return float(torch.exp(nll / length))
 
 
@@ -240,23 +248,20 @@ def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
                          f"{job.parallel.sp_size}: they must be multiples of {div}")
     distributed.validate(job.parallel, distributed.env_world_size())
     tracking.validate(job.logger)
-    model_cfg, saved = model_config_of(job)
-    if not models.is_hf(model_cfg) or os.path.isfile(os.path.join(model_cfg.path, "config.json")):
-        distributed.validate_heads(job.parallel, *models.heads(model_cfg))
-    mesh = distributed.init(job.parallel)
+    model, tokenizer, from_checkpoint = resolve_model(job)
+    distributed.validate_heads(job.parallel, model.heads)
+    ctx = distributed.init(job.parallel)
     out_dir = distributed.agree_on_run_dir(out_dir)
-    tok_path = job.tokenizer or (saved.data.get("tokenizer") if saved is not None else None)
-    tokenizer = data.build_tokenizer(data.DataConfig(tokenizer=tok_path))
-    model, model_cfg, source = build_model(job, mesh, tokenizer)
+    module, source = build_model(job, model, ctx, from_checkpoint)
     text = TextNeedle(tokenizer, job.passkey_digits) if job.task == "text" else None
 
     acc = np.zeros((len(job.depths), len(job.lengths)))
     tok_acc = np.zeros_like(acc)
     for j, length in enumerate(job.lengths):
-        positions = mesh.sp.positions(length, device=mesh.device)
+        positions = ctx.sp.positions(length, device=ctx.device)
         for i, depth in enumerate(job.depths):
             # sample s of the cell is the same whatever the world; DP ranks take every dp-th
-            mine = list(range(mesh.dp_rank, job.samples, mesh.dp_size))
+            mine = list(range(ctx.dp_rank, job.samples, ctx.dp_size))
             right = right_tok = n_tok = 0.0
             for b in range(0, len(mine), job.batch_size):
                 batch = []
@@ -265,11 +270,11 @@ def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
                     batch.append(text.sample(length, depth, rng) if text else
                                  passkey_sample(length, depth, job.passkey_digits, rng))
                 tokens, labels = (torch.stack(t) for t in zip(*batch))
-                r, rt, nt = score(model, mesh, tokens, labels, positions)
+                r, rt, nt = score(module, ctx, tokens, labels, positions)
                 right, right_tok, n_tok = right + r, right_tok + rt, n_tok + nt
-            right, right_tok, n_tok = _dp_sum([right, right_tok, n_tok], mesh)
+            right, right_tok, n_tok = _dp_sum([right, right_tok, n_tok], ctx)
             acc[i, j], tok_acc[i, j] = right / job.samples, right_tok / max(n_tok, 1.0)
-            if mesh.is_logger:
+            if ctx.is_logger:
                 log.info("length %6d depth %.2f: %.3f (answer tokens %.3f)", length, depth, acc[i, j], tok_acc[i, j])
 
     ppl = None
@@ -279,7 +284,7 @@ def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
             ids = tokenizer.encode(f.read())
         ppl = {}
         for length in job.lengths:
-            ppl[str(length)] = perplexity(model, mesh, ids, length, mesh.sp.positions(length, device=mesh.device))
+            ppl[str(length)] = perplexity(module, ctx, ids, length, ctx.sp.positions(length, device=ctx.device))
 
     table = {
         "task": job.task, "model": source, "lengths": list(job.lengths), "depths": list(job.depths),
@@ -287,7 +292,7 @@ def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
         "chance": 10.0 ** -job.passkey_digits, "accuracy": acc.tolist(), "answer_token_accuracy": tok_acc.tolist(),
         "mean_accuracy": float(acc.mean()), "parallel": resolved.get("parallel"), "perplexity": ppl,
     }
-    if mesh.is_logger:
+    if ctx.is_logger:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "needle.json"), "w") as f:
             json.dump(table, f, indent=1)

@@ -43,92 +43,155 @@ def is_hf(cfg) -> bool:
     return isinstance(cfg, HFModelConfig)
 
 
-def resolve(cfg, tokenizer):
-    """Fill in what comes from elsewhere (the Llama vocabulary from the tokenizer) and check."""
-    if is_hf(cfg):
-        vocab = _hf_config(cfg).vocab_size
-        if vocab < tokenizer.vocab_size:
-            raise ValueError(f"model.path={cfg.path}: vocabulary {vocab} < tokenizer vocabulary "
-                             f"{tokenizer.vocab_size} (pass the model's tokenizer as data.tokenizer)")
-        return cfg
-    if cfg.vocab_size is None:
-        return dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
-    if cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
-    return cfg
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers FLOPs, parameter reporting and the memory estimate read, the same for both kinds."""
 
-
-def heads(cfg) -> tuple:
-    """(query heads, kv heads), for the up-front Ulysses checks."""
-    if not is_hf(cfg):
-        return cfg.n_heads, cfg.kv_heads
-    config = _hf_config(cfg)
-    return config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
-def _hf_config(cfg: HFModelConfig):
-    if not os.path.isfile(os.path.join(cfg.path, "config.json")):
-        raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json there (a local Hugging Face "
-                                "model directory is needed; nothing is downloaded)")
-    from ringattn.models import hf
-
-    return hf.load_config(cfg.path, cfg.rope_theta, cfg.max_position_embeddings)
-
-
-@dataclass
-class HFShape:
-    """The numbers the recipe's FLOPs and parameter reporting read from a model config
-    (``recipes.train.flops_per_step`` counts the output head as ``vocab_size * dim`` itself)."""
-
-    dim: int  # hidden size (attention FLOPs use it too: exact when heads x head_dim == hidden)
+    dim: int  # hidden size
     n_layers: int
     vocab_size: int
+    kv_dim: int  # kv heads x head dim: the width of K and V
+    ffn_dim: int
     params: int  # all parameters
     embedding_params: int  # input embedding and untied output head
 
     def num_params(self, include_embedding: bool = True) -> int:
         return self.params if include_embedding else self.params - self.embedding_params
 
-
-def shape(cfg):
-    """``cfg`` itself for our Llama; for HF models the same numbers, from a meta-device model."""
-    if not is_hf(cfg):
-        return cfg
-    from ringattn.models import hf
-
-    config = _hf_config(cfg)
-    meta = hf.empty_model(config)
-    emb = {id(p): p.numel() for m in (meta.get_input_embeddings(), meta.get_output_embeddings()) if m is not None
-           for p in m.parameters()}
-    return HFShape(dim=config.hidden_size, n_layers=config.num_hidden_layers, vocab_size=config.vocab_size,
-                   params=sum(p.numel() for p in meta.parameters()), embedding_params=sum(emb.values()))
+    def flops_per_step(self, global_batch: int, seq_len: int) -> float:
+        """6 N per token for the matmuls (embedding lookup excluded, output head included) plus
+        causal attention: forward 4*b*s^2*dim per layer halved by the mask, backward 2.5x forward
+        (exact when heads x head_dim == dim)."""
+        n = self.num_params(include_embedding=False) + self.vocab_size * self.dim
+        return 6 * n * global_batch * seq_len + 3.5 * 2 * global_batch * seq_len**2 * self.dim * self.n_layers
 
 
-def build(cfg, sp, device, ds_config: dict):
-    """The model, on ``device``. HF under ZeRO-3: loaded partitioned (see ringattn.models.hf)."""
-    if not is_hf(cfg):
-        return Llama(cfg, sp=sp).to(device)
-    from ringattn.models.hf import HFCausalLM
+class LlamaModel:
+    """Our Llama (``ringattn.models.Llama``) from its resolved config."""
 
-    keep = None
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-        from transformers.integrations import HfDeepSpeedConfig
+    def __init__(self, cfg: LlamaConfig):
+        cfg.validate()
+        self.cfg = cfg
 
-        # While alive, from_pretrained builds the model inside deepspeed.zero.Init (partitioned).
-        # zero.Init reads the config before DeepSpeed's own comm is up (it would take the world
-        # as 1 and reject train_batch_size); the micro batch and accumulation define it anyway.
-        keep = HfDeepSpeedConfig({k: v for k, v in ds_config.items() if k != "train_batch_size"})
-    model = HFCausalLM.from_pretrained(cfg.path, sp, rope_theta=cfg.rope_theta,
-                                       max_position_embeddings=cfg.max_position_embeddings)
-    if keep is not None and sp.rank == 0:
-        p = next(model.parameters())
-        log.info("ZeRO-3 load: parameter shapes partitioned (first: local %s of %s)",
-                 tuple(p.shape), getattr(p, "ds_shape", None))
-    del keep
-    if cfg.activation_checkpointing:
-        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.hf.config.use_cache = False
-    return model.to(device)
+    @property
+    def heads(self) -> tuple:
+        """(query heads, kv heads)."""
+        return self.cfg.n_heads, self.cfg.kv_heads
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.cfg.activation_checkpointing
+
+    @property
+    def shape(self) -> ModelShape:
+        c = self.cfg
+        return ModelShape(dim=c.dim, n_layers=c.n_layers, vocab_size=c.vocab_size, kv_dim=c.kv_heads * c.head_dim,
+                          ffn_dim=c.ffn_dim, params=c.num_params(),
+                          embedding_params=c.num_params() - c.num_params(include_embedding=False))
+
+    def build(self, sp, device, ds_config: dict):
+        """The model, on ``device``."""
+        return Llama(self.cfg, sp=sp).to(device)
+
+    def save_final(self, engine, run_dir: str, rank: int) -> Optional[str]:
+        """Nothing beyond the DeepSpeed checkpoints."""
+        return None
+
+
+class HFModel:
+    """A transformers causal LM from a local directory; its config is read once."""
+
+    def __init__(self, cfg: HFModelConfig, tokenizer):
+        if not os.path.isfile(os.path.join(cfg.path, "config.json")):
+            raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json there (a local Hugging Face "
+                                    "model directory is needed; nothing is downloaded)")
+        from ringattn.models import hf
+
+        self.cfg = cfg
+        self.config = hf.load_config(cfg.path, cfg.rope_theta, cfg.max_position_embeddings)
+        if self.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"model.path={cfg.path}: vocabulary {self.config.vocab_size} < tokenizer vocabulary "
+                             f"{tokenizer.vocab_size} (pass the model's tokenizer as data.tokenizer)")
+        self._shape = None
+
+    @property
+    def heads(self) -> tuple:
+        c = self.config
+        return c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.cfg.activation_checkpointing
+
+    @property
+    def shape(self) -> ModelShape:
+        """From a meta-device model (no memory), computed once."""
+        if self._shape is None:
+            from ringattn.models import hf
+
+            c = self.config
+            meta = hf.empty_model(c)
+            emb = {id(p): p.numel() for m in (meta.get_input_embeddings(), meta.get_output_embeddings())
+                   if m is not None for p in m.parameters()}
+            n_heads, kv_heads = self.heads
+            head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+            self._shape = ModelShape(dim=c.hidden_size, n_layers=c.num_hidden_layers, vocab_size=c.vocab_size,
+                                     kv_dim=kv_heads * head_dim,
+                                     ffn_dim=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
+                                     params=sum(p.numel() for p in meta.parameters()),
+                                     embedding_params=sum(emb.values()))
+        return self._shape
+
+    def build(self, sp, device, ds_config: dict):
+        """The model, on ``device``. Under ZeRO-3: loaded partitioned (see ringattn.models.hf)."""
+        from ringattn.models.hf import HFCausalLM
+
+        cfg, keep = self.cfg, None
+        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # While alive, from_pretrained builds the model inside deepspeed.zero.Init (partitioned).
+            # zero.Init reads the config before DeepSpeed's own comm is up (it would take the world
+            # as 1 and reject train_batch_size); the micro batch and accumulation define it anyway.
+            keep = HfDeepSpeedConfig({k: v for k, v in ds_config.items() if k != "train_batch_size"})
+        model = HFCausalLM.from_pretrained(cfg.path, sp, rope_theta=cfg.rope_theta,
+                                           max_position_embeddings=cfg.max_position_embeddings)
+        if keep is not None and sp.rank == 0:
+            p = next(model.parameters())
+            log.info("ZeRO-3 load: parameter shapes partitioned (first: local %s of %s)",
+                     tuple(p.shape), getattr(p, "ds_shape", None))
+        del keep
+        if cfg.activation_checkpointing:
+            model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.hf.config.use_cache = False
+        return model.to(device)
+
+    def save_final(self, engine, run_dir: str, rank: int) -> Optional[str]:
+        """Write ``<run_dir>/hf_model`` (from rank 0), loadable by transformers with the new RoPE θ
+        in its config. Weights as trained (bf16 runs save bf16). Collective under ZeRO-3."""
+        if not self.cfg.save_final:
+            return None
+        module = engine.module
+        sd = full_state_dict(module.hf, engine.zero_optimization_stage() == 3, rank)
+        out = os.path.join(run_dir, HF_DIRNAME)
+        if rank == 0:
+            module.save_pretrained(out, state_dict=sd)
+            log.info("saved the Hugging Face model to %s (rope_theta %s)", out,
+                     (module.hf.config.rope_parameters or {}).get("rope_theta"))
+        return out
+
+
+def resolve(cfg, tokenizer):
+    """The one model object a recipe uses (``LlamaModel`` or ``HFModel``): heads, shape (parameter
+    count, FLOPs), build and save. Fills in what comes from elsewhere (our Llama's vocabulary
+    from the tokenizer) and checks it; reads an HF model's config.json, nothing bigger."""
+    if is_hf(cfg):
+        return HFModel(cfg, tokenizer)
+    if cfg.vocab_size is None:
+        cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
+    elif cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
+    return LlamaModel(cfg)
 
 
 def full_state_dict(module, zero3: bool, rank: int):
@@ -145,18 +208,3 @@ def full_state_dict(module, zero3: bool, rank: int):
             sd.update({n: b.detach().cpu() for n, b in module.named_buffers()})
         return sd
     return {k: v.detach().cpu() for k, v in module.state_dict().items()} if rank == 0 else None
-
-
-def save_final(engine, cfg, run_dir: str, rank: int) -> Optional[str]:
-    """HF models: write ``<run_dir>/hf_model`` (from rank 0), loadable by transformers with the
-    new RoPE θ in its config. Weights as trained (bf16 runs save bf16). Collective under ZeRO-3."""
-    if not is_hf(cfg) or not cfg.save_final:
-        return None
-    module = engine.module
-    sd = full_state_dict(module.hf, engine.zero_optimization_stage() == 3, rank)
-    out = os.path.join(run_dir, HF_DIRNAME)
-    if rank == 0:
-        module.save_pretrained(out, state_dict=sd)
-        log.info("saved the Hugging Face model to %s (rope_theta %s)", out,
-                 (module.hf.config.rope_parameters or {}).get("rope_theta"))
-    return out

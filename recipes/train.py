@@ -82,13 +82,13 @@ class Plan:
     grad_accum: int
 
 
-def plan(job: JobConfig, world_size: int) -> Plan:
-    """Every check that needs no process group: bad input fails here, before any work."""
+def plan(job: JobConfig, world_size: int, model) -> Plan:
+    """Every check that needs no process group: bad input fails here, before any work.
+    ``model``: the resolved model object (``recipes.models.resolve``)."""
     distributed.validate(job.parallel, world_size)
-    distributed.validate_heads(job.parallel, *models.heads(job.model))
+    distributed.validate_heads(job.parallel, model.heads)
     engine_lib.validate(job.deepspeed)
     tracking.validate(job.logger)
-    data.check_files(job.data)
     t, d = job.trainer, job.data
     if t.dtype not in ("fp32", "bf16"):
         raise ValueError(f"trainer.dtype={t.dtype!r}: expected fp32 or bf16")
@@ -128,13 +128,6 @@ def peak_flops(t: TrainerConfig, device: torch.device) -> Optional[float]:
     return next((v * 1e12 for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def flops_per_step(m: LlamaConfig, global_batch: int, seq_len: int) -> float:
-    """6 N per token for the matmuls (embedding lookup excluded) plus causal attention:
-    forward 4*b*s^2*dim per layer halved by the mask, backward 2.5x forward."""
-    n = m.num_params(include_embedding=False) + m.vocab_size * m.dim
-    return 6 * n * global_batch * seq_len + 3.5 * 2 * global_batch * seq_len**2 * m.dim * m.n_layers
-
-
 def _fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -157,9 +150,9 @@ def _all_sum(*values, device):
 
 
 @torch.no_grad()
-def evaluate(engine, batches, mesh, job, positions):
+def evaluate(engine, batches, ctx, job, positions):
     tokens, labels, _ = batches.eval_batch(job.data.eval_batch_size)
-    tokens, labels = mesh.sp.shard(tokens.to(mesh.device)), mesh.sp.shard(labels.to(mesh.device))
+    tokens, labels = ctx.sp.shard(tokens.to(ctx.device)), ctx.sp.shard(labels.to(ctx.device))
     engine.eval()
     correct = total = 0
     for i in range(0, tokens.shape[0], batches.micro):
@@ -169,32 +162,37 @@ def evaluate(engine, batches, mesh, job, positions):
         correct += (logits.argmax(-1)[mask] == lab[mask]).sum().item()
         total += mask.sum().item()
     engine.train()
-    correct, total = _all_sum(correct, total, device=mesh.device)
+    correct, total = _all_sum(correct, total, device=ctx.device)
     return correct / max(total, 1)
 
 
+def resolve_model(job: JobConfig):
+    """The tokenizer and the one model object the recipe asks everything about the model."""
+    data.check_files(job.data)
+    tokenizer = data.build_tokenizer(job.data)
+    return tokenizer, models.resolve(job.model, tokenizer)
+
+
 def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
-    p = plan(job, distributed.env_world_size())
-    mesh = distributed.init(job.parallel)
+    tokenizer, model = resolve_model(job)
+    p = plan(job, distributed.env_world_size(), model)
+    ctx = distributed.init(job.parallel)
     run_dir = distributed.agree_on_run_dir(run_dir)
     torch.manual_seed(job.trainer.seed)
-
-    tokenizer = data.build_tokenizer(job.data)
-    model_cfg = models.resolve(job.model, tokenizer)
     dataset = data.build_dataset(job.data, job.trainer.seed, tokenizer)
 
     # Resume: find and check the latest complete checkpoint before building anything big.
-    ckpt, expect = None, {"model": dataclasses.asdict(model_cfg), "seq_len": job.data.seq_len,
+    ckpt, expect = None, {"model": dataclasses.asdict(model.cfg), "seq_len": job.data.seq_len,
                           "global_batch_size": job.data.global_batch_size, "seed": job.trainer.seed,
                           "data_kind": job.data.kind}
-    if mesh.is_logger:
+    if ctx.is_logger:
         try:
             ckpt = checkpoint.latest(run_dir)
             if ckpt:
                 meta = checkpoint.read_meta(ckpt)
                 expect_here = dict(expect)
                 if job.deepspeed.zero_stage > 0:  # partitioned optimizer state: same world only
-                    expect_here["world_size"] = mesh.world_size
+                    expect_here["world_size"] = ctx.world_size
                     expect_here["zero_stage"] = job.deepspeed.zero_stage
                 checkpoint.check_compatible(ckpt, meta, expect_here)
                 checkpoint.verify_files(ckpt)
@@ -208,43 +206,43 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
         raise checkpoint.CheckpointError(err)
 
     ds_config = engine_lib.deepspeed_config(job.deepspeed, job.optim, job.trainer.dtype, p.micro, p.grad_accum,
-                                            mesh.world_size)
-    model = models.build(model_cfg, mesh.sp, mesh.device, ds_config)
-    engine = engine_lib.build(model, ds_config, job.optim, job.trainer.max_steps)
+                                            ctx.world_size)
+    module = model.build(ctx.sp, ctx.device, ds_config)
+    engine = engine_lib.build(module, ds_config, job.optim, job.trainer.max_steps)
     start = 0
     if ckpt:
-        checkpoint.load(engine, ckpt, mesh.rank)
+        checkpoint.load(engine, ckpt, ctx.rank)
         start = checkpoint.read_meta(ckpt)["step"]
 
-    batches = data.StepBatches(dataset, job.data.global_batch_size, mesh.dp_rank, p.dp, p.micro)
-    positions = mesh.sp.positions(job.data.seq_len, device=mesh.device)
+    batches = data.StepBatches(dataset, job.data.global_batch_size, ctx.dp_rank, p.dp, p.micro)
+    positions = ctx.sp.positions(job.data.seq_len, device=ctx.device)
     tracker = tracking.NullTracker()
-    if mesh.is_logger:
+    if ctx.is_logger:
         OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
         tracker = tracking.Tracker(job.logger, run_dir, resolved, resume_step=start)
-        n_params = sum(x.numel() for x in model.parameters()) if job.deepspeed.zero_stage < 3 else models.shape(model_cfg).num_params()
+        n_params = model.shape.num_params()
         log.info("run dir %s | world %d = dp %d x sp %d | micro %d x accum %d | %.2fM params | %s",
-                 run_dir, mesh.world_size, p.dp, mesh.sp_size, p.micro, p.grad_accum, n_params / 1e6,
+                 run_dir, ctx.world_size, p.dp, ctx.sp.world_size, p.micro, p.grad_accum, n_params / 1e6,
                  f"resumed from {ckpt} at step {start}" if ckpt else "fresh start")
 
     # DeepSpeed reports the gradient norm except on its plain fp32 path (stage 0, no bf16)
     own_grad_norm = not engine.zero_optimization() and not engine.bfloat16_enabled()
     t = job.trainer
-    peak = peak_flops(t, mesh.device)
-    step_flops = flops_per_step(models.shape(model_cfg), job.data.global_batch_size, job.data.seq_len)
+    peak = peak_flops(t, ctx.device)
+    step_flops = model.shape.flops_per_step(job.data.global_batch_size, job.data.seq_len)
     tokens_per_step = job.data.global_batch_size * job.data.seq_len
     t_begin, t_last, steps_timed = time.time(), time.time(), 0
     for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
-        micro_batches = [(mesh.sp.shard(x.to(mesh.device)), mesh.sp.shard(y.to(mesh.device)),
-                          None if cu is None else cu.to(mesh.device))
+        micro_batches = [(ctx.sp.shard(x.to(ctx.device)), ctx.sp.shard(y.to(ctx.device)),
+                          None if cu is None else cu.to(ctx.device))
                          for x, y, cu in batches.micro_batches(step - 1)]
         local_valid = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in micro_batches)
-        (n_valid,) = _all_sum(local_valid, device=mesh.device)  # valid tokens of the global batch
-        scale = mesh.world_size / max(n_valid, 1.0)  # see the note in recipes/engine.py
+        (n_valid,) = _all_sum(local_valid, device=ctx.device)  # valid tokens of the global batch
+        scale = ctx.world_size / max(n_valid, 1.0)  # see the note in recipes/engine.py
         lr, loss_sum = engine.get_lr()[0], 0.0
         grad_norm = None
         for i, (x, y, cu) in enumerate(micro_batches):
-            pos = positions if cu is None else mesh.sp.positions(job.data.seq_len, device=mesh.device, cu_seqlens=cu)
+            pos = positions if cu is None else ctx.sp.positions(job.data.seq_len, device=ctx.device, cu_seqlens=cu)
             s = _token_loss_sum(engine(x, pos, cu), y)
             engine.backward(s * scale, scale_wrt_gas=False)
             if i == len(micro_batches) - 1 and own_grad_norm:
@@ -253,7 +251,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
             loss_sum += s.item()
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
-        (loss_sum,) = _all_sum(loss_sum, device=mesh.device)
+        (loss_sum,) = _all_sum(loss_sum, device=ctx.device)
         loss = loss_sum / max(n_valid, 1.0)
 
         if step % t.log_every == 0 or step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
@@ -264,13 +262,13 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
             metrics = {"loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                        "tokens_per_s": tokens_per_step / dt, "seq_len": job.data.seq_len}
             if peak:
-                metrics["mfu"] = step_flops / dt / (peak * mesh.world_size)
+                metrics["mfu"] = step_flops / dt / (peak * ctx.world_size)
             if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
                 if getattr(dataset, "chance", None) is not None:
-                    metrics["accuracy"] = evaluate(engine, batches, mesh, job, positions)
+                    metrics["accuracy"] = evaluate(engine, batches, ctx, job, positions)
                     metrics["accuracy_chance"] = dataset.chance
-            if mesh.is_logger:
-                metrics["mem_gb"] = (torch.cuda.max_memory_allocated() if mesh.device.type == "cuda"
+            if ctx.is_logger:
+                metrics["mem_gb"] = (torch.cuda.max_memory_allocated() if ctx.device.type == "cuda"
                                      else _rss()) / 2**30
                 tracker.log(step, metrics)
                 eta = (now - t_begin) / (step - start) * (t.max_steps - step)
@@ -281,16 +279,16 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
                       f"{metrics['tokens_per_s']:.0f} tok/s{mfu} | ETA {_fmt_time(eta)}", flush=True)
         stopping = step == t.stop_at_step
         if t.save_every and (step % t.save_every == 0 or step == t.max_steps or stopping):
-            meta = dict(expect, world_size=mesh.world_size, zero_stage=job.deepspeed.zero_stage,
+            meta = dict(expect, world_size=ctx.world_size, zero_stage=job.deepspeed.zero_stage,
                         samples_seen=step * job.data.global_batch_size)
-            checkpoint.save(engine, run_dir, step, meta, mesh.rank,
+            checkpoint.save(engine, run_dir, step, meta, ctx.rank,
                             crash_before_commit=(t.crash_in_save_at_step == step))
         if stopping:
             break
     if start < t.max_steps and step == t.max_steps:
-        models.save_final(engine, model_cfg, run_dir, mesh.rank)
+        model.save_final(engine, run_dir, ctx.rank)
     tracker.close()
-    if mesh.is_logger:
+    if ctx.is_logger:
         log.info("done: step %d of %d, %s in this run", step if start < t.max_steps else start, t.max_steps,
                  _fmt_time(time.time() - t_begin))
 
@@ -298,15 +296,14 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
 def dry_run(job: JobConfig) -> None:
     """Every check of a real start that needs no process group, then the memory estimate."""
     world = job.trainer.dry_run_world_size or distributed.env_world_size()
-    p = plan(job, world)
-    model_cfg = models.resolve(job.model, data.build_tokenizer(job.data))
-    shape = models.shape(model_cfg)
+    _, model = resolve_model(job)
+    p = plan(job, world, model)
     ds, par = job.deepspeed, job.parallel
 
     def est(stage, **kw):
-        return estimate.estimate(shape, job.trainer.dtype, stage, world_size=world, sp_size=par.sp_size,
+        return estimate.estimate(model.shape, job.trainer.dtype, stage, world_size=world, sp_size=par.sp_size,
                                  micro=p.micro, seq_len=job.data.seq_len,
-                                 activation_checkpointing=model_cfg.activation_checkpointing, **kw)
+                                 activation_checkpointing=model.activation_checkpointing, **kw)
 
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -10,6 +10,7 @@ ulysses=1 the ring is the whole sp dim.
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -32,13 +33,15 @@ def _default_device_type() -> str:
 
 
 def init_mesh(*, dp: int | None = None, sp: int | None = None, ulysses: int = 1,
-              device_type: str | None = None) -> DeviceMesh:
+              device_type: str | None = None, timeout: datetime.timedelta | None = None) -> DeviceMesh:
     """A (dp, ring, ulysses) device mesh with its ("ring", "ulysses") dims flattened to "sp".
 
     dp defaults to world // sp, sp to world // dp (the whole world when neither is
     given); dp * sp must equal the world size and ulysses must divide sp. Sizes are
     checked before any communication. device_type: "cuda" (NCCL) or "cpu" (gloo);
-    default from the initialised backend.
+    default from the initialised backend. timeout: how long a collective of the mesh's
+    groups may wait for a peer; None: torch's default for new groups (which is NOT the
+    timeout given to ``init_process_group``).
     """
     world = _world_size()
     for name, value in (("dp", dp), ("sp", sp), ("ulysses", ulysses)):
@@ -52,12 +55,28 @@ def init_mesh(*, dp: int | None = None, sp: int | None = None, ulysses: int = 1,
         raise ValueError(f"init_mesh: dp ({dp}) x sp ({sp}) = {dp * sp} must equal the world size ({world})")
     if sp % ulysses:
         raise ValueError(f"init_mesh: ulysses ({ulysses}) must divide sp ({sp})")
-    mesh = init_device_mesh(device_type or _default_device_type(), (dp, sp // ulysses, ulysses),
-                            mesh_dim_names=("dp", "ring", "ulysses"))
+    device_type = device_type or _default_device_type()
+    override = _timeout_options(device_type, timeout)
+    names = ("dp", "ring", "ulysses")
+    mesh = init_device_mesh(device_type, (dp, sp // ulysses, ulysses), mesh_dim_names=names,
+                            backend_override=None if override is None else dict.fromkeys(names, override))
     # A private but stable call (torchtitan builds its meshes the same way); the flattened
     # mesh is cached on the root, so later calls return the same groups.
-    mesh["ring", "ulysses"]._flatten("sp")
+    mesh["ring", "ulysses"]._flatten("sp", backend_override=override)
     return mesh
+
+
+def _timeout_options(device_type: str, timeout: datetime.timedelta | None):
+    """(backend, options) that give every group of a mesh ``timeout``: DeviceMesh creates its
+    groups with torch's default timeout unless the options carry one."""
+    if timeout is None:
+        return None
+    if device_type == "cuda":
+        backend, options = "nccl", dist.ProcessGroupNCCL.Options()
+    else:
+        backend, options = "gloo", dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return backend, options
 
 
 def mesh_sp_sizes(mesh: DeviceMesh) -> tuple[int, int | None]:

@@ -139,7 +139,7 @@ def _no_work_done(run_dir: Path):
     (1, ["parallel.sp_size=2"], "does not divide the world size 1"),
     (1, ["parallel.ulysses_size=2"], "parallel.ulysses_size=2 does not divide parallel.sp_size=1"),
     (2, ["parallel.sp_size=2", "parallel.ulysses_size=2", "model.n_heads=3", "model.n_kv_heads=1",
-         "model.dim=96"], "needs heads (3) divisible"),
+         "model.dim=96"], "parallel.ulysses_size=2: Ulysses over 2 ranks needs heads divisible by 2"),
     (1, ["data=text", "data.seq_len=32", "data.files=[/no/such/file.txt]"], "data file not found: /no/such/file.txt"),
     (2, ["parallel.sp_size=2", "data.seq_len=30"], "must be a multiple of 4"),
     (1, ["trainer.dtype=fp16"], "expected fp32 or bf16"),

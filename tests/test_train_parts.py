@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from recipes import data, engine
+from recipes import data, engine, models
 from recipes.train import JobConfig, plan
 from ringattn.models import Llama, LlamaConfig
 from ringattn.models.llama import apply_rope, rope_cos_sin
@@ -124,10 +124,11 @@ def test_plan_derives_micro_batch_and_accumulation():
     job = JobConfig()
     job.data = dataclasses.replace(job.data, global_batch_size=16, micro_batch_size=2, eval_batch_size=16)
     job.parallel = dataclasses.replace(job.parallel, sp_size=2)
-    p = plan(job, world_size=8)
+    model = models.resolve(job.model, data.ByteTokenizer())
+    p = plan(job, 8, model)
     assert (p.dp, p.micro, p.grad_accum) == (4, 2, 2)
     ds = engine.deepspeed_config(job.deepspeed, job.optim, "fp32", p.micro, p.grad_accum, 8)
     assert ds["train_batch_size"] == 2 * 2 * 8 and ds["optimizer"]["params"]["lr"] == job.optim.lr
     job.data = dataclasses.replace(job.data, seq_len=ringattn.layout_divisor("zigzag", 2) * 10 + 2)
     with pytest.raises(ValueError, match="multiple of 4"):
-        plan(job, world_size=8)
+        plan(job, 8, model)
