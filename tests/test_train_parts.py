@@ -132,3 +132,22 @@ def test_plan_derives_micro_batch_and_accumulation():
     job.data = dataclasses.replace(job.data, seq_len=ringattn.layout_divisor("zigzag", 2) * 10 + 2)
     with pytest.raises(ValueError, match="multiple of 4"):
         plan(job, 8, model)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_object_answers_heads_shape_flops_and_builds(tie):
+    """recipes.models.resolve: the vocabulary comes from the tokenizer; the shape's counts are
+    the built module's; FLOPs per step = 6 N (output head included) + causal attention."""
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=tie)
+    model = models.resolve(cfg, data.ByteTokenizer())
+    assert model.heads == (4, 2) and model.cfg.vocab_size == data.ByteTokenizer.vocab_size
+    module = model.build(None, torch.device("cpu"), {})
+    shape = model.shape
+    assert shape.params == sum(p.numel() for p in module.parameters())
+    emb = module.tok_embeddings.weight.numel() * (1 if tie else 2)
+    assert shape.num_params(include_embedding=False) == shape.params - emb
+    assert (shape.kv_dim, shape.ffn_dim) == (2 * 8, cfg.ffn_dim)
+    n = shape.params - emb + shape.vocab_size * 32
+    assert shape.flops_per_step(3, 16) == 6 * n * 3 * 16 + 3.5 * 2 * 3 * 16**2 * 32 * 2
+    with pytest.raises(ValueError, match="model.vocab_size=10 < tokenizer vocabulary 259"):
+        models.resolve(dataclasses.replace(cfg, vocab_size=10), data.ByteTokenizer())
