@@ -9,20 +9,24 @@ from __future__ import annotations
 import torch
 
 from . import profile
-from .kernels import BACKENDS
+from .kernels import get_backend
 from .merge import PartialAttention
 
 
-def _kernel_for(kernel, task):
-    return kernel if task.mask is None or kernel.supports_mask else BACKENDS["sdpa"]
+def _kernel_for(kernel, task, q, softcap):
+    """The strategy's kernel, or for a masked block the fastest one that takes a mask
+    (and the softcap, if any)."""
+    if task.mask is None or kernel.supports_mask:
+        return kernel
+    return get_backend("auto", q, mask=True, softcap=softcap)
 
 
-def attend_blocks(kernel, tasks, q, k, v, scale, acc: PartialAttention) -> None:
+def attend_blocks(kernel, tasks, q, k, v, scale, acc: PartialAttention, softcap=None) -> None:
     """Run ``tasks`` (q rows x k/v rows) and merge each block's (out, lse) into ``acc``."""
     for t in tasks:
-        o, lse = _kernel_for(kernel, t).forward(
+        o, lse = _kernel_for(kernel, t, q, softcap).forward(
             q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], causal=t.causal, scale=scale,
-            mask=t.mask)
+            mask=t.mask, softcap=softcap)
         if t.mask is not None:
             # Rows this block hides entirely contribute nothing (fused kernels
             # report lse = 0 there, which the merge would weigh).
@@ -30,11 +34,13 @@ def attend_blocks(kernel, tasks, q, k, v, scale, acc: PartialAttention) -> None:
         acc.add(o, lse, t.q_rows)
 
 
-def block_grads(kernel, tasks, dout, q, k, v, out, lse, scale):
-    """[(task, (dq, dk, dv) of its block)] from the final out and lse of the whole rows."""
-    return [(t, _kernel_for(kernel, t).backward(
+def block_grads(kernel, tasks, dout, q, k, v, out, lse, scale, softcap=None):
+    """[(task, (dq, dk, dv) of its block)] from the final out and lse of the whole rows
+    (with sinks: the out' and lse' that include them)."""
+    return [(t, _kernel_for(kernel, t, q, softcap).backward(
         dout[:, t.q_rows], q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], out[:, t.q_rows],
-        lse[:, :, t.q_rows], causal=t.causal, scale=scale, mask=t.mask)) for t in tasks]
+        lse[:, :, t.q_rows], causal=t.causal, scale=scale, mask=t.mask, softcap=softcap))
+        for t in tasks]
 
 
 def record_step(plan_step, q, k):

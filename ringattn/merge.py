@@ -38,3 +38,38 @@ class PartialAttention:
         share = share.transpose(1, 2).unsqueeze(-1)  # (b, q_len, heads, 1)
         out.add_(share * (block_out.to(out.dtype) - out))
         lse.copy_(new_lse)
+
+    def add_sinks(self, sinks: torch.Tensor) -> None:
+        """Fold per-head attention sinks (GPT-OSS) into the finished rows: call once, after
+        every block is merged. See ``add_sinks``."""
+        self.out, self.lse = add_sinks(self.out, self.lse, sinks)
+
+
+def add_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
+    """A sink is a per-head logit in every row's softmax denominator with no value:
+        L' = logaddexp(L, sink),  o' = o * exp(L - L') = o * sigmoid(L - sink).
+
+    out (b, s, h, d), lse (b, h, s) of the complete rows (all keys merged), sinks (h,) of any
+    float dtype -> (out', lse') in out's / lse's dtype, computed in lse's (fp32/fp64).
+    Applied per block instead, the sink would be counted once per block.
+    """
+    sinks = sinks.detach().to(lse.dtype).view(1, -1, 1)
+    new_lse = torch.logaddexp(lse, sinks)
+    keep = torch.sigmoid(lse - sinks).transpose(1, 2).unsqueeze(-1)  # (b, s, h, 1)
+    return (out.to(lse.dtype) * keep).to(out.dtype), new_lse
+
+
+def sinks_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+               sinks: torch.Tensor) -> torch.Tensor:
+    """d loss / d sinks (h,) from this shard's query rows, given the *final* out' and lse'.
+
+    The sink's probability is P_sink = exp(sink - L'); its value is 0, so
+    d loss / d sink = P_sink * (0 - D) with D = rowsum(dO * O'), summed over batch and rows.
+    The kernels' backward with (O', L') is then exact for q, k, v unchanged (their D is the
+    same row sum). The sum over the other ranks' rows is the gradient reduction's job (a
+    replicated parameter: DDP / DeepSpeed sum it with every other gradient).
+    """
+    acc = lse.dtype
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # (b, h, s)
+    p_sink = torch.exp(sinks.detach().to(acc).view(1, -1, 1) - lse)
+    return (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)

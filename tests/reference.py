@@ -10,16 +10,26 @@ import math
 import torch
 
 
-def reference_attention(q, k, v, dout, *, causal, scale=None, mask=None):
-    """Full tensors (b, s, h, d) / (b, s, h_kv, d) -> float64 out, lse (b, h, s), dq, dk, dv.
+def reference_attention(q, k, v, dout, *, causal, scale=None, mask=None, softcap=None, sinks=None):
+    """Full tensors (b, s, h, d) / (b, s, h_kv, d) -> float64 out, lse (b, h, s), dq, dk, dv
+    (and dsinks when ``sinks`` is given).
 
     ``mask``: optional bool (s, s), True = visible; combined with ``causal``.
+    ``softcap``: scores -> c * tanh(scores / c) before masking (Gemma 2).
+    ``sinks``: (h,) per-head logits joining every row's softmax with no value (GPT-OSS),
+    written as GPT-OSS's eager attention does: one more softmax column, dropped after.
     """
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    leaves = (q, k, v)
+    if sinks is not None:
+        sinks = sinks.detach().double().requires_grad_()
+        leaves = (*leaves, sinks)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     g = q.shape[2] // k.shape[2]
     kr, vr = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     sq, sk = q.shape[1], k.shape[1]
     visible = torch.ones(sq, sk, dtype=torch.bool)
     if causal:
@@ -27,10 +37,13 @@ def reference_attention(q, k, v, dout, *, causal, scale=None, mask=None):
     if mask is not None:
         visible &= mask
     s = s.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
     lse = torch.logsumexp(s, dim=-1)
-    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), vr)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.double())
-    return out.detach(), lse.detach(), dq, dk, dv
+    p = torch.softmax(s, dim=-1)[..., :sk]
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vr)
+    grads = torch.autograd.grad(out, leaves, dout.double())
+    return (out.detach(), lse.detach(), *grads)
 
 
 def layout_indices(layout: str, seqlen: int, world_size: int, rank: int) -> torch.Tensor:

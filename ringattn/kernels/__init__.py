@@ -1,8 +1,9 @@
 """Attention kernel backends: one (Q block, KV block) -> (out, lse), and its backward.
 
-``get_backend(name, q)`` resolves ``"auto"`` to the fastest backend that supports q's
-device, dtype and head_dim (flash_attn > sdpa > math); an explicitly named backend that
-cannot run raises a ValueError saying what is missing.
+``get_backend(name, q, mask=..., softcap=...)`` resolves ``"auto"`` to the fastest backend
+that supports q's device, dtype and head_dim *and* the requested features (flash_attn >
+sdpa > math; ``math`` supports everything); an explicitly named backend that cannot run
+the input or lacks a feature raises a ValueError naming what is missing.
 """
 from __future__ import annotations
 
@@ -19,17 +20,31 @@ BACKENDS: dict[str, KernelBackend] = {
 _AUTO_ORDER = ("flash_attn", "sdpa", "math")
 
 
-def get_backend(name: str, q: torch.Tensor) -> KernelBackend:
+def missing_feature(backend: KernelBackend, q: torch.Tensor, *, mask: bool = False,
+                    softcap: float | None = None) -> str | None:
+    """None if ``backend`` can run q with these features, else what it lacks."""
+    why_not = backend.supports(q)
+    if why_not is not None:
+        return why_not
+    if mask and not backend.supports_mask:
+        return "it takes no attention mask (documents / sliding windows)"
+    if softcap is not None and not backend.supports_softcap:
+        return f"it has no logit softcapping (softcap={softcap})"
+    return None
+
+
+def get_backend(name: str, q: torch.Tensor, *, mask: bool = False,
+                softcap: float | None = None) -> KernelBackend:
     if name == "auto":
         for candidate in _AUTO_ORDER:
-            if BACKENDS[candidate].supports(q) is None:
+            if missing_feature(BACKENDS[candidate], q, mask=mask, softcap=softcap) is None:
                 return BACKENDS[candidate]
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
-    why_not = BACKENDS[name].supports(q)
+    why_not = missing_feature(BACKENDS[name], q, mask=mask, softcap=softcap)
     if why_not is not None:
         raise ValueError(f"backend {name!r} cannot run this input: {why_not}")
     return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "KernelBackend", "get_backend"]
+__all__ = ["BACKENDS", "KernelBackend", "get_backend", "missing_feature"]

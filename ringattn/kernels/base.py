@@ -12,6 +12,11 @@ Shapes (flash-attn convention, sequence before heads):
     out:  (batch, q_len, heads, head_dim)
     lse:  (batch, heads, q_len), float32 (float64 for float64 inputs)
 
+``softcap=c`` (Gemma 2) replaces each scaled score x by c * tanh(x / c) before the softmax.
+Feature flags say what a backend can do: ``supports_mask`` (a bool mask per block) and
+``supports_softcap``. Attention sinks need no kernel support: they are one more term in
+the merge (``ringattn.merge``), applied once per row after every block is merged.
+
 ``causal=True`` means top-left aligned: query i sees keys j <= i. Layouts only ask for
 causal on blocks whose query and key index sets line up that way (see ``ringattn.layouts``).
 """
@@ -25,13 +30,14 @@ import torch
 class KernelBackend(Protocol):
     name: str
     supports_mask: bool  # accepts ``mask``: bool (q_len, k_len), True = visible
+    supports_softcap: bool  # accepts ``softcap``: float, scores -> c * tanh(scores / c)
 
     def supports(self, q: torch.Tensor) -> str | None:
         """None if this backend can run q's device/dtype/head_dim, else why not."""
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None, softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (out in q.dtype or float32, lse float32)."""
 
@@ -47,6 +53,7 @@ class KernelBackend(Protocol):
         causal: bool,
         scale: float,
         mask: torch.Tensor | None = None,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv) shaped like q, k, v (k/v summed over their query-head group)."""
 

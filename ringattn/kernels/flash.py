@@ -29,6 +29,7 @@ class FlashAttnBackend:
     name = "flash_attn"
     # Irregular (document/window) blocks go to the sdpa backend, which takes a mask.
     supports_mask = False
+    supports_softcap = True  # flash-attn >= 2.6 ``softcap`` (tanh capping inside the kernel)
 
     def supports(self, q):
         if q.device.type != "cuda":
@@ -41,15 +42,16 @@ class FlashAttnBackend:
             return "flash-attn is not installed (pip install 'ringattn[flash]')"
         return None
 
-    def forward(self, q, k, v, *, causal, scale, mask=None):
+    def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None):
         assert mask is None, "flash_attn blocks take no mask (ring routes masked blocks to sdpa)"
         assert not causal or q.shape[1] == k.shape[1], "causal blocks must be square"
         out, lse, _ = _flash().flash_attn_func(
-            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True
+            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True,
+            **({} if softcap is None else {"softcap": float(softcap)}),
         )
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None):
         assert mask is None, "flash_attn blocks take no mask (ring routes masked blocks to sdpa)"
         fa = _flash()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -57,9 +59,12 @@ class FlashAttnBackend:
             dout=dout.to(q.dtype).contiguous(), q=q.contiguous(), k=k.contiguous(),
             v=v.contiguous(), out=out.to(q.dtype).contiguous(), softmax_lse=lse.contiguous(),
             dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=causal,
-            window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0,
+            window_size=(-1, -1), window_size_left=-1, window_size_right=-1,
+            softcap=0.0 if softcap is None else float(softcap),
             alibi_slopes=None, deterministic=False, rng_state=None,
         )
         params = inspect.signature(fa._flash_attn_backward).parameters
+        if softcap is not None and "softcap" not in params:  # pragma: no cover - old flash-attn
+            raise ValueError("this flash-attn has no softcap; install flash-attn >= 2.6")
         fa._flash_attn_backward(**{n: kwargs[n] for n in params if n in kwargs})
         return dq, dk, dv

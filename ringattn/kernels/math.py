@@ -1,8 +1,10 @@
 """Plain-PyTorch attention kernel: any device, any dtype, fp32 accumulation.
 
-It is the reference the fused backends are tested against, and the fallback where no
-fused kernel fits. Memory is O(q_len * k_len) per head: fine for blocks, not for whole
-long sequences.
+It is the reference the fused backends are tested against, the fallback where no fused
+kernel fits, and the torch path for logit softcapping (``softcap``), which PyTorch's
+fused ops cannot apply. Queries are processed in row tiles so that memory is
+O(tile * k_len) per head, never O(q_len * k_len): a tile's rows are independent in
+forward (each row's out/lse) and backward (each row's dq; dk/dv are summed over tiles).
 """
 from __future__ import annotations
 
@@ -10,56 +12,81 @@ import torch
 
 from .base import accumulation_dtype
 
+# Score elements (batch * heads * rows * k_len) one tile may hold: 2^25 fp32 = 128 MiB.
+_TILE_SCORES = 1 << 25
 
-def _scores(q, k, scale, causal, mask=None):
-    """fp32 (or fp64) scores (b, kv_heads, groups, q_len, k_len); GQA without repeating k."""
-    b, sq, h, d = q.shape
+
+def _row_tiles(q, k):
+    b, sq, h, _ = q.shape
+    rows = max(1, _TILE_SCORES // max(1, b * h * k.shape[1]))
+    return [slice(a, min(a + rows, sq)) for a in range(0, sq, rows)]
+
+
+def _scores(q, k, scale, causal, mask, softcap, rows):
+    """fp32 (or fp64) scores (b, kv_heads, groups, len(rows), k_len) of query ``rows``,
+    softcapped then masked; GQA without repeating k."""
+    b, _, h, d = q.shape
     hk = k.shape[2]
     acc = accumulation_dtype(q.dtype)
-    qg = q.to(acc).view(b, sq, hk, h // hk, d)
+    qg = q[:, rows].to(acc).view(b, -1, hk, h // hk, d)
     s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(acc)) * scale
-    if causal:
-        sk = k.shape[1]
-        hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
-        s = s.masked_fill(hidden, float("-inf"))
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if causal:  # top-left aligned: query i sees keys j <= i
+        i = torch.arange(rows.start, rows.stop, device=q.device).unsqueeze(1)
+        j = torch.arange(k.shape[1], device=q.device)
+        s = s.masked_fill(j > i, float("-inf"))
     if mask is not None:
-        s = s.masked_fill(~mask.to(s.device), float("-inf"))
+        s = s.masked_fill(~mask[rows].to(s.device), float("-inf"))
     return s
 
 
 class MathBackend:
     name = "math"
     supports_mask = True
+    supports_softcap = True
 
     def supports(self, q):
         return None
 
-    def forward(self, q, k, v, *, causal, scale, mask=None):
+    def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None):
         b, sq, h, d = q.shape
-        s = _scores(q, k, scale, causal, mask)
-        lse = torch.logsumexp(s, dim=-1)
-        # softmax subtracts the row max before exp: exact even when |logits| is so large
-        # that the fp32 lse itself is coarse. A row with no visible key gets p = 0, not NaN.
-        p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(lse).unsqueeze(-1), 0.0)
-        out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(p.dtype)).reshape(b, sq, h, d)
-        return out, lse.reshape(b, h, sq)
+        acc = accumulation_dtype(q.dtype)
+        out = torch.empty(b, sq, h, d, dtype=acc, device=q.device)
+        lse = torch.empty(b, h, sq, dtype=acc, device=q.device)
+        for rows in _row_tiles(q, k):
+            s = _scores(q, k, scale, causal, mask, softcap, rows)
+            tile_lse = torch.logsumexp(s, dim=-1)
+            # softmax subtracts the row max before exp: exact even when |logits| is so large
+            # that the fp32 lse itself is coarse. A row with no visible key gets p = 0, not NaN.
+            p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(tile_lse).unsqueeze(-1), 0.0)
+            out[:, rows] = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(acc)).reshape(b, -1, h, d)
+            lse[:, :, rows] = tile_lse.reshape(b, h, -1)
+        return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None):
         b, sq, h, d = q.shape
         hk = k.shape[2]
         g = h // hk
         acc = accumulation_dtype(q.dtype)
-        s = _scores(q, k, scale, causal, mask)
-        lse = lse.to(acc).view(b, hk, g, sq)
-        # A row with no visible key has lse = -inf; keep its probabilities at 0, not NaN.
-        lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-        p = torch.exp(s - lse_safe.unsqueeze(-1))
-        do = dout.to(acc).view(b, sq, hk, g, d)
-        # D = rowsum(dO * O) over the *final* output: the softmax Jacobian of the whole row.
-        delta = (do * out.to(acc).view(b, sq, hk, g, d)).sum(-1).permute(0, 2, 3, 1)
-        dv = torch.einsum("bhgqk,bqhgd->bkhd", p, do)
-        dp = torch.einsum("bqhgd,bkhd->bhgqk", do, v.to(acc))
-        ds = p * (dp - delta.unsqueeze(-1)) * scale
-        dq = torch.einsum("bhgqk,bkhd->bqhgd", ds, k.to(acc)).reshape(b, sq, h, d)
-        dk = torch.einsum("bhgqk,bqhgd->bkhd", ds, q.to(acc).view(b, sq, hk, g, d))
+        dq = torch.empty(b, sq, h, d, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        for rows in _row_tiles(q, k):
+            s = _scores(q, k, scale, causal, mask, softcap, rows)
+            tile_lse = lse[:, :, rows].to(acc).view(b, hk, g, -1)
+            # A row with no visible key has lse = -inf; keep its probabilities at 0, not NaN.
+            lse_safe = torch.where(torch.isneginf(tile_lse), torch.zeros_like(tile_lse), tile_lse)
+            p = torch.exp(s - lse_safe.unsqueeze(-1))
+            do = dout[:, rows].to(acc).view(b, -1, hk, g, d)
+            # D = rowsum(dO * O) over the *final* output: the softmax Jacobian of the whole row.
+            delta = (do * out[:, rows].to(acc).view(b, -1, hk, g, d)).sum(-1).permute(0, 2, 3, 1)
+            dv += torch.einsum("bhgqk,bqhgd->bkhd", p, do)
+            dp = torch.einsum("bqhgd,bkhd->bhgqk", do, v.to(acc))
+            ds = p * (dp - delta.unsqueeze(-1))
+            if softcap is not None:  # d(c*tanh(x/c))/dx = 1 - tanh^2 = 1 - (s/c)^2; masked: p = 0
+                ds = ds * torch.where(p > 0, 1 - (s / softcap) ** 2, torch.zeros_like(s))
+            ds = ds * scale
+            dq[:, rows] = torch.einsum("bhgqk,bkhd->bqhgd", ds, k.to(acc)).reshape(b, -1, h, d)
+            dk += torch.einsum("bhgqk,bqhgd->bkhd", ds, q[:, rows].to(acc).view(b, -1, hk, g, d))
         return dq, dk, dv

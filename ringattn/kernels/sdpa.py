@@ -38,6 +38,7 @@ def _additive(mask, q):
 class SdpaBackend:
     name = "sdpa"
     supports_mask = True
+    supports_softcap = False  # the fused ops have no score hook; softcap goes to ``math``
 
     def supports(self, q):
         if q.device.type == "cpu":
@@ -52,7 +53,8 @@ class SdpaBackend:
             return None
         return f"device type {q.device.type!r} has no fused SDPA op with log-sum-exp"
 
-    def forward(self, q, k, v, *, causal, scale, mask=None):
+    def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None):
+        assert softcap is None, "sdpa has no softcap (get_backend routes softcap elsewhere)"
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
         bias = _additive(mask, q)
@@ -68,7 +70,8 @@ class SdpaBackend:
             lse = lse[..., : q.shape[1]]
         return _bhsd(out), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None):
+        assert softcap is None, "sdpa has no softcap (get_backend routes softcap elsewhere)"
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
         dout_t, out_t = _bhsd(dout.to(q.dtype)), _bhsd(out.to(q.dtype))
