@@ -57,12 +57,12 @@ def record_step(plan_step, q, k):
 
 
 def backward_inputs(ctx, dout, dlse, who):
-    """Saved (q, k, v, out, lse) and dout (zeros if unused) of an attention Function whose
-    forward returned (out, lse); gradients through lse are refused."""
+    """dout (zeros if unused) and the saved tensors of an attention Function whose forward
+    returned (out, lse); gradients through lse are refused."""
     if dlse is not None:
         raise RuntimeError(
             f"{who}(return_lse=True): gradients through the returned lse are not "
             "supported; detach it (lse.detach()) before using it in a loss"
         )
-    q, k, v, out, lse = ctx.saved_tensors
-    return (torch.zeros_like(out) if dout is None else dout), q, k, v, out, lse
+    saved = ctx.saved_tensors
+    return (torch.zeros_like(saved[3]) if dout is None else dout), saved

@@ -1,4 +1,4 @@
-"""Communication: the ring pass, the Ulysses all-to-all, and the sequence gather used by ``unshard``.
+"""Communication: the ring pass, the Ulysses all-to-all (any head split), and the sequence gather used by ``unshard``.
 
 The ring is a process group's ranks in group order; rank i sends to i+1 and receives
 from i-1. ``RingComm.exchange`` posts all sends and receives of a step at once
@@ -107,50 +107,77 @@ def gather_sequence(x_local: torch.Tensor, dim: int, group=None) -> torch.Tensor
     return _GatherSequence.apply(x_local, dim % x_local.dim(), group)
 
 
-class _AllToAll(torch.autograd.Function):
-    """Split ``x`` into P chunks along ``scatter_dim``, send chunk j to rank j, and
-    concatenate the chunks received along ``gather_dim`` in rank order.
+def _exchange(chunks: list[torch.Tensor], recv_numels: list[int], group) -> list[torch.Tensor]:
+    """Send ``chunks[j]`` to rank j and receive ``recv_numels[j]`` elements from each rank j:
+    one ``all_to_all_single`` with uneven split sizes over flat buffers (gloo and NCCL)."""
+    like = chunks[0]
+    send = torch.cat([c.reshape(-1) for c in chunks])
+    received = torch.empty(sum(recv_numels), dtype=like.dtype, device=like.device)
+    prof = profile.active()
+    if prof is not None:  # what leaves this rank: every chunk but our own
+        me = group_rank(group)
+        prof.bytes_sent += sum(c.numel() for j, c in enumerate(chunks) if j != me) * like.element_size()
+    with profile.timed("wait_s", like.device):
+        dist.all_to_all_single(received, send, output_split_sizes=list(recv_numels),
+                               input_split_sizes=[c.numel() for c in chunks], group=group)
+    return list(received.split(list(recv_numels)))
 
-    Backward is the same exchange with the two dims swapped (the exact inverse).
-    ``all_to_all_single`` on one contiguous (P, ...) buffer runs on gloo and NCCL alike.
-    """
 
+def _heads_to_sequence(x, ranges, group):
+    b, s_loc, _, d = x.shape
+    lo, hi = ranges[group_rank(group)]
+    chunks = [x[:, :, a:z] for a, z in ranges]
+    parts = _exchange(chunks, [b * s_loc * (hi - lo) * d] * len(ranges), group)
+    return torch.cat([p.view(b, s_loc, hi - lo, d) for p in parts], dim=1)
+
+
+def _sequence_to_heads(y, ranges, heads, group):
+    """Inverse direction; overlapping ``ranges`` sum into the heads they share."""
+    b, s, n, d = y.shape
+    size = len(ranges)
+    s_loc = s // size
+    parts = _exchange(list(y.split(s_loc, dim=1)), [b * s_loc * (z - a) * d for a, z in ranges], group)
+    out = torch.zeros(b, s_loc, heads, d, dtype=y.dtype, device=y.device)
+    for (a, z), p in zip(ranges, parts):
+        out[:, :, a:z] += p.view(b, s_loc, z - a, d)
+    return out
+
+
+class _HeadsToSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scatter_dim, gather_dim, group):
-        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
-        return _all_to_all(x, scatter_dim, gather_dim, group)
+    def forward(ctx, x, ranges, group):
+        ctx.ranges, ctx.group, ctx.heads = ranges, group, x.shape[2]
+        return _heads_to_sequence(x, ranges, group)
 
     @staticmethod
     def backward(ctx, grad):
-        scatter_dim, gather_dim = ctx.dims
-        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+        return _sequence_to_heads(grad.contiguous(), ctx.ranges, ctx.heads, ctx.group), None, None
 
 
-def _all_to_all(x, scatter_dim, gather_dim, group):
-    size = group_size(group)
-    send = torch.stack(x.chunk(size, dim=scatter_dim))  # (P, ...), contiguous
-    received = torch.empty_like(send)
-    prof = profile.active()
-    if prof is not None:  # what leaves this rank: every chunk but our own
-        prof.bytes_sent += send.numel() * send.element_size() * (size - 1) // size
-    with profile.timed("wait_s", x.device):
-        dist.all_to_all_single(received, send, group=group)
-    return torch.cat(received.unbind(0), dim=gather_dim)
+class _SequenceToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, ranges, group):
+        ctx.ranges, ctx.group = ranges, group
+        return _sequence_to_heads(y, ranges, ranges[-1][1], group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_sequence(grad.contiguous(), ctx.ranges, ctx.group), None, None
 
 
-def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
-    """Differentiable all-to-all: scatter ``scatter_dim`` over the group, gather ``gather_dim``.
+def heads_to_sequence(x: torch.Tensor, ranges, group=None) -> torch.Tensor:
+    """(b, s/u, H, d) sequence shards -> (b, s, n_r, d): rank r receives heads ``ranges[r]``
+    ([lo, hi), any sizes, may overlap) of every rank's tokens, in rank order (differentiable;
+    a head sent to several ranks gets their gradients summed)."""
+    if group_size(group) == 1:
+        lo, hi = ranges[0]
+        return x[:, :, lo:hi]
+    return _HeadsToSequence.apply(x, tuple(ranges), group)
 
-    ``x.shape[scatter_dim]`` must be a multiple of the group size. Ulysses uses it to trade
-    a sequence shard of all heads for the whole sequence of a head shard, and back.
-    """
-    size = group_size(group)
-    if size == 1:
-        return x
-    scatter_dim, gather_dim = scatter_dim % x.dim(), gather_dim % x.dim()
-    if x.shape[scatter_dim] % size:
-        raise ValueError(
-            f"all_to_all: dim {scatter_dim} of size {x.shape[scatter_dim]} cannot be split "
-            f"evenly over {size} ranks"
-        )
-    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+
+def sequence_to_heads(y: torch.Tensor, ranges, group=None) -> torch.Tensor:
+    """Inverse of ``heads_to_sequence`` for ``ranges`` that partition the heads in order:
+    (b, s, n_r, d) -> (b, s/u, H, d)."""
+    if group_size(group) == 1:
+        return y
+    return _SequenceToHeads.apply(y, tuple(ranges), group)

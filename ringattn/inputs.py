@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import group_size
+from .headsplit import split_heads
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> None:
@@ -66,19 +67,19 @@ def check_same_on_all_ranks(q: torch.Tensor, k: torch.Tensor, group=None,
                          "pass the same full-sequence cu_seqlens on every rank")
 
 
-def check_ulysses_heads(heads: int, kv_heads: int, ulysses_size: int) -> None:
-    """Ulysses gives each of its u ranks heads/u query heads and the K/V heads they use.
+def check_ulysses_heads(heads: int, kv_heads: int, ulysses_size: int):
+    """-> the ``HeadSplit`` of ``heads`` query / ``kv_heads`` K/V heads over u ranks: any
+    counts with heads >= u (uneven splits included), else a ValueError."""
+    return split_heads(heads, kv_heads, ulysses_size)
 
-    K/V heads split evenly (kv_heads % u == 0) or, when there are fewer than u, each is
-    replicated u / kv_heads times (u % kv_heads == 0); anything else cannot be split.
-    """
-    u = ulysses_size
-    if heads % u:
-        raise ValueError(
-            f"Ulysses over {u} ranks needs heads divisible by {u}; got {heads} heads"
-        )
-    if kv_heads % u and u % kv_heads:
-        raise ValueError(
-            f"Ulysses over {u} ranks needs kv_heads to divide {u} or be a multiple of it; "
-            f"got {kv_heads} kv_heads"
-        )
+
+def check_sinks(sinks, q: torch.Tensor) -> None:
+    """Attention sinks: one float logit per query head, (heads,), on q's device."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        raise ValueError(f"sinks must be a floating-point tensor of shape (heads,); got {sinks!r}")
+    if tuple(sinks.shape) != (q.shape[2],):
+        raise ValueError(f"sinks must have shape (heads,) = ({q.shape[2]},); got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks are on {sinks.device}, q on {q.device}")

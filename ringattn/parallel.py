@@ -17,7 +17,7 @@ class SequenceParallel:
     """Holds the sequence-parallel group and layout; shards data and runs attention.
 
     strategy: "ring" (K/V pass around the ring), "ulysses" (all-to-all heads <-> sequence,
-    needs heads % P == 0) or "hybrid" (Ulysses over ``ulysses_size`` consecutive ranks
+    needs heads >= P; uneven head counts are split unevenly) or "hybrid" (Ulysses over ``ulysses_size`` consecutive ranks
     inside each of ``ring_size`` ring positions; give either size, or a mesh from
     ``ringattn.init_mesh(..., ulysses=u)``). layout: "zigzag" | "striped" | "contiguous"
     (for hybrid it splits the sequence over the ring; see ``ringattn.sharding``).
@@ -55,15 +55,16 @@ class SequenceParallel:
         return group_rank(self.group)
 
     def attention(self, q, k, v, *, causal: bool = True, softmax_scale=None, cu_seqlens=None,
-                  window_size=(-1, -1), return_lse=False):
+                  window_size=(-1, -1), return_lse=False, sinks=None, softcap=None):
         """q (b, s_local, h, d), k/v (b, s_local, h_kv, d) -> (b, s_local, h, d) [, lse].
 
         ``cu_seqlens``: int32 document boundaries of the full packed sequence (batch 1);
-        ``window_size``: (left, right) sliding window, -1 = unbounded.
+        ``window_size``: (left, right) sliding window, -1 = unbounded; ``sinks``: (h,)
+        per-head attention-sink logits (GPT-OSS); ``softcap``: logit softcapping (Gemma 2).
         """
         kw = dict(causal=causal, softmax_scale=softmax_scale, layout=self.layout,
                   backend=self.backend, return_lse=return_lse, cu_seqlens=cu_seqlens,
-                  window_size=window_size)
+                  window_size=window_size, sinks=sinks, softcap=softcap)
         if self.strategy == "ring":
             return ring_attention(q, k, v, group=self.group, **kw)
         if self.strategy == "ulysses":

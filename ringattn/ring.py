@@ -11,6 +11,10 @@ early instead of passing blocks nobody uses.
 Backward runs the same ring with the saved final out/lse: dq accumulates locally, while
 each K/V block travels together with its fp32 dK/dV accumulators; after the last step
 each accumulator is sent straight back to the rank that owns its K/V.
+
+Sinks (GPT-OSS) are folded into the finished rows once, after the last step
+(``PartialAttention.add_sinks``); backward runs the kernels with that final out'/lse' and
+adds d sinks of this rank's rows (``merge.sinks_grad``). Softcap goes to the kernels.
 """
 from __future__ import annotations
 
@@ -20,13 +24,13 @@ import torch
 
 from . import profile
 from .comm import RingComm, max_over_group
-from .inputs import check_qkv, check_same_on_all_ranks
+from .inputs import check_qkv, check_same_on_all_ranks, check_sinks
 from .blocks import attend_blocks, backward_inputs, block_grads, record_step
 from .kernels import get_backend
 from .kernels.base import accumulation_dtype
 from .layouts import BlockTask, Layout, get_layout
 from .masking import AttentionMask
-from .merge import PartialAttention
+from .merge import PartialAttention, sinks_grad
 
 
 def plan_ring(layout: Layout, mask: AttentionMask, comm: RingComm, local_len: int,
@@ -47,9 +51,9 @@ def plan_ring(layout: Layout, mask: AttentionMask, comm: RingComm, local_len: in
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, layout, mask, group, backend):
+    def forward(ctx, q, k, v, sinks, scale, layout, mask, group, backend, softcap):
         comm = RingComm(group)
-        kernel = get_backend(backend, q)
+        kernel = get_backend(backend, q, softcap=softcap)
         plan = plan_ring(layout, mask, comm, q.shape[1], q.device)
         acc = PartialAttention(q, accumulation_dtype(q.dtype))
         k_cur, v_cur = k.contiguous(), v.contiguous()
@@ -58,23 +62,26 @@ class _RingAttention(torch.autograd.Function):
             pending = comm.exchange([k_cur, v_cur], out=spare) if step + 1 < len(plan) else None
             record_step(tasks, q, k_cur)
             with profile.timed("compute_s", q.device):
-                attend_blocks(kernel, tasks, q, k_cur, v_cur, scale, acc)
+                attend_blocks(kernel, tasks, q, k_cur, v_cur, scale, acc, softcap)
             if pending is not None:
                 # The buffers we just computed on become next step's receive buffers,
                 # except k/v themselves (the caller's tensors), which are never written.
                 spare = [k_cur, v_cur] if step > 0 else None
                 k_cur, v_cur = pending.wait()
+        if sinks is not None:
+            acc.add_sinks(sinks)  # once, on the complete rows
         out = acc.out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, acc.lse)
+        ctx.save_for_backward(q, k, v, out, acc.lse, sinks)
         ctx.set_materialize_grads(False)
         ctx.scale, ctx.plan, ctx.group, ctx.backend = scale, plan, group, backend
+        ctx.softcap = softcap
         return out, acc.lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        dout, q, k, v, out, lse = backward_inputs(ctx, dout, dlse, "ring_attention")
+        dout, (q, k, v, out, lse, sinks) = backward_inputs(ctx, dout, dlse, "ring_attention")
         comm = RingComm(ctx.group)
-        kernel = get_backend(ctx.backend, q)
+        kernel = get_backend(ctx.backend, q, softcap=ctx.softcap)
         acc_dtype = accumulation_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
@@ -86,7 +93,8 @@ class _RingAttention(torch.autograd.Function):
         for step, tasks in enumerate(ctx.plan):
             kv_pending = comm.exchange([k_cur, v_cur], out=spare) if step + 1 < steps else None
             with profile.timed("compute_s", q.device):
-                grads = block_grads(kernel, tasks, dout, q, k_cur, v_cur, out, lse, ctx.scale)
+                grads = block_grads(kernel, tasks, dout, q, k_cur, v_cur, out, lse, ctx.scale,
+                                    ctx.softcap)
             if dkv_pending is not None:
                 # The accumulators of the K/V block we hold arrive from the previous rank.
                 dk, dv = dkv_pending.wait()
@@ -103,12 +111,14 @@ class _RingAttention(torch.autograd.Function):
             if kv_pending is not None:
                 spare = [k_cur, v_cur] if step > 0 else None  # never write the caller's k/v
                 k_cur, v_cur = kv_pending.wait()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks,
+                None, None, None, None, None, None)
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
                    backend="auto", return_lse=False, cu_seqlens=None, window_size=(-1, -1),
-                   dropout_p=0.0):
+                   dropout_p=0.0, sinks=None, softcap=None):
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
     q: (batch, local_seqlen, heads, head_dim); k, v: (batch, local_seqlen, kv_heads, head_dim),
@@ -116,16 +126,21 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     group forming the ring (default: the world). ``cu_seqlens``: int32 cumulative document
     lengths of the full packed sequence (batch 1), the same on every rank: attention stays
     within documents. ``window_size=(left, right)``: query i sees keys i-left..i+right
-    (-1 = unbounded), as in flash-attn. Returns out shaped like q (q's dtype), and with
-    ``return_lse`` also the fp32 log-sum-exp (batch, heads, local_seqlen).
+    (-1 = unbounded), as in flash-attn. ``sinks``: (heads,) learned per-head logits that
+    join every row's softmax with no value (GPT-OSS), any float dtype, fp32 math; their
+    gradient is this rank's rows' share (the gradient reduction sums the ranks).
+    ``softcap``: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2).
+    Returns out shaped like q (q's dtype), and with ``return_lse`` also the fp32
+    log-sum-exp (batch, heads, local_seqlen), sinks included.
     """
     check_qkv(q, k, v, dropout_p)
+    check_sinks(sinks, q)
     lay = get_layout(layout)
     if q.shape[1] != k.shape[1]:
         raise ValueError(
             f"ring attention needs equal local q and k/v lengths; got {q.shape[1]} and {k.shape[1]}"
         )
-    get_backend(backend, q)  # fail early, before any communication, if it cannot run
+    get_backend(backend, q, softcap=softcap)  # fail early, before any communication
     comm_size = RingComm(group).size
     seqlen = q.shape[1] * comm_size
     if cu_seqlens is not None and q.shape[0] != 1:
@@ -134,5 +149,5 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     check_same_on_all_ranks(q, k, group, cu_seqlens)
     lay.check_seqlen(seqlen, comm_size)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = _RingAttention.apply(q, k, v, scale, lay, mask, group, backend)
+    out, lse = _RingAttention.apply(q, k, v, sinks, scale, lay, mask, group, backend, softcap)
     return (out, lse) if return_lse else out

@@ -16,10 +16,17 @@ every backend does (the block structure would need ~u^2 smaller calls and merges
 Contiguous needs no permutation, and neither does plain non-causal attention (it does
 not care about key order).
 
-GQA: with kv_heads >= u each rank gets kv_heads/u K/V heads. With kv_heads < u (and
-u % kv_heads == 0) each K/V head is replicated u/kv_heads times before the all-to-all, so
-each rank receives exactly the one K/V head its query heads use; the replication is
-``repeat_interleave``, whose backward sums the replicas' gradients.
+Any head count (``ringattn.headsplit``): ranks get ceil(h/u) or floor(h/u) query heads and
+the contiguous range of K/V heads those use, through one all-to-all of uneven split sizes
+per tensor. Uneven sizes rather than padding heads: every head moves exactly once (the
+bytes of an even split; padding would move and allocate ceil(h/u) * u heads). A K/V head
+that serves query heads on two ranks is sent to both; its gradients come back summed.
+When a rank's query heads do not use its K/V heads in equal contiguous groups (28 heads /
+4 K/V heads at u = 8), the K/V heads are expanded locally, on that rank, to one per query
+head (memory on the rank, no extra communication).
+
+Sinks (GPT-OSS): each rank folds in the sinks of its own heads, once, after its whole
+row is computed (``merge.add_sinks``); softcap goes to the kernel (``kernels``).
 """
 from __future__ import annotations
 
@@ -27,13 +34,14 @@ import math
 
 import torch
 
-from .comm import all_to_all, group_size
-from .inputs import check_qkv, check_same_on_all_ranks, check_ulysses_heads
+from .comm import group_rank, group_size, heads_to_sequence, sequence_to_heads
+from .headsplit import HeadSplit
+from .inputs import check_qkv, check_same_on_all_ranks, check_sinks, check_ulysses_heads
 from .kernels import get_backend
 from .kernels.base import accumulation_dtype
 from .layouts import ALL, BlockTask, get_layout
 from .masking import AttentionMask
-from .merge import PartialAttention
+from .merge import PartialAttention, add_sinks, sinks_grad
 from .blocks import attend_blocks, backward_inputs, block_grads, record_step
 
 
@@ -41,105 +49,129 @@ class _LocalAttention(torch.autograd.Function):
     """The whole sequence on one rank: ``tasks`` over q/k/v in position order.
 
     With plain masks that is one kernel call; documents/windows refine it into tiles
-    exactly as the ring does for one of its blocks. out in q's dtype, lse fp32.
+    exactly as the ring does for one of its blocks. ``sinks`` (heads,) or None are folded in
+    once at the end. out in q's dtype, lse fp32 (including the sinks).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, tasks, backend):
-        kernel = get_backend(backend, q)
+    def forward(ctx, q, k, v, sinks, scale, tasks, backend, softcap):
+        kernel = get_backend(backend, q, softcap=softcap)
         record_step(tasks, q, k)
         if len(tasks) == 1 and tasks[0].mask is None and tasks[0].q_rows == tasks[0].k_rows == ALL:
             # One call covers every row: no merge, no fp32 accumulator to hold.
-            out, lse = kernel.forward(q, k, v, causal=tasks[0].causal, scale=scale)
+            out, lse = kernel.forward(q, k, v, causal=tasks[0].causal, scale=scale, softcap=softcap)
         else:
             acc = PartialAttention(q, accumulation_dtype(q.dtype))
-            attend_blocks(kernel, tasks, q, k, v, scale, acc)
+            attend_blocks(kernel, tasks, q, k, v, scale, acc, softcap)
             out, lse = acc.out, acc.lse
+        if sinks is not None:
+            out, lse = add_sinks(out, lse.to(accumulation_dtype(q.dtype)), sinks)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)
-        ctx.scale, ctx.tasks, ctx.backend = scale, tasks, backend
+        ctx.scale, ctx.tasks, ctx.backend, ctx.softcap = scale, tasks, backend, softcap
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        dout, q, k, v, out, lse = backward_inputs(ctx, dout, dlse, "ulysses_attention")
-        kernel = get_backend(ctx.backend, q)
+        dout, (q, k, v, out, lse, sinks) = backward_inputs(ctx, dout, dlse, "ulysses_attention")
+        kernel = get_backend(ctx.backend, q, softcap=ctx.softcap)
         acc_dtype = accumulation_dtype(q.dtype)
         dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v))
-        for t, (dq_b, dk_b, dv_b) in block_grads(kernel, ctx.tasks, dout, q, k, v, out, lse, ctx.scale):
+        for t, (dq_b, dk_b, dv_b) in block_grads(kernel, ctx.tasks, dout, q, k, v, out, lse,
+                                                 ctx.scale, ctx.softcap):
             dq[:, t.q_rows] += dq_b
             dk[:, t.k_rows] += dk_b
             dv[:, t.k_rows] += dv_b
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None, None)
 
 
-def local_attention(q, k, v, *, mask: AttentionMask, scale, backend="auto", return_lse=False):
+def local_attention(q, k, v, *, mask: AttentionMask, scale, backend="auto", return_lse=False,
+                    sinks=None, softcap=None):
     """Differentiable attention of whole, position-ordered tensors (no communication)."""
     tasks = [BlockTask(ALL, ALL, mask.causal)]
     if not mask.is_plain:
         pos = torch.arange(mask.seqlen)
         tasks = mask.refine(tasks[0], pos, pos)
-    out, lse = _LocalAttention.apply(q, k, v, scale, tasks, backend)
+    out, lse = _LocalAttention.apply(q, k, v, sinks, scale, tasks, backend, softcap)
     return (out, lse) if return_lse else out
 
 
-def heads_to_ranks(q, k, v, group):
-    """(b, s/u, h, d) shards -> (b, s, h/u, d) head shards (rank-major token order)."""
-    u, kv_heads = group_size(group), k.shape[2]
-    if kv_heads < u:  # replicate only up to u heads: each rank then gets one K/V head
-        k, v = (t.repeat_interleave(u // kv_heads, dim=2) for t in (k, v))
-    return tuple(all_to_all(t, scatter_dim=2, gather_dim=1, group=group) for t in (q, k, v))
+def heads_to_ranks(q, k, v, group, split: HeadSplit):
+    """(b, s/u, h, d) shards -> this rank's query heads ``split.q[r]`` (b, s, n_r, d) and the
+    K/V heads they use (rank-major token order), K/V expanded locally to one per query head
+    where the split's GQA groups are not equal (``HeadSplit.kv_index``)."""
+    rank = group_rank(group)
+    qh = heads_to_sequence(q, split.q, group)
+    kh, vh = (heads_to_sequence(t, split.kv, group) for t in (k, v))
+    index = split.kv_index(rank)
+    if index is not None:
+        index = torch.tensor(index, device=kh.device)
+        kh, vh = kh.index_select(2, index), vh.index_select(2, index)
+    return qh, kh, vh
 
 
-def sequence_to_ranks(out, lse, group):
-    """Inverse of ``heads_to_ranks`` for out (b, s, h/u, d) and lse (b, h/u, s) or None."""
-    out = all_to_all(out, scatter_dim=1, gather_dim=2, group=group)
+def sequence_to_ranks(out, lse, group, split: HeadSplit):
+    """Inverse of ``heads_to_ranks`` for out (b, s, n_r, d) and lse (b, n_r, s) or None."""
+    out = sequence_to_heads(out, split.q, group)
     if lse is not None:
-        lse = all_to_all(lse, scatter_dim=2, gather_dim=1, group=group)
+        lse = sequence_to_heads(lse.transpose(1, 2).unsqueeze(-1), split.q, group)
+        lse = lse.squeeze(-1).transpose(1, 2)
     return out, lse
+
+
+def rank_sinks(sinks, group, split: HeadSplit):
+    """The sinks of this rank's query heads (a differentiable slice), or None."""
+    if sinks is None:
+        return None
+    lo, hi = split.q[group_rank(group)]
+    return sinks[lo:hi]
 
 
 def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
                       backend="auto", return_lse=False, cu_seqlens=None, window_size=(-1, -1),
-                      dropout_p=0.0):
+                      dropout_p=0.0, sinks=None, softcap=None):
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
     Same contract as ``ring_attention`` (shapes, layout, return_lse, cu_seqlens,
-    window_size), with the additional requirements heads % u == 0 and kv_heads dividing
-    u or a multiple of it, where u is the size of ``group`` (default: the world).
+    window_size, sinks, softcap), for any head count >= u, where u is the size of
+    ``group`` (default: the world); see ``ringattn.headsplit``.
     """
     check_qkv(q, k, v, dropout_p)
+    check_sinks(sinks, q)
     lay = get_layout(layout)
     if q.shape[1] != k.shape[1]:
         raise ValueError(
             f"Ulysses attention needs equal local q and k/v lengths; got {q.shape[1]} and {k.shape[1]}"
         )
     u = group_size(group)
-    check_ulysses_heads(q.shape[2], k.shape[2], u)
+    split = check_ulysses_heads(q.shape[2], k.shape[2], u)
     seqlen = q.shape[1] * u
     lay.check_seqlen(seqlen, u)
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"cu_seqlens (packed documents) needs batch size 1; got {q.shape[0]}")
     mask = AttentionMask.build(seqlen, causal, cu_seqlens, window_size)
-    get_backend(backend, q)  # fail early, before any communication, if it cannot run
+    get_backend(backend, q, softcap=softcap)  # fail early, before any communication
     check_same_on_all_ranks(q, k, group, cu_seqlens)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
-    qh, kh, vh = heads_to_ranks(q, k, v, group)
+    qh, kh, vh = heads_to_ranks(q, k, v, group, split)
     held = None  # held[i]: the position of gathered token i
     if (causal or not mask.is_plain) and u > 1 and lay.name != "contiguous":
         held = torch.cat([lay.indices(seqlen, u, r) for r in range(u)]).to(q.device)
         order = torch.argsort(held)
         qh, kh, vh = (t.index_select(1, order) for t in (qh, kh, vh))
     out, lse = local_attention(qh, kh, vh, mask=mask, scale=scale, backend=backend,
-                               return_lse=True)
+                               return_lse=True, sinks=rank_sinks(sinks, group, split),
+                               softcap=softcap)
     lse = lse if return_lse else None  # skip its all-to-all when nobody wants it
     if held is not None:  # position order -> rank-major order
         out = out.index_select(1, held)
         lse = lse.index_select(2, held) if lse is not None else None
-    out, lse = sequence_to_ranks(out, lse, group)
+    out, lse = sequence_to_ranks(out, lse, group, split)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["ulysses_attention", "local_attention", "heads_to_ranks", "sequence_to_ranks"]
+__all__ = ["ulysses_attention", "local_attention", "heads_to_ranks", "sequence_to_ranks",
+           "rank_sinks"]

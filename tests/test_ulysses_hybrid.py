@@ -20,6 +20,7 @@ from tests.reference import layout_indices, reference_attention, rel_err, rms_er
 from tests.test_ring_attention import FP32_TOL, LAYOUTS, _inputs, _single_device_rms
 
 HEADS = ((8, 8), (8, 2), (8, 1))  # MHA, GQA 8->2, kv_heads < u (and 8->2 < u=4)
+# uneven head counts, sinks and softcap: tests/test_sinks_softcap_heads.py
 
 
 def _held(strategy, layout, seqlen, world, rank, ulysses_size):
@@ -165,8 +166,7 @@ def _bad_configs(rank, world):
     if rank != 0:
         return []
     q8, k2 = torch.randn(1, 8, 8, 16), torch.randn(1, 8, 2, 16)
-    q6, k3 = torch.randn(1, 8, 6, 16), torch.randn(1, 8, 3, 16)
-    q3 = torch.randn(1, 8, 3, 16)
+    q1 = torch.randn(1, 8, 1, 16)
     cases = [
         ("unknown strategy", lambda: ringattn.SequenceParallel("allgather")),
         ("must equal the sequence-parallel size 2", lambda: ringattn.SequenceParallel("hybrid", ring_size=3)),
@@ -174,10 +174,13 @@ def _bad_configs(rank, world):
         ("needs ring_size or ulysses_size", lambda: ringattn.SequenceParallel("hybrid")),
         ("must equal the sequence-parallel", lambda: ringattn.SequenceParallel("ring", ulysses_size=2)),
         ("either group or mesh", lambda: ringattn.SequenceParallel(mesh=object(), group=dist.group.WORLD)),
-        ("heads divisible by 2", lambda: ringattn.ulysses_attention(q3, q3, q3)),
-        ("kv_heads to divide 2", lambda: ringattn.ulysses_attention(q6, k3, k3)),
-        ("heads divisible by 2", lambda: ringattn.hybrid_attention(q3, q3, q3, ulysses_group=dist.group.WORLD)),
+        ("at least 2 query heads", lambda: ringattn.ulysses_attention(q1, q1, q1)),
+        ("sinks must have shape (heads,) = (8,)",
+         lambda: ringattn.ulysses_attention(q8, k2, k2, sinks=torch.zeros(2))),
+        ("at least 2 query heads", lambda: ringattn.hybrid_attention(q1, q1, q1, ulysses_group=dist.group.WORLD)),
         ("multiple of 4", lambda: ringattn.ulysses_attention(q8[:, :3], k2[:, :3], k2[:, :3])),
+        ("backend 'sdpa' cannot run this input: it has no logit softcapping",
+         lambda: ringattn.ring_attention(q8, k2, k2, backend="sdpa", softcap=50.0)),
         ("must equal the world size (2)", lambda: ringattn.init_mesh(dp=3, sp=1)),
         ("= 4 must equal the world size", lambda: ringattn.init_mesh(dp=2, sp=2)),
         ("ulysses (3) must divide sp (2)", lambda: ringattn.init_mesh(sp=2, ulysses=3)),
@@ -195,7 +198,7 @@ def _bad_configs(rank, world):
 
 def test_bad_configurations_raise_before_any_communication():
     seen, _ = run_distributed(_bad_configs, 2, timeout=60)
-    assert len(seen) == 13
+    assert len(seen) == 14
     for want, msg in seen:
         assert msg is not None and want in msg, (want, msg)
 
