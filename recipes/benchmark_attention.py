@@ -35,10 +35,15 @@ from ringattn import profile
 from ringattn.inputs import check_ulysses_heads
 from ringattn.kernels import get_backend
 from ringattn.masking import AttentionMask
+from ringattn.parallel import STRATEGIES
 from recipes import distributed
+from recipes.choices import Choice
+from recipes.distributed import Layout
 from recipes.memory import PeakMemory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AttnDtype = Choice("AttnDtype", {name: name for name in DTYPES})
+Strategy = Choice("Strategy", {name: name for name in STRATEGIES})
 
 
 @dataclass
@@ -48,12 +53,12 @@ class BenchmarkConfig:
     heads: int = 8
     kv_heads: int = 8
     head_dim: int = 64
-    dtype: str = "fp32"
+    dtype: AttnDtype = AttnDtype.fp32
     causal: bool = True
-    layouts: list[str] = field(default_factory=lambda: ["zigzag", "striped", "contiguous"])
+    layouts: list[Layout] = field(default_factory=lambda: [Layout.zigzag, Layout.striped, Layout.contiguous])
     # ring: K/V around all P ranks; ulysses: all-to-all over all P (needs heads % P == 0);
     # hybrid: Ulysses over ulysses_size consecutive ranks x ring over P / ulysses_size.
-    strategies: list[str] = field(default_factory=lambda: ["ring", "ulysses", "hybrid"])
+    strategies: list[Strategy] = field(default_factory=lambda: list(Strategy))
     ulysses_size: int = 2
     backend: str = "auto"
     # packed documents (lengths summing to each seqlen; empty = one document) and window
@@ -236,14 +241,14 @@ def run(cfg: BenchmarkConfig) -> list[dict]:
     device = _setup(cfg)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads_per_rank)
-    dtype = DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype.value]
     rank0 = dist.get_rank() == 0
     rows = []
     for seqlen in cfg.seqlens:
         base = None
         if cfg.baseline:
             base = _baseline(cfg, seqlen, device, dtype)
-        for strategy, layout in itertools.product(cfg.strategies, cfg.layouts):
+        for strategy, layout in itertools.product((s.value for s in cfg.strategies), (x.value for x in cfg.layouts)):
             row = bench_ring(cfg, seqlen, layout, device, dtype, strategy)
             if "skipped" in row:
                 if rank0:
@@ -260,7 +265,7 @@ def run(cfg: BenchmarkConfig) -> list[dict]:
     if rank0:
         out = Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": asdict(cfg) if not OmegaConf.is_config(cfg) else OmegaConf.to_container(cfg),
+        meta = {"config": asdict(cfg) if not OmegaConf.is_config(cfg) else OmegaConf.to_container(cfg, enum_to_str=True),
                 "device": str(device), "torch": torch.__version__,
                 "kernel": get_backend(cfg.backend, torch.empty(1, 1, 1, cfg.head_dim, device=device, dtype=dtype)).name}
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -14,17 +14,24 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from recipes.choices import Choice, at_least
+
 IGNORE_INDEX = -100
+
+
+class Kind(Choice):
+    passkey = "passkey"  # the synthetic long-range task
+    text = "text"  # local text files
 
 
 @dataclass
 class DataConfig:
-    kind: str = "passkey"  # passkey | text
+    kind: Kind = Kind.passkey
     seq_len: int = 256
     global_batch_size: int = 16  # sequences per optimizer step: the single source of truth
     micro_batch_size: Optional[int] = None  # per data-parallel rank and forward; None: no accumulation
-    # passkey task: "...filler...<K>d1..dn...filler...<Q>d1..dn"; loss and accuracy on the answer digits
-    passkey_digits: int = 1
+    # passkey task: "...filler...#d1..dn...filler...?d1..dn"; loss and accuracy on the answer digits
+    passkey_digits: int = 1  # 2+: the answer continues the passkey (an induction-style copy; slower to learn)
     needle_min_frac: float = 0.25  # needle start, as a fraction of seq_len: the middle of the
     needle_max_frac: float = 0.5  # sequence, i.e. another rank's shard than the query at the end
     eval_batch_size: int = 64
@@ -36,6 +43,14 @@ class DataConfig:
     # ring attention takes document boundaries for one sequence at a time, so micro-batch 1
     document_masking: bool = True
 
+    def __post_init__(self):
+        for name in ("seq_len", "global_batch_size", "passkey_digits", "eval_batch_size"):
+            at_least(f"data.{name}", getattr(self, name))
+        at_least("data.micro_batch_size", self.micro_batch_size, allow_none=True)
+        if not 0.0 <= self.needle_min_frac < self.needle_max_frac <= 1.0:
+            raise ValueError(f"data.needle_min_frac={self.needle_min_frac}, data.needle_max_frac="
+                             f"{self.needle_max_frac}: need 0 <= min < max <= 1")
+
 
 class ByteTokenizer:
     """UTF-8 bytes 0..255 plus three specials."""
@@ -45,9 +60,6 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> List[int]:
         return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
@@ -67,8 +79,8 @@ def build_tokenizer(cfg: DataConfig):
 
 
 class PasskeyTask:
-    """Random lowercase filler; a needle ``<K>`` + n digits in the middle of the sequence; at
-    the end a query ``<Q>`` followed by the same digits. Only the answer digits carry loss,
+    """Random lowercase filler; a needle ``#`` + n digits in the middle of the sequence; at
+    the end a query ``?`` followed by the same digits. Only the answer digits carry loss,
     so nothing is learnable without attending from the end of the sequence to the middle."""
 
     FILLER = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ", dtype=np.uint8).astype(np.int64)
@@ -144,7 +156,7 @@ class PackedText:
 def check_files(cfg: DataConfig) -> None:
     if cfg.tokenizer is not None and not os.path.exists(cfg.tokenizer):
         raise FileNotFoundError(f"data.tokenizer={cfg.tokenizer}: no such local tokenizer directory or file")
-    if cfg.kind != "text":
+    if cfg.kind != Kind.text:
         return
     if not cfg.files:
         raise ValueError("data.kind=text needs data.files=[...] (local txt / jsonl / parquet files)")
@@ -156,11 +168,7 @@ def check_files(cfg: DataConfig) -> None:
 
 
 def build_dataset(cfg: DataConfig, seed: int, tokenizer):
-    if cfg.kind == "passkey":
-        return PasskeyTask(cfg, seed)
-    if cfg.kind == "text":
-        return PackedText(cfg, seed, tokenizer)
-    raise ValueError(f"data.kind={cfg.kind!r}: expected passkey or text")
+    return PasskeyTask(cfg, seed) if cfg.kind == Kind.passkey else PackedText(cfg, seed, tokenizer)
 
 
 EVAL_OFFSET = 1 << 40  # eval samples come from an index range training never reaches

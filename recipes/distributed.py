@@ -21,7 +21,10 @@ from torch.distributed.device_mesh import DeviceMesh
 
 import ringattn
 from ringattn.inputs import check_ulysses_heads
-from ringattn.layouts import get_layout
+from ringattn.layouts import LAYOUTS
+from recipes.choices import Choice, at_least
+
+Layout = Choice("Layout", {name: name for name in LAYOUTS})  # the library's layout registry
 
 
 @dataclass
@@ -30,11 +33,20 @@ class ParallelConfig:
     # all-to-all (Ulysses) degree inside the SP group; the strategy follows from it:
     # 1 = ring, sp_size = Ulysses, in between = hybrid (Ulysses inside, ring across)
     ulysses_size: int = 1
-    layout: str = "zigzag"  # a ringattn layout: zigzag | striped | contiguous
+    layout: Layout = Layout.zigzag  # any ringattn layout (ringattn/layouts.py)
     # Seconds a collective (and the initial rendezvous) may wait for a peer before this rank
     # gives up with an error naming the failure: a dead or hung rank then ends the job
     # instead of hanging it. Keep it above the slowest step and checkpoint save.
     collective_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        at_least("parallel.sp_size", self.sp_size)
+        at_least("parallel.ulysses_size", self.ulysses_size)
+        if self.sp_size % self.ulysses_size:
+            raise ValueError(f"parallel.ulysses_size={self.ulysses_size} does not divide "
+                             f"parallel.sp_size={self.sp_size}")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"parallel.collective_timeout_s={self.collective_timeout_s}: must be > 0")
 
     @property
     def strategy(self) -> str:
@@ -44,20 +56,12 @@ class ParallelConfig:
 
 
 def validate(cfg: ParallelConfig, world_size: int) -> None:
-    """Checks that need only the world size; run before any process-group work."""
-    try:
-        get_layout(cfg.layout)
-    except ValueError as e:
-        raise ValueError(f"parallel.layout: {e}") from None
-    if cfg.sp_size < 1 or world_size % cfg.sp_size:
+    """The check that needs the world size; run before any process-group work."""
+    if world_size % cfg.sp_size:
         raise ValueError(
             f"parallel.sp_size={cfg.sp_size} does not divide the world size {world_size} "
             "(world = dp x sp)"
         )
-    if cfg.collective_timeout_s <= 0:
-        raise ValueError(f"parallel.collective_timeout_s={cfg.collective_timeout_s}: must be > 0")
-    if cfg.ulysses_size < 1 or cfg.sp_size % cfg.ulysses_size:
-        raise ValueError(f"parallel.ulysses_size={cfg.ulysses_size} does not divide parallel.sp_size={cfg.sp_size}")
 
 
 def validate_heads(cfg: ParallelConfig, heads: tuple) -> None:
@@ -155,7 +159,7 @@ def init(cfg: ParallelConfig) -> Context:
     world = dist.get_world_size()
     validate(cfg, world)
     mesh = ringattn.init_mesh(sp=cfg.sp_size, ulysses=cfg.ulysses_size, device_type=device.type, timeout=timeout)
-    sp = ringattn.SequenceParallel(cfg.strategy, cfg.layout, mesh=mesh)
+    sp = ringattn.SequenceParallel(cfg.strategy, cfg.layout.value, mesh=mesh)
     return Context(dist.get_rank(), world, device, mesh, sp)
 
 

@@ -22,6 +22,8 @@ from typing import List
 
 import torch
 
+from recipes.choices import Dtype
+
 
 @dataclass
 class OptimConfig:
@@ -40,14 +42,13 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stage >= 1)
     offload_param: bool = False  # parameters to CPU (stage 3)
 
-
-def validate(ds: DeepSpeedConfig) -> None:
-    if ds.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"deepspeed.zero_stage={ds.zero_stage}: expected 0, 1, 2 or 3")
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
-    if ds.offload_param and ds.zero_stage != 3:
-        raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
 
 
 def lr_lambda(optim: OptimConfig, max_steps: int):
@@ -63,7 +64,7 @@ def lr_lambda(optim: OptimConfig, max_steps: int):
     return fn
 
 
-def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, dtype: str, micro: int, grad_accum: int,
+def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, dtype: Dtype, micro: int, grad_accum: int,
                      world_size: int) -> dict:
     zero = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -89,7 +90,7 @@ def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, dtype: str, micro:
             },
         },
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bf16"},
+        "bf16": {"enabled": dtype == Dtype.bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

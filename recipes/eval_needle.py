@@ -4,7 +4,7 @@
     torchrun --standalone --nproc-per-node 2 -m recipes.eval_needle checkpoint=outputs/RUN \
         parallel.sp_size=2 'lengths=[256,512,1024]' 'depths=[0,0.25,0.5,0.75,1]'
     torchrun --standalone --nproc-per-node 8 -m recipes.eval_needle model=hf model.path=/models/x \
-        task=text tokenizer=/models/x 'lengths=[32768,65536]' parallel.sp_size=8 trainer_dtype=bf16
+        task=text tokenizer=/models/x 'lengths=[32768,65536]' parallel.sp_size=8 dtype=bf16
 
 For every (context length, needle depth) cell, ``samples`` sequences hide an n-digit passkey
 at that depth of the context and ask for it at the end. Scoring is teacher-forced: a sample
@@ -40,6 +40,7 @@ from omegaconf import MISSING, OmegaConf
 import ringattn
 from ringattn.models import LlamaConfig
 from recipes import checkpoint as ckpt_lib, data, distributed, models, tracking
+from recipes.choices import Choice, Dtype, at_least
 from recipes.data import IGNORE_INDEX, PasskeyTask
 from recipes.distributed import ParallelConfig
 from recipes.tracking import LoggerConfig
@@ -50,13 +51,18 @@ HAYSTACK = ("The grass is green. The sky is blue. The sun is yellow. Here we go.
             "There and back again. ")
 
 
+class Task(Choice):
+    passkey = "passkey"  # the training task's format (recipes.data.PasskeyTask)
+    text = "text"  # an English haystack, any tokenizer
+
+
 @dataclass
 class NeedleJob:
     model: Any = MISSING  # a conf/model option; replaced by the run's model with checkpoint=
     checkpoint: Optional[str] = None  # a recipes.train run directory (or one of its step_N dirs)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    task: str = "passkey"  # passkey | text
+    task: Task = Task.passkey
     tokenizer: Optional[str] = None  # local HF tokenizer; None: the run's, else bytes
     lengths: List[int] = field(default_factory=lambda: [256, 512])
     depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -64,8 +70,17 @@ class NeedleJob:
     batch_size: int = 8  # sequences per forward
     passkey_digits: int = 2
     seed: int = 1234
-    dtype: str = "fp32"  # fp32 | bf16
+    dtype: Dtype = Dtype.fp32
     ppl_file: Optional[str] = None
+
+    def __post_init__(self):
+        at_least("samples", self.samples)
+        at_least("batch_size", self.batch_size)
+        at_least("passkey_digits", self.passkey_digits)
+        if not self.lengths or not self.depths:
+            raise ValueError("lengths and depths must be non-empty")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must lie in [0, 1]; got {list(self.depths)}")
 
 
 ConfigStore.instance().store(name="eval_needle_schema", node=NeedleJob)
@@ -190,7 +205,7 @@ def build_model(job: NeedleJob, model, ctx, from_checkpoint: bool):
     source = getattr(model.cfg, "path", None)
     if from_checkpoint:
         source = load_weights(job, module)
-    module = module.to(ctx.device, torch.bfloat16 if job.dtype == "bf16" else torch.float32).eval()
+    module = module.to(ctx.device, job.dtype.torch).eval()
     return module, source
 
 
@@ -233,27 +248,18 @@ def perplexity(model, ctx, ids: List[int], length: int, positions) -> Optional[f
 
 
 def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
-    if job.task not in ("passkey", "text"):
-        raise ValueError(f"task={job.task!r}: expected passkey or text")
-    if job.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype={job.dtype!r}: expected fp32 or bf16")
-    if not job.lengths or not job.depths or job.samples < 1 or job.batch_size < 1:
-        raise ValueError("lengths and depths must be non-empty; samples, batch_size >= 1")
-    if any(not 0.0 <= d <= 1.0 for d in job.depths):
-        raise ValueError(f"depths must lie in [0, 1]; got {list(job.depths)}")
-    div = ringattn.layout_divisor(job.parallel.layout, job.parallel.sp_size)
+    div = ringattn.layout_divisor(job.parallel.layout.value, job.parallel.sp_size)
     bad = [n for n in job.lengths if n % div]
     if bad:
-        raise ValueError(f"lengths {bad} cannot be split by layout {job.parallel.layout!r} over sp_size="
+        raise ValueError(f"lengths {bad} cannot be split by layout '{job.parallel.layout}' over sp_size="
                          f"{job.parallel.sp_size}: they must be multiples of {div}")
     distributed.validate(job.parallel, distributed.env_world_size())
-    tracking.validate(job.logger)
     model, tokenizer, from_checkpoint = resolve_model(job)
     distributed.validate_heads(job.parallel, model.heads)
     ctx = distributed.init(job.parallel)
     out_dir = distributed.agree_on_run_dir(out_dir)
     module, source = build_model(job, model, ctx, from_checkpoint)
-    text = TextNeedle(tokenizer, job.passkey_digits) if job.task == "text" else None
+    text = TextNeedle(tokenizer, job.passkey_digits) if job.task == Task.text else None
 
     acc = np.zeros((len(job.depths), len(job.lengths)))
     tok_acc = np.zeros_like(acc)
@@ -287,7 +293,7 @@ def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
             ppl[str(length)] = perplexity(module, ctx, ids, length, ctx.sp.positions(length, device=ctx.device))
 
     table = {
-        "task": job.task, "model": source, "lengths": list(job.lengths), "depths": list(job.depths),
+        "task": job.task.value, "model": source, "lengths": list(job.lengths), "depths": list(job.depths),
         "samples": job.samples, "passkey_digits": job.passkey_digits,
         "chance": 10.0 ** -job.passkey_digits, "accuracy": acc.tolist(), "answer_token_accuracy": tok_acc.tolist(),
         "mean_accuracy": float(acc.mean()), "parallel": resolved.get("parallel"), "perplexity": ppl,
@@ -327,12 +333,11 @@ def heatmap(table: dict, path: str) -> str:
 
 
 def _log_wandb(cfg: LoggerConfig, out_dir: str, resolved: dict, table: dict, png: str) -> None:
-    if cfg.backend != "wandb":
+    if cfg.backend != tracking.Backend.wandb:
         return
     import wandb
 
-    mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, dir=out_dir, mode=mode,
+    run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, dir=out_dir, mode=cfg.wandb_mode(),
                      config=resolved, job_type="eval_needle", settings=wandb.Settings(console="off", quiet=True))
     rows = [[n, d, table["accuracy"][i][j]] for i, d in enumerate(table["depths"])
             for j, n in enumerate(table["lengths"])]
@@ -344,7 +349,7 @@ def _log_wandb(cfg: LoggerConfig, out_dir: str, resolved: dict, table: dict, png
 @hydra.main(config_path="../conf", config_name="eval_needle", version_base=None)
 def main(cfg) -> None:
     tracking.configure_logging()
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     job: NeedleJob = OmegaConf.to_object(cfg)
     out_dir = os.path.abspath(HydraConfig.get().runtime.output_dir)
     try:

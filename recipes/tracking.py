@@ -13,17 +13,32 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+from recipes.choices import Choice
+
 METRICS = "metrics.jsonl"
 RUN_ID_FILE = "wandb_run_id"
 
 
+class Backend(Choice):
+    none = "none"
+    wandb = "wandb"
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+
+
 @dataclass
 class LoggerConfig:
-    backend: str = "none"  # none | wandb
+    backend: Backend = Backend.none
     project: str = "ringattn"
     entity: Optional[str] = None
     name: Optional[str] = None
-    mode: Optional[str] = None  # online | offline | None: offline when WANDB_API_KEY is unset
+    mode: Optional[WandbMode] = None  # None: offline when WANDB_API_KEY is unset
+
+    def wandb_mode(self) -> str:
+        return (self.mode or (WandbMode.online if os.environ.get("WANDB_API_KEY") else WandbMode.offline)).value
 
 
 def configure_logging() -> None:
@@ -31,11 +46,6 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def validate(cfg: LoggerConfig) -> None:
-    if cfg.backend not in ("none", "wandb"):
-        raise ValueError(f"logger.backend={cfg.backend!r}: expected none or wandb")
 
 
 class NullTracker:
@@ -52,7 +62,7 @@ class Tracker:
         self._truncate_after(resume_step)
         self.file = open(self.path, "a")
         self.wandb = None
-        if cfg.backend == "wandb":
+        if cfg.backend == Backend.wandb:
             import wandb
 
             id_file = os.path.join(run_dir, RUN_ID_FILE)
@@ -62,9 +72,8 @@ class Tracker:
                 run_id = uuid.uuid4().hex[:12]
                 with open(id_file, "w") as f:
                     f.write(run_id)
-            mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, id=run_id,
-                                    resume="allow", dir=run_dir, mode=mode, config=config,
+                                    resume="allow", dir=run_dir, mode=cfg.wandb_mode(), config=config,
                                     settings=wandb.Settings(console="off", quiet=True))
 
     def _truncate_after(self, step: int) -> None:

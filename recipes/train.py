@@ -28,6 +28,7 @@ from omegaconf import MISSING, OmegaConf
 import ringattn
 from ringattn.models import LlamaConfig
 from recipes import checkpoint, data, distributed, engine as engine_lib, estimate, models, tracking
+from recipes.choices import Dtype, at_least
 from recipes.data import IGNORE_INDEX, DataConfig
 from recipes.distributed import ParallelConfig
 from recipes.engine import DeepSpeedConfig, OptimConfig
@@ -43,7 +44,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 100  # 0: only at the end
     save_every: int = 0  # 0: no checkpoints; else every K steps and at the end
-    dtype: str = "fp32"  # fp32 | bf16
+    dtype: Dtype = Dtype.fp32
     # Stop this invocation after this step (e.g. to fit a job time limit); the LR schedule
     # still spans max_steps and rerunning the command resumes. null: run to max_steps.
     stop_at_step: Optional[int] = None
@@ -53,8 +54,16 @@ class TrainerConfig:
     dry_run: bool = False
     # World size the dry run plans for; None: the launcher's WORLD_SIZE (1 without a launcher)
     dry_run_world_size: Optional[int] = None
-    # Tests only: exit abruptly in the middle of the checkpoint save at this step.
-    crash_in_save_at_step: Optional[int] = None
+
+    def __post_init__(self):
+        at_least("trainer.max_steps", self.max_steps)
+        at_least("trainer.log_every", self.log_every)
+        at_least("trainer.eval_every", self.eval_every, minimum=0)
+        at_least("trainer.save_every", self.save_every, minimum=0)
+        at_least("trainer.stop_at_step", self.stop_at_step, allow_none=True)
+        at_least("trainer.dry_run_world_size", self.dry_run_world_size, allow_none=True)
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"trainer.peak_tflops={self.peak_tflops}: must be > 0 (or null: looked up)")
 
 
 @dataclass
@@ -87,23 +96,17 @@ def plan(job: JobConfig, world_size: int, model) -> Plan:
     ``model``: the resolved model object (``recipes.models.resolve``)."""
     distributed.validate(job.parallel, world_size)
     distributed.validate_heads(job.parallel, model.heads)
-    engine_lib.validate(job.deepspeed)
-    tracking.validate(job.logger)
-    t, d = job.trainer, job.data
-    if t.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"trainer.dtype={t.dtype!r}: expected fp32 or bf16")
-    if t.max_steps < 1 or t.log_every < 1 or t.save_every < 0 or t.eval_every < 0:
-        raise ValueError("trainer.max_steps and trainer.log_every must be >= 1; save_every, eval_every >= 0")
-    div = ringattn.layout_divisor(job.parallel.layout, job.parallel.sp_size)
-    if d.seq_len < 1 or d.seq_len % div:
-        raise ValueError(f"data.seq_len={d.seq_len} cannot be split by layout {job.parallel.layout!r} over "
+    d = job.data
+    div = ringattn.layout_divisor(job.parallel.layout.value, job.parallel.sp_size)
+    if d.seq_len % div:
+        raise ValueError(f"data.seq_len={d.seq_len} cannot be split by layout '{job.parallel.layout}' over "
                          f"sp_size={job.parallel.sp_size} ranks: it must be a multiple of {div}")
     dp = world_size // job.parallel.sp_size
     if d.global_batch_size % dp:
         raise ValueError(f"data.global_batch_size={d.global_batch_size} is not divisible by dp={dp} "
                          f"(world {world_size} / sp {job.parallel.sp_size})")
     per_rank = d.global_batch_size // dp
-    packed_docs = d.kind == "text" and d.document_masking
+    packed_docs = d.kind == data.Kind.text and d.document_masking
     micro = d.micro_batch_size or (1 if packed_docs else per_rank)
     if packed_docs and micro != 1:
         raise ValueError(f"data.document_masking needs data.micro_batch_size=1 (got {micro}): ring attention "
@@ -122,7 +125,7 @@ _PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
 def peak_flops(t: TrainerConfig, device: torch.device) -> Optional[float]:
     if t.peak_tflops:
         return t.peak_tflops * 1e12
-    if device.type != "cuda" or t.dtype != "bf16":
+    if device.type != "cuda" or t.dtype != Dtype.bf16:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v * 1e12 for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -184,7 +187,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
     # Resume: find and check the latest complete checkpoint before building anything big.
     ckpt, expect = None, {"model": dataclasses.asdict(model.cfg), "seq_len": job.data.seq_len,
                           "global_batch_size": job.data.global_batch_size, "seed": job.trainer.seed,
-                          "data_kind": job.data.kind}
+                          "data_kind": job.data.kind.value}
     if ctx.is_logger:
         try:
             ckpt = checkpoint.latest(run_dir)
@@ -281,8 +284,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
         if t.save_every and (step % t.save_every == 0 or step == t.max_steps or stopping):
             meta = dict(expect, world_size=ctx.world_size, zero_stage=job.deepspeed.zero_stage,
                         samples_seen=step * job.data.global_batch_size)
-            checkpoint.save(engine, run_dir, step, meta, ctx.rank,
-                            crash_before_commit=(t.crash_in_save_at_step == step))
+            checkpoint.save(engine, run_dir, step, meta, ctx.rank)
         if stopping:
             break
     if start < t.max_steps and step == t.max_steps:
@@ -328,7 +330,7 @@ def _rss() -> int:
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg) -> None:
     tracking.configure_logging()
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     job: JobConfig = OmegaConf.to_object(cfg)
     if job.trainer.dry_run:
         return dry_run(job)

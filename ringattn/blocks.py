@@ -52,7 +52,6 @@ def record_step(plan_step, q, k):
     n = sum(b * h * t.scores(sq, k.shape[1]) for t in plan_step)
     prof.kernel_calls += len(plan_step)
     prof.scores += n
-    prof.per_step_scores.append(n)
     prof.ring_steps += 1
 
 

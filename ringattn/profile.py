@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 _ACTIVE: list["RingProfile"] = []
 
@@ -25,7 +25,6 @@ class RingProfile:
     compute_s: float = 0.0
     wait_s: float = 0.0
     bytes_sent: int = 0
-    per_step_scores: list[int] = field(default_factory=list)
 
     def __enter__(self):
         _ACTIVE.append(self)

@@ -3,7 +3,8 @@
     results = run_distributed(fn, world_size, *args, backend="gloo", timeout=120)
 
 ``fn(rank, world_size, *args)`` runs in a fresh spawned process with the default process
-group initialised on a free loopback port; its return values come back as a list by rank.
+group initialised through a FileStore in a fresh temporary directory (no port to race for);
+its return values come back as a list by rank.
 If any rank raises, the others are stopped and an AssertionError names the rank and shows
 its traceback; if the ranks do not all finish within ``timeout`` seconds, the ones still
 running are killed and named.
@@ -14,7 +15,8 @@ import datetime
 import os
 import pickle
 import queue
-import socket
+import shutil
+import tempfile
 import time
 import traceback
 
@@ -23,19 +25,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world_size, port, backend, timeout, fn, args, results):
+def _worker(rank, world_size, store_path, backend, timeout, fn, args, results):
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            backend, store=dist.FileStore(store_path, world_size), rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
         )
         value = fn(rank, world_size, *args)
@@ -54,9 +50,10 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
         raise RuntimeError(f"NCCL run needs {world_size} GPUs, found {torch.cuda.device_count()}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    store_dir = tempfile.mkdtemp(prefix="ringattn-store-")
+    store_path = os.path.join(store_dir, "store")
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout, fn, args, results),
+        ctx.Process(target=_worker, args=(r, world_size, store_path, backend, timeout, fn, args, results),
                     daemon=True)
         for r in range(world_size)
     ]
@@ -85,6 +82,9 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
             if p.is_alive():
                 p.kill()
             p.join(timeout=10)
+        results.close()
+        results.join_thread()
+        shutil.rmtree(store_dir, ignore_errors=True)
     if failures:
         first = min(failures)
         raise AssertionError(

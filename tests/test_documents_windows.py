@@ -17,7 +17,8 @@ from tests.reference import layout_indices, reference_attention, rel_err
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 FP32_TOL = 1e-5
-# lengths from the issue, plus 8 so that 4248 = 24 * 177 splits under every layout, P <= 4
+# awkward document lengths (tiny, odd, longer than a shard), plus 8 so that 4248 = 24 * 177
+# splits under every layout, P <= 4
 AWKWARD_DOCS = [1, 7, 120, 1128, 2984, 8]
 
 

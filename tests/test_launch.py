@@ -1,4 +1,6 @@
-"""Launchers and faults (issue 6), end to end on loopback through the scripts in launch/.
+"""Launchers and faults, end to end on loopback through the scripts in launch/: multi-node
+torchrun, SLURM, the deepspeed launcher, restarts after a killed rank, collective timeouts,
+sweeps and the dry run.
 
     pytest tests/test_launch.py -m slow       # ~ 3 minutes on 2 CPU cores
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,11 +18,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.distributed import free_port
 from tests.train_launch import (FAST, REPO, assert_losses_close, assert_weights_close, clean_env, final_weights,
                                 launch, metrics, tail, train_ok)
 
 LAUNCH = REPO / "launch"
+
+
+def free_port() -> int:
+    """A loopback port for a launcher's rendezvous (launchers take a port, not a store)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 SP2 = FAST + ["parallel.sp_size=2", "trainer.seed=3"]
 
 # Imported by every Python process whose PYTHONPATH holds its folder: in a rank > 0 process,

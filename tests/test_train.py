@@ -1,4 +1,5 @@
-"""Acceptance tests of the training recipe (issue 5), end to end through subprocesses.
+"""The training recipe end to end through subprocesses: sequence/data parallelism, accumulation
+and ZeRO stages reproduce the single-process run; resume, crash-safe checkpoints, W&B, bad input.
 
     pytest tests/test_train.py -m slow       # ~ a few minutes on 2 CPU cores
 """
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from recipes.checkpoint import TEST_CRASH_ENV
 from tests.train_launch import (assert_losses_close, assert_weights_close, final_weights, metrics, tail,
                                 train_fails, train_ok)
 
@@ -101,7 +103,7 @@ def test_resume_matches_straight_run(baseline, tmp_path):
 
 @pytest.mark.slow
 def test_crash_during_save_leaves_previous_checkpoint(baseline, tmp_path):
-    proc = train_fails(tmp_path, 2, RUN + ["parallel.sp_size=2", f"trainer.crash_in_save_at_step={STEPS}"])
+    proc = train_fails(tmp_path, 2, RUN + ["parallel.sp_size=2"], env={TEST_CRASH_ENV: str(STEPS)})
     ck = tmp_path / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == [f".tmp-step_{STEPS:08d}", "step_00000003"], tail(proc)
     train_ok(tmp_path, 2, RUN + ["parallel.sp_size=2"])  # rerun: resumes from step 3
@@ -142,7 +144,9 @@ def _no_work_done(run_dir: Path):
          "model.dim=96"], "parallel.ulysses_size=2: Ulysses over 2 ranks needs heads divisible by 2"),
     (1, ["data=text", "data.seq_len=32", "data.files=[/no/such/file.txt]"], "data file not found: /no/such/file.txt"),
     (2, ["parallel.sp_size=2", "data.seq_len=30"], "must be a multiple of 4"),
-    (1, ["trainer.dtype=fp16"], "expected fp32 or bf16"),
+    (1, ["trainer.dtype=fp16"], "Invalid value 'fp16', expected one of [fp32, bf16]\n    full_key: trainer.dtype"),
+    (1, ["trainer.max_steps=0"], "trainer.max_steps=0: must be >= 1"),
+    (1, ["deepspeed.offload_param=true"], "deepspeed.offload_param needs deepspeed.zero_stage=3"),
 ])
 def test_bad_input_errors(tmp_path, nproc, over, message):
     proc = train_fails(tmp_path, nproc, ["trainer.max_steps=2"] + over)

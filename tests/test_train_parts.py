@@ -151,3 +151,41 @@ def test_model_object_answers_heads_shape_flops_and_builds(tie):
     assert shape.flops_per_step(3, 16) == 6 * n * 3 * 16 + 3.5 * 2 * 3 * 16**2 * 32 * 2
     with pytest.raises(ValueError, match="model.vocab_size=10 < tokenizer vocabulary 259"):
         models.resolve(dataclasses.replace(cfg, vocab_size=10), data.ByteTokenizer())
+
+
+def test_typed_choices_and_ranges_fail_naming_the_field():
+    """Enum fields are checked when the config is composed, ranges when it becomes objects."""
+    from omegaconf import OmegaConf, ValidationError
+
+    from recipes.choices import Dtype
+    from recipes.distributed import Layout
+
+    cfg = OmegaConf.structured(JobConfig)
+    cfg.trainer.dtype = "bf16"
+    cfg.parallel.layout = "striped"
+    assert cfg.trainer.dtype is Dtype.bf16 and cfg.parallel.layout is Layout.striped
+    assert set(Layout.__members__) == set(ringattn.layouts.LAYOUTS)  # the library's registry
+    for key, bad, allowed in (("trainer.dtype", "fp16", "[fp32, bf16]"), ("data.kind", "books", "[passkey, text]"),
+                              ("logger.backend", "tensorboard", "[none, wandb]"), ("parallel.layout", "ring", "zigzag")):
+        with pytest.raises(ValidationError, match=rf"(?s)Invalid value '{bad}', expected one of .*{key}") as e:
+            OmegaConf.update(cfg, key, bad)
+        assert allowed in str(e.value)
+    job = JobConfig()
+    for build, message in (
+        (lambda: dataclasses.replace(job.trainer, max_steps=0), "trainer.max_steps=0: must be >= 1"),
+        (lambda: dataclasses.replace(job.trainer, save_every=-1), "trainer.save_every=-1: must be >= 0"),
+        (lambda: dataclasses.replace(job.data, micro_batch_size=0), "data.micro_batch_size=0: must be >= 1"),
+        (lambda: dataclasses.replace(job.data, needle_min_frac=0.6), "need 0 <= min < max <= 1"),
+        (lambda: dataclasses.replace(job.deepspeed, zero_stage=4), "deepspeed.zero_stage=4: expected 0, 1, 2 or 3"),
+        (lambda: dataclasses.replace(job.deepspeed, offload_optimizer=True), "offload_optimizer needs"),
+        (lambda: dataclasses.replace(job.parallel, sp_size=4, ulysses_size=3), "ulysses_size=3 does not divide"),
+        (lambda: dataclasses.replace(job.parallel, collective_timeout_s=0), "collective_timeout_s=0: must be > 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build()
+    # the composed config goes through __post_init__ too
+    cfg = OmegaConf.structured(JobConfig)
+    cfg.model = OmegaConf.structured(LlamaConfig)
+    cfg.trainer.max_steps = 0
+    with pytest.raises(ValueError, match="trainer.max_steps=0"):
+        OmegaConf.to_object(cfg)

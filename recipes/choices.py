@@ -1,0 +1,37 @@
+"""Typed choices for the recipes' configs.
+
+A config field typed with a ``Choice`` is checked by OmegaConf when Hydra composes the config:
+an unknown value fails before any work, with an error naming the field and the allowed values
+("Invalid value 'fp16', expected one of [fp32, bf16] ... full_key: trainer.dtype"). Members are
+strs: they compare equal to, print as and serialise as their value.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+
+class Choice(str, enum.Enum):
+    def __str__(self) -> str:
+        return self.value
+
+
+class Dtype(Choice):
+    """Parameter and compute dtype of a recipe."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return torch.bfloat16 if self is Dtype.bf16 else torch.float32
+
+
+def at_least(name: str, value, minimum=1, allow_none: bool = False) -> None:
+    """Range check for ``__post_init__``: ``value >= minimum`` (or None if allowed), else a
+    ValueError naming the field."""
+    if value is None and allow_none:
+        return
+    if value is None or value < minimum:
+        raise ValueError(f"{name}={value}: must be >= {minimum}")
