@@ -56,7 +56,7 @@ class BenchmarkConfig:
     dtype: AttnDtype = AttnDtype.fp32
     causal: bool = True
     layouts: list[Layout] = field(default_factory=lambda: [Layout.zigzag, Layout.striped, Layout.contiguous])
-    # ring: K/V around all P ranks; ulysses: all-to-all over all P (needs heads % P == 0);
+    # ring: K/V around all P ranks; ulysses: all-to-all over all P (needs heads >= P);
     # hybrid: Ulysses over ulysses_size consecutive ranks x ring over P / ulysses_size.
     strategies: list[Strategy] = field(default_factory=lambda: list(Strategy))
     ulysses_size: int = 2
