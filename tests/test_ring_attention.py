@@ -139,16 +139,15 @@ def test_low_precision_error_does_not_grow_with_ring_size(dtype):
 
 
 def _two_rings(rank, world):
-    """World 4 split into rings {0,1} and {2,3}, each with its own data and reference."""
-    import torch.distributed as dist
-
-    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    """World 4 split into rings {0,1} and {2,3} (the sp groups of a dp=2 x sp=2 mesh, passed
+    as explicit groups), each with its own data and reference."""
+    group = ringattn.init_mesh(dp=2, sp=2)["sp"].get_group()
     mine = rank // 2
     errs = []
     for layout in LAYOUTS:
         cfg = (layout, True, (8, 2), 1, 64, 16)
         errs.append(_ring_errors(cfg, rank, 2, torch.float32, torch.device("cpu"),
-                                 group=groups[mine], group_rank=rank % 2, seed=100 + mine))
+                                 group=group, group_rank=rank % 2, seed=100 + mine))
     return errs
 
 
