@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -77,12 +76,6 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Context:
     """One rank's view of the job: who it is, its device, the mesh and the attention front door."""
@@ -142,12 +135,13 @@ def init_world(timeout: datetime.timedelta) -> torch.device:
         from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
         set_accelerator(CPU_Accelerator())
-    if "RANK" not in os.environ:  # one process, no launcher: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    store = {}
+    if "RANK" not in os.environ:  # one process, no launcher: a world of one, an in-memory store (no port)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        store = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout,
-                                **_elastic_store(timeout))
+                                **(store or _elastic_store(timeout)))
     return device
 
 
