@@ -1,5 +1,6 @@
 """ringattn: exact sequence-parallel attention for long-context training."""
 from .decode import decode_attention
+from .diagnostics import AttentionMass, attention_mass
 from .hybrid import hybrid_attention
 from .layouts import layout_divisor
 from .masking import document_positions
@@ -9,6 +10,6 @@ from .ring import ring_attention
 from .sharding import positions, shard, unshard
 from .ulysses import ulysses_attention
 
-__all__ = ["SequenceParallel", "decode_attention", "document_positions", "hybrid_attention", "init_mesh",
+__all__ = ["AttentionMass", "SequenceParallel", "attention_mass", "decode_attention", "document_positions", "hybrid_attention", "init_mesh",
            "layout_divisor", "positions", "ring_attention", "shard", "unshard", "ulysses_attention"]
 __version__ = "0.1.0"

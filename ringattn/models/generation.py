@@ -2,8 +2,8 @@
 
 1. Prefill: the model's ordinary forward over the prompt, sharded by the SP layout (ring,
    Ulysses or hybrid; any layout). Forward hooks on each layer's ``wk``/``wv`` (a public
-   extension point; the training forward is untouched) capture the K/V projections of this
-   rank's prompt shard, which become this rank's part of the cache (RoPE applied at their
+   extension point; the training forward is untouched; ``capture.forward_capturing``) capture
+   the K/V projections of this rank's prompt shard, which become this rank's part of the cache (RoPE applied at their
    global positions). Prompt tokens past the largest length the layout can split are fed
    as decode steps.
 2. Decode: each new token's layers run replicated on every rank; its K/V is appended to
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..comm import group_rank, group_size
 from ..decode import decode_attention
 from ..layouts import layout_divisor
+from .capture import forward_capturing
 from .llama import Llama, apply_rope, rope_cos_sin
 
 
@@ -100,29 +101,14 @@ def prefill(model: Llama, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
     same on every rank, sharded over the SP group; store each rank's K/V shard in ``cache``.
     Returns the logits (batch, vocab) after the last prompt token, on every rank."""
     group, p, rank, _, _ = _sp_info(model)
-    b, n = prompt.shape
+    n = prompt.shape[1]
     sp = model.sp if p > 1 else None
     tokens = sp.shard(prompt) if sp else prompt
     positions = sp.positions(n, device=prompt.device) if sp else torch.arange(n, device=prompt.device)
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(model.layers):
-        for name in ("wk", "wv"):
-            def keep(_mod, _inp, out, key=(i, name)):
-                captured[key] = out
-            hooks.append(getattr(layer.attention, name).register_forward_hook(keep))
-    try:
-        logits = model(tokens, positions)
-    finally:
-        for h in hooks:
-            h.remove()
-    cfg = model.cfg
+    logits, layers = forward_capturing(model, tokens, positions, names=("wk", "wv"))
+    for i, kv in enumerate(layers):
+        cache.append(i, kv["k"], kv["v"])
     s = tokens.shape[1]
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, captured[(0, "wk")].dtype)
-    for i in range(cfg.n_layers):
-        k = captured[(i, "wk")].view(b, s, cfg.kv_heads, cfg.head_dim)
-        v = captured[(i, "wv")].view(b, s, cfg.kv_heads, cfg.head_dim)
-        cache.append(i, apply_rope(k, cos, sin), v)
     for r in range(p):
         cache.advance(r, s)  # every layout splits the prompt into P equal parts
     last = (positions == n - 1).to(logits.dtype)  # the one local row holding position n-1, if any
