@@ -32,8 +32,10 @@ class DataConfig:
     micro_batch_size: Optional[int] = None  # per data-parallel rank and forward; None: no accumulation
     # passkey task: "...filler...#d1..dn...filler...?d1..dn"; loss and accuracy on the answer digits
     passkey_digits: int = 1  # 2+: the answer continues the passkey (an induction-style copy; slower to learn)
-    needle_min_frac: float = 0.25  # needle start, as a fraction of seq_len: the middle of the
-    needle_max_frac: float = 0.5  # sequence, i.e. another rank's shard than the query at the end
+    # needle depth range: 0 = the first token, 1 = just before the query (PasskeyTask.needle_at,
+    # the same depth eval_needle uses); the default covers the whole context
+    needle_min_frac: float = 0.0
+    needle_max_frac: float = 1.0
     eval_batch_size: int = 64
     # text files (txt / jsonl / json / parquet) read by `datasets`, packed into sequences
     files: List[str] = field(default_factory=list)
@@ -47,9 +49,9 @@ class DataConfig:
         for name in ("seq_len", "global_batch_size", "passkey_digits", "eval_batch_size"):
             at_least(f"data.{name}", getattr(self, name))
         at_least("data.micro_batch_size", self.micro_batch_size, allow_none=True)
-        if not 0.0 <= self.needle_min_frac < self.needle_max_frac <= 1.0:
+        if not 0.0 <= self.needle_min_frac <= self.needle_max_frac <= 1.0:  # equal: a fixed depth
             raise ValueError(f"data.needle_min_frac={self.needle_min_frac}, data.needle_max_frac="
-                             f"{self.needle_max_frac}: need 0 <= min < max <= 1")
+                             f"{self.needle_max_frac}: need 0 <= min <= max <= 1 (needle depths)")
 
 
 class ByteTokenizer:
@@ -79,9 +81,10 @@ def build_tokenizer(cfg: DataConfig):
 
 
 class PasskeyTask:
-    """Random lowercase filler; a needle ``#`` + n digits in the middle of the sequence; at
-    the end a query ``?`` followed by the same digits. Only the answer digits carry loss,
-    so nothing is learnable without attending from the end of the sequence to the middle."""
+    """Random lowercase filler; a needle ``#`` + n digits at a depth drawn from
+    [needle_min_frac, needle_max_frac] of the context; at the end a query ``?`` followed by
+    the same digits. Only the answer digits carry loss, so nothing is learnable without
+    attending from the end of the sequence to the needle."""
 
     FILLER = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ", dtype=np.uint8).astype(np.int64)
     DIGITS = np.frombuffer(b"0123456789", dtype=np.uint8).astype(np.int64)
@@ -91,29 +94,39 @@ class PasskeyTask:
     def __init__(self, cfg: DataConfig, seed: int):
         self.cfg, self.seed = cfg, seed
         n, L = cfg.passkey_digits, cfg.seq_len
-        self.lo = int(cfg.needle_min_frac * L)
-        self.hi = int(cfg.needle_max_frac * L)
-        if n < 1 or self.hi - self.lo < 1 or self.hi + n + 1 > L - (n + 1):
-            raise ValueError(
-                f"data.seq_len={L} is too short for a passkey of {n} digits with the needle in "
-                f"[{cfg.needle_min_frac}, {cfg.needle_max_frac}) of the sequence"
-            )
+        lo, hi = cfg.needle_min_frac, cfg.needle_max_frac  # checked by DataConfig
+        if n < 1 or L < 2 * n + 2:
+            raise ValueError(f"data.seq_len={L} is too short for a passkey of {n} digits "
+                             f"(needs at least {2 * n + 2} tokens) or passkey_digits < 1")
+        self.lo, self.hi = self.needle_at(lo, L, n), self.needle_at(hi, L, n)
+
+    @staticmethod
+    def needle_at(depth: float, length: int, digits: int) -> int:
+        """Token index of the needle marker at ``depth`` in [0, 1] of a ``length`` sequence:
+        0 -> the first token, 1 -> the needle ends just before the query marker."""
+        return int(round(depth * (length - 2 * digits - 1)))
+
+    @classmethod
+    def make(cls, length: int, digits: int, at: int, rng: np.random.Generator):
+        """(tokens, labels) of ``length`` with the needle marker at token ``at``; labels on
+        the answer digits only, shifted on the full sequence."""
+        n = digits
+        seq = cls.FILLER[rng.integers(0, len(cls.FILLER), size=length + 1)]
+        key = cls.DIGITS[rng.integers(0, 10, size=n)]
+        seq[at] = cls.KEY
+        seq[at + 1 : at + 1 + n] = key
+        q = length - n  # seq has length+1 tokens; the last n are the answer, after the query marker
+        seq[q] = cls.QUERY
+        seq[q + 1 :] = key
+        tokens = torch.from_numpy(seq[:-1].copy())
+        labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+        labels[q:] = torch.from_numpy(seq[q + 1 :].copy())
+        return tokens, labels
 
     def sample(self, index: int):
-        n, L = self.cfg.passkey_digits, self.cfg.seq_len
         rng = np.random.Generator(np.random.PCG64([self.seed, index]))
-        seq = self.FILLER[rng.integers(0, len(self.FILLER), size=L + 1)]
-        digits = self.DIGITS[rng.integers(0, 10, size=n)]
-        at = int(rng.integers(self.lo, self.hi))
-        seq[at] = self.KEY
-        seq[at + 1 : at + 1 + n] = digits
-        q = L - n  # seq has L+1 tokens; the last n are the answer, preceded by the query marker
-        seq[q] = self.QUERY
-        seq[q + 1 :] = digits
-        tokens = torch.from_numpy(seq[:-1].copy())
-        labels = torch.full((L,), IGNORE_INDEX, dtype=torch.long)
-        labels[q:] = torch.from_numpy(seq[q + 1 :].copy())  # shifted on the full sequence
-        return tokens, labels
+        at = int(rng.integers(self.lo, self.hi + 1))
+        return self.make(self.cfg.seq_len, self.cfg.passkey_digits, at, rng)
 
 
 class PackedText:

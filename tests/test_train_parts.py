@@ -82,7 +82,7 @@ def test_packed_text_documents(tmp_path):
 
 
 def test_passkey_is_deterministic_shifted_and_crosses_shards():
-    cfg = data.DataConfig(seq_len=64, passkey_digits=2)
+    cfg = data.DataConfig(seq_len=64, passkey_digits=2, needle_min_frac=0.25, needle_max_frac=0.5)
     task = data.PasskeyTask(cfg, seed=1)
     t1, l1 = task.sample(7)
     t2, l2 = task.sample(7)
@@ -97,6 +97,16 @@ def test_passkey_is_deterministic_shifted_and_crosses_shards():
     # for P=2 the needle and the query sit on different ranks under zigzag and contiguous
     for layout, owner in (("zigzag", lambda i: 0 if i < 16 or i >= 48 else 1), ("contiguous", lambda i: i // 32)):
         assert owner(needle) != owner(62), layout
+
+
+def test_passkey_depth_range_default_covers_the_context_and_is_checked():
+    task = data.PasskeyTask(data.DataConfig(seq_len=32, passkey_digits=2), seed=0)
+    at = {int((task.sample(i)[0] == data.PasskeyTask.KEY).nonzero()[0]) for i in range(400)}
+    assert min(at) == 0 and max(at) == 32 - 2 * 2 - 1  # first token .. needle just before the query
+    narrow = data.PasskeyTask(data.DataConfig(seq_len=33, needle_min_frac=0.5, needle_max_frac=0.5), seed=0)
+    assert {int((narrow.sample(i)[0] == data.PasskeyTask.KEY).nonzero()[0]) for i in range(20)} == {15}
+    with pytest.raises(ValueError, match="need 0 <= min <= max <= 1"):
+        data.PasskeyTask(data.DataConfig(needle_min_frac=0.6, needle_max_frac=0.5), seed=0)
 
 
 def test_step_batches_are_the_same_whatever_dp_and_accumulation():
