@@ -7,13 +7,19 @@
         task=text tokenizer=/models/x 'lengths=[32768,65536]' parallel.sp_size=8 dtype=bf16
 
 For every (context length, needle depth) cell, ``samples`` sequences hide an n-digit passkey
-at that depth of the context and ask for it at the end. Scoring is teacher-forced: a sample
-is right when the argmax at every answer position is the answer token -- exactly when greedy
-decoding would produce the answer -- so one forward per sequence suffices and no KV cache is
-needed. ``task=passkey``: the training task's format (recipes.data.PasskeyTask: random letters,
-``#`` + digits, ``?`` + digits), ``task=text``: an English haystack with "The pass key is N"
-(any tokenizer; the byte tokenizer by default). Writes ``needle.json`` (the table) and
-``needle.png`` (a heat map) to the run directory, and logs both to W&B with ``logger=wandb``.
+at that depth of the context and ask for it at the end. By default the task's format (task,
+digits) and the lengths (1x, 2x, 4x the trained length) come from the checkpoint's training
+config, so the map measures retrieval, not a format mismatch. ``mode=teacher`` (default): a
+sample is right when the argmax at every answer position is the answer token -- exactly when
+greedy decoding would produce it -- so one forward per sequence suffices. ``mode=generate``:
+greedy generation of the answer over a KV cache sharded across the SP group
+(``ringattn.models.generate``; our Llama only), scored by exact match. ``task=passkey``: the
+training task's format (recipes.data.PasskeyTask: random letters, ``#`` + digits, ``?`` +
+digits), ``task=text``: an English haystack with "The pass key is N" (any tokenizer; the byte
+tokenizer by default). Writes ``needle.json`` (the table) and ``needle.png`` (a heat map) to
+the run directory, and logs both to W&B with ``logger=wandb``; for the passkey task on our
+Llama also exact attention maps (``attention.json``, ``attention_needle.png``,
+``attention_distance.png``; recipes/attention_maps.py, ``attention_samples=0`` turns them off).
 ``ppl_file=PATH``: also perplexity vs. context length on the start of a long local document.
 
 The model: ``checkpoint=RUN_DIR`` (the model config from RUN_DIR/config.yaml; weights from
@@ -38,8 +44,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, OmegaConf
 
 import ringattn
-from ringattn.models import LlamaConfig
-from recipes import checkpoint as ckpt_lib, data, distributed, models, tracking
+from ringattn.models import LlamaConfig, generate
+from recipes import attention_maps, checkpoint as ckpt_lib, data, distributed, models, tracking
 from recipes.choices import Choice, Dtype, at_least
 from recipes.data import IGNORE_INDEX, PasskeyTask
 from recipes.distributed import ParallelConfig
@@ -56,19 +62,29 @@ class Task(Choice):
     text = "text"  # an English haystack, any tokenizer
 
 
+class Mode(Choice):
+    teacher = "teacher"  # teacher-forced: the argmax at every answer position (one forward)
+    generate = "generate"  # greedy generation over the sharded KV cache, exact match
+
+
 @dataclass
 class NeedleJob:
     model: Any = MISSING  # a conf/model option; replaced by the run's model with checkpoint=
     checkpoint: Optional[str] = None  # a recipes.train run directory (or one of its step_N dirs)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    task: Task = Task.passkey
+    # None: the checkpoint's task format (data.kind, data.passkey_digits, 1x/2x/4x data.seq_len),
+    # else passkey, 2 digits, [256, 512]
+    task: Optional[Task] = None
     tokenizer: Optional[str] = None  # local HF tokenizer; None: the run's, else bytes
-    lengths: List[int] = field(default_factory=lambda: [256, 512])
+    lengths: Optional[List[int]] = None
     depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     samples: int = 8  # per cell
     batch_size: int = 8  # sequences per forward
-    passkey_digits: int = 2
+    passkey_digits: Optional[int] = None
+    mode: Mode = Mode.teacher
+    # attention maps (recipes/attention_maps.py): samples per cell, 0 = off; passkey task, our Llama
+    attention_samples: int = 2
     seed: int = 1234
     dtype: Dtype = Dtype.fp32
     ppl_file: Optional[str] = None
@@ -76,8 +92,9 @@ class NeedleJob:
     def __post_init__(self):
         at_least("samples", self.samples)
         at_least("batch_size", self.batch_size)
-        at_least("passkey_digits", self.passkey_digits)
-        if not self.lengths or not self.depths:
+        at_least("passkey_digits", self.passkey_digits, allow_none=True)
+        at_least("attention_samples", self.attention_samples, minimum=0)
+        if (self.lengths is not None and not self.lengths) or not self.depths:
             raise ValueError("lengths and depths must be non-empty")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError(f"depths must lie in [0, 1]; got {list(self.depths)}")
@@ -89,21 +106,9 @@ ConfigStore.instance().store(name="eval_needle_schema", node=NeedleJob)
 # ---- samples ---------------------------------------------------------------------------------
 
 def passkey_sample(length: int, depth: float, digits: int, rng: np.random.Generator):
-    """PasskeyTask's format with the needle at ``depth`` of the haystack: (tokens, labels) of
+    """PasskeyTask's format with the needle at ``depth`` of the context: (tokens, labels) of
     ``length``, labels on the answer digits only (shifted on the full sequence)."""
-    n = digits
-    seq = PasskeyTask.FILLER[rng.integers(0, len(PasskeyTask.FILLER), size=length + 1)]
-    key = PasskeyTask.DIGITS[rng.integers(0, 10, size=n)]
-    q = length - n  # query marker; the last n tokens of the length+1 sequence are the answer
-    at = int(round(depth * (q - (n + 1))))
-    seq[at] = PasskeyTask.KEY
-    seq[at + 1:at + 1 + n] = key
-    seq[q] = PasskeyTask.QUERY
-    seq[q + 1:] = key
-    tokens = torch.from_numpy(seq[:-1].copy())
-    labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
-    labels[q:] = torch.from_numpy(seq[q + 1:].copy())
-    return tokens, labels
+    return PasskeyTask.make(length, digits, PasskeyTask.needle_at(depth, length, digits), rng)
 
 
 class TextNeedle:
@@ -236,6 +241,22 @@ def score(model, ctx, tokens, labels, positions):
 
 
 @torch.no_grad()
+def score_generate(model, ctx, tokens, labels):
+    """As ``score``, by greedy generation: each sample's prompt is everything up to its first
+    answer position; the model generates as many tokens as the answer has, over the KV cache
+    sharded across the SP group (``ringattn.models.generate``); exact match per sample."""
+    first = (labels != IGNORE_INDEX).to(torch.int8).argmax(1)  # index predicting the 1st answer token
+    right, right_tok, n_tok = 0, 0.0, 0.0
+    for a in first.unique().tolist():  # the same on every SP rank: they hold the same batch
+        rows = (first == a).nonzero().flatten()
+        answer = labels[rows, a:]
+        out = generate(model, tokens[rows, :a + 1].to(ctx.device), answer.shape[1])[:, a + 1:]
+        hit = out.cpu() == answer
+        right, right_tok, n_tok = right + int(hit.all(1).sum()), right_tok + float(hit.sum()), n_tok + hit.numel()
+    return right, right_tok, n_tok
+
+
+@torch.no_grad()
 def perplexity(model, ctx, ids: List[int], length: int, positions) -> Optional[float]:
     if len(ids) < length + 1:
         return None
@@ -247,7 +268,29 @@ def perplexity(model, ctx, ids: List[int], length: int, positions) -> Optional[f
     return float(torch.exp(nll / length))
 
 
+def task_format(job: NeedleJob, saved) -> NeedleJob:
+    """``job`` with task, passkey_digits and lengths filled in from the checkpoint's training
+    config (``saved``) where not given: evaluating another format than the one trained on
+    (e.g. 2-digit keys for a 1-digit model) measures the mismatch, not retrieval."""
+    from dataclasses import replace
+
+    trained = saved.data if saved is not None else None
+    task = job.task or Task(trained.kind if trained is not None else Task.passkey)
+    digits = job.passkey_digits
+    if digits is None:
+        digits = trained.passkey_digits if trained is not None and "passkey_digits" in trained else 2
+    lengths = job.lengths
+    if lengths is None:
+        lengths = [f * trained.seq_len for f in (1, 2, 4)] if trained is not None else [256, 512]
+    return replace(job, task=task, passkey_digits=digits, lengths=list(lengths))
+
+
 def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
+    model_cfg, saved = model_config_of(job)
+    job = task_format(job, saved)
+    if job.mode == Mode.generate and models.is_hf(model_cfg):
+        raise ValueError("mode=generate needs our Llama (sharded-KV-cache generation); Hugging Face "
+                         "models are evaluated with mode=teacher")
     div = ringattn.layout_divisor(job.parallel.layout.value, job.parallel.sp_size)
     bad = [n for n in job.lengths if n % div]
     if bad:
@@ -276,12 +319,27 @@ def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
                     batch.append(text.sample(length, depth, rng) if text else
                                  passkey_sample(length, depth, job.passkey_digits, rng))
                 tokens, labels = (torch.stack(t) for t in zip(*batch))
-                r, rt, nt = score(module, ctx, tokens, labels, positions)
+                if job.mode == Mode.generate:
+                    r, rt, nt = score_generate(module, ctx, tokens, labels)
+                else:
+                    r, rt, nt = score(module, ctx, tokens, labels, positions)
                 right, right_tok, n_tok = right + r, right_tok + rt, n_tok + nt
             right, right_tok, n_tok = _dp_sum([right, right_tok, n_tok], ctx)
             acc[i, j], tok_acc[i, j] = right / job.samples, right_tok / max(n_tok, 1.0)
             if ctx.is_logger:
                 log.info("length %6d depth %.2f: %.3f (answer tokens %.3f)", length, depth, acc[i, j], tok_acc[i, j])
+
+    maps = None
+    if job.attention_samples > 0 and job.task == Task.passkey and not models.is_hf(model_cfg):
+        def cell(length, depth):  # the cell's first samples, as scored above
+            rngs = (np.random.Generator(np.random.PCG64([job.seed, length, int(depth * 1e6), s]))
+                    for s in range(job.attention_samples))
+            return (torch.stack(t) for t in zip(*(passkey_sample(length, depth, job.passkey_digits, r)
+                                                  for r in rngs)))
+        maps = attention_maps.needle_attention(module, ctx, job.lengths, job.depths, job.passkey_digits,
+                                               cell, job.seed)
+    elif job.attention_samples > 0 and ctx.is_logger:
+        log.info("attention maps skipped: they need task=passkey and our Llama")
 
     ppl = None
     if job.ppl_file:
@@ -293,7 +351,8 @@ def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
             ppl[str(length)] = perplexity(module, ctx, ids, length, ctx.sp.positions(length, device=ctx.device))
 
     table = {
-        "task": job.task.value, "model": source, "lengths": list(job.lengths), "depths": list(job.depths),
+        "task": job.task.value, "mode": job.mode.value, "model": source, "lengths": list(job.lengths),
+        "depths": list(job.depths),
         "samples": job.samples, "passkey_digits": job.passkey_digits,
         "chance": 10.0 ** -job.passkey_digits, "accuracy": acc.tolist(), "answer_token_accuracy": tok_acc.tolist(),
         "mean_accuracy": float(acc.mean()), "parallel": resolved.get("parallel"), "perplexity": ppl,
@@ -303,6 +362,10 @@ def run(job: NeedleJob, out_dir: str, resolved: dict) -> dict:
         with open(os.path.join(out_dir, "needle.json"), "w") as f:
             json.dump(table, f, indent=1)
         png = heatmap(table, os.path.join(out_dir, "needle.png"))
+        if maps is not None:
+            with open(os.path.join(out_dir, "attention.json"), "w") as f:
+                json.dump(maps, f)
+            attention_maps.plot(maps, out_dir)
         _log_wandb(job.logger, out_dir, resolved, table, png)
         log.info("mean accuracy %.3f (chance %.3g); wrote %s and %s", table["mean_accuracy"], table["chance"],
                  os.path.join(out_dir, "needle.json"), png)
@@ -324,7 +387,7 @@ def heatmap(table: dict, path: str) -> str:
     ax.set_ylabel("needle depth")
     for (i, j), v in np.ndenumerate(acc):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_title(f"passkey retrieval ({table['task']}, {table['samples']}/cell)")
+    ax.set_title(f"passkey retrieval ({table['task']}, {table.get('mode', 'teacher')}, {table['samples']}/cell)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
