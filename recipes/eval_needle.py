@@ -171,7 +171,8 @@ def load_weights(job: NeedleJob, model) -> str:
     if not _is_step_dir(path):
         path = ckpt_lib.latest(path)
         if path is None:
-            raise FileNotFoundError(f"checkpoint={job.checkpoint}: no complete checkpoint in it")
+            raise FileNotFoundError(f"checkpoint={job.checkpoint}: no complete checkpoint in it "
+                                    "(train with trainer.save_every=K: the default writes none)")
     meta = ckpt_lib.read_meta(path)
     if meta.get("zero_stage", 0) == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

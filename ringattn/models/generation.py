@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..comm import group_rank, group_size
 from ..decode import decode_attention
 from ..layouts import layout_divisor
 from .capture import forward_capturing
