@@ -303,6 +303,23 @@ def test_needle_finds_passkey_after_recipe_training(tmp_path, kind):
     table = json.loads((out / "needle.json").read_text())
     print(f"{kind}: needle accuracy {table['accuracy']} (chance 0.1)")
     assert table["mean_accuracy"] >= 0.8, table  # chance: 0.1
+    if kind == "llama":
+        # mode=generate (the task format from the checkpoint: no passkey_digits given): greedy
+        # generation over the sharded KV cache is right exactly when the teacher-forced argmax
+        # is, so the same samples score the same (one sample of slack per cell for a near-tie)
+        gen = tmp_path / "needle_generate"
+        _recipe("recipes.eval_needle", gen, 2, [f"checkpoint={run}", "parallel.sp_size=2", "lengths=[128,256]",
+                                                "depths=[0,0.4,1]", "samples=16", "mode=generate"])
+        gtable = json.loads((gen / "needle.json").read_text())
+        assert gtable["mode"] == "generate" and gtable["passkey_digits"] == 1
+        diff = (torch.tensor(gtable["accuracy"]) - torch.tensor(table["accuracy"])).abs().max()
+        assert diff <= 1 / 16, (gtable["accuracy"], table["accuracy"])
+        maps = json.loads((out / "attention.json").read_text())
+        assert set(maps["needle_mass"]) == {f"{n}/{float(d)}" for n in (128, 256) for d in (0, 0.4, 1)}
+        mass = torch.tensor(maps["needle_mass"]["128/0.4"])  # (layers, heads), each in [0, 1]
+        assert mass.shape == (2, 4) and ((mass >= 0) & (mass <= 1 + 1e-9)).all()
+        for png in ("attention_needle.png", "attention_distance.png"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bf16_cast_keeps_rope_inverse_frequencies_fp32():
