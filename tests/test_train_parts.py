@@ -185,7 +185,7 @@ def test_typed_choices_and_ranges_fail_naming_the_field():
         (lambda: dataclasses.replace(job.trainer, max_steps=0), "trainer.max_steps=0: must be >= 1"),
         (lambda: dataclasses.replace(job.trainer, save_every=-1), "trainer.save_every=-1: must be >= 0"),
         (lambda: dataclasses.replace(job.data, micro_batch_size=0), "data.micro_batch_size=0: must be >= 1"),
-        (lambda: dataclasses.replace(job.data, needle_min_frac=0.6), "need 0 <= min < max <= 1"),
+        (lambda: dataclasses.replace(job.data, needle_min_frac=0.6, needle_max_frac=0.5), "need 0 <= min <= max <= 1"),
         (lambda: dataclasses.replace(job.deepspeed, zero_stage=4), "deepspeed.zero_stage=4: expected 0, 1, 2 or 3"),
         (lambda: dataclasses.replace(job.deepspeed, offload_optimizer=True), "offload_optimizer needs"),
         (lambda: dataclasses.replace(job.parallel, sp_size=4, ulysses_size=3), "ulysses_size=3 does not divide"),
