@@ -39,7 +39,39 @@ def tiny_config(arch: str):
         return tf.Qwen3Config(**common, head_dim=16)
     if arch == "mistral":
         return tf.MistralConfig(**common, sliding_window=5)
-    raise ValueError(arch)
+    return _more_configs(tf, common)[arch]()
+
+
+def _more_configs(tf, common):
+    """The architecture matrix (tests/test_hf_architectures.py). A larger initializer_range
+    where it matters: peaked attention, so softcaps and sinks change the result visibly."""
+    sharp = dict(common, initializer_range=0.5)
+    alternating = ["sliding_attention", "full_attention"]
+    return {
+        # attention sinks (s_aux), MoE, sliding layers, YaRN RoPE
+        "gpt_oss": lambda: tf.GptOssConfig(**sharp, head_dim=8, num_local_experts=4,
+                                           num_experts_per_tok=2, sliding_window=5),
+        # logit softcapping, sliding layers, query_pre_attn_scalar scaling
+        "gemma2": lambda: tf.Gemma2Config(**sharp, head_dim=8, sliding_window=5,
+                                          attn_logit_softcapping=2.0, query_pre_attn_scalar=8),
+        "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=5,
+                                              layer_types=alternating),
+        "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**common, head_dim=8, num_experts=4,
+                                               num_experts_per_tok=2, moe_intermediate_size=16),
+        "olmo2": lambda: tf.Olmo2Config(**common),
+        "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0),
+        "granite": lambda: tf.GraniteConfig(**common, attention_multiplier=0.3),
+        "cohere2": lambda: tf.Cohere2Config(**common, sliding_window=5, layer_types=alternating,
+                                            pad_token_id=0),
+        # refused by HFCausalLM: token mixing that sp.attention does not do
+        "llama4_chunked": lambda: tf.Llama4TextConfig(**common, head_dim=8, attention_chunk_size=4,
+                                                      pad_token_id=0),
+        "minimax": lambda: tf.MiniMaxConfig(**common, head_dim=8,
+                                            layer_types=["full_attention", "linear_attention"]),
+        "lfm2": lambda: tf.Lfm2Config(**common, pad_token_id=0, layer_types=["conv", "full_attention"]),
+        "falcon_h1": lambda: tf.FalconH1Config(**common, pad_token_id=0),
+    }
 
 
 def tiny_model(arch: str, seed: int = 0):

@@ -17,7 +17,11 @@ after RoPE; they go to ``sp.attention`` as (b, s, h, d) with the kv heads as the
 is kept, nothing repeated). A layer's ``sliding_window`` w (Mistral, Qwen2/3 with
 ``use_sliding_window``) becomes ``window_size=(w - 1, 0)``: transformers' mask lets query i
 see keys j with i - w < j <= i. Since no mask function is registered for ``"ringattn"``,
-transformers builds no (b, 1, s, s) mask at all.
+transformers builds no (b, 1, s, s) mask at all. Gemma 2's ``softcap`` and GPT-OSS's
+attention sinks (``s_aux``) go to ``sp.attention(softcap=..., sinks=...)``. The adapter is
+strict: a keyword argument it neither understands nor knows to be harmless raises a
+ValueError naming it and the model class, so a new architecture's extra attention input
+can never be ignored silently.
 
 Large models: ``from_pretrained`` (transformers >= 5) builds the model on the meta device
 and loads each weight straight into place. Under DeepSpeed ZeRO-3 keep an
@@ -39,10 +43,41 @@ SP_KWARG = "ringattn_sp"
 CU_SEQLENS_KWARG = "ringattn_cu_seqlens"
 
 
+# Keyword arguments transformers' attention modules pass that carry nothing the attention
+# computation needs (verified for every architecture in tests/test_hf_architectures.py):
+KNOWN_HARMLESS = {
+    "position_ids": "RoPE is applied to q/k before the attention call; documents come as "
+                    f"{CU_SEQLENS_KWARG}, not as position resets",
+    "use_cache": "the KV cache is refused separately (q and k lengths must agree)",
+    "output_router_logits": "a MoE router flag travelling with the layer kwargs",
+}
+# Keyword arguments this function understands (and acts on).
+UNDERSTOOD = {SP_KWARG, CU_SEQLENS_KWARG, "is_causal", "sliding_window", "softcap", "s_aux"}
+
+
+def check_attention_kwargs(module: nn.Module, kwargs: dict) -> None:
+    """Every keyword argument is understood or known to be harmless; anything else may change
+    the attention (a sink, a cap, a bias, a mask variant), so it is refused, never ignored."""
+    unknown = sorted(n for n in kwargs if n not in UNDERSTOOD and n not in KNOWN_HARMLESS)
+    if unknown:
+        model_type = getattr(getattr(module, "config", None), "model_type", "?")
+        raise ValueError(
+            f"{type(module).__name__} (model_type={model_type!r}) passes attention keyword "
+            f"argument(s) {unknown} that ringattn does not understand; refusing rather than "
+            "ignoring them (the result could be silently wrong)"
+        )
+
+
 def ringattn_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                value: torch.Tensor, attention_mask: Optional[torch.Tensor],
                                scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
-    """transformers' attention-function signature -> (out (b, s, h, d), None)."""
+    """transformers' attention-function signature -> (out (b, s, h, d), None).
+
+    Understood keywords: ``is_causal``, ``sliding_window``, ``softcap`` (Gemma 2 logit
+    softcapping), ``s_aux`` (GPT-OSS attention sinks, (h,)); ``KNOWN_HARMLESS`` ones are
+    accepted; any other raises a ValueError naming it and the model class.
+    """
+    check_attention_kwargs(module, kwargs)
     sp = kwargs.get(SP_KWARG)
     if sp is None:
         raise RuntimeError(
@@ -55,8 +90,6 @@ def ringattn_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     if dropout:
         raise ValueError(f"attention dropout is not supported by ringattn (got {dropout}); "
                          "set the model config's attention_dropout to 0")
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attention logit softcapping is not supported by ringattn")
     if key.shape[2] != query.shape[2]:
         raise ValueError("ringattn attention runs without a KV cache (q and k lengths differ); "
                          "call the model with use_cache=False")
@@ -68,11 +101,40 @@ def ringattn_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     else:  # transformers' masks: causal i - w < j <= i; bidirectional |i - j| <= w
         window_size = (int(window) - 1, 0) if causal else (int(window), int(window))
     kw = dict(causal=causal, softmax_scale=scaling, window_size=window_size)
+    if kwargs.get("softcap") is not None:
+        kw["softcap"] = float(kwargs["softcap"])
+    if kwargs.get("s_aux") is not None:
+        kw["sinks"] = kwargs["s_aux"]
     cu = kwargs.get(CU_SEQLENS_KWARG)
     if cu is not None:
         kw["cu_seqlens"] = cu
     out = sp.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), **kw)
     return out, None
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse, before computing anything, models whose sequence mixing is not what
+    ``sp.attention`` computes from the keyword arguments: attention patterns that live only
+    in transformers' mask functions (chunked, bidirectional), and mixers outside attention
+    (convolutions, Mamba, linear attention), which would run on each rank's shard alone."""
+    config, name = model.config, type(model).__name__
+    other = sorted({t for t in getattr(config, "layer_types", None) or ()
+                    if t not in ATTENTION_LAYER_TYPES})
+    if other:
+        raise ValueError(f"{name}: layer types {other} are not supported by ringattn sequence "
+                         f"parallelism (only {list(ATTENTION_LAYER_TYPES)})")
+    if getattr(config, "attention_chunk_size", None):
+        raise ValueError(f"{name}: chunked attention (attention_chunk_size="
+                         f"{config.attention_chunk_size}) is not supported by ringattn")
+    if getattr(config, "use_bidirectional_attention", None):
+        raise ValueError(f"{name}: use_bidirectional_attention is not supported by ringattn")
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv1d)]
+    if convs:
+        raise ValueError(f"{name}: sequence convolutions ({convs[0]}, ...) mix tokens outside "
+                         "attention; they would see only this rank's shard: not supported")
 
 
 def register() -> str:
@@ -131,6 +193,7 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, hf_model: nn.Module, sp=None):
         super().__init__()
+        check_supported(hf_model)
         register()
         if hf_model.config._attn_implementation != ATTN_IMPLEMENTATION:
             hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
