@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..masking import AttentionMask
+from ..ulysses import local_attention
+
 
 @dataclass
 class LlamaConfig:
@@ -33,6 +36,8 @@ class LlamaConfig:
     tie_embeddings: bool = False
     activation_checkpointing: bool = False
     init_std: float = 0.02
+    attention_sinks: bool = False  # a learned per-head logit in every softmax (GPT-OSS)
+    logit_softcap: Optional[float] = None  # scores -> c * tanh(scores / c) (Gemma 2)
 
     @property
     def head_dim(self) -> int:
@@ -60,10 +65,13 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"model.logit_softcap must be positive or null; got {self.logit_softcap}")
 
     def num_params(self, include_embedding: bool = True) -> int:
         d, f, L, V = self.dim, self.ffn_dim, self.n_layers, self.vocab_size or 0
         attn = d * d * 2 + 2 * d * self.kv_heads * self.head_dim
+        attn += self.n_heads if self.attention_sinks else 0
         per_layer = attn + 3 * d * f + 2 * d
         emb = V * d * (1 if self.tie_embeddings else 2)
         return L * per_layer + d + (emb if include_embedding else 0)
@@ -123,13 +131,26 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # (n_heads,) sink logits, zero at init (a sink weighs like one more key of score 0)
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attention_sinks else None
+        self.softcap = cfg.logit_softcap
 
     def forward(self, x, cos, sin, sp, cu_seqlens=None):
         b, s, _ = x.shape
         q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, self.kv_heads, self.head_dim)
-        if sp is None or sp.world_size == 1:
+        features = {}
+        if self.sinks is not None:
+            features["sinks"] = self.sinks
+        if self.softcap is not None:
+            features["softcap"] = self.softcap
+        if features and (sp is None or sp.world_size == 1):
+            mask = AttentionMask.build(s, True, cu_seqlens, (-1, -1))
+            out = local_attention(q, k, v, mask=mask, scale=self.head_dim ** -0.5, **features)
+        elif features:
+            out = sp.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens, **features)
+        elif sp is None or sp.world_size == 1:
             out = local_causal_attention(q, k, v, cu_seqlens=cu_seqlens)
         elif cu_seqlens is None:
             out = sp.attention(q, k, v, causal=True)
