@@ -4,11 +4,12 @@ from __future__ import annotations
 import datetime
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import ringattn
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed, world_and_backend
 
 TIMEOUT_S = 2.0
 
@@ -37,3 +38,19 @@ def test_mesh_groups_time_out_after_the_given_timeout():
     for dim, (seconds, error) in waited.items():
         assert error is not None, f"{dim}: the collective did not fail"
         assert TIMEOUT_S - 0.5 <= seconds < TIMEOUT_S + 2.5, (dim, seconds, error)
+
+
+def _group_timeouts(rank, world, device_type):
+    timeout = datetime.timedelta(seconds=123)
+    mesh = ringattn.init_mesh(sp=world, timeout=timeout, device_type=device_type)
+    device = torch.device(device_type)
+    return {dim: mesh[dim].get_group()._get_backend(device).options._timeout.total_seconds()
+            for dim in ("dp", "ring", "ulysses", "sp")}
+
+
+@pytest.mark.parametrize("world, backend", world_and_backend([1]))
+def test_every_mesh_group_carries_the_timeout(world, backend):
+    """The backend options init_mesh builds (gloo's on CPU, NCCL's on CUDA) reach every group."""
+    device_type = "cuda" if backend == "nccl" else "cpu"
+    timeouts = run_distributed(_group_timeouts, world, device_type, backend=backend, timeout=120)[0]
+    assert timeouts == dict.fromkeys(("dp", "ring", "ulysses", "sp"), 123.0)
