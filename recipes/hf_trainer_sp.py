@@ -1,0 +1,105 @@
+"""Fine-tune a tiny Hugging Face Llama with transformers' ``Trainer`` and sequence parallelism.
+
+    torchrun --standalone --nproc-per-node 2 -m recipes.hf_trainer_sp --sp-size 2
+    torchrun --standalone --nproc-per-node 2 -m recipes.hf_trainer_sp --sp-size 2 --packing --grad-accum 2
+    torchrun --standalone --nproc-per-node 2 -m recipes.hf_trainer_sp --sp-size 2 --zero 2   # DeepSpeed ZeRO-2
+    python -m recipes.hf_trainer_sp --baseline      # the stock Trainer in one process: the reference
+
+The model (2-layer Llama) and the byte-level text data are made on the spot (recipes/tiny_hf.py);
+nothing is downloaded. The lines that add sequence parallelism to an ordinary Trainer script
+are marked ``# SP``. Rank 0 writes ``<output-dir>/losses.json`` (per-step training losses and
+the final eval loss) and the trained model (``save_pretrained`` format) to ``<output-dir>/model``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from recipes.tiny_hf import chunked_examples, packed_examples, tiny_llama
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sp-size", type=int, default=2, help="ranks sharing one sequence (dp = world / sp)")
+    p.add_argument("--strategy", default="ring", choices=["ring", "ulysses", "hybrid"])
+    p.add_argument("--layout", default="zigzag", choices=["zigzag", "striped", "contiguous"])
+    p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses ranks per ring position (hybrid)")
+    p.add_argument("--packing", action="store_true",
+                   help="variable-length documents packed by DataCollatorWithFlattening (else 64-token chunks)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences (packing: documents) per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
+    p.add_argument("--baseline", action="store_true",
+                   help="the stock Trainer (HF attention and loss), no sequence parallelism")
+    p.add_argument("--output-dir", default="runs/hf_trainer_sp")
+    return p.parse_args(argv)
+
+
+def deepspeed_config(stage: int) -> dict:
+    # "auto": the Trainer fills these from TrainingArguments (one source of truth)
+    return {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": False}, "steps_per_print": 1 << 30}
+
+
+def cpu_deepspeed_state() -> None:
+    """DeepSpeed through the Trainer without a GPU: accelerate finds no process-group backend
+    for DeepSpeed on CPU (it would run every process alone), so set up its state here with
+    gloo, as ``accelerate launch --use_deepspeed`` would flag it, and let the Trainer use it."""
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+
+
+def main(argv=None):
+    args = parse(argv)
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments, default_data_collator
+
+    from ringattn.integrations.transformers import SequenceParallelMixin  # SP
+
+    class SPTrainer(SequenceParallelMixin, Trainer):  # SP
+        pass
+
+    if args.packing:
+        train, evals, collator = packed_examples(256, seed=1), packed_examples(16, seed=2), DataCollatorWithFlattening()
+    else:
+        train, evals, collator = chunked_examples(256, 64, seed=1), chunked_examples(16, 64, seed=2), default_data_collator
+    if args.zero is not None and not torch.cuda.is_available():
+        cpu_deepspeed_state()
+    targs = TrainingArguments(
+        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr, adam_epsilon=1e-6, logging_steps=1, save_strategy="no", report_to="none",
+        seed=0, dataloader_drop_last=True,
+        deepspeed=None if args.zero is None else deepspeed_config(args.zero),
+        use_cpu=args.zero is None and not torch.cuda.is_available(),  # no GPU: DDP over gloo
+        accelerator_config={"use_configured_state": args.zero is not None and not torch.cuda.is_available()},
+    )
+    model = tiny_llama(seed=0)
+    kwargs = dict(model=model, args=targs, train_dataset=train, eval_dataset=evals, data_collator=collator)
+    if args.baseline:
+        trainer = Trainer(**kwargs)
+    else:
+        trainer = SPTrainer(**kwargs, sp_size=args.sp_size, sp_strategy=args.strategy,  # SP
+                            sp_layout=args.layout, sp_ulysses_size=args.ulysses_size)
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model(os.path.join(args.output_dir, "model"))
+    if trainer.is_world_process_zero():
+        result = {"losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+                  "eval_loss": metrics["eval_loss"], "world_size": trainer.args.world_size,
+                  "wrapped_model": type(trainer.model_wrapped).__name__}
+        with open(os.path.join(args.output_dir, "losses.json"), "w") as f:
+            json.dump(result, f)
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

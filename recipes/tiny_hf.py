@@ -1,0 +1,54 @@
+"""A tiny Hugging Face Llama and byte-level text data, made on the spot (nothing downloaded).
+
+Shared by the bring-your-own-loop examples (``recipes/hf_trainer_sp.py``,
+``recipes/accelerate_sp.py``). Tokens are the text's UTF-8 bytes (0..255), 256 ends a
+document. Documents are short generated sentences; every call with the same arguments
+returns the same data, on every rank.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+EOS = 256
+VOCAB = 257
+_WORDS = ("ring", "attention", "passes", "keys", "and", "values", "around", "the", "ranks", "while",
+          "each", "block", "is", "computed", "exactly", "merged", "in", "fp32", "long", "context")
+
+
+def tiny_llama(seed: int = 0, attn_implementation: str = "eager"):
+    """A 2-layer Llama (hidden 64, 4 heads, 2 kv heads) with weights from ``seed``, fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=None, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).float()
+
+
+def documents(n: int, seed: int = 0, min_words: int = 3, max_words: int = 14) -> list[list[int]]:
+    """n byte-tokenised documents of min_words..max_words words, each ending with EOS."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(min_words, max_words))) + "."
+        docs.append(list(text.encode()) + [EOS])
+    return docs
+
+
+def packed_examples(n: int, seed: int = 0) -> list[dict]:
+    """One example per document (for ``DataCollatorWithFlattening``)."""
+    return [{"input_ids": d, "labels": list(d)} for d in documents(n, seed)]
+
+
+def chunked_examples(n: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """n examples of exactly seq_len tokens cut from the concatenated documents (default collator)."""
+    stream: list[int] = []
+    k = 0
+    while len(stream) < n * seq_len:
+        stream += sum(documents(64, seed * 1000 + k), [])
+        k += 1
+    return [{"input_ids": torch.tensor(stream[i * seq_len:(i + 1) * seq_len]),
+             "labels": torch.tensor(stream[i * seq_len:(i + 1) * seq_len])} for i in range(n)]

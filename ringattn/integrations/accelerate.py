@@ -1,0 +1,137 @@
+"""Sequence parallelism in a plain ``accelerate`` training loop.
+
+    accelerator = Accelerator()
+    sp = SequenceParallelism(accelerator, sp_size=2, strategy="ring", layout="zigzag")
+    model = sp.prepare_model(model)                  # attention -> ringattn
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    loader = sp.data_loader(loader)                  # same batches within an SP group
+    for batches in steps(loader, accumulation):      # the full batches of one optimizer step
+        n = sp.count_targets(batches)                # valid targets in the global batch
+        for i, batch in enumerate(batches):
+            with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext():
+                shard = sp.shard(batch)
+                logits = model(**sp.model_kwargs(shard)).logits
+                loss = sp.loss(logits, shard, n)
+                accelerator.backward(loss)
+        optimizer.step(); optimizer.zero_grad()
+
+The world is dp x sp ranks (``ringattn.init_mesh``: an SP group is sp consecutive ranks).
+Gradients: accelerate (DDP or DeepSpeed) AVERAGES them over all ranks, and divides the
+loss by its gradient-accumulation steps G; the SP ranks of a group hold partial gradients
+of the same sequences that must be SUMMED. So each rank's loss is its local sum of token
+losses x world x G / (valid targets in the global batch): the reduced gradient is then the
+gradient of (sum of all token losses) / (valid targets), token-weighted over DP x SP x
+accumulation -- the same as one process on the whole batch (see recipes/engine.py).
+
+Needs torch and accelerate (imported when a ``SequenceParallelism`` is built); a model
+with ``attn_implementation`` (transformers) for ``prepare_model``.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..mesh import init_mesh
+from ..parallel import SequenceParallel
+from .batch import ShardedBatch, count_targets, loss_sum, shard_batch
+
+
+class SequenceParallelism:
+    """DP x SP for the processes of an ``accelerate.Accelerator``.
+
+    sp_size: ranks that share one sequence (dp = world / sp_size). strategy: "ring",
+    "ulysses" or "hybrid" (``ulysses_size`` ranks of all-to-all inside each ring position).
+    layout: "zigzag" | "striped" | "contiguous". ``self.sp`` is the ``SequenceParallel``.
+    backward_divides_by_accumulation: whether ``accelerator.backward`` divides the loss by
+    ``accelerator.gradient_accumulation_steps`` (True in a plain loop; transformers' Trainer
+    accumulates itself and turns DeepSpeed's division off).
+    """
+
+    def __init__(self, accelerator, sp_size: int, strategy: str = "ring", layout: str = "zigzag",
+                 ulysses_size: Optional[int] = None, backend: str = "auto",
+                 backward_divides_by_accumulation: bool = True):
+        world = accelerator.num_processes
+        if not isinstance(sp_size, int) or sp_size < 1 or world % sp_size:
+            raise ValueError(f"sp_size={sp_size!r} must be a positive int dividing the number of processes ({world})")
+        if strategy == "hybrid" and ulysses_size is None:
+            raise ValueError("strategy='hybrid' needs ulysses_size (Ulysses ranks inside each ring position)")
+        self.accelerator = accelerator
+        self.backward_divides_by_accumulation = backward_divides_by_accumulation
+        self.sp_size, self.dp_size = sp_size, world // sp_size
+        uly = {"ring": 1, "ulysses": sp_size}.get(strategy, ulysses_size)
+        if world == 1:
+            self.mesh, self.dp_group, self.dp_rank = None, None, 0
+            self.sp = SequenceParallel(strategy, layout, backend=backend)
+        else:
+            self.mesh = init_mesh(dp=self.dp_size, sp=sp_size, ulysses=uly)
+            self.dp_group = self.mesh["dp"].get_group()
+            self.dp_rank = self.mesh["dp"].get_local_rank()
+            self.sp = SequenceParallel(strategy, layout, mesh=self.mesh, backend=backend)
+
+    @property
+    def grad_scale(self) -> int:
+        """What accelerate divides gradients by: the world (averaging) x its accumulation steps."""
+        accumulation = self.accelerator.gradient_accumulation_steps if self.backward_divides_by_accumulation else 1
+        return self.accelerator.num_processes * accumulation
+
+    def prepare_model(self, model):
+        """Set a transformers model's attention to ringattn (``attn_implementation="ringattn"``)."""
+        from ..models.hf import ATTN_IMPLEMENTATION, register
+
+        register()
+        inner = self.accelerator.unwrap_model(model)
+        if inner.config._attn_implementation != ATTN_IMPLEMENTATION:
+            inner.set_attn_implementation(ATTN_IMPLEMENTATION)
+        return model
+
+    def data_loader(self, loader):
+        """A loader from ``accelerator.prepare`` -> the same loader, sharded over the DP groups
+        only: every rank of an SP group gets the same batches, DP groups different ones.
+
+        accelerate shards a map-style dataset's batches over all processes with a
+        ``BatchSamplerShard``; its process count and index become the DP size and DP rank
+        (what transformers' Trainer itself does for its rank-aware batch samplers).
+        """
+        from accelerate.data_loader import BatchSamplerShard
+
+        world = self.accelerator.num_processes
+        if world == self.dp_size:
+            return loader
+        shard = getattr(loader, "batch_sampler", None)
+        if not isinstance(shard, BatchSamplerShard) or shard.num_processes != world or shard.split_batches:
+            raise ValueError(
+                "sequence parallelism needs a DataLoader over a map-style dataset prepared by "
+                "accelerator.prepare (an IterableDataset, dispatch_batches=True or split_batches=True "
+                "is not supported): every rank of an SP group must read the same batches")
+        shard.num_processes, shard.process_index = self.dp_size, self.dp_rank
+        return loader
+
+    def count_targets(self, batches: Iterable) -> torch.Tensor:
+        """Valid targets in the full batches of one optimizer step, summed over the DP groups
+        (one all-reduce per step): the denominator of the loss."""
+        n = count_targets(batches).to(self.accelerator.device)
+        if self.dp_size > 1:
+            dist.all_reduce(n, group=self.dp_group)
+        return n
+
+    def shard(self, batch) -> ShardedBatch:
+        """A full batch -> this rank's shard (labels shifted first; see ``ringattn.integrations.batch``)."""
+        return shard_batch(batch, self.sp)
+
+    def model_kwargs(self, shard: ShardedBatch) -> dict:
+        """Keyword arguments for the model call: local tokens, global positions, the SP front door."""
+        return shard.model_kwargs(self.sp)
+
+    def loss(self, logits: torch.Tensor, shard: ShardedBatch, num_targets: torch.Tensor) -> torch.Tensor:
+        """This rank's loss to backpropagate through ``accelerator.backward`` (see the module doc)."""
+        return loss_sum(logits, shard.labels) * self.grad_scale / num_targets
+
+    def step_loss(self, losses: torch.Tensor) -> float:
+        """The sum of one step's ``loss(...)`` values on this rank -> the step's mean token loss
+        over the global batch (one all-reduce; the same on every rank)."""
+        total = losses.detach().clone()
+        if self.accelerator.num_processes > 1:
+            dist.all_reduce(total)
+        return total.item() / self.grad_scale
