@@ -4,9 +4,11 @@
     torchrun --standalone --nproc-per-node 2 -m recipes.hf_trainer_sp --sp-size 2 --packing --grad-accum 2
     torchrun --standalone --nproc-per-node 2 -m recipes.hf_trainer_sp --sp-size 2 --zero 2   # DeepSpeed ZeRO-2
     python -m recipes.hf_trainer_sp --baseline      # the stock Trainer in one process: the reference
+    torchrun --standalone --nproc-per-node 2 -m recipes.hf_trainer_sp --sp-size 2 --trl   # TRL SFTTrainer
 
 The model (2-layer Llama) and the byte-level text data are made on the spot (recipes/tiny_hf.py);
-nothing is downloaded. The lines that add sequence parallelism to an ordinary Trainer script
+nothing is downloaded. ``--trl``: TRL's ``SFTTrainer`` on the raw text with a byte-level
+tokenizer and ``padding_free=True`` (documents packed, ``position_ids`` restarting per document). The lines that add sequence parallelism to an ordinary Trainer script
 are marked ``# SP``. Rank 0 writes ``<output-dir>/losses.json`` (per-step training losses and
 the final eval loss) and the trained model (``save_pretrained`` format) to ``<output-dir>/model``.
 """
@@ -18,7 +20,7 @@ import os
 
 import torch
 
-from recipes.tiny_hf import chunked_examples, packed_examples, tiny_llama
+from recipes.tiny_hf import byte_tokenizer, chunked_examples, packed_examples, texts, tiny_llama
 
 
 def parse(argv=None):
@@ -34,6 +36,7 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
+    p.add_argument("--trl", action="store_true", help="TRL's SFTTrainer (padding-free) instead of Trainer")
     p.add_argument("--baseline", action="store_true",
                    help="the stock Trainer (HF attention and loss), no sequence parallelism")
     p.add_argument("--output-dir", default="runs/hf_trainer_sp")
@@ -64,17 +67,31 @@ def main(argv=None):
 
     from ringattn.integrations.transformers import SequenceParallelMixin  # SP
 
-    class SPTrainer(SequenceParallelMixin, Trainer):  # SP
+    base, config = Trainer, TrainingArguments
+    if args.trl:
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        base, config = SFTTrainer, SFTConfig
+
+    class SPTrainer(SequenceParallelMixin, base):  # SP
         pass
 
-    if args.packing:
+    extra = {}
+    if args.trl:  # text in, SFTTrainer tokenises; padding-free = packed documents with position_ids
+        train, evals, collator = Dataset.from_dict({"text": texts(256, seed=1)}), \
+            Dataset.from_dict({"text": texts(16, seed=2)}), None
+        extra = dict(processing_class=byte_tokenizer())
+    elif args.packing:
         train, evals, collator = packed_examples(256, seed=1), packed_examples(16, seed=2), DataCollatorWithFlattening()
     else:
         train, evals, collator = chunked_examples(256, 64, seed=1), chunked_examples(16, 64, seed=2), default_data_collator
     if args.zero is not None and not torch.cuda.is_available():
         cpu_deepspeed_state()
-    targs = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+    # SFTConfig turns bf16 on by default; fp32 here, like the Trainer runs
+    config_extra = dict(padding_free=True, max_length=None, bf16=False) if args.trl else {}
+    targs = config(
+        **config_extra, output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, adam_epsilon=1e-6, logging_steps=1, save_strategy="no", report_to="none",
         seed=0, dataloader_drop_last=True,
@@ -83,9 +100,9 @@ def main(argv=None):
         accelerator_config={"use_configured_state": args.zero is not None and not torch.cuda.is_available()},
     )
     model = tiny_llama(seed=0)
-    kwargs = dict(model=model, args=targs, train_dataset=train, eval_dataset=evals, data_collator=collator)
+    kwargs = dict(model=model, args=targs, train_dataset=train, eval_dataset=evals, data_collator=collator, **extra)
     if args.baseline:
-        trainer = Trainer(**kwargs)
+        trainer = base(**kwargs)
     else:
         trainer = SPTrainer(**kwargs, sp_size=args.sp_size, sp_strategy=args.strategy,  # SP
                             sp_layout=args.layout, sp_ulysses_size=args.ulysses_size)
@@ -99,6 +116,7 @@ def main(argv=None):
         with open(os.path.join(args.output_dir, "losses.json"), "w") as f:
             json.dump(result, f)
         print(json.dumps(result))
+    return trainer
 
 
 if __name__ == "__main__":

@@ -28,6 +28,27 @@ def tiny_llama(seed: int = 0, attn_implementation: str = "eager"):
     return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).float()
 
 
+def byte_tokenizer():
+    """A transformers tokenizer whose ids are the text's UTF-8 bytes, 256 = "<eos>" (also the pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # GPT-2's byte -> printable character map, which the ByteLevel pre-tokenizer emits
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    vocab = {chars[b]: b for b in range(256)} | {"<eos>": EOS}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    """The documents of ``documents(n, seed)`` as text (without the EOS)."""
+    return [bytes(d[:-1]).decode() for d in documents(n, seed)]
+
+
 def documents(n: int, seed: int = 0, min_words: int = 3, max_words: int = 14) -> list[list[int]]:
     """n byte-tokenised documents of min_words..max_words words, each ending with EOS."""
     rng = random.Random(seed)
