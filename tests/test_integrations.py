@@ -4,8 +4,8 @@ End to end (CPU, gloo, fp32, the examples' tiny Llama, 5 optimizer steps): the p
 training losses of transformers' Trainer with ``SequenceParallelMixin`` at sp=2 over two
 processes equal those of the *stock* Trainer in one process (transformers' own attention and
 loss, no ringattn) within 1e-4 -- chunked sequences and DataCollatorWithFlattening packing,
-gradient accumulation 2, DDP and DeepSpeed ZeRO-2; likewise the accelerate loop at sp=2 vs
-the same loop without ringattn. Tolerance: fp32 runs of the same math in a different
+gradient accumulation 2, DDP and DeepSpeed ZeRO-2, and TRL's SFTTrainer (padding-free);
+likewise the accelerate loop at sp=2 vs the same loop without ringattn. Tolerance: fp32 runs of the same math in a different
 summation order agree to ~1e-6 here (measured); 1e-4 is the issue's bound, far below a
 real error (a wrong loss scale or a lost document boundary moves step 1 by >1e-3).
 """
@@ -100,12 +100,14 @@ def _assert_same(got, want, what):
     assert err <= TOL, f"{what}: per-step losses differ by {err:.2e}\n sp: {got['losses']}\n ref: {want['losses']}"
 
 
-TRAINER_CASES = {"chunked-ga2": ["--grad-accum", "2"], "packed-ga2": ["--packing", "--grad-accum", "2"]}
+# Trainer on fixed-length chunks and on DataCollatorWithFlattening packs; TRL's SFTTrainer padding-free
+TRAINER_CASES = {"chunked-ga2": ["--grad-accum", "2"], "packed-ga2": ["--packing", "--grad-accum", "2"],
+                 "trl-sft-ga2": ["--trl", "--grad-accum", "2"]}
 
 
 @pytest.mark.slow
 def test_trainer_and_accelerate_sp2_match_stock_single_process(tmp_path):
-    """Trainer sp=2 (DDP; DeepSpeed ZeRO-2) and the accelerate loop at sp=2 vs no ringattn at all."""
+    """Trainer / SFTTrainer sp=2 (DDP; DeepSpeed ZeRO-2) and the accelerate loop at sp=2 vs no ringattn at all."""
     out = {k: tmp_path / k for k in ("ref", "sp2", "ds")}
     refs = [[*a, "--baseline", "--output-dir", str(out["ref"] / c)] for c, a in TRAINER_CASES.items()]
     acc = ["--packing", "--grad-accum", "2"]
