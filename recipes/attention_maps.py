@@ -78,12 +78,13 @@ def plot(maps: dict, out_dir: str) -> list[str]:
     fig, axes = plt.subplots(1, len(lengths), figsize=(3.6 * len(lengths), 3.2), squeeze=False, sharey=True)
     for ax, length in zip(axes[0], lengths):
         for layer in range(n_layers):
-            ys = [np.mean(maps["needle_mass"][f"{length}/{d}"][layer]) for d in depths]
-            ax.plot(depths, ys, marker="o", label=f"layer {layer}")
+            heads = np.array([maps["needle_mass"][f"{length}/{d}"][layer] for d in depths])  # (depths, heads)
+            line, = ax.plot(depths, heads.mean(1), marker="o", label=f"layer {layer} mean")
+            ax.plot(depths, heads.max(1), ls="--", color=line.get_color(), label=f"layer {layer} max head")
         ax.set_title(f"length {length}")
         ax.set_xlabel("needle depth")
         ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("attention mass on needle\n(answer position, mean over heads)")
+    axes[0][0].set_ylabel("attention mass on needle\n(from the answer position)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     needle_png = os.path.join(out_dir, "attention_needle.png")
