@@ -139,6 +139,10 @@ def test_plan_derives_micro_batch_and_accumulation():
     assert (p.dp, p.micro, p.grad_accum) == (4, 2, 2)
     ds = engine.deepspeed_config(job.deepspeed, job.optim, "fp32", p.micro, p.grad_accum, 8)
     assert ds["train_batch_size"] == 2 * 2 * 8 and ds["optimizer"]["params"]["lr"] == job.optim.lr
+    assert not ds["bf16"]["enabled"]
+    from recipes.choices import Dtype
+
+    assert engine.deepspeed_config(job.deepspeed, job.optim, Dtype.bf16, p.micro, p.grad_accum, 8)["bf16"]["enabled"]
     job.data = dataclasses.replace(job.data, seq_len=ringattn.layout_divisor("zigzag", 2) * 10 + 2)
     with pytest.raises(ValueError, match="multiple of 4"):
         plan(job, 8, model)
