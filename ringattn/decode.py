@@ -84,7 +84,8 @@ def decode_attention(q, k_cache, v_cache, *, group=None, softmax_scale=None, ret
     Returns out (batch, t, heads, head_dim) in q's dtype, the same on every rank, and with
     ``return_lse`` the fp32 (fp64 for fp64 q) log-sum-exp (batch, heads, t). A query with no
     key anywhere gets out = 0 and lse = -inf. Communication: two all-reduces of
-    O(batch * t * heads * head_dim), independent of the cache length.
+    O(batch * t * heads * head_dim), independent of the cache length. Inference only: the
+    collectives are not differentiable.
     """
     _check(q, k_cache, v_cache)
     p = group_size(group)

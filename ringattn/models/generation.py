@@ -89,7 +89,8 @@ def _sp_info(model):
     sp = model.sp
     if sp is None or sp.world_size == 1:
         return None, 1, 0, 1, "auto"
-    ring, inner = sp.world_size // sp._inner, sp._inner
+    inner = sp.ulysses_size if sp.strategy == "hybrid" else 1  # ranks per ring position's shard
+    ring = sp.world_size // inner
     divisor = math.lcm(layout_divisor(sp.layout, ring), ring * inner)
     return sp.group, sp.world_size, sp.rank, divisor, sp.backend
 
