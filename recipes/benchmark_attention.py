@@ -37,12 +37,9 @@ from ringattn.kernels import get_backend
 from ringattn.masking import AttentionMask
 from ringattn.parallel import STRATEGIES
 from recipes import distributed
-from recipes.choices import Choice
-from recipes.distributed import Layout
+from recipes.choices import AttnDtype, Choice, Layout
 from recipes.memory import PeakMemory
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-AttnDtype = Choice("AttnDtype", {name: name for name in DTYPES})
 Strategy = Choice("Strategy", {name: name for name in STRATEGIES})
 
 
@@ -241,7 +238,7 @@ def run(cfg: BenchmarkConfig) -> list[dict]:
     device = _setup(cfg)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads_per_rank)
-    dtype = DTYPES[cfg.dtype.value]
+    dtype = cfg.dtype.torch
     rank0 = dist.get_rank() == 0
     rows = []
     for seqlen in cfg.seqlens:

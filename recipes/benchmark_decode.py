@@ -30,6 +30,7 @@ import ringattn
 from ringattn.models import Llama, LlamaConfig
 from ringattn.models.generation import KVCache, decode_step, prefill
 from recipes import distributed
+from recipes.choices import Layout
 
 
 @dataclass
@@ -42,7 +43,7 @@ class DecodeBenchmarkConfig:
     n_heads: int = 8
     n_kv_heads: int = 8
     vocab_size: int = 256
-    layout: str = "zigzag"
+    layout: Layout = Layout.zigzag
     threads_per_rank: int = 1
     output: str = "bench_results/decode_p${oc.env:WORLD_SIZE,1}.json"
     collective_timeout_s: float = 600.0
@@ -67,7 +68,7 @@ def run(cfg: DecodeBenchmarkConfig) -> dict:
     device = distributed.init_world(datetime.timedelta(seconds=cfg.collective_timeout_s))
     torch.set_num_threads(cfg.threads_per_rank)
     p = dist.get_world_size()
-    sp = ringattn.SequenceParallel("ring", layout=cfg.layout)
+    sp = ringattn.SequenceParallel("ring", layout=str(cfg.layout))
     torch.manual_seed(0)
     mcfg = LlamaConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                        vocab_size=cfg.vocab_size)
@@ -92,9 +93,9 @@ def run(cfg: DecodeBenchmarkConfig) -> dict:
     # two all-reduces per layer: max of (b, h, 1) lse, sum of (b, 1, h, head_dim + 1)
     per_layer = cfg.batch * cfg.n_heads * (1 + mcfg.head_dim + 1) * 4
     sent = per_layer * mcfg.n_layers if p > 1 else 0
-    row = {"world": p, "cache": cfg.cache, "layout": cfg.layout, "prefill_s": prefill_s,
+    row = {"world": p, "cache": cfg.cache, "layout": str(cfg.layout), "prefill_s": prefill_s,
            "decode_ms_per_token": decode_s * 1e3, "kv_cache_mib_per_rank": kv_bytes / 2**20,
-           "decode_allreduce_bytes_per_token": sent, "config": OmegaConf.to_container(cfg, resolve=True)}
+           "decode_allreduce_bytes_per_token": sent, "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
     if dist.get_rank() == 0:
         print(f"P={p} cache={cfg.cache}: prefill {prefill_s:.2f} s, decode {decode_s * 1e3:.1f} ms/token, "
               f"KV cache {kv_bytes / 2**20:.1f} MiB/rank, all-reduce {sent} B/token", flush=True)

@@ -23,29 +23,25 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from recipes.choices import AttnDtype, Choice
+
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+Kernel = Choice("Kernel", {name: name for name in KERNELS})
 
 
 @dataclass
 class KernelBenchConfig:
     seqlens: list[int] = field(default_factory=lambda: [2048])
-    dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    dtypes: list[AttnDtype] = field(default_factory=lambda: [AttnDtype.fp32, AttnDtype.bf16])
     head_dims: list[int] = field(default_factory=lambda: [64, 128])
     heads: int = 8
-    kernels: list[str] = field(default_factory=lambda: list(KERNELS))
+    kernels: list[Kernel] = field(default_factory=lambda: list(Kernel))
     # math materialises (s x s) scores: only timed up to this length
     math_max_seqlen: int = 8192
     warmup: int = 1
     iters: int = 3
     output: str = "bench_results/kernels.json"
-
-    def __post_init__(self):
-        for name, values, known in (("dtypes", self.dtypes, DTYPES), ("kernels", self.kernels, KERNELS)):
-            bad = [x for x in values if x not in known]
-            if bad:
-                raise ValueError(f"{name}: unknown {bad}; choose from {sorted(known)}")
 
 
 ConfigStore.instance().store(name="benchmark_kernels_schema", node=KernelBenchConfig)
@@ -78,11 +74,11 @@ def measure(cfg: KernelBenchConfig, device: torch.device) -> list[dict]:
         for d in cfg.head_dims:
             for s in cfg.seqlens:
                 gen = torch.Generator().manual_seed(0)
-                q, k, v = (torch.randn(1, cfg.heads, s, d, generator=gen).to(device, DTYPES[dtype])
+                q, k, v = (torch.randn(1, cfg.heads, s, d, generator=gen).to(device, AttnDtype(dtype).torch)
                            .requires_grad_() for _ in range(3))
                 flops = 3.5 * 4 * s * s * cfg.heads * d / 2  # causal fwd + bwd
                 for kernel in cfg.kernels:
-                    row = {"dtype": dtype, "head_dim": d, "seqlen": s, "kernel": kernel}
+                    row = {"dtype": str(dtype), "head_dim": d, "seqlen": s, "kernel": str(kernel)}
                     if kernel == "math" and s > cfg.math_max_seqlen:
                         row["skipped"] = f"math above math_max_seqlen={cfg.math_max_seqlen}"
                     else:

@@ -38,27 +38,24 @@ from ringattn.kernels import get_backend
 from ringattn.kernels.base import accumulation_dtype
 from ringattn.layouts import get_layout
 from ringattn.merge import PartialAttention
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from recipes.choices import AttnDtype, Layout
 
 
 @dataclass
 class VirtualRingConfig:
     seqlens: list[int] = field(default_factory=lambda: [4096])
     worlds: list[int] = field(default_factory=lambda: [2, 4, 8])
-    layouts: list[str] = field(default_factory=lambda: ["zigzag"])
+    layouts: list[Layout] = field(default_factory=lambda: [Layout.zigzag])
     heads: int = 8
     kv_heads: int = 8
     head_dim: int = 64
-    dtype: str = "fp32"
+    dtype: AttnDtype = AttnDtype.fp32
     backend: str = "auto"
     warmup: int = 1
     iters: int = 3
     output: str = "bench_results/virtual_ring.json"
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
         for p in self.worlds:
             if p < 1:
                 raise ValueError(f"worlds: ring sizes must be >= 1; got {p}")
@@ -128,7 +125,7 @@ def virtual_rank(kernel, layout, rank, world, q, k, v, scale):
 
 
 def measure(cfg: VirtualRingConfig, device: torch.device) -> list[dict]:
-    dtype = DTYPES[cfg.dtype]
+    dtype = AttnDtype(cfg.dtype).torch
     rows = []
     for seqlen in cfg.seqlens:
         gen = torch.Generator().manual_seed(0)
@@ -138,7 +135,7 @@ def measure(cfg: VirtualRingConfig, device: torch.device) -> list[dict]:
         kernel = get_backend(cfg.backend, q)
         scale = 1.0 / math.sqrt(cfg.head_dim)
         t_mono = _timed(lambda: monolithic(kernel, q, k, v, scale), cfg, device)
-        for layout_name in cfg.layouts:
+        for layout_name in map(str, cfg.layouts):
             layout = get_layout(layout_name)
             for world in cfg.worlds:
                 if seqlen % layout.divisor(world):
@@ -149,7 +146,7 @@ def measure(cfg: VirtualRingConfig, device: torch.device) -> list[dict]:
                             for r in range(world)]
                 rows.append({
                     "seqlen": seqlen, "layout": layout_name, "P": world, "kernel": kernel.name,
-                    "dtype": cfg.dtype, "monolithic_ms": 1e3 * t_mono,
+                    "dtype": str(cfg.dtype), "monolithic_ms": 1e3 * t_mono,
                     "slowest_rank_ms": 1e3 * max(per_rank), "sum_ranks_ms": 1e3 * sum(per_rank),
                     "efficiency": t_mono / (world * max(per_rank)),
                     "overhead": sum(per_rank) / t_mono,

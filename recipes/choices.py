@@ -11,6 +11,10 @@ import enum
 
 import torch
 
+from ringattn.layouts import LAYOUTS
+
+_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class Choice(str, enum.Enum):
     def __str__(self) -> str:
@@ -25,7 +29,22 @@ class Dtype(Choice):
 
     @property
     def torch(self) -> torch.dtype:
-        return torch.bfloat16 if self is Dtype.bf16 else torch.float32
+        return _TORCH[self.value]
+
+
+class AttnDtype(Choice):
+    """Input dtype of an attention benchmark."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return _TORCH[self.value]
+
+
+Layout = Choice("Layout", {name: name for name in LAYOUTS})  # the library's layout registry
 
 
 def at_least(name: str, value, minimum=1, allow_none: bool = False) -> None:

@@ -20,10 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 import ringattn
 from ringattn.inputs import check_ulysses_heads
-from ringattn.layouts import LAYOUTS
-from recipes.choices import Choice, at_least
-
-Layout = Choice("Layout", {name: name for name in LAYOUTS})  # the library's layout registry
+from recipes.choices import Layout, at_least
 
 
 @dataclass
