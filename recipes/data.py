@@ -7,6 +7,7 @@ here, before any sequence-parallel sharding; positions that carry no loss are -1
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -14,6 +15,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from recipes import token_cache
 from recipes.choices import Choice, at_least
 
 IGNORE_INDEX = -100
@@ -41,6 +43,10 @@ class DataConfig:
     files: List[str] = field(default_factory=list)
     text_field: str = "text"
     tokenizer: Optional[str] = None  # local path of a Hugging Face tokenizer; None: bytes
+    # tokenised once into this directory (keyed by files, tokenizer and settings), then
+    # memory-mapped by every run and rank; None: ~/.cache/ringattn/tokens
+    cache_dir: Optional[str] = None
+    tokenize_procs: Optional[int] = None  # datasets.map workers for the one build; None: CPU count
     # packed text: attend only within each document (RoPE positions restart per document);
     # ring attention takes document boundaries for one sequence at a time, so micro-batch 1
     document_masking: bool = True
@@ -63,17 +69,38 @@ class ByteTokenizer:
     def encode(self, text: str) -> List[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts) -> List[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def fingerprint(self) -> str:
+        return "bytes-utf8-v1"
+
 
 class HFTokenizer:
     def __init__(self, path: str):
         from transformers import AutoTokenizer
 
+        self.path = path
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.vocab_size = len(self.tok)
         self.EOS = self.tok.eos_token_id if self.tok.eos_token_id is not None else 0
 
     def encode(self, text: str) -> List[int]:
         return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts) -> List[List[int]]:
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def fingerprint(self) -> str:
+        """Content hash of the tokenizer files: a changed tokenizer is a new cache entry."""
+        h = hashlib.sha256()
+        files = [self.path] if os.path.isfile(self.path) else sorted(
+            os.path.join(d, f) for d, _, fs in os.walk(self.path) for f in fs)
+        for f in files:
+            h.update(os.path.relpath(f, self.path).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+        return "hf-" + h.hexdigest()[:16]
 
 
 def build_tokenizer(cfg: DataConfig):
@@ -130,40 +157,56 @@ class PasskeyTask:
 
 
 class PackedText:
-    """Local text files tokenized and packed into ``seq_len + 1`` token windows."""
+    """Local text files, tokenised once (``recipes.token_cache``), cut into ``seq_len + 1``
+    token windows read memory-mapped; documents end after their EOS.
+
+    Window w covers tokens [w*(seq_len+1), (w+1)*(seq_len+1)); epoch e visits the windows in
+    a permutation seeded by (seed, e), drawn once per epoch. Resident memory is one
+    permutation (8 bytes per window) plus the pages of the windows read.
+    """
 
     chance = None
 
     def __init__(self, cfg: DataConfig, seed: int, tokenizer):
-        import datasets
-
         check_files(cfg)
-        ext = os.path.splitext(cfg.files[0])[1].lower()
-        builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}[ext]
-        ds = datasets.load_dataset(builder, data_files=list(cfg.files), split="train")
-        ids: List[int] = []
-        for row in ds:
-            ids.extend(tokenizer.encode(row[cfg.text_field]))
-            ids.append(tokenizer.EOS)
-        win = cfg.seq_len + 1
-        n = len(ids) // win
-        if n == 0:
-            raise ValueError(f"data.files hold {len(ids)} tokens: fewer than one sequence of {win}")
-        self.windows = torch.tensor(ids[: n * win], dtype=torch.long).view(n, win)
-        self.seed, self.eos, self.documents = seed, tokenizer.EOS, cfg.document_masking
+        cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "ringattn", "tokens")
+        procs = cfg.tokenize_procs or min(16, os.cpu_count() or 1)
+        self.store = token_cache.load(cfg.files, cfg.text_field, tokenizer, cache, procs)
+        self.win = cfg.seq_len + 1
+        self.n = len(self.store.tokens) // self.win
+        if self.n == 0:
+            raise ValueError(f"data.files hold {len(self.store.tokens)} tokens: fewer than one "
+                             f"sequence of {self.win}")
+        self.seed, self.documents = seed, cfg.document_masking
+        self._epoch, self._perm = None, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def window(self, index: int) -> int:
+        """The window the ``index``-th sample reads (epoch permutations drawn once each)."""
+        epoch, i = divmod(index, self.n)
+        if epoch != self._epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._epoch, self._perm = epoch, rng.permutation(self.n)
+        return int(self._perm[i])
 
     def sample(self, index: int):
-        epoch, i = divmod(index, len(self.windows))
-        perm = torch.randperm(len(self.windows), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        w = self.windows[perm[i]]
-        tokens, labels = w[:-1].clone(), w[1:].clone()
+        start = self.window(index) * self.win
+        w = torch.from_numpy(self.store.tokens[start:start + self.win].astype(np.int64))
+        tokens, labels = w[:-1], w[1:].clone()
         if not self.documents:
             return tokens, labels
-        ends = (tokens == self.eos).nonzero().flatten() + 1  # a document ends after its EOS
-        labels[tokens == self.eos] = IGNORE_INDEX  # no prediction across a document boundary
-        cu = torch.cat([torch.zeros(1, dtype=torch.long), ends[ends < len(tokens)],
-                        torch.tensor([len(tokens)])]).to(torch.int32)
-        return tokens, labels, cu
+        # Documents ending inside the window (an end at the window's last token closes it).
+        ends = self.store.doc_ends
+        lo, hi = np.searchsorted(ends, [start + 1, start + len(tokens)], side="left")
+        local = torch.from_numpy(np.asarray(ends[lo:hi], dtype=np.int64) - start)
+        labels[local - 1] = IGNORE_INDEX  # an EOS predicts nothing across the boundary
+        last = ends[hi] - start if hi < len(ends) else None
+        if last == len(tokens):
+            labels[-1] = IGNORE_INDEX
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), local, torch.tensor([len(tokens)])])
+        return tokens, labels, cu.to(torch.int32)
 
 
 def check_files(cfg: DataConfig) -> None:

@@ -60,7 +60,7 @@ def test_packed_text_documents_equivalence(tmp_path):
     text = tmp_path / "corpus.jsonl"
     text.write_text("".join('{"text": "%s"}\n' % ("document %d " % i + "words " * (i % 7)) for i in range(60)))
     over = ["data=text", f"data.files=[{text}]", "data.seq_len=32", "data.global_batch_size=4",
-            "trainer.max_steps=3", "trainer.save_every=3"]
+            "trainer.max_steps=3", "trainer.save_every=3", f"data.cache_dir={tmp_path / 'cache'}"]
     train_ok(tmp_path / "sp1", 1, over)
     train_ok(tmp_path / "sp2", 2, over + ["parallel.sp_size=2"])
     ref, got = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")

@@ -70,7 +70,7 @@ def test_document_masking_matches_separate_documents():
 def test_packed_text_documents(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("hello world\nab\nanother line of text here\n" * 4)
-    cfg = data.DataConfig(kind="text", seq_len=16, files=[str(f)])
+    cfg = data.DataConfig(kind="text", seq_len=16, files=[str(f)], cache_dir=str(tmp_path / "cache"))
     ds = data.PackedText(cfg, seed=0, tokenizer=data.ByteTokenizer())
     tokens, labels, cu = ds.sample(0)
     eos = (tokens == data.ByteTokenizer.EOS).nonzero().flatten()
