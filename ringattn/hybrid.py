@@ -43,7 +43,7 @@ def hybrid_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigza
         )
     u, r = group_size(ulysses_group), group_size(ring_group)
     split = check_ulysses_heads(q.shape[2], k.shape[2], u)
-    check_seqlen(layout, q.shape[1] * u * r, u * r, u)
+    check_seqlen(layout, q.shape[1] * u * r, u * r, u, cu_seqlens)
     get_backend(backend, q, softcap=softcap)  # fail early, before any communication
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"cu_seqlens (packed documents) needs batch size 1; got {q.shape[0]}")

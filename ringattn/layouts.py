@@ -1,15 +1,19 @@
 """Which tokens each rank holds, and which (Q shard, KV shard) block pairs need work.
 
-Three layouts of a sequence of length S over P ranks (rank r):
+Four layouts of a sequence of length S over P ranks (rank r):
     contiguous  r holds [r*S/P, (r+1)*S/P)
     zigzag      the sequence cut into 2P chunks; r holds chunks r and 2P-1-r
     striped     token t lives on rank t mod P
+    doc_zigzag  every packed document cut into 2P chunks; r holds chunks r and 2P-1-r of
+                each (needs the document boundaries ``cu_seqlens``; see ``DocZigzag``)
 Each rank's tokens are kept in increasing global position, so on the diagonal step
 (a rank's own K/V) the causal mask is the ordinary lower triangle.
 
 ``block_tasks`` turns (query rank, key rank) into the kernel calls needed under a causal
 mask, each a ``BlockTask`` of query rows, key rows and whether the block is causal:
-fully masked pairs produce no task at all, so no work is spent on them.
+fully masked pairs produce no task at all, so no work is spent on them. Layouts that
+place tokens by document have no such structure without the documents
+(``needs_documents``): their tasks come from ``ringattn.masking.AttentionMask.document_tasks``.
 """
 from __future__ import annotations
 
@@ -48,13 +52,20 @@ class BlockTask:
 
 class Layout:
     name: str
+    needs_documents = False  # token placement depends on cu_seqlens
+
+    def check_documents(self, cu_seqlens) -> None:
+        if self.needs_documents and cu_seqlens is None:
+            raise ValueError(f"layout {self.name!r} places tokens by document: pass cu_seqlens "
+                             "(the int32 document boundaries of the full packed sequence)")
 
     def divisor(self, world_size: int) -> int:
         """The full sequence length must be a multiple of this."""
         return world_size
 
-    def indices(self, seqlen: int, world_size: int, rank: int) -> torch.Tensor:
-        """Global positions held by ``rank``, increasing (LongTensor of seqlen / P)."""
+    def indices(self, seqlen: int, world_size: int, rank: int, cu_seqlens=None) -> torch.Tensor:
+        """Global positions held by ``rank``, increasing (LongTensor of seqlen / P).
+        ``cu_seqlens`` is used only by layouts that ``needs_documents``."""
         raise NotImplementedError
 
     def block_tasks(self, q_rank: int, k_rank: int, world_size: int, local_len: int,
@@ -82,7 +93,7 @@ class Contiguous(Layout):
 
     name = "contiguous"
 
-    def indices(self, seqlen, world_size, rank):
+    def indices(self, seqlen, world_size, rank, cu_seqlens=None):
         n = seqlen // world_size
         return torch.arange(rank * n, (rank + 1) * n)
 
@@ -107,7 +118,7 @@ class Zigzag(Layout):
     def divisor(self, world_size):
         return 2 * world_size
 
-    def indices(self, seqlen, world_size, rank):
+    def indices(self, seqlen, world_size, rank, cu_seqlens=None):
         c = seqlen // (2 * world_size)
         first = torch.arange(rank * c, (rank + 1) * c)
         second = torch.arange((2 * world_size - 1 - rank) * c, (2 * world_size - rank) * c)
@@ -130,7 +141,7 @@ class Striped(Layout):
 
     name = "striped"
 
-    def indices(self, seqlen, world_size, rank):
+    def indices(self, seqlen, world_size, rank, cu_seqlens=None):
         return torch.arange(rank, seqlen, world_size)
 
     def _causal_off_diagonal(self, q_rank, k_rank, local_len):
@@ -141,7 +152,59 @@ class Striped(Layout):
         return [BlockTask(slice(1, None), slice(0, -1), True)]
 
 
-LAYOUTS: dict[str, Layout] = {cls.name: cls() for cls in (Contiguous, Zigzag, Striped)}
+class DocZigzag(Layout):
+    """Zigzag per document (per-document head-tail): balanced for packed documents.
+
+    Document d of length L is cut into 2P chunks and rank r holds chunks r and 2P-1-r, so
+    every rank does ~1/P of every document's causal work. Lengths need not divide: with
+    c = L // 2P and m = L % 2P, every chunk has c tokens plus at most one of the m
+    remainder tokens. The remainder tokens of all documents, in order, are dealt to ranks
+    round-robin (remainder token j of the whole sequence goes to rank j mod P; a rank's
+    first one from a document extends its head chunk, a second its tail chunk). The
+    remainders add up to S - 2P*sum(c), a multiple of P, so every rank holds exactly S/P
+    tokens — the ring needs equal shards — and a document shorter than 2P tokens is just
+    c = 0: its tokens are dealt one per rank. Chunk sizes differ by at most one, so the
+    imbalance a document adds is at most one token's keys per rank.
+    """
+
+    name = "doc_zigzag"
+    needs_documents = True
+
+    def chunk_sizes(self, cu_seqlens, world_size: int) -> torch.Tensor:
+        """(documents, 2P) LongTensor: chunk j of each document, as dealt above."""
+        cu = torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        p = world_size
+        c, m = lengths // (2 * p), lengths % (2 * p)
+        first = torch.cumsum(m, 0) - m  # index of each document's first remainder token
+        k = (torch.arange(p)[None, :] - first[:, None]) % p  # rank r's place in the deal
+        extra = (m[:, None] > k).long() + (m[:, None] > k + p).long()  # (docs, P), 0..2
+        sizes = c[:, None].repeat(1, 2 * p)
+        sizes[:, :p] += (extra >= 1).long()
+        sizes[:, p:] += (extra == 2).long().flip(1)  # tail chunk of rank r is 2P-1-r
+        return sizes
+
+    def indices(self, seqlen, world_size, rank, cu_seqlens=None):
+        self.check_documents(cu_seqlens)
+        cu = torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
+        if int(cu[-1]) != seqlen:
+            raise ValueError(f"cu_seqlens must end at the full packed sequence length {seqlen}; "
+                             f"got {int(cu[-1])}")
+        sizes = self.chunk_sizes(cu, world_size)
+        starts = cu[:-1, None] + torch.cumsum(sizes, 1) - sizes
+        mine = [rank, 2 * world_size - 1 - rank]
+        seg_start, seg_len = starts[:, mine].flatten(), sizes[:, mine].flatten()
+        # positions of all segments: each segment's start, repeated, plus a running offset
+        offsets = torch.cumsum(seg_len, 0) - seg_len
+        total = int(seg_len.sum())
+        return torch.repeat_interleave(seg_start - offsets, seg_len, output_size=total) + torch.arange(total)
+
+    def block_tasks(self, q_rank, k_rank, world_size, local_len, causal):
+        raise ValueError("layout 'doc_zigzag' has no block structure without the documents; "
+                         "use AttentionMask.document_tasks")
+
+
+LAYOUTS: dict[str, Layout] = {cls.name: cls() for cls in (Contiguous, Zigzag, Striped, DocZigzag)}
 
 
 def get_layout(name: str) -> Layout:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .layouts import BlockTask
+from .layouts import BlockTask, Layout
 
 # Rows per tile when an irregular block is cut up: large enough to keep kernels efficient,
 # small enough that a tile's bounding box hugs a window band or a document boundary.
@@ -63,6 +63,7 @@ class AttentionMask:
     window: tuple[int, int] = (-1, -1)
     doc_start: torch.Tensor | None = None  # (seqlen,) first position of each token's document
     doc_end: torch.Tensor | None = None    # (seqlen,) last position of each token's document
+    cu_seqlens: torch.Tensor | None = None  # (documents + 1,) int64 on CPU, for layouts that need it
 
     @staticmethod
     def build(seqlen: int, causal: bool, cu_seqlens=None, window_size=(-1, -1)) -> "AttentionMask":
@@ -74,7 +75,7 @@ class AttentionMask:
         lengths = cu[1:] - cu[:-1]
         return AttentionMask(seqlen, causal, window,
                              torch.repeat_interleave(cu[:-1], lengths),
-                             torch.repeat_interleave(cu[1:] - 1, lengths))
+                             torch.repeat_interleave(cu[1:] - 1, lengths), cu)
 
     @property
     def is_plain(self) -> bool:
@@ -134,6 +135,66 @@ class AttentionMask:
         if box.shape[0] == box.shape[1] and torch.equal(box, torch.ones_like(box).tril()):
             return [BlockTask(q_rows, k_rows, True)]
         return [replace(BlockTask(q_rows, k_rows, False), mask=box)]
+
+
+    def document_tasks(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[BlockTask]:
+        """Tasks for any increasing position sets, found document by document.
+
+        For each document the visible part of (its query rows x its key rows) becomes one
+        unmasked task when it is a rectangle or a top-left causal triangle (always so for
+        ``doc_zigzag`` without windows: each rank's rows of a document are one contiguous
+        run of its local rows); anything else is left to ``refine``. Rows of different
+        documents never share a task, so documents cost no masked tiles.
+        """
+        lo, hi = self.key_interval(q_pos)
+        first = torch.searchsorted(k_pos, lo)
+        counts = (torch.searchsorted(k_pos, hi, right=True) - first).clamp_min(0)
+        if self.doc_start is None:
+            q_doc, k_doc = torch.zeros_like(q_pos), torch.zeros_like(k_pos)
+        else:
+            q_doc, k_doc = self.doc_start[q_pos], self.doc_start[k_pos]
+        docs, sizes = torch.unique_consecutive(q_doc, return_counts=True)
+        k_lo = torch.searchsorted(k_doc, docs).tolist()
+        k_hi = torch.searchsorted(k_doc, docs, right=True).tolist()
+        tasks, a = [], 0
+        for n, ka, kb in zip(sizes.tolist(), k_lo, k_hi):
+            b, a0 = a + n, a
+            a = b
+            if ka == kb:
+                continue
+            seen = torch.nonzero(counts[a0:b]).flatten()
+            if len(seen) == 0:
+                continue
+            r0, r1 = a0 + int(seen[0]), a0 + int(seen[-1]) + 1
+            c, f = counts[r0:r1], first[r0:r1]
+            if len(seen) == r1 - r0 and bool((f == f[0]).all()):
+                f0, m = int(f[0]), int(c.max())
+                if bool((c == m).all()):
+                    tasks.append(BlockTask(slice(r0, r1), slice(f0, f0 + m), False))
+                    continue
+                if torch.equal(c, torch.arange(1, r1 - r0 + 1).clamp_max(m)):
+                    tasks.append(BlockTask(slice(r0, r1), slice(f0, f0 + m), True))
+                    continue
+            tasks += self.refine(BlockTask(slice(a0, b), slice(ka, kb), False), q_pos, k_pos)
+        return tasks
+
+
+def rank_plan(layout: Layout, mask: AttentionMask, world_size: int, rank: int) -> list[list[BlockTask]]:
+    """The kernel calls of each of the P ring steps for ``rank`` (step i: the K/V of rank
+    (rank - i) mod P). Pure: no communication, so planners and benchmarks use it as is."""
+    cu = mask.cu_seqlens
+    layout.check_documents(cu)
+    local_len = mask.seqlen // world_size
+    srcs = [(rank - step) % world_size for step in range(world_size)]
+    q_pos = layout.indices(mask.seqlen, world_size, rank, cu)
+    if layout.needs_documents:
+        return [mask.document_tasks(q_pos, layout.indices(mask.seqlen, world_size, src, cu))
+                for src in srcs]
+    plan = [layout.block_tasks(rank, src, world_size, local_len, mask.causal) for src in srcs]
+    if mask.is_plain:
+        return plan
+    return [[r for t in tasks for r in mask.refine(t, q_pos, layout.indices(mask.seqlen, world_size, src))]
+            for src, tasks in zip(srcs, plan)]
 
 
 def document_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -77,13 +77,15 @@ class SequenceParallel:
         """Ulysses ranks per ring position in the token sharding (1 unless hybrid)."""
         return self.ulysses_size if self.strategy == "hybrid" else 1
 
-    def shard(self, x, dim: int = 1):
+    def shard(self, x, dim: int = 1, cu_seqlens=None):
+        """Full tensor -> this rank's shard along ``dim``; ``cu_seqlens`` (int32 document
+        boundaries of the full sequence) is needed by layouts that place tokens by document."""
         return sharding.shard(x, layout=self.layout, group=self.group, dim=dim,
-                              ulysses_size=self._inner)
+                              ulysses_size=self._inner, cu_seqlens=cu_seqlens)
 
-    def unshard(self, x, dim: int = 1):
+    def unshard(self, x, dim: int = 1, cu_seqlens=None):
         return sharding.unshard(x, layout=self.layout, group=self.group, dim=dim,
-                                ulysses_size=self._inner)
+                                ulysses_size=self._inner, cu_seqlens=cu_seqlens)
 
     def positions(self, seqlen: int, device=None, cu_seqlens=None):
         """RoPE positions of this rank's tokens: global positions, or, for packed
@@ -91,7 +93,7 @@ class SequenceParallel:
         if cu_seqlens is None:
             return sharding.positions(seqlen, layout=self.layout, group=self.group, device=device,
                                       ulysses_size=self._inner)
-        return self.shard(document_positions(cu_seqlens), dim=0).to(device)
+        return self.shard(document_positions(cu_seqlens), dim=0, cu_seqlens=cu_seqlens).to(device)
 
     def __repr__(self):
         return (f"SequenceParallel(strategy={self.strategy!r}, layout={self.layout!r}, "

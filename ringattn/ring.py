@@ -29,21 +29,16 @@ from .blocks import attend_blocks, backward_inputs, block_grads, record_step
 from .kernels import get_backend
 from .kernels.base import accumulation_dtype
 from .layouts import BlockTask, Layout, get_layout
-from .masking import AttentionMask
+from .masking import AttentionMask, rank_plan
 from .merge import PartialAttention, sinks_grad
 
 
 def plan_ring(layout: Layout, mask: AttentionMask, comm: RingComm, local_len: int,
               device=None) -> list[list[BlockTask]]:
     """The kernel calls of each ring step for this rank; as many steps as any rank needs."""
-    p, rank = comm.size, comm.rank
-    srcs = [(rank - step) % p for step in range(p)]
-    plan = [layout.block_tasks(rank, src, p, local_len, mask.causal) for src in srcs]
+    plan = rank_plan(layout, mask, comm.size, comm.rank)
     if mask.is_plain:
         return plan
-    q_pos = layout.indices(mask.seqlen, p, rank)
-    plan = [[r for t in tasks for r in mask.refine(t, q_pos, layout.indices(mask.seqlen, p, src))]
-            for src, tasks in zip(srcs, plan)]
     mine = max((i + 1 for i, tasks in enumerate(plan) if tasks), default=1)
     # Every rank must take part in every step it passes blocks in: run the longest need.
     return plan[:max_over_group(mine, comm.group, device)]
@@ -136,6 +131,7 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     check_qkv(q, k, v, dropout_p)
     check_sinks(sinks, q)
     lay = get_layout(layout)
+    lay.check_documents(cu_seqlens)
     if q.shape[1] != k.shape[1]:
         raise ValueError(
             f"ring attention needs equal local q and k/v lengths; got {q.shape[1]} and {k.shape[1]}"

@@ -141,6 +141,7 @@ def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigz
     check_qkv(q, k, v, dropout_p)
     check_sinks(sinks, q)
     lay = get_layout(layout)
+    lay.check_documents(cu_seqlens)
     if q.shape[1] != k.shape[1]:
         raise ValueError(
             f"Ulysses attention needs equal local q and k/v lengths; got {q.shape[1]} and {k.shape[1]}"
@@ -159,7 +160,7 @@ def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigz
     qh, kh, vh = heads_to_ranks(q, k, v, group, split)
     held = None  # held[i]: the position of gathered token i
     if (causal or not mask.is_plain) and u > 1 and lay.name != "contiguous":
-        held = torch.cat([lay.indices(seqlen, u, r) for r in range(u)]).to(q.device)
+        held = torch.cat([lay.indices(seqlen, u, r, mask.cu_seqlens) for r in range(u)]).to(q.device)
         order = torch.argsort(held)
         qh, kh, vh = (t.index_select(1, order) for t in (qh, kh, vh))
     out, lse = local_attention(qh, kh, vh, mask=mask, scale=scale, backend=backend,

@@ -46,8 +46,26 @@ def reference_attention(q, k, v, dout, *, causal, scale=None, mask=None, softcap
     return (out.detach(), lse.detach(), *grads)
 
 
-def layout_indices(layout: str, seqlen: int, world_size: int, rank: int) -> torch.Tensor:
+def layout_indices(layout: str, seqlen: int, world_size: int, rank: int, doc_lengths=None) -> torch.Tensor:
     """The layouts' definitions, restated independently of ringattn.layouts."""
+    if layout == "doc_zigzag":
+        # each document in 2P chunks of L // 2P tokens; its L % 2P remainder tokens are
+        # dealt round-robin over the ranks, continuing from the previous document's deal;
+        # a rank's first extra token lengthens its head chunk, a second its tail chunk
+        p, start, dealt, held = world_size, 0, 0, []
+        for length in doc_lengths:
+            c, m = divmod(length, 2 * p)
+            extra = [0] * p
+            for j in range(m):
+                extra[(dealt + j) % p] += 1
+            dealt += m
+            sizes = [c + (extra[r] >= 1) for r in range(p)] + [c + (extra[p - 1 - i] == 2) for i in range(p)]
+            bounds = [start + sum(sizes[:j]) for j in range(2 * p + 1)]
+            for chunk in (rank, 2 * p - 1 - rank):
+                held += range(bounds[chunk], bounds[chunk + 1])
+            start += length
+        assert start == seqlen
+        return torch.tensor(held, dtype=torch.long)
     if layout == "contiguous":
         return torch.arange(seqlen).view(world_size, -1)[rank]
     if layout == "zigzag":

@@ -1,0 +1,86 @@
+"""Per-rank attention work of a layout, computed without communication (planning numbers).
+
+``rank_work``: the query-key pairs each rank's queries must score (what any kernel has to
+do; the sum is the same for every layout). ``plan_work``: what the ring's block plan
+actually computes per rank, and how much of it runs on masked tiles (kernels with an
+explicit boolean mask: slower, and the masked-out part of the tile is wasted work).
+Balance = max/mean over ranks: the ring runs at the pace of its slowest rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layouts import get_layout
+from .masking import AttentionMask, rank_plan
+
+
+def rank_work(cu_seqlens, layout: str, world_size: int, *, causal: bool = True,
+              window_size=(-1, -1)) -> torch.Tensor:
+    """(P,) int64: visible query-key pairs of each rank's queries under ``layout``.
+
+    ``cu_seqlens``: int32 document boundaries of the full packed sequence (one sequence).
+    """
+    seqlen = int(cu_seqlens[-1])
+    mask = AttentionMask.build(seqlen, causal, cu_seqlens, window_size)
+    lay = get_layout(layout)
+    lay.check_seqlen(seqlen, world_size)
+    pos = torch.arange(seqlen)
+    lo, hi = mask.key_interval(pos)
+    seen = (hi - lo + 1).clamp_min(0)  # the full sequence: keys are every position
+    return torch.stack([seen[lay.indices(seqlen, world_size, r, mask.cu_seqlens)].sum()
+                        for r in range(world_size)])
+
+
+def imbalance(work: torch.Tensor) -> float:
+    """max / mean of per-rank work (1.0 = perfectly balanced)."""
+    work = work.double()
+    return float(work.max() / work.mean())
+
+
+@dataclass(frozen=True)
+class PlanWork:
+    needed: torch.Tensor  # (P,) visible pairs per rank (``rank_work``)
+    kernel: torch.Tensor  # (P,) pairs the planned kernel calls compute per rank
+    masked: torch.Tensor  # (P,) of those, pairs computed in tiles with an explicit mask
+    calls: torch.Tensor   # (P,) kernel calls per rank (all ring steps)
+
+    @property
+    def masked_share(self) -> float:
+        return float(self.masked.sum() / self.kernel.sum())
+
+
+def plan_work(cu_seqlens, layout: str, world_size: int, *, causal: bool = True,
+              window_size=(-1, -1)) -> PlanWork:
+    """What ``ring_attention``'s plan computes on each rank for one packed sequence (every
+    step of the ring, as ``ringattn.masking.rank_plan`` gives it). Builds the same block
+    tasks the ring does, so it costs what planning costs: use ``rank_work`` for balance."""
+    seqlen = int(cu_seqlens[-1])
+    mask = AttentionMask.build(seqlen, causal, cu_seqlens, window_size)
+    lay = get_layout(layout)
+    lay.check_seqlen(seqlen, world_size)
+    local = seqlen // world_size
+    kernel, masked, calls = [], [], []
+    for r in range(world_size):
+        tasks = [t for step in rank_plan(lay, mask, world_size, r) for t in step]
+        kernel.append(sum(t.scores(local, local) for t in tasks))
+        masked.append(sum(t.scores(local, local) for t in tasks if t.mask is not None))
+        calls.append(len(tasks))
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
+    return PlanWork(rank_work(cu_seqlens, layout, world_size, causal=causal, window_size=window_size),
+                    as_t(kernel), as_t(masked), as_t(calls))
+
+
+def lognormal_documents(seqlen: int, *, mean: float = 4096.0, sigma: float = 1.0,
+                        seed: int = 0) -> torch.Tensor:
+    """int32 cu_seqlens of one ``seqlen`` sequence packed with log-normal document lengths
+    (mean ``mean`` tokens, log-space std ``sigma``; the last document is cut at ``seqlen``)."""
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.log(torch.tensor(mean)) - sigma ** 2 / 2  # E[exp(N(mu, s^2))] = exp(mu + s^2/2)
+    ends, total = [0], 0
+    while total < seqlen:
+        n = max(1, int(torch.exp(mu + sigma * torch.randn((), generator=gen)).round()))
+        total = min(seqlen, total + n)
+        ends.append(total)
+    return torch.tensor(ends, dtype=torch.int32)
