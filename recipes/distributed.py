@@ -29,7 +29,7 @@ class ParallelConfig:
     # all-to-all (Ulysses) degree inside the SP group; the strategy follows from it:
     # 1 = ring, sp_size = Ulysses, in between = hybrid (Ulysses inside, ring across)
     ulysses_size: int = 1
-    layout: Layout = Layout.zigzag  # any ringattn layout (ringattn/layouts.py)
+    layout: Layout = Layout.zigzag  # any ringattn layout (ringattn/layouts.py); doc_zigzag: packed text
     # Seconds a collective (and the initial rendezvous) may wait for a peer before this rank
     # gives up with an error naming the failure: a dead or hung rank then ends the job
     # instead of hanging it. Keep it above the slowest step and checkpoint save.

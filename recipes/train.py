@@ -108,6 +108,9 @@ def plan(job: JobConfig, world_size: int, model) -> Plan:
     per_rank = d.global_batch_size // dp
     packed_docs = d.kind == data.Kind.text and d.document_masking
     micro = d.micro_batch_size or (1 if packed_docs else per_rank)
+    if ringattn.layout_needs_documents(job.parallel.layout) and not packed_docs:
+        raise ValueError(f"parallel.layout={job.parallel.layout} places tokens by document: it needs packed "
+                         "documents (data=text with data.document_masking=true)")
     if packed_docs and micro != 1:
         raise ValueError(f"data.document_masking needs data.micro_batch_size=1 (got {micro}): ring attention "
                          "takes the document boundaries of one packed sequence at a time")
@@ -218,7 +221,9 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
         start = checkpoint.read_meta(ckpt)["step"]
 
     batches = data.StepBatches(dataset, job.data.global_batch_size, ctx.dp_rank, p.dp, p.micro)
-    positions = ctx.sp.positions(job.data.seq_len, device=ctx.device)
+    # global positions for unpacked data; packed documents get theirs per sequence
+    positions = None if ringattn.layout_needs_documents(ctx.sp.layout) else \
+        ctx.sp.positions(job.data.seq_len, device=ctx.device)
     tracker = tracking.NullTracker()
     if ctx.is_logger:
         OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
@@ -236,7 +241,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
     tokens_per_step = job.data.global_batch_size * job.data.seq_len
     t_begin, t_last, steps_timed = time.time(), time.time(), 0
     for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
-        micro_batches = [(ctx.sp.shard(x.to(ctx.device)), ctx.sp.shard(y.to(ctx.device)),
+        micro_batches = [(ctx.sp.shard(x.to(ctx.device), cu_seqlens=cu), ctx.sp.shard(y.to(ctx.device), cu_seqlens=cu),
                           None if cu is None else cu.to(ctx.device))
                          for x, y, cu in batches.micro_batches(step - 1)]
         local_valid = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in micro_batches)

@@ -2,7 +2,7 @@
 from .decode import decode_attention
 from .diagnostics import AttentionMass, attention_mass
 from .hybrid import hybrid_attention
-from .layouts import layout_divisor
+from .layouts import layout_divisor, layout_needs_documents
 from .masking import document_positions
 from .mesh import init_mesh
 from .parallel import SequenceParallel
@@ -11,5 +11,5 @@ from .sharding import positions, shard, unshard
 from .ulysses import ulysses_attention
 
 __all__ = ["AttentionMass", "SequenceParallel", "attention_mass", "decode_attention", "document_positions", "hybrid_attention", "init_mesh",
-           "layout_divisor", "positions", "ring_attention", "shard", "unshard", "ulysses_attention"]
+           "layout_divisor", "layout_needs_documents", "positions", "ring_attention", "shard", "unshard", "ulysses_attention"]
 __version__ = "0.1.0"

@@ -217,3 +217,8 @@ def get_layout(name: str) -> Layout:
 def layout_divisor(layout: str, world_size: int) -> int:
     """The full sequence length must be a multiple of this for ``layout`` over P ranks."""
     return get_layout(layout).divisor(world_size)
+
+
+def layout_needs_documents(layout: str) -> bool:
+    """True if ``layout`` places tokens by document (shard/unshard/positions need cu_seqlens)."""
+    return get_layout(layout).needs_documents

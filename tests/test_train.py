@@ -56,17 +56,28 @@ def test_equivalence(baseline, tmp_path, name):
 
 @pytest.mark.slow
 def test_packed_text_documents_equivalence(tmp_path):
-    """Local text through `datasets`, packed with document masking: sp=2 matches sp=1."""
+    """Local text through the tokenise-once cache, packed with document masking: sp=2 (zigzag
+    and doc_zigzag) matches sp=1; a doc_zigzag run stopped at step 2 and resumed ends equal."""
     text = tmp_path / "corpus.jsonl"
     text.write_text("".join('{"text": "%s"}\n' % ("document %d " % i + "words " * (i % 7)) for i in range(60)))
     over = ["data=text", f"data.files=[{text}]", "data.seq_len=32", "data.global_batch_size=4",
-            "trainer.max_steps=3", "trainer.save_every=3", f"data.cache_dir={tmp_path / 'cache'}"]
+            "trainer.max_steps=4", "trainer.save_every=2", f"data.cache_dir={tmp_path / 'cache'}"]
+    sp2 = ["parallel.sp_size=2"]
     train_ok(tmp_path / "sp1", 1, over)
-    train_ok(tmp_path / "sp2", 2, over + ["parallel.sp_size=2"])
-    ref, got = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")
-    assert sorted(ref) == sorted(got) == [1, 2, 3]
-    assert_losses_close(ref, got, [1, 2, 3])
-    assert_weights_close(final_weights(tmp_path / "sp1"), final_weights(tmp_path / "sp2"))
+    ref = metrics(tmp_path / "sp1")
+    assert sorted(ref) == [1, 2, 3, 4]
+    for name, extra in (("sp2", []), ("sp2_doc_zigzag", ["parallel.layout=doc_zigzag"])):
+        train_ok(tmp_path / name, 2, over + sp2 + extra)
+        got = metrics(tmp_path / name)
+        assert sorted(got) == [1, 2, 3, 4], name
+        assert_losses_close(ref, got, [1, 2, 3, 4])
+        assert_weights_close(final_weights(tmp_path / "sp1"), final_weights(tmp_path / name))
+    resumed = over + sp2 + ["parallel.layout=doc_zigzag"]
+    train_ok(tmp_path / "resume", 2, resumed + ["trainer.stop_at_step=2"])
+    proc = train_ok(tmp_path / "resume", 2, resumed)  # the same command again
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert_losses_close(ref, metrics(tmp_path / "resume"), [3, 4])
+    assert_weights_close(final_weights(tmp_path / "sp1"), final_weights(tmp_path / "resume"))
 
 
 @pytest.mark.slow
@@ -147,6 +158,7 @@ def _no_work_done(run_dir: Path):
     (1, ["trainer.dtype=fp16"], "Invalid value 'fp16', expected one of [fp32, bf16]\n    full_key: trainer.dtype"),
     (1, ["trainer.max_steps=0"], "trainer.max_steps=0: must be >= 1"),
     (1, ["deepspeed.offload_param=true"], "deepspeed.offload_param needs deepspeed.zero_stage=3"),
+    (1, ["parallel.layout=doc_zigzag"], "places tokens by document: it needs packed documents"),
 ])
 def test_bad_input_errors(tmp_path, nproc, over, message):
     proc = train_fails(tmp_path, nproc, ["trainer.max_steps=2"] + over)
