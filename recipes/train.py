@@ -108,8 +108,8 @@ def plan(job: JobConfig, world_size: int, model) -> Plan:
     per_rank = d.global_batch_size // dp
     packed_docs = d.kind == data.Kind.text and d.document_masking
     micro = d.micro_batch_size or (1 if packed_docs else per_rank)
-    if ringattn.layout_needs_documents(job.parallel.layout) and not packed_docs:
-        raise ValueError(f"parallel.layout={job.parallel.layout} places tokens by document: it needs packed "
+    if ringattn.layout_needs_documents(job.parallel.layout.value) and not packed_docs:
+        raise ValueError(f"parallel.layout={job.parallel.layout.value} places tokens by document: it needs packed "
                          "documents (data=text with data.document_masking=true)")
     if packed_docs and micro != 1:
         raise ValueError(f"data.document_masking needs data.micro_batch_size=1 (got {micro}): ring attention "
