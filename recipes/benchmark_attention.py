@@ -11,6 +11,16 @@ half; backward 2.5x forward), per-rank work balance (max/mean of attention score
 computed), the share of each pass spent waiting for communication, bytes sent per rank
 (ring passes and all-to-alls), peak memory per rank, and the single-process time of the
 same shape, giving efficiency = (single-process time / P) / parallel time.
+
+Packed documents: ``doc_lengths=[...]``, or ``docs_lognormal_mean=4096`` (seeded log-normal
+lengths, ``docs_sigma``, cut at each seqlen; ``ringattn.balance.lognormal_documents``). The
+single-process baseline is then the library's own per-document path (one causal triangle
+per document, no dense mask), so ``single / P`` is the balanced ideal: every rank doing
+exactly 1/P of the needed work with no waiting. Rows also report the planned work balance
+and the share of planned work on masked tiles (``ringattn.balance.plan_work``).
+
+    torchrun --standalone --nproc-per-node 2 -m recipes.benchmark_attention seqlens=[16384] \
+        docs_lognormal_mean=512 strategies=[ring] layouts=[contiguous,zigzag,striped,doc_zigzag]
 On CPU each rank (and the single-process baseline) uses ``threads_per_rank`` threads, so
 P ranks stand for P devices. Results go to a table on stdout and to ``output`` (JSON).
 """
@@ -22,6 +32,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 from pathlib import Path
 
 import hydra
@@ -31,10 +42,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import ringattn
-from ringattn import profile
+from ringattn import balance, profile
 from ringattn.inputs import check_ulysses_heads
 from ringattn.kernels import get_backend
 from ringattn.masking import AttentionMask
+from ringattn.ulysses import local_attention
 from ringattn.parallel import STRATEGIES
 from recipes import distributed
 from recipes.choices import AttnDtype, Choice, Layout
@@ -60,6 +72,9 @@ class BenchmarkConfig:
     backend: str = "auto"
     # packed documents (lengths summing to each seqlen; empty = one document) and window
     doc_lengths: list[int] = field(default_factory=list)
+    docs_lognormal_mean: Optional[int] = None  # packed log-normal documents of this mean length
+    docs_sigma: float = 1.0  # log-space standard deviation of the log-normal lengths
+    docs_seed: int = 0
     window: list[int] = field(default_factory=lambda: [-1, -1])
     warmup: int = 1
     iters: int = 3
@@ -137,6 +152,11 @@ def _fwd_bwd(attend, q, k, v):
 
 
 def _cu_seqlens(cfg, seqlen, device):
+    if cfg.docs_lognormal_mean is not None:
+        if cfg.doc_lengths:
+            raise ValueError("give doc_lengths or docs_lognormal_mean, not both")
+        return balance.lognormal_documents(seqlen, mean=cfg.docs_lognormal_mean, sigma=cfg.docs_sigma,
+                                           seed=cfg.docs_seed).to(device)
     if not cfg.doc_lengths:
         return None
     if sum(cfg.doc_lengths) != seqlen:
@@ -171,8 +191,8 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
     if sp is None:
         return {"strategy": strategy, "layout": layout, "world": world, "seqlen": seqlen,
                 "skipped": why_not}
-    q, k, v = (sp.shard(t) for t in _inputs(cfg, seqlen, device, dtype))
     cu = _cu_seqlens(cfg, seqlen, device)
+    q, k, v = (sp.shard(t, cu_seqlens=cu) for t in _inputs(cfg, seqlen, device, dtype))
     attend = lambda q, k, v: sp.attention(  # noqa: E731
         q, k, v, causal=cfg.causal, cu_seqlens=cu, window_size=tuple(cfg.window))
     fwd, fwd_bwd = _fwd_bwd(attend, q, k, v)
@@ -184,7 +204,12 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
         elapsed = time.perf_counter() - start
     work = prof.scores
     dense = cfg.batch * cfg.heads * (seqlen * (seqlen + 1) // 2 if cfg.causal else seqlen**2)
-    return {
+    planned = {}
+    if cu is not None and strategy == "ring":  # the ring's plan for every rank (no communication)
+        pw = balance.plan_work(cu.cpu(), layout, world, causal=cfg.causal, window_size=tuple(cfg.window))
+        planned = {"planned_balance": balance.imbalance(pw.kernel), "needed_balance": balance.imbalance(pw.needed),
+                   "masked_share": pw.masked_share, "kernel_calls_per_rank": int(pw.calls.max())}
+    return {**planned,
         "strategy": strategy, "ring_size": sp.ring_size, "ulysses_size": sp.ulysses_size,
         "layout": layout, "world": world, "seqlen": seqlen,
         "fwd_s": t_fwd, "fwd_bwd_s": t_fwd_bwd,
@@ -205,14 +230,10 @@ def bench_single(cfg, seqlen, device, dtype):
     q, k, v = _inputs(cfg, seqlen, device, dtype)
     kernel = get_backend(cfg.backend, q)
     scale = 1.0 / math.sqrt(cfg.head_dim)
-    # With documents/windows the single-process baseline is the kernel with a dense mask
-    # (what SDPA with attn_mask does), without them the plain (causal) kernel.
+    # With documents/windows the baseline is the library's one-process path (per-document
+    # blocks, masks only where a window cuts them); without them the plain (causal) kernel.
     rule = AttentionMask.build(seqlen, cfg.causal, _cu_seqlens(cfg, seqlen, "cpu"), tuple(cfg.window))
     mask, causal = None, cfg.causal
-    if not rule.is_plain:
-        kernel = kernel if kernel.supports_mask else get_backend("sdpa", q)
-        pos = torch.arange(seqlen)
-        mask, causal = rule.dense(pos, pos).to(device), False
 
     class _Single(torch.autograd.Function):
         @staticmethod
@@ -226,7 +247,10 @@ def bench_single(cfg, seqlen, device, dtype):
         def backward(ctx, dout):
             return kernel.backward(dout, *ctx.saved_tensors, causal=causal, scale=scale, mask=mask)
 
-    fwd, fwd_bwd = _fwd_bwd(_Single.apply, q, k, v)
+    single = _Single.apply
+    if not rule.is_plain:
+        single = lambda q, k, v: local_attention(q, k, v, mask=rule, scale=scale, backend=cfg.backend)  # noqa: E731
+    fwd, fwd_bwd = _fwd_bwd(single, q, k, v)
     t_fwd, t_fwd_bwd = _time(fwd, cfg, device, False), _time(fwd_bwd, cfg, device, False)
     with PeakMemory(device) as mem:
         fwd_bwd()
@@ -293,7 +317,9 @@ def _print_row(row):
     print(f"{row['strategy'] + shape:<13}{row['layout']:<11}{row['world']:>3}{row['seqlen']:>8}{row['fwd_s'] * 1e3:>9.1f}"
           f"{row['fwd_bwd_s'] * 1e3:>9.1f}{row['fwd_bwd_tflops']:>10.3f}{row['work_balance']:>9.2f}"
           f"{row['ring_steps']:>6}{row['mask_skipped'] * 100:>7.1f}{row['comm_wait_share'] * 100:>8.1f}{row['sent_mib_per_rank']:>10.1f}{row['peak_mib_per_rank']:>10.1f}"
-          f"{row.get('single_fwd_bwd_s', float('nan')) * 1e3:>15.1f}{row.get('efficiency_fwd_bwd', float('nan')):>9.2f}",
+          f"{row.get('single_fwd_bwd_s', float('nan')) * 1e3:>15.1f}{row.get('efficiency_fwd_bwd', float('nan')):>9.2f}"
+          + (f"  planned balance {row['planned_balance']:.3f}, masked {row['masked_share']:.1%}, "
+             f"{row['kernel_calls_per_rank']} calls" if "planned_balance" in row else ""),
           flush=True)
 
 

@@ -91,9 +91,9 @@ def local_attention(q, k, v, *, mask: AttentionMask, scale, backend="auto", retu
                     sinks=None, softcap=None):
     """Differentiable attention of whole, position-ordered tensors (no communication)."""
     tasks = [BlockTask(ALL, ALL, mask.causal)]
-    if not mask.is_plain:
+    if not mask.is_plain:  # one causal triangle per document; windows tiled within documents
         pos = torch.arange(mask.seqlen)
-        tasks = mask.refine(tasks[0], pos, pos)
+        tasks = mask.document_tasks(pos, pos)
     out, lse = _LocalAttention.apply(q, k, v, sinks, scale, tasks, backend, softcap)
     return (out, lse) if return_lse else out
 
