@@ -25,11 +25,17 @@ DISTANCE_QUERIES = 16
 
 
 def _layers(model, ctx, tokens):
-    """Per layer (q, k) of this rank's shard, and the shard's global positions."""
+    """Per layer (q, k, its attention module) of this rank's shard, and the shard's global positions."""
     length = tokens.shape[1]
     positions = ctx.sp.positions(length, device=ctx.device)
     _, layers = forward_capturing(model, ctx.sp.shard(tokens.to(ctx.device)), positions, names=("wq", "wk"))
-    return [(lay["q"], lay["k"]) for lay in layers], positions
+    return [(lay["q"], lay["k"], layer.attention) for lay, layer in zip(layers, model.layers)], positions
+
+
+def _mass(layer, ctx, positions, queries, **kw):
+    q, k, attn = layer
+    return ringattn.attention_mass(q, k, positions, queries, group=ctx.sp.group, softcap=attn.softcap,
+                                   sinks=attn.sinks, **kw)
 
 
 @torch.no_grad()
@@ -44,9 +50,8 @@ def needle_attention(model, ctx, lengths, depths, digits, make_samples, seed) ->
             tokens, _ = make_samples(length, depth)
             layers, positions = _layers(model, ctx, tokens)
             per_layer, tops = [], []
-            for q, k in layers:
-                m = ringattn.attention_mass(q, k, positions, [q_at], spans=[(at, at + digits + 1)],
-                                            top_k=TOP_K, group=ctx.sp.group)
+            for layer in layers:
+                m = _mass(layer, ctx, positions, [q_at], spans=[(at, at + digits + 1)], top_k=TOP_K)
                 per_layer.append(m.span_mass[..., 0, 0].mean(0).tolist())  # (heads,)
                 tops.append(m.top_positions[0, :, 0].tolist())
             needle[f"{length}/{depth}"] = per_layer
@@ -57,8 +62,8 @@ def needle_attention(model, ctx, lengths, depths, digits, make_samples, seed) ->
     queries = sorted(rng.choice(length, size=min(DISTANCE_QUERIES, length), replace=False).tolist())
     layers, positions = _layers(model, ctx, tokens)
     by_distance, edges = [], None
-    for q, k in layers:
-        m = ringattn.attention_mass(q, k, positions, queries, group=ctx.sp.group)
+    for layer in layers:
+        m = _mass(layer, ctx, positions, queries)
         by_distance.append(m.distance_mass.tolist())  # (heads, buckets)
         edges = m.distance_edges
     return {"needle_mass": needle, "needle_top_positions": top, "top_k": TOP_K,

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from .comm import group_size
 from .kernels import get_backend
 from .kernels.base import accumulation_dtype
+from .merge import add_sinks
 
 
 def _check(q, k_cache, v_cache):
@@ -73,7 +74,8 @@ def check_replicated(q: torch.Tensor, kv_heads: int, group=None) -> None:
 
 
 def decode_attention(q, k_cache, v_cache, *, group=None, softmax_scale=None, return_lse=False,
-                     backend: str = "auto", check_q: bool = False):
+                     backend: str = "auto", check_q: bool = False, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None):
     """Exact attention of the new queries over a KV cache sharded across ``group``.
 
     q: (batch, t, heads, head_dim), the same on every rank of ``group`` (the caller's
@@ -83,7 +85,9 @@ def decode_attention(q, k_cache, v_cache, *, group=None, softmax_scale=None, ret
     every cached key (append the new tokens' K/V to some rank's cache before the call).
     Returns out (batch, t, heads, head_dim) in q's dtype, the same on every rank, and with
     ``return_lse`` the fp32 (fp64 for fp64 q) log-sum-exp (batch, heads, t). A query with no
-    key anywhere gets out = 0 and lse = -inf. Communication: two all-reduces of
+    key anywhere gets out = 0 and lse = -inf. ``softcap``: scores -> c * tanh(scores / c) in
+    the kernel (Gemma 2); ``sinks``: (heads,) logits joining every softmax with no value
+    (GPT-OSS), folded in once after the combine. Communication: two all-reduces of
     O(batch * t * heads * head_dim), independent of the cache length. Inference only: the
     collectives are not differentiable.
     """
@@ -95,13 +99,22 @@ def decode_attention(q, k_cache, v_cache, *, group=None, softmax_scale=None, ret
     acc = accumulation_dtype(q.dtype)
     b, t, h, d = q.shape
     if k_cache.shape[1] > 0:
-        out, lse = get_backend(backend, q).forward(q, k_cache, v_cache, causal=False, scale=scale)
+        kernel = get_backend(backend, q, softcap=softcap)
+        out, lse = kernel.forward(q, k_cache, v_cache, causal=False, scale=scale, softcap=softcap)
         out, lse = out.to(acc), lse.to(acc)
     else:
         out = torch.zeros(b, t, h, d, dtype=acc, device=q.device)
         lse = torch.full((b, h, t), float("-inf"), dtype=acc, device=q.device)
-    if p == 1:
-        return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
+    if p > 1:
+        out, lse = _combine(out, lse, group)
+    if sinks is not None:
+        out, lse = add_sinks(out, lse, sinks)
+    return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
+
+
+def _combine(out, lse, group):
+    """Every rank's (out, lse) over its part -> the exact (out, lse) over all parts."""
+    d = out.shape[-1]
     m = lse.clone(memory_format=torch.contiguous_format)  # collectives need dense storage
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     # m = -inf only where no rank has a key: use 0 there so w = exp(-inf) = 0, not NaN.
@@ -110,7 +123,5 @@ def decode_attention(q, k_cache, v_cache, *, group=None, softmax_scale=None, ret
     packed = torch.cat([out * w, w], dim=-1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     num, den = packed[..., :d], packed[..., d:]
-    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(num))
-    if not return_lse:
-        return out.to(q.dtype)
-    return out.to(q.dtype), m_safe + torch.log(den.squeeze(-1).transpose(1, 2))
+    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+    return out, m_safe + torch.log(den.squeeze(-1).transpose(1, 2))

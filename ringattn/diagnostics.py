@@ -71,7 +71,8 @@ def _gather_queries(q, positions, query_positions, group):
 
 def attention_mass(q, k, positions, query_positions, *, spans=(), top_k: int = 0,
                    distance_buckets: list[int] | None = None, causal: bool = True, group=None,
-                   softmax_scale=None) -> AttentionMass:
+                   softmax_scale=None, softcap: float | None = None,
+                   sinks: torch.Tensor | None = None) -> AttentionMass:
     """Attention mass of chosen queries of one layer, exact, inside the SP group.
 
     q: (batch, s_local, heads, head_dim), k: (batch, s_local, kv_heads, head_dim): this rank's
@@ -79,7 +80,8 @@ def attention_mass(q, k, positions, query_positions, *, spans=(), top_k: int = 0
     ``sp.positions(n)``). query_positions: global positions of the queries to inspect (the
     same list on every rank). spans: [(start, stop), ...] global key ranges. top_k: how many
     most attended positions to report (0: none). distance_buckets: edges for the distance
-    histogram (default ``log_buckets(n)``). causal: query i sees keys j <= i.
+    histogram (default ``log_buckets(n)``). causal: query i sees keys j <= i. softcap /
+    sinks (heads,): as the model's attention uses them (a sink takes mass no key gets).
     Communication: four all-reduces and one all-gather, none of which grows with s_local.
     Memory: (queries x s_local) per head.
     """
@@ -107,6 +109,8 @@ def attention_mass(q, k, positions, query_positions, *, spans=(), top_k: int = 0
     qsel = _gather_queries(q, positions, qpos, group)  # (b, nq, h, d)
     kk = k.to(torch.float64).repeat_interleave(g, dim=2)
     scores = torch.einsum("bnhd,bshd->bhns", qsel, kk) * scale  # (b, h, nq, s_local)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if causal:
         scores = scores.masked_fill(positions[None, :] > qpos[:, None], float("-inf"))
     # the final lse of each row over every rank's keys: max, then sum of exp(. - max)
@@ -115,6 +119,8 @@ def attention_mass(q, k, positions, query_positions, *, spans=(), top_k: int = 0
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     total = _all_reduce(torch.exp(local - m), dist.ReduceOp.SUM, group)
     lse = m + torch.log(total)
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.detach().to(lse).view(1, -1, 1))
     p = torch.exp(scores - lse[..., None])  # exact probabilities of this rank's keys
 
     in_span = torch.stack([(positions >= lo) & (positions < hi) for lo, hi in spans], dim=1) \

@@ -44,6 +44,17 @@ def _errors(rank, world):
         assert out.dtype == torch.float32 and lse.dtype == torch.float32
         assert out.shape == q.shape and lse.shape == (q.shape[0], heads, t)
         errs.append((lengths, rel_err(out, ref_out), rel_err(lse, ref_lse)))
+    # Softcap (in the kernel) and sinks (once, after the combine), uneven parts.
+    lengths = (3, 0, 5, 2)[:world] if world > 2 else (4, 3)
+    q, k, v = _case(9, lengths, 4, 2, 2)
+    sinks = torch.linspace(-1.0, 2.0, 4, dtype=torch.float64)
+    ref_out, ref_lse, *_ = reference_attention(q, k, v, torch.zeros_like(q), causal=False, softcap=2.5,
+                                               sinks=sinks)
+    start = sum(lengths[:rank])
+    mine = slice(start, start + lengths[rank])
+    out, lse = ringattn.decode_attention(q.float(), k[:, mine].float(), v[:, mine].float(), return_lse=True,
+                                         softcap=2.5, sinks=sinks.float())
+    errs.append((("softcap+sinks", *lengths), rel_err(out, ref_out), rel_err(lse, ref_lse)))
     # The whole cache empty: no key anywhere -> out 0, lse -inf (as the merge defines it).
     q, k, v = _case(0, (0,), 4, 2, 1)
     out, lse = ringattn.decode_attention(q.float(), k.float(), v.float(), return_lse=True)

@@ -29,42 +29,56 @@ def _inputs(batch=2):
     return q, k
 
 
-def _dense(q, k):
-    """float64 probabilities (b, h, S, S) of the whole causal attention."""
+SOFTCAP, SINKS = 3.0, torch.tensor([0.5, -1.0, 2.0, 0.0])
+
+
+def _dense(q, k, features=False):
+    """float64 probabilities (b, h, S, S) of the whole causal attention (with softcap and a
+    sink column, dropped after the softmax, when ``features``)."""
     kr = k.double().repeat_interleave(HEADS // KV_HEADS, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kr) / math.sqrt(D)
+    if features:
+        s = SOFTCAP * torch.tanh(s / SOFTCAP)
     s = s.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
-    return torch.softmax(s, dim=-1)
+    if features:
+        s = torch.cat([s, SINKS.double().view(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
+    return torch.softmax(s, dim=-1)[..., :S]
 
 
-def _reference():
+def _reference(features=False):
     q, k = _inputs()
-    p = _dense(q, k)[:, :, QUERIES]  # (b, h, nq, S)
+    p = _dense(q, k, features)[:, :, QUERIES]  # (b, h, nq, S)
     span = torch.stack([p[..., lo:hi].sum(-1) for lo, hi in SPANS], dim=-1)
     top_p, top_pos = p.topk(TOPK, dim=-1)
     top_pos = torch.where(top_p > 0, top_pos, torch.full_like(top_pos, -1))
     edges = log_buckets(S)
     dist = (torch.tensor(QUERIES)[:, None] - torch.arange(S)[None, :]).abs()
-    by = torch.zeros(HEADS, len(edges) - 1, dtype=torch.float64)
+    by = torch.zeros(HEADS, len(edges) - 1, dtype=torch.float64)  # a sink's mass is in no bucket
     for i in range(len(edges) - 1):
         inb = (dist >= edges[i]) & (dist < edges[i + 1])
         by[:, i] = (p * inb).sum((-1, -2)).mean(0) / len(QUERIES)
     return span, top_p, top_pos, by
 
 
-def _run(rank, world, layouts):
+def _run(rank, world, layouts, features=False):
     q, k = _inputs()
+    kw = dict(softcap=SOFTCAP, sinks=SINKS) if features else {}
     out = []
     for layout in layouts:
         idx = layout_indices(layout, S, world, rank)
-        m = ringattn.attention_mass(q[:, idx], k[:, idx], idx, QUERIES, spans=SPANS, top_k=TOPK)
+        m = ringattn.attention_mass(q[:, idx], k[:, idx], idx, QUERIES, spans=SPANS, top_k=TOPK, **kw)
         out.append((layout, m))
     return out
 
 
-def _check(results):
-    span, top_p, top_pos, by = _reference()
-    assert by.sum(-1).allclose(torch.ones(HEADS, dtype=torch.float64))  # the reference is a distribution
+def _both(rank, world, layouts):
+    return _run(rank, world, layouts), _run(rank, world, layouts[:1], features=True)
+
+
+def _check(results, features=False):
+    span, top_p, top_pos, by = _reference(features)
+    if not features:  # the reference is a distribution
+        assert by.sum(-1).allclose(torch.ones(HEADS, dtype=torch.float64))
     for per_rank in results:
         for layout, m in per_rank:
             assert (m.span_mass - span).abs().max() <= TOL, layout
@@ -75,11 +89,14 @@ def _check(results):
 
 def test_attention_mass_single_process():
     _check([_run(0, 1, ["contiguous"])])
+    _check([_run(0, 1, ["contiguous"], features=True)], features=True)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_attention_mass_matches_dense_reference(world):
-    _check(run_distributed(_run, world, LAYOUTS))
+    results = run_distributed(_both, world, LAYOUTS)
+    _check([plain for plain, _ in results])
+    _check([with_features for _, with_features in results], features=True)  # softcap and sinks
 
 
 def test_attention_mass_refuses_bad_queries():

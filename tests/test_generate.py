@@ -20,11 +20,18 @@ TOL = 1e-4
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 
-def _model(sp=None):
+def _model(sp=None, features=False):
+    """The same weights whatever sp; ``features``: attention sinks (random logits) and softcap."""
     torch.manual_seed(0)
+    extra = dict(attention_sinks=True, logit_softcap=1.5) if features else {}
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=40, init_std=0.3,
-                      multiple_of=16)
-    return Llama(cfg, sp).eval()
+                      multiple_of=16, **extra)
+    model = Llama(cfg, sp).eval()
+    if features:
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.attention.sinks.copy_(torch.randn(4, generator=torch.Generator().manual_seed(1)))
+    return model
 
 
 def _prompt(n, batch=2):
@@ -34,7 +41,7 @@ def _prompt(n, batch=2):
 def _errors(model, prompt, **kw):
     """Max error of every step's logits vs one full forward; the generated tokens."""
     tokens, logits = generate(model, prompt, 6, return_logits=True, **kw)
-    ref = _model()  # same seed, same weights, no SP
+    ref = _model(features=model.cfg.attention_sinks)  # same seed, same weights, no SP
     n = prompt.shape[1]
     with torch.no_grad():
         full = ref(tokens[:, :-1], torch.arange(tokens.shape[1] - 1))[:, n - 1:]
@@ -56,6 +63,9 @@ def _world(rank, world):
         gen = torch.Generator().manual_seed(7 + rank)  # different per rank: rank 0's draw wins
         err, tokens = _errors(model, _prompt(16), temperature=1.0, top_k=8, generator=gen)
         results.append((strategy, layout, 16, "sampled", err, tokens))
+        if layout == "zigzag" and strategy == "ring":
+            err, tokens = _errors(_model(sp, features=True), _prompt(13))
+            results.append((strategy, layout, 13, "sinks+softcap", err, tokens))
     return results
 
 
@@ -75,6 +85,8 @@ def test_generation_single_process():
         assert err <= TOL and tokens.shape == (2, n + 6)
     gen = torch.Generator().manual_seed(0)
     err, _ = _errors(_model(), _prompt(5), temperature=0.7, generator=gen)
+    assert err <= TOL
+    err, _ = _errors(_model(features=True), _prompt(7))
     assert err <= TOL
 
 

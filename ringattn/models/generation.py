@@ -137,7 +137,8 @@ def decode_step(model: Llama, tokens: torch.Tensor, position: int, cache: KVCach
             k = apply_rope(attn.wk(x).view(b, 1, attn.kv_heads, attn.head_dim), cos, sin)
             cache.append(i, k, attn.wv(x).view(b, 1, attn.kv_heads, attn.head_dim))
         k_part, v_part = cache.layer(i, q, attn.kv_heads, pending=int(rank == owner))
-        out = decode_attention(q, k_part, v_part, group=group, backend=backend)
+        out = decode_attention(q, k_part, v_part, group=group, backend=backend, softcap=attn.softcap,
+                               sinks=attn.sinks)
         h = h + attn.wo(out.reshape(b, 1, -1))
         h = h + layer.feed_forward(layer.ffn_norm(h))
     cache.advance(owner, 1)
