@@ -17,7 +17,7 @@ from tests.distributed import run_distributed
 from tests.reference import rel_err
 
 TOL = 1e-4
-LAYOUTS = ("contiguous", "zigzag", "striped")
+LAYOUTS = ("contiguous", "zigzag", "striped", "doc_zigzag")  # doc_zigzag: the prompt is one document
 
 
 def _model(sp=None, features=False):

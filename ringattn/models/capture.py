@@ -12,10 +12,10 @@ from .llama import Llama, apply_rope, rope_cos_sin
 
 
 def forward_capturing(model: Llama, tokens: torch.Tensor, positions: torch.Tensor,
-                      names=("wq", "wk", "wv")):
+                      names=("wq", "wk", "wv"), cu_seqlens=None):
     """-> (logits (batch, s, vocab), [per layer {"q": (b, s, heads, head_dim), "k"/"v":
     (b, s, kv_heads, head_dim)} for the requested projections]). tokens/positions: this
-    rank's shard, as for ``model(tokens, positions)``."""
+    rank's shard, as for ``model(tokens, positions, cu_seqlens)``."""
     if not isinstance(model, Llama):
         raise ValueError(f"forward_capturing needs ringattn.models.Llama; got {type(model).__name__}")
     captured: list[dict[str, torch.Tensor]] = [{} for _ in model.layers]
@@ -26,7 +26,7 @@ def forward_capturing(model: Llama, tokens: torch.Tensor, positions: torch.Tenso
                 captured[i][name] = out
             hooks.append(getattr(layer.attention, name).register_forward_hook(keep))
     try:
-        logits = model(tokens, positions)
+        logits = model(tokens, positions) if cu_seqlens is None else model(tokens, positions, cu_seqlens)
     finally:
         for h in hooks:
             h.remove()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..decode import decode_attention
-from ..layouts import layout_divisor
+from ..layouts import layout_divisor, layout_needs_documents
 from .capture import forward_capturing
 from .llama import Llama, apply_rope, rope_cos_sin
 
@@ -103,11 +103,19 @@ def prefill(model: Llama, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
     group, p, rank, _, _ = _sp_info(model)
     n = prompt.shape[1]
     sp = model.sp if p > 1 else None
-    tokens = sp.shard(prompt) if sp else prompt
-    positions = sp.positions(n, device=prompt.device) if sp else torch.arange(n, device=prompt.device)
-    logits, layers = forward_capturing(model, tokens, positions, names=("wk", "wv"))
-    for i, kv in enumerate(layers):
-        cache.append(i, kv["k"], kv["v"])
+    # a layout that places tokens by document (doc_zigzag) sees the prompt as one document
+    docs = None
+    if sp and layout_needs_documents(sp.layout):
+        docs = torch.tensor([0, n], dtype=torch.int32, device=prompt.device)
+    tokens = sp.shard(prompt, cu_seqlens=docs) if sp else prompt
+    positions = (sp.positions(n, device=prompt.device, cu_seqlens=docs) if sp
+                 else torch.arange(n, device=prompt.device))
+    # packed-document attention takes one sequence at a time: then prefill row by row
+    rows = [slice(None)] if docs is None else [slice(i, i + 1) for i in range(prompt.shape[0])]
+    runs = [forward_capturing(model, tokens[r], positions, names=("wk", "wv"), cu_seqlens=docs) for r in rows]
+    logits = torch.cat([lg for lg, _ in runs])
+    for i in range(len(model.layers)):
+        cache.append(i, torch.cat([lay[i]["k"] for _, lay in runs]), torch.cat([lay[i]["v"] for _, lay in runs]))
     s = tokens.shape[1]
     for r in range(p):
         cache.advance(r, s)  # every layout splits the prompt into P equal parts
