@@ -7,9 +7,10 @@ A randomly initialised Llama (``dim``, ``n_layers``, ``n_heads``, ``n_kv_heads``
 prompt of ``cache`` tokens over the P ranks (ring attention, ``layout``), then decodes
 ``tokens`` greedy steps. Reported: prefill time, decode latency per token (median over the
 steps, max over ranks), the KV-cache bytes each rank holds after the prefill (max over
-ranks) and the decode collectives' bytes per step. Each rank uses ``threads_per_rank``
-threads, so P ranks stand for P devices (on a machine with fewer cores than ranks the
-timings measure oversubscription, not the algorithm). Prints one row; JSON to ``output``.
+ranks), and, measured with ``ringattn.profile``, the decode collectives' bytes per token
+and the share of a step spent in them. Each rank uses ``threads_per_rank`` threads, so P
+ranks stand for P devices (on a machine with fewer cores than ranks the timings measure
+oversubscription, not the algorithm). Prints one row; JSON to ``output``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import ringattn
+from ringattn import profile
 from ringattn.models import Llama, LlamaConfig
 from ringattn.models.generation import KVCache, decode_step, prefill
 from recipes import distributed
@@ -83,22 +85,24 @@ def run(cfg: DecodeBenchmarkConfig) -> dict:
     prefill_s = _max(time.perf_counter() - t0, device)
     kv_bytes = _max(cache.nbytes(), device)
     steps = []
-    for i in range(cfg.tokens):
-        nxt = logits.argmax(-1, keepdim=True)
-        t0 = time.perf_counter()
-        logits = decode_step(model, nxt, cfg.cache + i, cache)
-        _sync(device)
-        steps.append(time.perf_counter() - t0)
+    with profile.RingProfile() as prof:  # bytes and collective waits of the decode steps
+        for i in range(cfg.tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            t0 = time.perf_counter()
+            logits = decode_step(model, nxt, cfg.cache + i, cache)
+            _sync(device)
+            steps.append(time.perf_counter() - t0)
     decode_s = _max(statistics.median(steps), device)
-    # two all-reduces per layer: max of (b, h, 1) lse, sum of (b, 1, h, head_dim + 1)
-    per_layer = cfg.batch * cfg.n_heads * (1 + mcfg.head_dim + 1) * 4
-    sent = per_layer * mcfg.n_layers if p > 1 else 0
+    sent = prof.bytes_sent // cfg.tokens  # measured: two all-reduces per layer, fp32
+    wait = _max(prof.wait_s / sum(steps), device)
     row = {"world": p, "cache": cfg.cache, "layout": str(cfg.layout), "prefill_s": prefill_s,
            "decode_ms_per_token": decode_s * 1e3, "kv_cache_mib_per_rank": kv_bytes / 2**20,
-           "decode_allreduce_bytes_per_token": sent, "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
+           "decode_allreduce_bytes_per_token": sent, "decode_wait_share": wait,
+           "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
     if dist.get_rank() == 0:
         print(f"P={p} cache={cfg.cache}: prefill {prefill_s:.2f} s, decode {decode_s * 1e3:.1f} ms/token, "
-              f"KV cache {kv_bytes / 2**20:.1f} MiB/rank, all-reduce {sent} B/token", flush=True)
+              f"KV cache {kv_bytes / 2**20:.1f} MiB/rank, all-reduce {sent} B/token "
+              f"({wait:.0%} of a step waiting)", flush=True)
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(row, indent=1))
     return row

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from . import profile
 from .comm import group_size
 from .kernels import get_backend
 from .kernels.base import accumulation_dtype
@@ -116,12 +117,17 @@ def _combine(out, lse, group):
     """Every rank's (out, lse) over its part -> the exact (out, lse) over all parts."""
     d = out.shape[-1]
     m = lse.clone(memory_format=torch.contiguous_format)  # collectives need dense storage
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    with profile.timed("wait_s", out.device):
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     # m = -inf only where no rank has a key: use 0 there so w = exp(-inf) = 0, not NaN.
     m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     w = torch.exp(lse - m_safe).transpose(1, 2).unsqueeze(-1)  # (b, t, h, 1), 0 for empty shards
     packed = torch.cat([out * w, w], dim=-1)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    with profile.timed("wait_s", out.device):
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    prof = profile.active()
+    if prof is not None:  # this rank's contribution to the two all-reduces
+        prof.bytes_sent += m.numel() * m.element_size() + packed.numel() * packed.element_size()
     num, den = packed[..., :d], packed[..., d:]
     out = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
     return out, m_safe + torch.log(den.squeeze(-1).transpose(1, 2))
