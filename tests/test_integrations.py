@@ -78,6 +78,66 @@ def test_unsupported_batches_are_named(batch, message):
         shard_batch(batch, SequenceParallel("ring", "zigzag"))
 
 
+def test_bf16_autocast_like_trainer_bf16():
+    """Trainer(bf16=True) runs the model under autocast: transformers hands over fp32 q/k and a
+    bf16 v; the adapter casts them as autocast does for transformers' own SDPA. Same loss as
+    the eager model under the same autocast, within bf16 rounding (2e-2 on a loss of ~5.5)."""
+    pytest.importorskip("transformers")
+    from recipes.tiny_hf import chunked_examples, tiny_llama
+    from ringattn.integrations.batch import loss_sum
+    from ringattn.models.hf import use_ringattn
+
+    batch = {k: torch.stack([e[k] for e in chunked_examples(2, 64)]) for k in ("input_ids", "labels")}
+    sp = SequenceParallel("ring", "zigzag")
+    shard = shard_batch(batch, sp)
+    n = count_targets([batch])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = tiny_llama(seed=0)(**batch, use_cache=False).loss
+        got = loss_sum(use_ringattn(tiny_llama(seed=0))(**shard.model_kwargs(sp)).logits, shard.labels) / n
+    assert abs(got.item() - want.item()) <= 2e-2, (got.item(), want.item())
+
+
+# ---------------------------------------------------------------- DP x SP groups (4 processes)
+
+class _Accelerator:
+    """What SequenceParallelism reads from an ``accelerate.Accelerator`` (world of 4, no launcher here)."""
+
+    def __init__(self, world):
+        self.num_processes, self.gradient_accumulation_steps, self.device = world, 1, torch.device("cpu")
+
+
+def _dp_sp_groups(rank, world):
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from ringattn.integrations.accelerate import SequenceParallelism
+
+    spm = SequenceParallelism(_Accelerator(world), sp_size=2)
+    # 16 one-token-id sequences; example i has i % 3 ignored labels
+    data = [{"input_ids": torch.full((4,), i), "labels": torch.tensor([i] * (4 - i % 3) + [IGNORE_INDEX] * (i % 3))}
+            for i in range(16)]
+    loader = prepare_data_loader(DataLoader(data, batch_size=2), num_processes=world, process_index=rank)
+    batches = list(spm.data_loader(loader))
+    return (spm.dp_rank, spm.sp.rank, [b["input_ids"][:, 0].tolist() for b in batches],
+            spm.count_targets(batches).item(), spm.grad_scale)
+
+
+def test_dp_sp_groups_read_batches_and_count_targets():
+    """World 4 = dp 2 x sp 2: SP groups are consecutive ranks; both ranks of an SP group read
+    the same batches, the two DP groups read disjoint halves of the data; the target count
+    is the whole global batch's on every rank; gradients are scaled by the world."""
+    from tests.distributed import run_distributed
+
+    out = run_distributed(_dp_sp_groups, 4, timeout=180)
+    assert [(o[0], o[1]) for o in out] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert out[0][2] == out[1][2] and out[2][2] == out[3][2]
+    seen = sorted(i for o in (out[0], out[2]) for batch in o[2] for i in batch)
+    assert seen == list(range(16)), seen
+    # after the shift, example i keeps labels[1:]: 3 - i % 3 valid targets
+    want = sum(3 - i % 3 for i in range(16))
+    assert [o[3] for o in out] == [want] * 4 and [o[4] for o in out] == [4] * 4
+
+
 # ---------------------------------------------------------------- the examples, end to end
 
 def _run(cmd, timeout=420):

@@ -77,13 +77,11 @@ class SequenceParallelism:
         return self.accelerator.num_processes * accumulation
 
     def prepare_model(self, model):
-        """Set a transformers model's attention to ringattn (``attn_implementation="ringattn"``)."""
-        from ..models.hf import ATTN_IMPLEMENTATION, register
+        """Set a transformers model's attention to ringattn (``attn_implementation="ringattn"``);
+        ValueError for models whose sequence mixing ringattn does not do (``check_supported``)."""
+        from ..models.hf import use_ringattn
 
-        register()
-        inner = self.accelerator.unwrap_model(model)
-        if inner.config._attn_implementation != ATTN_IMPLEMENTATION:
-            inner.set_attn_implementation(ATTN_IMPLEMENTATION)
+        use_ringattn(self.accelerator.unwrap_model(model))
         return model
 
     def data_loader(self, loader):

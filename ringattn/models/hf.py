@@ -108,8 +108,20 @@ def ringattn_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     cu = kwargs.get(CU_SEQLENS_KWARG)
     if cu is not None:
         kw["cu_seqlens"] = cu
-    out = sp.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), **kw)
+    q, k, v = _autocast(query, key, value)
+    out = sp.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)
     return out, None
+
+
+def _autocast(*tensors):
+    """Under autocast (e.g. Trainer's bf16=True) transformers hands over fp32 q/k (RoPE is
+    computed in fp32) and a v in the autocast dtype; cast all three to it, as autocast
+    does for the SDPA call of transformers' own attention."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -143,6 +155,16 @@ def register() -> str:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, ringattn_attention_forward)
     return ATTN_IMPLEMENTATION
+
+
+def use_ringattn(hf_model: nn.Module) -> nn.Module:
+    """Check that the model's sequence mixing is supported, then set its attention to
+    ``"ringattn"`` (in place; returns the model). Its forward then needs ``ringattn_sp=sp``."""
+    check_supported(hf_model)
+    register()
+    if hf_model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return hf_model
 
 
 def load_config(path: str, rope_theta: Optional[float] = None,
@@ -193,10 +215,7 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, hf_model: nn.Module, sp=None):
         super().__init__()
-        check_supported(hf_model)
-        register()
-        if hf_model.config._attn_implementation != ATTN_IMPLEMENTATION:
-            hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        use_ringattn(hf_model)
         self.hf = hf_model
         self.sp = sp if sp is not None else _local_sp()
         # fp32 RoPE inverse frequencies, recomputed from the config: a plain attribute, so that
