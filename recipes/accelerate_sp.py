@@ -21,13 +21,14 @@ from contextlib import nullcontext
 import torch
 
 from recipes.tiny_hf import chunked_examples, packed_examples, tiny_llama
+from ringattn.layouts import LAYOUTS
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sp-size", type=int, default=2, help="ranks sharing one sequence (dp = world / sp)")
     p.add_argument("--strategy", default="ring", choices=["ring", "ulysses", "hybrid"])
-    p.add_argument("--layout", default="zigzag", choices=["zigzag", "striped", "contiguous"])
+    p.add_argument("--layout", default="zigzag", choices=sorted(LAYOUTS), help="doc_zigzag needs --packing")
     p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses ranks per ring position (hybrid)")
     p.add_argument("--packing", action="store_true",
                    help="variable-length documents packed by DataCollatorWithFlattening (else 64-token chunks)")

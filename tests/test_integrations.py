@@ -47,6 +47,14 @@ def test_packed_position_ids_become_cu_seqlens_and_pad_is_a_document():
     assert count_targets([{"input_ids": ids, "labels": labels, "position_ids": pos}]).item() == 4
 
 
+def test_document_layout_gets_one_document_for_an_unpacked_row():
+    ids = torch.arange(6).view(1, 6)
+    shard = shard_batch({"input_ids": ids, "labels": ids.clone()}, SequenceParallel("ring", "doc_zigzag"))
+    assert shard.cu_seqlens.tolist() == [0, 6] and shard.labels.tolist() == [[1, 2, 3, 4, 5, IGNORE_INDEX]]
+    with pytest.raises(ValueError, match="needs batch size 1"):
+        shard_batch({"input_ids": ids.view(2, 3), "labels": ids.view(2, 3)}, SequenceParallel("ring", "doc_zigzag"))
+
+
 def test_unpacked_batch_padded_at_the_end_without_documents():
     ids = torch.arange(10).view(2, 5)
     shard = shard_batch({"input_ids": ids, "labels": ids.clone()}, SequenceParallel("ring", "zigzag"))
@@ -175,8 +183,10 @@ def test_trainer_and_accelerate_sp2_match_stock_single_process(tmp_path):
         [*acc, "--baseline", "--output-dir", str(out["ref"] / "accelerate")]])
     _run([sys.executable, "-c", ref_script])  # one process: the stock Trainer and plain loop
     script = tmp_path / "trainer_sp2.py"
+    doc_layout = [*TRAINER_CASES["packed-ga2"], "--layout", "doc_zigzag"]
     script.write_text(_calls("hf_trainer_sp", [[*a, "--sp-size", "2", "--output-dir", str(out["sp2"] / c)]
-                                               for c, a in TRAINER_CASES.items()]))
+                                               for c, a in TRAINER_CASES.items()]
+                             + [[*doc_layout, "--sp-size", "2", "--output-dir", str(out["sp2"] / "doc_zigzag")]]))
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)])
     # DeepSpeed needs its own process (accelerate's state is per process)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
@@ -191,6 +201,7 @@ def test_trainer_and_accelerate_sp2_match_stock_single_process(tmp_path):
         _assert_same(got, want, f"Trainer {case}")
         assert abs(got["eval_loss"] - want["eval_loss"]) <= TOL, (got["eval_loss"], want["eval_loss"])
         assert (out["sp2"] / case / "model" / "config.json").exists()
+    _assert_same(_losses(out["sp2"] / "doc_zigzag"), _losses(out["ref"] / "packed-ga2"), "Trainer doc_zigzag")
     ds = _losses(out["ds"])
     assert ds["world_size"] == 2 and ds["wrapped_model"] == "DeepSpeedEngine"
     _assert_same(ds, _losses(out["ref"] / "packed-ga2"), "Trainer + DeepSpeed ZeRO-2")

@@ -25,7 +25,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from ..layouts import layout_divisor
+from ..layouts import layout_divisor, layout_needs_documents
 from ..models.hf import CU_SEQLENS_KWARG, SP_KWARG
 
 IGNORE_INDEX = -100
@@ -134,10 +134,15 @@ def shard_batch(batch: Mapping, sp) -> ShardedBatch:
         pos = torch.cat([pos, tail.expand(b, pad)], dim=1)
         if cu is not None:
             cu = torch.cat([cu, cu.new_tensor([s + pad])])
+    if cu is None and layout_needs_documents(sp.layout):
+        if b != 1:
+            raise ValueError(f"layout {sp.layout!r} places tokens by document: it needs batch size 1 "
+                             f"(packed documents, e.g. DataCollatorWithFlattening); got batch {b}")
+        cu = torch.tensor([0, s + pad], device=ids.device)
     if cu is not None:
         cu = cu.to(torch.int32)
-    return ShardedBatch(input_ids=sp.shard(ids, dim=1), labels=sp.shard(labels, dim=1),
-                        position_ids=sp.shard(pos, dim=1), cu_seqlens=cu)
+    return ShardedBatch(input_ids=sp.shard(ids, dim=1, cu_seqlens=cu), labels=sp.shard(labels, dim=1, cu_seqlens=cu),
+                        position_ids=sp.shard(pos, dim=1, cu_seqlens=cu), cu_seqlens=cu)
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
