@@ -101,7 +101,9 @@ def _build(entry, files, builder, text_field, tokenizer, num_proc):
                 new_fingerprint=os.path.basename(entry), desc="tokenising")
     n_tokens, ends = 0, []
     with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
-        for chunk in ds.data.column("ids").chunks:  # arrow list chunks: flat values + offsets
+        column = ds.data.column("ids")
+        # arrow list slices of <= 4096 documents: flat values + offsets, bounded memory
+        for chunk in (c.slice(i, 4096) for c in column.chunks for i in range(0, len(c), 4096)):
             offsets = chunk.offsets.to_numpy()
             values = chunk.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
             out.write(values.astype(dtype, copy=False).tobytes())
