@@ -24,18 +24,18 @@ TOP_K = 5
 DISTANCE_QUERIES = 16
 
 
-def _layers(model, ctx, tokens):
-    """Per layer (q, k, its attention module) of this rank's shard, and the shard's global positions."""
-    length = tokens.shape[1]
-    positions = ctx.sp.positions(length, device=ctx.device)
-    _, layers = forward_capturing(model, ctx.sp.shard(tokens.to(ctx.device)), positions, names=("wq", "wk"))
-    return [(lay["q"], lay["k"], layer.attention) for lay, layer in zip(layers, model.layers)], positions
+def _masses(model, ctx, tokens, queries, **kw):
+    """``ringattn.attention_mass`` of every layer for global ``queries``, computed during one
+    forward over this rank's shard (each layer's q/k dropped right after its call)."""
+    positions = ctx.sp.positions(tokens.shape[1], device=ctx.device)
 
-
-def _mass(layer, ctx, positions, queries, **kw):
-    q, k, attn = layer
-    return ringattn.attention_mass(q, k, positions, queries, group=ctx.sp.group, softcap=attn.softcap,
-                                   sinks=attn.sinks, **kw)
+    def mass(i, qk):
+        attn = model.layers[i].attention
+        return ringattn.attention_mass(qk["q"], qk["k"], positions, queries, group=ctx.sp.group,
+                                       softcap=attn.softcap, sinks=attn.sinks, **kw)
+    _, per_layer = forward_capturing(model, ctx.sp.shard(tokens.to(ctx.device)), positions,
+                                     names=("wq", "wk"), on_layer=mass)
+    return per_layer
 
 
 @torch.no_grad()
@@ -48,24 +48,16 @@ def needle_attention(model, ctx, lengths, depths, digits, make_samples, seed) ->
         for depth in depths:
             at = PasskeyTask.needle_at(depth, length, digits)
             tokens, _ = make_samples(length, depth)
-            layers, positions = _layers(model, ctx, tokens)
-            per_layer, tops = [], []
-            for layer in layers:
-                m = _mass(layer, ctx, positions, [q_at], spans=[(at, at + digits + 1)], top_k=TOP_K)
-                per_layer.append(m.span_mass[..., 0, 0].mean(0).tolist())  # (heads,)
-                tops.append(m.top_positions[0, :, 0].tolist())
-            needle[f"{length}/{depth}"] = per_layer
-            top[f"{length}/{depth}"] = tops
+            masses = _masses(model, ctx, tokens, [q_at], spans=[(at, at + digits + 1)], top_k=TOP_K)
+            needle[f"{length}/{depth}"] = [m.span_mass[..., 0, 0].mean(0).tolist() for m in masses]  # (heads,)
+            top[f"{length}/{depth}"] = [m.top_positions[0, :, 0].tolist() for m in masses]
     length = max(lengths)
     tokens, _ = make_samples(length, depths[len(depths) // 2])
     rng = np.random.Generator(np.random.PCG64([seed, length]))
     queries = sorted(rng.choice(length, size=min(DISTANCE_QUERIES, length), replace=False).tolist())
-    layers, positions = _layers(model, ctx, tokens)
-    by_distance, edges = [], None
-    for layer in layers:
-        m = _mass(layer, ctx, positions, queries)
-        by_distance.append(m.distance_mass.tolist())  # (heads, buckets)
-        edges = m.distance_edges
+    masses = _masses(model, ctx, tokens, queries)
+    by_distance = [m.distance_mass.tolist() for m in masses]  # per layer (heads, buckets)
+    edges = masses[0].distance_edges
     return {"needle_mass": needle, "needle_top_positions": top, "top_k": TOP_K,
             "distance_mass": by_distance, "distance_edges": edges, "distance_length": length,
             "distance_queries": queries, "lengths": list(lengths), "depths": list(depths),
