@@ -93,3 +93,29 @@ def test_concurrent_ranks_build_once(tmp_path):
     assert sum(built for built, _ in results) == 1, results  # one builder, the others waited
     assert len({p for _, p in results}) == 1
     assert not list((tmp_path / "cache").glob("*.tmp-*"))
+
+
+def _hf_tokenizer(path):
+    """A tiny word-level Hugging Face tokenizer saved locally (no download)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate("doc words and more é".split())}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
+    fast.save_pretrained(path)
+    return path
+
+
+def test_hf_tokenizer_through_parallel_map(tmp_path):
+    f, docs = _corpus(tmp_path)
+    tok = data.HFTokenizer(_hf_tokenizer(str(tmp_path / "tok")))
+    store = token_cache.load([str(f)], "body", tok, str(tmp_path / "cache"), 2)
+    want = np.concatenate([np.array(tok.encode(d) + [tok.EOS]) for d in docs])
+    assert np.array_equal(np.asarray(store.tokens), want)
+    assert np.array_equal(store.doc_ends, np.cumsum([len(tok.encode(d)) + 1 for d in docs]))
+    # a different tokenizer (same files) is a different cache entry
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(
+        (tmp_path / "tok" / "tokenizer_config.json").read_text().replace("[UNK]", "[UNK]", 1) + "\n")
+    assert token_cache.load([str(f)], "body", data.HFTokenizer(str(tmp_path / "tok")),
+                            str(tmp_path / "cache"), 1).path != store.path
