@@ -178,6 +178,8 @@ def test_trainer_and_accelerate_sp2_match_stock_single_process(tmp_path):
     """Trainer / SFTTrainer sp=2 (DDP; DeepSpeed ZeRO-2) and the accelerate loop at sp=2 vs no ringattn at all."""
     out = {k: tmp_path / k for k in ("ref", "sp2", "ds")}
     refs = [[*a, "--baseline", "--output-dir", str(out["ref"] / c)] for c, a in TRAINER_CASES.items()]
+    # pure DP over the 2 processes (sp=1, 4 documents each) = one process with 8 documents per micro-batch
+    refs.append([*TRAINER_CASES["packed-ga2"], "--batch-size", "8", "--baseline", "--output-dir", str(out["ref"] / "b8")])
     acc = ["--packing", "--grad-accum", "2"]
     ref_script = _calls("hf_trainer_sp", refs) + _calls("accelerate_sp", [
         [*acc, "--baseline", "--output-dir", str(out["ref"] / "accelerate")]])
@@ -186,7 +188,8 @@ def test_trainer_and_accelerate_sp2_match_stock_single_process(tmp_path):
     doc_layout = [*TRAINER_CASES["packed-ga2"], "--layout", "doc_zigzag"]
     script.write_text(_calls("hf_trainer_sp", [[*a, "--sp-size", "2", "--output-dir", str(out["sp2"] / c)]
                                                for c, a in TRAINER_CASES.items()]
-                             + [[*doc_layout, "--sp-size", "2", "--output-dir", str(out["sp2"] / "doc_zigzag")]]))
+                             + [[*doc_layout, "--sp-size", "2", "--output-dir", str(out["sp2"] / "doc_zigzag")],
+                                [*TRAINER_CASES["packed-ga2"], "--sp-size", "1", "--output-dir", str(out["sp2"] / "dp2")]]))
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)])
     # DeepSpeed needs its own process (accelerate's state is per process)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
@@ -202,6 +205,7 @@ def test_trainer_and_accelerate_sp2_match_stock_single_process(tmp_path):
         assert abs(got["eval_loss"] - want["eval_loss"]) <= TOL, (got["eval_loss"], want["eval_loss"])
         assert (out["sp2"] / case / "model" / "config.json").exists()
     _assert_same(_losses(out["sp2"] / "doc_zigzag"), _losses(out["ref"] / "packed-ga2"), "Trainer doc_zigzag")
+    _assert_same(_losses(out["sp2"] / "dp2"), _losses(out["ref"] / "b8"), "Trainer dp=2 sp=1")
     ds = _losses(out["ds"])
     assert ds["world_size"] == 2 and ds["wrapped_model"] == "DeepSpeedEngine"
     _assert_same(ds, _losses(out["ref"] / "packed-ga2"), "Trainer + DeepSpeed ZeRO-2")
