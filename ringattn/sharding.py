@@ -68,10 +68,11 @@ def unshard(x_local: torch.Tensor, *, layout: str = "zigzag", group=None, dim: i
     Backward: each shard receives the sum over ranks of the gradient of the full tensor.
     """
     p = group_size(group)
+    if p == 1:
+        get_layout(layout).check_documents(cu_seqlens)
+        return x_local
     seqlen = x_local.shape[dim] * p
     check_seqlen(layout, seqlen, p, ulysses_size, cu_seqlens)
-    if p == 1:
-        return x_local
     gathered = gather_sequence(x_local, dim, group)  # rank-major order
     held = torch.cat([held_indices(layout, seqlen, p, r, ulysses_size, cu_seqlens) for r in range(p)])
     # gathered[i] holds position held[i]; argsort puts positions back in order.
