@@ -36,6 +36,7 @@ def parse(argv=None):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (Trainer's bf16=True)")
     p.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
     p.add_argument("--trl", action="store_true", help="TRL's SFTTrainer (padding-free) instead of Trainer")
     p.add_argument("--baseline", action="store_true",
@@ -49,7 +50,7 @@ def deepspeed_config(stage: int) -> dict:
     return {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
             "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": False}, "steps_per_print": 1 << 30}
+            "bf16": {"enabled": "auto"}, "steps_per_print": 1 << 30}
 
 
 def cpu_deepspeed_state() -> None:
@@ -89,13 +90,13 @@ def main(argv=None):
         train, evals, collator = chunked_examples(256, 64, seed=1), chunked_examples(16, 64, seed=2), default_data_collator
     if args.zero is not None and not torch.cuda.is_available():
         cpu_deepspeed_state()
-    # SFTConfig turns bf16 on by default; fp32 here, like the Trainer runs
-    config_extra = dict(padding_free=True, max_length=None, bf16=False) if args.trl else {}
+    # SFTConfig turns bf16 on by default: set it from --bf16 like the Trainer's
+    config_extra = dict(padding_free=True, max_length=None) if args.trl else {}
     targs = config(
         **config_extra, output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, adam_epsilon=1e-6, logging_steps=1, save_strategy="no", report_to="none",
-        seed=0, dataloader_drop_last=True,
+        seed=0, dataloader_drop_last=True, bf16=args.bf16,
         deepspeed=None if args.zero is None else deepspeed_config(args.zero),
         use_cpu=args.zero is None and not torch.cuda.is_available(),  # no GPU: DDP over gloo
         accelerator_config={"use_configured_state": args.zero is not None and not torch.cuda.is_available()},
