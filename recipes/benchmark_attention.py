@@ -5,7 +5,8 @@
     torchrun --standalone --nproc-per-node 2 -m recipes.benchmark_attention seqlens=[8192]
 
 Per strategy (ring / ulysses / hybrid ring_size x ulysses_size; one the head counts or
-world size cannot split is skipped with the reason) and layout it reports forward and
+world size cannot split is skipped with the reason; uneven head counts such as heads=28
+kv_heads=4 run Ulysses' uneven split) and layout it reports forward and
 forward+backward time (max over ranks), achieved FLOP/s (forward 4*b*s^2*h*d, causal
 half; backward 2.5x forward), per-rank work balance (max/mean of attention scores
 computed), the share of each pass spent waiting for communication, bytes sent per rank
@@ -32,8 +33,8 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
@@ -76,6 +77,8 @@ class BenchmarkConfig:
     docs_sigma: float = 1.0  # log-space standard deviation of the log-normal lengths
     docs_seed: int = 0
     window: list[int] = field(default_factory=lambda: [-1, -1])
+    softcap: Optional[float] = None  # logit softcapping (kernel: one that supports it)
+    sinks: bool = False  # per-head attention sinks (GPT-OSS); not in the 1-process baseline
     warmup: int = 1
     iters: int = 3
     threads_per_rank: int = 1
@@ -193,8 +196,10 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
                 "skipped": why_not}
     cu = _cu_seqlens(cfg, seqlen, device)
     q, k, v = (sp.shard(t, cu_seqlens=cu) for t in _inputs(cfg, seqlen, device, dtype))
+    sinks = torch.linspace(-1.0, 1.0, cfg.heads, device=device) if cfg.sinks else None
     attend = lambda q, k, v: sp.attention(  # noqa: E731
-        q, k, v, causal=cfg.causal, cu_seqlens=cu, window_size=tuple(cfg.window))
+        q, k, v, causal=cfg.causal, cu_seqlens=cu, window_size=tuple(cfg.window), sinks=sinks,
+        softcap=cfg.softcap)
     fwd, fwd_bwd = _fwd_bwd(attend, q, k, v)
     t_fwd, t_fwd_bwd = _time(fwd, cfg, device), _time(fwd_bwd, cfg, device)
     with profile.RingProfile() as prof, PeakMemory(device) as mem:
@@ -228,7 +233,7 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
 def bench_single(cfg, seqlen, device, dtype):
     """The same kernel backend on the whole sequence in one process: the baseline."""
     q, k, v = _inputs(cfg, seqlen, device, dtype)
-    kernel = get_backend(cfg.backend, q)
+    kernel = get_backend(cfg.backend, q, softcap=cfg.softcap)
     scale = 1.0 / math.sqrt(cfg.head_dim)
     # With documents/windows the baseline is the library's one-process path (per-document
     # blocks, masks only where a window cuts them); without them the plain (causal) kernel.
@@ -238,18 +243,21 @@ def bench_single(cfg, seqlen, device, dtype):
     class _Single(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            out, lse = kernel.forward(q, k, v, causal=causal, scale=scale, mask=mask)
+            out, lse = kernel.forward(q, k, v, causal=causal, scale=scale, mask=mask,
+                                      softcap=cfg.softcap)
             out = out.to(q.dtype)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
 
         @staticmethod
         def backward(ctx, dout):
-            return kernel.backward(dout, *ctx.saved_tensors, causal=causal, scale=scale, mask=mask)
+            return kernel.backward(dout, *ctx.saved_tensors, causal=causal, scale=scale, mask=mask,
+                                   softcap=cfg.softcap)
 
     single = _Single.apply
     if not rule.is_plain:
-        single = lambda q, k, v: local_attention(q, k, v, mask=rule, scale=scale, backend=cfg.backend)  # noqa: E731
+        single = lambda q, k, v: local_attention(q, k, v, mask=rule, scale=scale, backend=cfg.backend,  # noqa: E731
+                                                 softcap=cfg.softcap)
     fwd, fwd_bwd = _fwd_bwd(single, q, k, v)
     t_fwd, t_fwd_bwd = _time(fwd, cfg, device, False), _time(fwd_bwd, cfg, device, False)
     with PeakMemory(device) as mem:
@@ -288,7 +296,8 @@ def run(cfg: BenchmarkConfig) -> list[dict]:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"config": asdict(cfg) if not OmegaConf.is_config(cfg) else OmegaConf.to_container(cfg, enum_to_str=True),
                 "device": str(device), "torch": torch.__version__,
-                "kernel": get_backend(cfg.backend, torch.empty(1, 1, 1, cfg.head_dim, device=device, dtype=dtype)).name}
+                "kernel": get_backend(cfg.backend, torch.empty(1, 1, 1, cfg.head_dim, device=device, dtype=dtype),
+                                      softcap=cfg.softcap).name}
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"wrote {out}")
     return rows
