@@ -134,15 +134,17 @@ def test_math_softcap_matches_reference(dtype):
 
 
 def test_math_row_tiles_are_exact(monkeypatch):
-    """Tiny tiles (3 rows) give the same result as one tile: rows are independent, causal
-    offsets and mask rows follow the tile."""
+    """Tiny tiles (3 rows) give the same result as whole blocks: rows are independent, causal
+    offsets, key cuts and mask rows follow the tile."""
     import ringattn.kernels.math as math_kernel
 
     mask = torch.rand(20, 20, generator=torch.Generator().manual_seed(4)) > 0.4
     mask[:, 0] = True
+    monkeypatch.setattr(math_kernel, "_TILE_ROWS", 1000)
     whole = _softcap_case("math", "cpu", torch.float64, True, mask, 3.0, sq=20, sk=20)
-    monkeypatch.setattr(math_kernel, "_TILE_SCORES", 3 * 2 * 8 * 20)  # b * h * k_len * 3 rows
-    assert len(math_kernel._row_tiles(torch.empty(2, 20, 8, 4), torch.empty(2, 20, 2, 4))) == 7
+    monkeypatch.setattr(math_kernel, "_TILE_ROWS", 3)
+    tiles = math_kernel._row_tiles(torch.empty(2, 20, 8, 4), torch.empty(2, 20, 2, 4), True)
+    assert len(tiles) == 7 and tiles[1] == (slice(3, 6), slice(0, 6))  # causal: keys <= row
     tiled = _softcap_case("math", "cpu", torch.float64, True, mask, 3.0, sq=20, sk=20)
     assert max(tiled) <= 1e-12 + max(whole) and max(tiled) <= 1e-10
 

@@ -5,6 +5,7 @@ kernel fits, and the torch path for logit softcapping (``softcap``), which PyTor
 fused ops cannot apply. Queries are processed in row tiles so that memory is
 O(tile * k_len) per head, never O(q_len * k_len): a tile's rows are independent in
 forward (each row's out/lse) and backward (each row's dq; dk/dv are summed over tiles).
+Causal tiles stop at their last row's key, which skips most of the hidden half.
 """
 from __future__ import annotations
 
@@ -12,19 +13,27 @@ import torch
 
 from .base import accumulation_dtype
 
-# Score elements (batch * heads * rows * k_len) one tile may hold: 2^25 fp32 = 128 MiB.
+# Score elements (batch * heads * rows * k_len) one tile may hold: 2^25 fp32 = 128 MiB;
+# and at most this many rows, so that causal tiles skip the keys above the diagonal.
 _TILE_SCORES = 1 << 25
+_TILE_ROWS = 256
 
 
-def _row_tiles(q, k):
+def _row_tiles(q, k, causal):
+    """[(query rows, key columns)]: causal tiles (top-left aligned) stop at their last row."""
     b, sq, h, _ = q.shape
-    rows = max(1, _TILE_SCORES // max(1, b * h * k.shape[1]))
-    return [slice(a, min(a + rows, sq)) for a in range(0, sq, rows)]
+    sk = k.shape[1]
+    rows = max(1, min(_TILE_ROWS, _TILE_SCORES // max(1, b * h * sk)))
+    tiles = []
+    for a in range(0, sq, rows):
+        z = min(a + rows, sq)
+        tiles.append((slice(a, z), slice(0, min(z, sk) if causal else sk)))
+    return tiles
 
 
-def _scores(q, k, scale, causal, mask, softcap, rows):
-    """fp32 (or fp64) scores (b, kv_heads, groups, len(rows), k_len) of query ``rows``,
-    softcapped then masked; GQA without repeating k."""
+def _scores(q, k, scale, causal, mask, softcap, rows, cols):
+    """fp32 (or fp64) scores (b, kv_heads, groups, len(rows), len(cols)) of query ``rows`` and
+    keys ``cols`` (k already cut to them), softcapped then masked; GQA without repeating k."""
     b, _, h, d = q.shape
     hk = k.shape[2]
     acc = accumulation_dtype(q.dtype)
@@ -34,10 +43,10 @@ def _scores(q, k, scale, causal, mask, softcap, rows):
         s = softcap * torch.tanh(s / softcap)
     if causal:  # top-left aligned: query i sees keys j <= i
         i = torch.arange(rows.start, rows.stop, device=q.device).unsqueeze(1)
-        j = torch.arange(k.shape[1], device=q.device)
+        j = torch.arange(cols.start, cols.stop, device=q.device)
         s = s.masked_fill(j > i, float("-inf"))
     if mask is not None:
-        s = s.masked_fill(~mask[rows].to(s.device), float("-inf"))
+        s = s.masked_fill(~mask[rows, cols].to(s.device), float("-inf"))
     return s
 
 
@@ -54,13 +63,13 @@ class MathBackend:
         acc = accumulation_dtype(q.dtype)
         out = torch.empty(b, sq, h, d, dtype=acc, device=q.device)
         lse = torch.empty(b, h, sq, dtype=acc, device=q.device)
-        for rows in _row_tiles(q, k):
-            s = _scores(q, k, scale, causal, mask, softcap, rows)
+        for rows, cols in _row_tiles(q, k, causal):
+            s = _scores(q, k[:, cols], scale, causal, mask, softcap, rows, cols)
             tile_lse = torch.logsumexp(s, dim=-1)
             # softmax subtracts the row max before exp: exact even when |logits| is so large
             # that the fp32 lse itself is coarse. A row with no visible key gets p = 0, not NaN.
             p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(tile_lse).unsqueeze(-1), 0.0)
-            out[:, rows] = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(acc)).reshape(b, -1, h, d)
+            out[:, rows] = torch.einsum("bhgqk,bkhd->bqhgd", p, v[:, cols].to(acc)).reshape(b, -1, h, d)
             lse[:, :, rows] = tile_lse.reshape(b, h, -1)
         return out, lse
 
@@ -72,8 +81,8 @@ class MathBackend:
         dq = torch.empty(b, sq, h, d, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-        for rows in _row_tiles(q, k):
-            s = _scores(q, k, scale, causal, mask, softcap, rows)
+        for rows, cols in _row_tiles(q, k, causal):
+            s = _scores(q, k[:, cols], scale, causal, mask, softcap, rows, cols)
             tile_lse = lse[:, :, rows].to(acc).view(b, hk, g, -1)
             # A row with no visible key has lse = -inf; keep its probabilities at 0, not NaN.
             lse_safe = torch.where(torch.isneginf(tile_lse), torch.zeros_like(tile_lse), tile_lse)
@@ -81,12 +90,12 @@ class MathBackend:
             do = dout[:, rows].to(acc).view(b, -1, hk, g, d)
             # D = rowsum(dO * O) over the *final* output: the softmax Jacobian of the whole row.
             delta = (do * out[:, rows].to(acc).view(b, -1, hk, g, d)).sum(-1).permute(0, 2, 3, 1)
-            dv += torch.einsum("bhgqk,bqhgd->bkhd", p, do)
-            dp = torch.einsum("bqhgd,bkhd->bhgqk", do, v.to(acc))
+            dv[:, cols] += torch.einsum("bhgqk,bqhgd->bkhd", p, do)
+            dp = torch.einsum("bqhgd,bkhd->bhgqk", do, v[:, cols].to(acc))
             ds = p * (dp - delta.unsqueeze(-1))
             if softcap is not None:  # d(c*tanh(x/c))/dx = 1 - tanh^2 = 1 - (s/c)^2; masked: p = 0
                 ds = ds * torch.where(p > 0, 1 - (s / softcap) ** 2, torch.zeros_like(s))
             ds = ds * scale
-            dq[:, rows] = torch.einsum("bhgqk,bkhd->bqhgd", ds, k.to(acc)).reshape(b, -1, h, d)
-            dk += torch.einsum("bhgqk,bqhgd->bkhd", ds, q[:, rows].to(acc).view(b, -1, hk, g, d))
+            dq[:, rows] = torch.einsum("bhgqk,bkhd->bqhgd", ds, k[:, cols].to(acc)).reshape(b, -1, h, d)
+            dk[:, cols] += torch.einsum("bhgqk,bqhgd->bkhd", ds, q[:, rows].to(acc).view(b, -1, hk, g, d))
         return dq, dk, dv
