@@ -91,9 +91,21 @@ def _matrix(rank, world):
     return failures
 
 
+UNEVEN = [(5, 1, True, "zigzag"), (6, 3, True, "striped"), (7, 7, False, "zigzag"),
+          (6, 2, True, "zigzag")]
+
+
+def _matrix_and_uneven(rank, world):
+    return _matrix(rank, world) + (_uneven(rank, world, UNEVEN) if world > 1 else [])
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_sinks_and_softcap_match_reference(world):
-    for rank, failures in enumerate(run_distributed(_matrix, world, timeout=300)):
+def test_sinks_softcap_and_uneven_heads_match_reference(world):
+    """Sinks, softcap, both (window, documents) under every strategy; and Ulysses/hybrid with
+    uneven heads: 5 -> 1 (MQA) at u = 2 and 4, 6 -> 3 (kv neither divides nor is a multiple
+    of u), 7 -> 7, 6 -> 2, with sinks indexed by the rank's heads (one process group per
+    world size for both)."""
+    for rank, failures in enumerate(run_distributed(_matrix_and_uneven, world, timeout=300)):
         assert not failures, f"rank {rank}: {failures[:3]}"
 
 
@@ -146,16 +158,6 @@ def _uneven(rank, world, cases):
             if not max(errs.values()) <= FP32_TOL:
                 failures.append(((heads, kv_heads, causal, layout), repr(sp), errs))
     return failures
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_ulysses_uneven_heads_match_reference(world):
-    """5 -> 1 heads (MQA) at u = 2 and 4, 6 -> 3 (kv neither divides nor is a multiple of u),
-    7 -> 7; with sinks (indexed by the rank's heads) and causal zigzag or plain attention."""
-    cases = [(5, 1, True, "zigzag"), (6, 3, True, "striped"), (7, 7, False, "zigzag"),
-             (6, 2, True, "zigzag")]
-    for rank, failures in enumerate(run_distributed(_uneven, world, cases, timeout=300)):
-        assert not failures, f"rank {rank}: {failures[:3]}"
 
 
 def test_ulysses_28_over_4_heads_at_u8():
