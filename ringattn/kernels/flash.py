@@ -27,9 +27,16 @@ def _flash():
 
 class FlashAttnBackend:
     name = "flash_attn"
-    # Irregular (document/window) blocks go to the sdpa backend, which takes a mask.
+    # Irregular (document/window) blocks go to the fastest backend that takes a mask (and the
+    # softcap, if any): sdpa, or math (``blocks._kernel_for``).
     supports_mask = False
-    supports_softcap = True  # flash-attn >= 2.6 ``softcap`` (tanh capping inside the kernel)
+
+    @property
+    def supports_softcap(self) -> bool:
+        """flash-attn >= 2.6 caps inside the kernel (``softcap``); older ones cannot."""
+        if importlib.util.find_spec("flash_attn") is None:
+            return True  # ``supports`` already says it cannot run at all
+        return "softcap" in inspect.signature(_flash().flash_attn_func).parameters
 
     def supports(self, q):
         if q.device.type != "cuda":
@@ -64,7 +71,5 @@ class FlashAttnBackend:
             alibi_slopes=None, deterministic=False, rng_state=None,
         )
         params = inspect.signature(fa._flash_attn_backward).parameters
-        if softcap is not None and "softcap" not in params:  # pragma: no cover - old flash-attn
-            raise ValueError("this flash-attn has no softcap; install flash-attn >= 2.6")
         fa._flash_attn_backward(**{n: kwargs[n] for n in params if n in kwargs})
         return dq, dk, dv
