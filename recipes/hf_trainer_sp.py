@@ -36,6 +36,7 @@ def parse(argv=None):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (Trainer's bf16=True)")
     p.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
     p.add_argument("--trl", action="store_true", help="TRL's SFTTrainer (padding-free) instead of Trainer")
@@ -96,7 +97,7 @@ def main(argv=None):
         **config_extra, output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, adam_epsilon=1e-6, logging_steps=1, save_strategy="no", report_to="none",
-        seed=0, dataloader_drop_last=True, bf16=args.bf16,
+        seed=0, dataloader_drop_last=True, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         deepspeed=None if args.zero is None else deepspeed_config(args.zero),
         use_cpu=args.zero is None and not torch.cuda.is_available(),  # no GPU: DDP over gloo
         accelerator_config={"use_configured_state": args.zero is not None and not torch.cuda.is_available()},

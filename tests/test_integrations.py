@@ -185,7 +185,7 @@ def test_trainer_and_accelerate_sp2_match_stock_single_process(tmp_path):
         [*acc, "--baseline", "--output-dir", str(out["ref"] / "accelerate")]])
     _run([sys.executable, "-c", ref_script])  # one process: the stock Trainer and plain loop
     script = tmp_path / "trainer_sp2.py"
-    doc_layout = [*TRAINER_CASES["packed-ga2"], "--layout", "doc_zigzag"]
+    doc_layout = [*TRAINER_CASES["packed-ga2"], "--layout", "doc_zigzag", "--gradient-checkpointing"]
     script.write_text(_calls("hf_trainer_sp", [[*a, "--sp-size", "2", "--output-dir", str(out["sp2"] / c)]
                                                for c, a in TRAINER_CASES.items()]
                              + [[*doc_layout, "--sp-size", "2", "--output-dir", str(out["sp2"] / "doc_zigzag")],
@@ -204,7 +204,8 @@ def test_trainer_and_accelerate_sp2_match_stock_single_process(tmp_path):
         _assert_same(got, want, f"Trainer {case}")
         assert abs(got["eval_loss"] - want["eval_loss"]) <= TOL, (got["eval_loss"], want["eval_loss"])
         assert (out["sp2"] / case / "model" / "config.json").exists()
-    _assert_same(_losses(out["sp2"] / "doc_zigzag"), _losses(out["ref"] / "packed-ga2"), "Trainer doc_zigzag")
+    _assert_same(_losses(out["sp2"] / "doc_zigzag"), _losses(out["ref"] / "packed-ga2"),
+                 "Trainer doc_zigzag + gradient checkpointing")
     _assert_same(_losses(out["sp2"] / "dp2"), _losses(out["ref"] / "b8"), "Trainer dp=2 sp=1")
     ds = _losses(out["ds"])
     assert ds["world_size"] == 2 and ds["wrapped_model"] == "DeepSpeedEngine"
