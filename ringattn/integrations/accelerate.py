@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from ..mesh import init_mesh
 from ..parallel import SequenceParallel
-from .batch import ShardedBatch, count_targets, loss_sum, shard_batch
+from .batch import IGNORE_INDEX, ShardedBatch, count_targets, loss_sum, shard_batch
 
 
 class SequenceParallelism:
@@ -43,7 +43,8 @@ class SequenceParallelism:
 
     sp_size: ranks that share one sequence (dp = world / sp_size). strategy: "ring",
     "ulysses" or "hybrid" (``ulysses_size`` ranks of all-to-all inside each ring position).
-    layout: "zigzag" | "striped" | "contiguous". ``self.sp`` is the ``SequenceParallel``.
+    layout: "zigzag" | "striped" | "contiguous" | "doc_zigzag" (packed documents only).
+    ``self.sp`` is the ``SequenceParallel``.
     backward_divides_by_accumulation: whether ``accelerator.backward`` divides the loss by
     ``accelerator.gradient_accumulation_steps`` (True in a plain loop; transformers' Trainer
     accumulates itself and turns DeepSpeed's division off).
@@ -125,6 +126,13 @@ class SequenceParallelism:
     def loss(self, logits: torch.Tensor, shard: ShardedBatch, num_targets: torch.Tensor) -> torch.Tensor:
         """This rank's loss to backpropagate through ``accelerator.backward`` (see the module doc)."""
         return loss_sum(logits, shard.labels) * self.grad_scale / num_targets
+
+    def mean_loss(self, logits: torch.Tensor, shard: ShardedBatch) -> torch.Tensor:
+        """The batch's mean token loss over the SP group (evaluation; one all-reduce)."""
+        both = torch.stack([loss_sum(logits, shard.labels), (shard.labels != IGNORE_INDEX).sum().float()])
+        if self.sp.world_size > 1:
+            dist.all_reduce(both, group=self.sp.group)
+        return both[0] / both[1]
 
     def step_loss(self, losses: torch.Tensor) -> float:
         """The sum of one step's ``loss(...)`` values on this rank -> the step's mean token loss

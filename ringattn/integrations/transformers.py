@@ -41,7 +41,7 @@ class SequenceParallelMixin:
 
     Keyword arguments (the rest go to the Trainer): sp_size (ranks sharing one sequence),
     sp_strategy ("ring" | "ulysses" | "hybrid"), sp_layout ("zigzag" | "striped" |
-    "contiguous"), sp_ulysses_size (hybrid), sp_backend (kernel backend).
+    "contiguous" | "doc_zigzag"), sp_ulysses_size (hybrid), sp_backend (kernel backend).
     """
 
     # compute_loss returns a loss already normalised over the whole accumulated batch
@@ -93,18 +93,8 @@ class SequenceParallelMixin:
                                    "(from get_batch_samples)")
             loss = spm.loss(outputs.logits, shard, num_items_in_batch)
         else:
-            loss = self._sp_group_mean_loss(outputs.logits, shard)
+            loss = spm.mean_loss(outputs.logits, shard)
         return (loss, outputs) if return_outputs else loss
-
-    def _sp_group_mean_loss(self, logits, shard):
-        from .batch import IGNORE_INDEX, loss_sum
-
-        spm = self.sequence_parallelism
-        both = torch.stack([loss_sum(logits, shard.labels),
-                            (shard.labels != IGNORE_INDEX).sum().to(torch.float32)])
-        if spm.sp.world_size > 1:
-            torch.distributed.all_reduce(both, group=spm.sp.group)
-        return both[0] / both[1]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: (mean token loss of the batch over the SP group, None, None)."""
