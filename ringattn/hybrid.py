@@ -13,19 +13,16 @@ Any head count (Ulysses' uneven head split); each ring gets the sinks of its hea
 """
 from __future__ import annotations
 
-from .comm import group_size
-from .inputs import check_qkv, check_same_on_all_ranks, check_sinks, check_ulysses_heads
-from .kernels import get_backend
-from .masking import AttentionMask
-from .ring import ring_attention
-from .sharding import check_seqlen
+from .comm import group_rank
+from .plan import prologue
+from .ring import run_ring
 from .ulysses import heads_to_ranks, rank_sinks, sequence_to_ranks
 
 
 def hybrid_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag",
                      ring_group=None, ulysses_group=None, backend="auto", return_lse=False,
                      cu_seqlens=None, window_size=(-1, -1), dropout_p=0.0, sinks=None,
-                     softcap=None):
+                     softcap=None, plan=None):
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
     ``ulysses_group``: the u consecutive ranks of this ring position; ``ring_group``: the r
@@ -33,26 +30,19 @@ def hybrid_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigza
     layout of ``ringattn.sharding`` (``shard(..., ulysses_size=u)``); otherwise the
     contract is ``ulysses_attention``'s. Documents and windows (``cu_seqlens``,
     ``window_size``) pass to the ring, whose shards are exactly the layout's, as do
-    ``softcap`` and this rank's heads' ``sinks``.
+    ``softcap`` and this rank's heads' ``sinks``. Without a ``plan``, the shards are checked
+    across both groups (two all-gathers).
     """
-    check_qkv(q, k, v, dropout_p)
-    check_sinks(sinks, q)
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"hybrid attention needs equal local q and k/v lengths; got {q.shape[1]} and {k.shape[1]}"
-        )
-    u, r = group_size(ulysses_group), group_size(ring_group)
-    split = check_ulysses_heads(q.shape[2], k.shape[2], u)
-    check_seqlen(layout, q.shape[1] * u * r, u * r, u, cu_seqlens)
-    get_backend(backend, q, softcap=softcap)  # fail early, before any communication
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens (packed documents) needs batch size 1; got {q.shape[0]}")
-    AttentionMask.build(q.shape[1] * u * r, causal, cu_seqlens, window_size)  # checks them
-    check_same_on_all_ranks(q, k, ulysses_group, cu_seqlens)  # ring_attention: across the ring
-    qh, kh, vh = heads_to_ranks(q, k, v, ulysses_group, split)
-    out, lse = ring_attention(qh, kh, vh, causal=causal, softmax_scale=softmax_scale,
-                              layout=layout, group=ring_group, backend=backend, return_lse=True,
-                              cu_seqlens=cu_seqlens, window_size=window_size,
-                              sinks=rank_sinks(sinks, ulysses_group, split), softcap=softcap)
+    plan, scale, split = prologue("hybrid attention", q, k, v, strategy="hybrid", layout=layout,
+                                  causal=causal, window_size=window_size, cu_seqlens=cu_seqlens,
+                                  dropout_p=dropout_p, backend=backend,
+                                  softmax_scale=softmax_scale, plan=plan, sinks=sinks,
+                                  softcap=softcap, ring_group=ring_group,
+                                  ulysses_group=ulysses_group)
+    kv_index = plan.kv_index(split, group_rank(ulysses_group))
+    qh, kh, vh = heads_to_ranks(q, k, v, ulysses_group, split, kv_index)
+    out, lse = run_ring(qh, kh, vh, steps=plan.ring_steps(causal, window_size), scale=scale,
+                        group=ring_group, backend=backend,
+                        sinks=rank_sinks(sinks, ulysses_group, split), softcap=softcap)
     out, lse = sequence_to_ranks(out, lse if return_lse else None, ulysses_group, split)
     return (out, lse) if return_lse else out

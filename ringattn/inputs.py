@@ -35,34 +35,37 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         )
 
 
-def check_same_on_all_ranks(q: torch.Tensor, k: torch.Tensor, group=None,
-                            cu_seqlens: torch.Tensor | None = None) -> None:
-    """All ranks of ``group`` must hold equally shaped shards and the same ``cu_seqlens``
-    (one tiny all-gather).
+def check_same_on_all_ranks(fields: dict[str, int], group=None,
+                            cu_seqlens: torch.Tensor | None = None, device=None) -> None:
+    """All ranks of ``group`` must hold equally shaped shards (``fields``: name -> size, e.g.
+    batch and local length) and the same ``cu_seqlens`` (one tiny all-gather, one host sync).
 
     Without this, a rank with a different local length would deadlock the ring or read
-    garbage; with it, every rank raises the same ValueError.
+    garbage; with it, every rank raises the same ValueError. ``device``: where the gathered
+    tensor lives for non-gloo backends (NCCL needs the rank's GPU).
     """
     if group_size(group) == 1:
         return
-    device = q.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    if device is None or dist.get_backend(group) == "gloo":
+        device = torch.device("cpu")
     docs = [0, 0]
     if cu_seqlens is not None:  # a cheap fingerprint: count and position-weighted sum
         cu = cu_seqlens.to("cpu", torch.int64)
         docs = [cu.numel(), int((cu * torch.arange(1, cu.numel() + 1)).sum())]
-    mine = torch.tensor([*q.shape, k.shape[1], k.shape[2], *docs], dtype=torch.int64, device=device)
+    n = len(fields)
+    mine = torch.tensor([*fields.values(), *docs], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(group_size(group))]
     dist.all_gather(every, mine, group=group)
-    rows = [t.tolist() for t in every]
-    shapes = [tuple(r[:6]) for r in rows]
+    rows = torch.stack(every).tolist()
+    shapes = [tuple(r[:n]) for r in rows]
     if len(set(shapes)) > 1:
-        fields = "(batch, q_len, heads, head_dim, kv_len, kv_heads)"
+        names = f"({', '.join(fields)})"
         listing = ", ".join(f"rank {i}: {s}" for i, s in enumerate(shapes))
         raise ValueError(
             f"local shards differ across the {len(shapes)} ranks of the sequence-parallel group; "
-            f"every rank must hold the same local length and heads {fields}: {listing}"
+            f"every rank must hold the same local length and heads {names}: {listing}"
         )
-    if len({tuple(r[6:]) for r in rows}) > 1:
+    if len({tuple(r[n:]) for r in rows}) > 1:
         raise ValueError("cu_seqlens differs across the ranks of the sequence-parallel group; "
                          "pass the same full-sequence cu_seqlens on every rank")
 

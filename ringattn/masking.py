@@ -22,7 +22,8 @@ from .layouts import BlockTask, Layout
 TILE_ROWS = 256
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, seqlen: int) -> None:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, seqlen: int) -> None:
+    """ValueError unless ``cu_seqlens`` is valid for a packed sequence of ``seqlen`` (host sync)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
         got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
         raise ValueError(f"cu_seqlens must be an int32 tensor (flash-attn convention); got {got}")
@@ -44,7 +45,8 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, seqlen: int) -> None:
         )
 
 
-def _check_window(window_size) -> tuple[int, int]:
+def check_window(window_size) -> tuple[int, int]:
+    """``window_size`` as an (left, right) int pair, or ValueError."""
     try:
         left, right = (int(w) for w in window_size)
     except (TypeError, ValueError):
@@ -67,10 +69,10 @@ class AttentionMask:
 
     @staticmethod
     def build(seqlen: int, causal: bool, cu_seqlens=None, window_size=(-1, -1)) -> "AttentionMask":
-        window = _check_window(window_size)
+        window = check_window(window_size)
         if cu_seqlens is None:
             return AttentionMask(seqlen, causal, window)
-        _check_cu_seqlens(cu_seqlens, seqlen)
+        check_cu_seqlens(cu_seqlens, seqlen)
         cu = cu_seqlens.to("cpu", torch.int64)
         lengths = cu[1:] - cu[:-1]
         return AttentionMask(seqlen, causal, window,
@@ -95,6 +97,11 @@ class AttentionMask:
             hi = torch.minimum(hi, q_pos)
         return lo, hi
 
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Per query position, how many of the (increasing) key positions it sees."""
+        lo, hi = self.key_interval(q_pos)
+        return (torch.searchsorted(k_pos, hi, right=True) - torch.searchsorted(k_pos, lo)).clamp_min(0)
+
     def dense(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """(len(q_pos), len(k_pos)) bool, True = visible."""
         lo, hi = self.key_interval(q_pos)
@@ -112,8 +119,7 @@ class AttentionMask:
         rows0 = task.q_rows.indices(len(q_pos))[0]
         cols0 = task.k_rows.indices(len(k_pos))[0]
         qp, kp = q_pos[task.q_rows], k_pos[task.k_rows]
-        lo, hi = self.key_interval(qp)
-        counts = (torch.searchsorted(kp, hi, right=True) - torch.searchsorted(kp, lo)).clamp_min(0)
+        counts = self.visible(qp, kp)
         total = int(counts.sum())
         if total == 0:
             return []

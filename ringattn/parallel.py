@@ -1,14 +1,17 @@
 """``SequenceParallel``: the one front door models use for sequence-parallel attention."""
 from __future__ import annotations
 
+import torch
+
 from . import sharding
 from .comm import group_rank, group_size
 from .hybrid import hybrid_attention
 from .layouts import get_layout
 from .masking import document_positions
 from .mesh import mesh_sp_groups, mesh_sp_sizes, split_hybrid_groups
+from .plan import AttentionPlan
 from .ring import ring_attention
-from .ulysses import ulysses_attention
+from .ulysses import local_attention, ulysses_attention
 
 STRATEGIES = ("ring", "ulysses", "hybrid")
 
@@ -24,7 +27,14 @@ class SequenceParallel:
     group: the process group whose ranks share one sequence (default: the world), or
     mesh: a mesh from ``init_mesh`` or its SP sub-mesh (``mesh["ring", "ulysses"]``).
     backend: kernel backend. Sizes are checked before any communication.
+    ``SequenceParallel.single()``: one process, no group, whatever torch.distributed holds.
+
+    Per step: ``plan = sp.prepare(tokens.shape, cu_seqlens=...)`` once (the only collective
+    and host sync attention needs), then ``sp.attention(q, k, v, plan=plan)`` in every layer
+    and recompute. With one rank, attention is ``local_attention`` (no communication).
     """
+
+    _single = False
 
     def __init__(self, strategy: str = "ring", layout: str = "zigzag", group=None, *, mesh=None,
                  ring_size: int | None = None, ulysses_size: int | None = None,
@@ -46,25 +56,61 @@ class SequenceParallel:
             ring_group, uly_group = split_hybrid_groups(group, ulysses_size)
         self.group, self.ring_group, self.ulysses_group = group, ring_group, uly_group
 
+    @classmethod
+    def single(cls, backend: str = "auto") -> "SequenceParallel":
+        """One process holding whole sequences: no group and no communication, even where
+        torch.distributed is initialised (e.g. a model built without sequence parallelism)."""
+        sp = cls.__new__(cls)
+        sp.strategy, sp.layout, sp.backend = "ring", "contiguous", backend
+        sp.ring_size = sp.ulysses_size = 1
+        sp.group = sp.ring_group = sp.ulysses_group = None
+        sp._single = True
+        return sp
+
     @property
     def world_size(self) -> int:
-        return group_size(self.group)
+        return 1 if self._single else group_size(self.group)
 
     @property
     def rank(self) -> int:
-        return group_rank(self.group)
+        return 0 if self._single else group_rank(self.group)
+
+    def prepare(self, shape, cu_seqlens=None, device=None) -> AttentionPlan:
+        """This step's ``AttentionPlan`` for local shards of ``shape`` = (batch, local_seqlen)
+        (e.g. ``tokens.shape``) and packed-document boundaries ``cu_seqlens``.
+
+        Call it once per step on every rank of the group, then pass it to every
+        ``attention`` call of the step: one tiny all-gather checks that all ranks hold equal
+        shapes and the same cu_seqlens (else the same ValueError on every rank), and
+        everything else attention needs is planned on the host, once.
+        """
+        if self.world_size == 1:
+            return AttentionPlan.prepare("local", "contiguous", shape, cu_seqlens=cu_seqlens,
+                                         device=device)
+        hybrid = self.strategy == "hybrid"
+        return AttentionPlan.prepare(self.strategy, self.layout, shape, cu_seqlens=cu_seqlens,
+                                     device=device,
+                                     ring_group=self.ring_group if hybrid else self.group,
+                                     ulysses_group=self.ulysses_group if hybrid else self.group,
+                                     agree_over=[self.group])
 
     def attention(self, q, k, v, *, causal: bool = True, softmax_scale=None, cu_seqlens=None,
-                  window_size=(-1, -1), return_lse=False, sinks=None, softcap=None):
+                  window_size=(-1, -1), return_lse=False, sinks=None, softcap=None,
+                  plan: AttentionPlan | None = None):
         """q (b, s_local, h, d), k/v (b, s_local, h_kv, d) -> (b, s_local, h, d) [, lse].
 
-        ``cu_seqlens``: int32 document boundaries of the full packed sequence (batch 1);
+        ``plan``: this step's ``prepare(...)`` (carries cu_seqlens; no collective or host
+        sync per call), or None to check and plan this call alone. ``cu_seqlens``: int32
+        document boundaries of the full packed sequence (batch 1), without a plan;
         ``window_size``: (left, right) sliding window, -1 = unbounded; ``sinks``: (h,)
         per-head attention-sink logits (GPT-OSS); ``softcap``: logit softcapping (Gemma 2).
         """
-        kw = dict(causal=causal, softmax_scale=softmax_scale, layout=self.layout,
-                  backend=self.backend, return_lse=return_lse, cu_seqlens=cu_seqlens,
-                  window_size=window_size, sinks=sinks, softcap=softcap)
+        kw = dict(causal=causal, softmax_scale=softmax_scale, backend=self.backend,
+                  return_lse=return_lse, cu_seqlens=cu_seqlens, window_size=window_size,
+                  sinks=sinks, softcap=softcap, plan=plan)
+        if self.world_size == 1:
+            return local_attention(q, k, v, **kw)
+        kw["layout"] = self.layout
         if self.strategy == "ring":
             return ring_attention(q, k, v, group=self.group, **kw)
         if self.strategy == "ulysses":
@@ -80,16 +126,23 @@ class SequenceParallel:
     def shard(self, x, dim: int = 1, cu_seqlens=None):
         """Full tensor -> this rank's shard along ``dim``; ``cu_seqlens`` (int32 document
         boundaries of the full sequence) is needed by layouts that place tokens by document."""
+        if self._single:
+            return x.clone()
         return sharding.shard(x, layout=self.layout, group=self.group, dim=dim,
                               ulysses_size=self._inner, cu_seqlens=cu_seqlens)
 
     def unshard(self, x, dim: int = 1, cu_seqlens=None):
+        if self._single:
+            return x
         return sharding.unshard(x, layout=self.layout, group=self.group, dim=dim,
                                 ulysses_size=self._inner, cu_seqlens=cu_seqlens)
 
     def positions(self, seqlen: int, device=None, cu_seqlens=None):
         """RoPE positions of this rank's tokens: global positions, or, for packed
         documents (``cu_seqlens``), positions within each token's document."""
+        if self._single:
+            pos = torch.arange(seqlen) if cu_seqlens is None else document_positions(cu_seqlens)
+            return pos.to(device)
         if cu_seqlens is None:
             return sharding.positions(seqlen, layout=self.layout, group=self.group, device=device,
                                       ulysses_size=self._inner)

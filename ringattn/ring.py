@@ -2,11 +2,13 @@
 
 Each rank keeps its Q shard; K/V shards travel around the ring. At step i rank r holds
 the K/V of rank (r - i) mod P, computes the block pairs that are visible (the layout's
-causal structure, narrowed by documents/windows: ``plan_ring``), and merges them into
+causal structure, narrowed by documents/windows: ``AttentionPlan.ring_steps``), and merges them into
 fp32 accumulators (``PartialAttention``). The next K/V block is posted before the
 current one is computed, so transfer overlaps compute (double buffered: two receive
 buffers alternate). When masks leave the last steps empty on every rank, the ring stops
-early instead of passing blocks nobody uses.
+early instead of passing blocks nobody uses. Which blocks each step computes, and how many
+steps run, come from the step's ``AttentionPlan`` (``ringattn.plan``): no collective and no
+host sync here.
 
 Backward runs the same ring with the saved final out/lse: dq accumulates locally, while
 each K/V block travels together with its fp32 dK/dV accumulators; after the last step
@@ -18,38 +20,22 @@ adds d sinks of this rank's rows (``merge.sinks_grad``). Softcap goes to the ker
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import profile
-from .comm import RingComm, max_over_group
-from .inputs import check_qkv, check_same_on_all_ranks, check_sinks
 from .blocks import attend_blocks, backward_inputs, block_grads, record_step
+from .comm import RingComm
 from .kernels import get_backend
 from .kernels.base import accumulation_dtype
-from .layouts import BlockTask, Layout, get_layout
-from .masking import AttentionMask, rank_plan
 from .merge import PartialAttention, sinks_grad
-
-
-def plan_ring(layout: Layout, mask: AttentionMask, comm: RingComm, local_len: int,
-              device=None) -> list[list[BlockTask]]:
-    """The kernel calls of each ring step for this rank; as many steps as any rank needs."""
-    plan = rank_plan(layout, mask, comm.size, comm.rank)
-    if mask.is_plain:
-        return plan
-    mine = max((i + 1 for i, tasks in enumerate(plan) if tasks), default=1)
-    # Every rank must take part in every step it passes blocks in: run the longest need.
-    return plan[:max_over_group(mine, comm.group, device)]
+from .plan import prologue
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, scale, layout, mask, group, backend, softcap):
+    def forward(ctx, q, k, v, sinks, scale, plan, group, backend, softcap):
         comm = RingComm(group)
         kernel = get_backend(backend, q, softcap=softcap)
-        plan = plan_ring(layout, mask, comm, q.shape[1], q.device)
         acc = PartialAttention(q, accumulation_dtype(q.dtype))
         k_cur, v_cur = k.contiguous(), v.contiguous()
         spare = None  # the receive buffers not in use this step (double buffering)
@@ -111,9 +97,15 @@ class _RingAttention(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def run_ring(q, k, v, *, steps, scale, group, backend, sinks=None, softcap=None):
+    """Ring attention of checked shards along ``steps`` (``AttentionPlan.ring_steps``):
+    -> (out in q's dtype, fp32 lse). For strategies built on the ring (hybrid)."""
+    return _RingAttention.apply(q, k, v, sinks, scale, steps, group, backend, softcap)
+
+
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
                    backend="auto", return_lse=False, cu_seqlens=None, window_size=(-1, -1),
-                   dropout_p=0.0, sinks=None, softcap=None):
+                   dropout_p=0.0, sinks=None, softcap=None, plan=None):
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
     q: (batch, local_seqlen, heads, head_dim); k, v: (batch, local_seqlen, kv_heads, head_dim),
@@ -127,23 +119,14 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     ``softcap``: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2).
     Returns out shaped like q (q's dtype), and with ``return_lse`` also the fp32
     log-sum-exp (batch, heads, local_seqlen), sinks included.
+
+    ``plan``: this step's ``AttentionPlan`` (``SequenceParallel.prepare``), which carries
+    cu_seqlens and the cross-rank checks; without one, each call checks (one all-gather).
     """
-    check_qkv(q, k, v, dropout_p)
-    check_sinks(sinks, q)
-    lay = get_layout(layout)
-    lay.check_documents(cu_seqlens)
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"ring attention needs equal local q and k/v lengths; got {q.shape[1]} and {k.shape[1]}"
-        )
-    get_backend(backend, q, softcap=softcap)  # fail early, before any communication
-    comm_size = RingComm(group).size
-    seqlen = q.shape[1] * comm_size
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens (packed documents) needs batch size 1; got {q.shape[0]}")
-    mask = AttentionMask.build(seqlen, causal, cu_seqlens, window_size)
-    check_same_on_all_ranks(q, k, group, cu_seqlens)
-    lay.check_seqlen(seqlen, comm_size)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = _RingAttention.apply(q, k, v, sinks, scale, lay, mask, group, backend, softcap)
+    plan, scale, _ = prologue("ring attention", q, k, v, strategy="ring", layout=layout,
+                              causal=causal, window_size=window_size, cu_seqlens=cu_seqlens,
+                              dropout_p=dropout_p, backend=backend, softmax_scale=softmax_scale,
+                              plan=plan, sinks=sinks, softcap=softcap, ring_group=group)
+    out, lse = run_ring(q, k, v, steps=plan.ring_steps(causal, window_size), scale=scale,
+                        group=group, backend=backend, sinks=sinks, softcap=softcap)
     return (out, lse) if return_lse else out

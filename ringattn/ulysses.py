@@ -30,19 +30,16 @@ row is computed (``merge.add_sinks``); softcap goes to the kernel (``kernels``).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .comm import group_rank, group_size, heads_to_sequence, sequence_to_heads
+from .blocks import attend_blocks, backward_inputs, block_grads, record_step
+from .comm import group_rank, heads_to_sequence, sequence_to_heads
 from .headsplit import HeadSplit
-from .inputs import check_qkv, check_same_on_all_ranks, check_sinks, check_ulysses_heads
 from .kernels import get_backend
 from .kernels.base import accumulation_dtype
-from .layouts import ALL, BlockTask, get_layout
-from .masking import AttentionMask
+from .layouts import ALL
 from .merge import PartialAttention, add_sinks, sinks_grad
-from .blocks import attend_blocks, backward_inputs, block_grads, record_step
+from .plan import prologue
 
 
 class _LocalAttention(torch.autograd.Function):
@@ -87,28 +84,34 @@ class _LocalAttention(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None, None)
 
 
-def local_attention(q, k, v, *, mask: AttentionMask, scale, backend="auto", return_lse=False,
-                    sinks=None, softcap=None):
-    """Differentiable attention of whole, position-ordered tensors (no communication)."""
-    tasks = [BlockTask(ALL, ALL, mask.causal)]
-    if not mask.is_plain:  # one causal triangle per document; windows tiled within documents
-        pos = torch.arange(mask.seqlen)
-        tasks = mask.document_tasks(pos, pos)
-    out, lse = _LocalAttention.apply(q, k, v, sinks, scale, tasks, backend, softcap)
+def local_attention(q, k, v, *, causal=False, softmax_scale=None, backend="auto",
+                    return_lse=False, cu_seqlens=None, window_size=(-1, -1), dropout_p=0.0,
+                    sinks=None, softcap=None, plan=None):
+    """Attention of whole sequences in one process, no communication: the library's
+    block-classified path (documents and windows cost their visible blocks, never a dense
+    s x s mask). Same arguments as ``ring_attention``; ``plan`` from a one-process
+    ``SequenceParallel.prepare`` (or None: made here)."""
+    plan, scale, _ = prologue("local attention", q, k, v, strategy="local", layout="contiguous",
+                              causal=causal, window_size=window_size, cu_seqlens=cu_seqlens,
+                              dropout_p=dropout_p, backend=backend, softmax_scale=softmax_scale,
+                              plan=plan, sinks=sinks, softcap=softcap)
+    out, lse = _LocalAttention.apply(q, k, v, sinks, scale, plan.local_tasks(causal, window_size),
+                                     backend, softcap)
     return (out, lse) if return_lse else out
 
 
-def heads_to_ranks(q, k, v, group, split: HeadSplit):
+def heads_to_ranks(q, k, v, group, split: HeadSplit, kv_index=None):
     """(b, s/u, h, d) shards -> this rank's query heads ``split.q[r]`` (b, s, n_r, d) and the
     K/V heads they use (rank-major token order), K/V expanded locally to one per query head
-    where the split's GQA groups are not equal (``HeadSplit.kv_index``)."""
-    rank = group_rank(group)
+    where the split's GQA groups are not equal (``HeadSplit.kv_index``; ``kv_index``: that
+    index already on the device, e.g. ``AttentionPlan.kv_index``)."""
     qh = heads_to_sequence(q, split.q, group)
     kh, vh = (heads_to_sequence(t, split.kv, group) for t in (k, v))
-    index = split.kv_index(rank)
-    if index is not None:
-        index = torch.tensor(index, device=kh.device)
-        kh, vh = kh.index_select(2, index), vh.index_select(2, index)
+    if kv_index is None:
+        index = split.kv_index(group_rank(group))
+        kv_index = None if index is None else torch.tensor(index, device=kh.device)
+    if kv_index is not None:
+        kh, vh = kh.index_select(2, kv_index), vh.index_select(2, kv_index)
     return qh, kh, vh
 
 
@@ -131,43 +134,28 @@ def rank_sinks(sinks, group, split: HeadSplit):
 
 def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
                       backend="auto", return_lse=False, cu_seqlens=None, window_size=(-1, -1),
-                      dropout_p=0.0, sinks=None, softcap=None):
+                      dropout_p=0.0, sinks=None, softcap=None, plan=None):
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
     Same contract as ``ring_attention`` (shapes, layout, return_lse, cu_seqlens,
-    window_size, sinks, softcap), for any head count >= u, where u is the size of
+    window_size, sinks, softcap, plan), for any head count >= u, where u is the size of
     ``group`` (default: the world); see ``ringattn.headsplit``.
     """
-    check_qkv(q, k, v, dropout_p)
-    check_sinks(sinks, q)
-    lay = get_layout(layout)
-    lay.check_documents(cu_seqlens)
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"Ulysses attention needs equal local q and k/v lengths; got {q.shape[1]} and {k.shape[1]}"
-        )
-    u = group_size(group)
-    split = check_ulysses_heads(q.shape[2], k.shape[2], u)
-    seqlen = q.shape[1] * u
-    lay.check_seqlen(seqlen, u)
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens (packed documents) needs batch size 1; got {q.shape[0]}")
-    mask = AttentionMask.build(seqlen, causal, cu_seqlens, window_size)
-    get_backend(backend, q, softcap=softcap)  # fail early, before any communication
-    check_same_on_all_ranks(q, k, group, cu_seqlens)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-
-    qh, kh, vh = heads_to_ranks(q, k, v, group, split)
-    held = None  # held[i]: the position of gathered token i
-    if (causal or not mask.is_plain) and u > 1 and lay.name != "contiguous":
-        held = torch.cat([lay.indices(seqlen, u, r, mask.cu_seqlens) for r in range(u)]).to(q.device)
-        order = torch.argsort(held)
+    plan, scale, split = prologue("Ulysses attention", q, k, v, strategy="ulysses",
+                                  layout=layout, causal=causal, window_size=window_size,
+                                  cu_seqlens=cu_seqlens, dropout_p=dropout_p, backend=backend,
+                                  softmax_scale=softmax_scale, plan=plan, sinks=sinks,
+                                  softcap=softcap, ulysses_group=group)
+    rank = group_rank(group)
+    qh, kh, vh = heads_to_ranks(q, k, v, group, split, plan.kv_index(split, rank))
+    order = plan.gathered_order(causal, window_size)
+    if order is not None:  # rank-major order -> position order
+        held, order = order
         qh, kh, vh = (t.index_select(1, order) for t in (qh, kh, vh))
-    out, lse = local_attention(qh, kh, vh, mask=mask, scale=scale, backend=backend,
-                               return_lse=True, sinks=rank_sinks(sinks, group, split),
-                               softcap=softcap)
+    out, lse = _LocalAttention.apply(qh, kh, vh, rank_sinks(sinks, group, split), scale,
+                                     plan.local_tasks(causal, window_size), backend, softcap)
     lse = lse if return_lse else None  # skip its all-to-all when nobody wants it
-    if held is not None:  # position order -> rank-major order
+    if order is not None:  # position order -> rank-major order
         out = out.index_select(1, held)
         lse = lse.index_select(2, held) if lse is not None else None
     out, lse = sequence_to_ranks(out, lse, group, split)

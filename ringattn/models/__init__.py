@@ -1,5 +1,5 @@
 """Models whose attention goes through ringattn's sequence-parallel front door."""
 from .generation import KVCache, generate
-from .llama import Llama, LlamaConfig, local_causal_attention
+from .llama import Llama, LlamaConfig
 
-__all__ = ["KVCache", "Llama", "LlamaConfig", "generate", "local_causal_attention"]
+__all__ = ["KVCache", "Llama", "LlamaConfig", "generate"]

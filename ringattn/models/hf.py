@@ -7,8 +7,9 @@
 How it plugs in, through transformers' public interface only: ``register()`` adds an
 attention function named ``"ringattn"`` to ``transformers.AttentionInterface``, and the
 model is loaded with ``attn_implementation="ringattn"``. Each forward passes the
-``SequenceParallel`` (and packed-document ``cu_seqlens``) as keyword arguments, which
-transformers hands unchanged to every attention call. Nothing in the library is patched;
+``SequenceParallel`` and this step's ``AttentionPlan`` (``sp.prepare``, made once per
+forward; it carries packed-document ``cu_seqlens``) as keyword arguments, which
+transformers hands unchanged to every attention call: no layer communicates to validate. Nothing in the library is patched;
 the model's own modules (embeddings, RoPE, norms, MLP, head) run as they are, on the local
 tokens, with ``position_ids`` = each token's *global* position so RoPE is right.
 
@@ -40,7 +41,8 @@ from torch import nn
 
 ATTN_IMPLEMENTATION = "ringattn"
 SP_KWARG = "ringattn_sp"
-CU_SEQLENS_KWARG = "ringattn_cu_seqlens"
+PLAN_KWARG = "ringattn_plan"
+CU_SEQLENS_KWARG = "ringattn_cu_seqlens"  # without a plan: checked per call
 
 
 # Keyword arguments transformers' attention modules pass that carry nothing the attention
@@ -52,7 +54,7 @@ KNOWN_HARMLESS = {
     "output_router_logits": "a MoE router flag travelling with the layer kwargs",
 }
 # Keyword arguments this function understands (and acts on).
-UNDERSTOOD = {SP_KWARG, CU_SEQLENS_KWARG, "is_causal", "sliding_window", "softcap", "s_aux"}
+UNDERSTOOD = {SP_KWARG, PLAN_KWARG, CU_SEQLENS_KWARG, "is_causal", "sliding_window", "softcap", "s_aux"}
 
 
 def check_attention_kwargs(module: nn.Module, kwargs: dict) -> None:
@@ -100,13 +102,14 @@ def ringattn_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         window_size = (-1, -1)
     else:  # transformers' masks: causal i - w < j <= i; bidirectional |i - j| <= w
         window_size = (int(window) - 1, 0) if causal else (int(window), int(window))
-    kw = dict(causal=causal, softmax_scale=scaling, window_size=window_size)
+    kw = dict(causal=causal, softmax_scale=scaling, window_size=window_size,
+              plan=kwargs.get(PLAN_KWARG))
     if kwargs.get("softcap") is not None:
         kw["softcap"] = float(kwargs["softcap"])
     if kwargs.get("s_aux") is not None:
         kw["sinks"] = kwargs["s_aux"]
     cu = kwargs.get(CU_SEQLENS_KWARG)
-    if cu is not None:
+    if cu is not None and kw["plan"] is None:
         kw["cu_seqlens"] = cu
     q, k, v = _autocast(query, key, value)
     out = sp.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)
@@ -251,9 +254,10 @@ class HFCausalLM(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         self._keep_rope_fp32()
         position_ids = positions.reshape(1, -1).expand(tokens.shape[0], -1)
-        extra = {} if cu_seqlens is None else {CU_SEQLENS_KWARG: cu_seqlens}
+        # Once per forward: every layer's attention (and recompute) reuses this plan.
+        plan = self.sp.prepare(tokens.shape, cu_seqlens=cu_seqlens, device=tokens.device)
         out = self.hf(input_ids=tokens, position_ids=position_ids, use_cache=False,
-                      **{SP_KWARG: self.sp}, **extra)
+                      **{SP_KWARG: self.sp, PLAN_KWARG: plan})
         return out.logits
 
     def save_pretrained(self, path: str, state_dict=None, **kwargs) -> None:
@@ -281,4 +285,4 @@ def _inv_freq_fp32(mod) -> torch.Tensor:
 def _local_sp():
     import ringattn
 
-    return ringattn.SequenceParallel("ring", layout="contiguous")
+    return ringattn.SequenceParallel.single()

@@ -3,8 +3,11 @@
 RMSNorm, RoPE (configurable base theta, applied at each token's *global* position),
 SwiGLU, grouped-query attention, tied or untied embeddings, optional per-layer
 activation checkpointing. The model runs on the tokens one rank holds; sequence
-parallelism is entirely inside ``sp.attention``. With ``sp=None`` (or an SP group of
-size 1) attention is plain local causal SDPA.
+parallelism is entirely inside ``sp.attention``. Each forward prepares one
+``AttentionPlan`` (``sp.prepare``: the only collective and host sync attention needs) and
+every layer, and every checkpoint recompute, reuses it. With ``sp=None`` (or an SP group of
+size 1) attention is the library's one-process path (``SequenceParallel.single()``): packed
+documents cost their visible blocks, never a dense s x s mask.
 """
 from __future__ import annotations
 
@@ -17,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..masking import AttentionMask
-from ..ulysses import local_attention
+from ..parallel import SequenceParallel
 
 
 @dataclass
@@ -104,25 +106,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
 
 
-def local_causal_attention(q, k, v, softmax_scale=None, cu_seqlens=None):
-    """Plain single-process causal attention; q (b, s, h, d), k/v (b, s, kvh, d).
-    ``cu_seqlens``: document boundaries of packed sequences (tokens attend within their document)."""
-    rep = q.shape[2] // k.shape[2]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=2)
-        v = v.repeat_interleave(rep, dim=2)
-    mask = None
-    if cu_seqlens is not None:
-        s = q.shape[1]
-        doc = torch.searchsorted(cu_seqlens.to(q.device, torch.long), torch.arange(s, device=q.device), right=True)
-        mask = (doc[:, None] == doc[None, :]) & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
-        scale=softmax_scale,
-    )
-    return out.transpose(1, 2)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -135,27 +118,13 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attention_sinks else None
         self.softcap = cfg.logit_softcap
 
-    def forward(self, x, cos, sin, sp, cu_seqlens=None):
+    def forward(self, x, cos, sin, sp, plan):
+        """x (b, s_local, dim); ``plan``: this step's ``sp.prepare(...)`` (carries cu_seqlens)."""
         b, s, _ = x.shape
         q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, self.kv_heads, self.head_dim)
-        features = {}
-        if self.sinks is not None:
-            features["sinks"] = self.sinks
-        if self.softcap is not None:
-            features["softcap"] = self.softcap
-        if features and (sp is None or sp.world_size == 1):
-            mask = AttentionMask.build(s, True, cu_seqlens, (-1, -1))
-            out = local_attention(q, k, v, mask=mask, scale=self.head_dim ** -0.5, **features)
-        elif features:
-            out = sp.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens, **features)
-        elif sp is None or sp.world_size == 1:
-            out = local_causal_attention(q, k, v, cu_seqlens=cu_seqlens)
-        elif cu_seqlens is None:
-            out = sp.attention(q, k, v, causal=True)
-        else:
-            out = sp.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
+        out = sp.attention(q, k, v, causal=True, plan=plan, sinks=self.sinks, softcap=self.softcap)
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -178,8 +147,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, sp, cu_seqlens=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, sp, cu_seqlens)
+    def forward(self, x, cos, sin, sp, plan):
+        x = x + self.attention(self.attention_norm(x), cos, sin, sp, plan)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -209,13 +178,17 @@ class Llama(nn.Module):
         """tokens: (batch, local_seq) ids; positions: (local_seq,) RoPE positions (global, or within
         each document when packed). cu_seqlens: int32 document boundaries of the *full* packed
         sequence (batch 1), or None. Returns logits (batch, local_seq, vocab)."""
+        sp = self.sp if self.sp is not None else SequenceParallel.single()
+        # Once per forward: the cross-rank checks and the attention plan every layer (and
+        # every checkpoint recompute, which gets it as an argument) reuses.
+        plan = sp.prepare(tokens.shape, cu_seqlens=cu_seqlens, device=tokens.device)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, self.sp, cu_seqlens, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, sp, plan, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, self.sp, cu_seqlens)
+                h = layer(h, cos, sin, sp, plan)
         h = self.norm(h)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, weight)

@@ -1,0 +1,239 @@
+"""Attention plans: everything that needs a collective or a host sync, once per step.
+
+Every attention call of a training step (every layer, and again every activation-checkpoint
+recompute) sees the same local shape, the same packed-document boundaries and one of a few
+(causal, window) rules. What depends only on those is an ``AttentionPlan``:
+    that every rank holds equally shaped shards and the same ``cu_seqlens`` (one tiny
+    all-gather), the host copy of ``cu_seqlens`` (one host sync), and, built lazily per
+    (causal, window) and cached: the mask, the block pairs of each ring step with their
+    masks on the device, the ring length, Ulysses' token permutation.
+``SequenceParallel.prepare`` makes one per step (a model's forward calls it once) and every
+layer passes it on (``sp.attention(..., plan=plan)``); the calls then run with no collective
+but the algorithm's own and no host sync. ``ring_attention`` / ``ulysses_attention`` /
+``hybrid_attention`` / ``local_attention`` called without a plan make one per call, so
+standalone calls keep every check.
+
+The ring length needs no collective: every rank knows the layout and the mask, so each
+computes every rank's last non-empty step (host arithmetic) and runs the longest.
+
+A plan lives for one step; it is not a process-wide cache. Were it cached by shape, a rank
+whose shape changed would all-gather while a rank whose shape did not would skip it: a
+deadlock. Per step, every rank prepares exactly once, so they all meet in the all-gather.
+
+``prologue`` is the one validation prologue of every strategy: local checks of q/k/v, then
+either a new plan (with the cross-rank agreement) or a check that the given plan fits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from .comm import group_rank, group_size
+from .headsplit import HeadSplit
+from .inputs import check_qkv, check_same_on_all_ranks, check_sinks, check_ulysses_heads
+from .kernels import get_backend
+from .layouts import ALL, BlockTask, get_layout
+from .masking import AttentionMask, check_window, rank_plan
+from .sharding import check_seqlen
+
+STRATEGIES = ("local", "ring", "ulysses", "hybrid")
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class AttentionPlan:
+    """What every attention call over one step's shards shares (see the module doc).
+
+    ``strategy``: "local" (one process), "ring" (layout over ``ring_size`` ranks), "ulysses"
+    (layout over ``ulysses_size`` ranks) or "hybrid" (layout over ``ring_size`` ring
+    positions, each split contiguously over ``ulysses_size`` ranks). ``batch``,
+    ``local_len``: the (batch, local_seqlen) of every rank's shard. ``cu_seqlens``: the
+    validated document boundaries as given (compared by identity in ``check``).
+    Make one with ``AttentionPlan.prepare`` (or ``SequenceParallel.prepare``).
+    """
+
+    def __init__(self, strategy: str, layout: str, batch: int, local_len: int, *,
+                 ring_size: int = 1, ring_rank: int = 0, ulysses_size: int = 1,
+                 cu_seqlens: torch.Tensor | None = None, device=None):
+        self.strategy, self.layout = strategy, layout
+        self.batch, self.local_len = batch, local_len
+        self.ring_size, self.ring_rank, self.ulysses_size = ring_size, ring_rank, ulysses_size
+        self.cu_seqlens = cu_seqlens
+        self._cu_host = None if cu_seqlens is None else cu_seqlens.to("cpu")
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self._cache: dict = {}
+
+    @property
+    def seqlen(self) -> int:
+        """Length of the full (packed) sequence."""
+        return self.local_len * self.ring_size * self.ulysses_size
+
+    @staticmethod
+    def prepare(strategy: str, layout: str, shape, *, cu_seqlens=None, device=None,
+                ring_group=None, ulysses_group=None, agree_over=None,
+                heads: dict[str, int] | None = None) -> "AttentionPlan":
+        """Check and plan ``shape`` = (batch, local_seqlen, ...) shards for ``strategy``.
+
+        Groups: ``ring_group`` for "ring"/"hybrid", ``ulysses_group`` for "ulysses"/"hybrid"
+        (None = the world, as in torch.distributed). ``agree_over``: the groups whose ranks
+        must hold equal shapes and ``cu_seqlens`` (default: the strategy's groups); one
+        all-gather each. ``heads``: more named sizes to agree on (standalone calls).
+        Local checks all run before any communication.
+        """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+        get_layout(layout)
+        r = group_size(ring_group) if strategy in ("ring", "hybrid") else 1
+        u = group_size(ulysses_group) if strategy in ("ulysses", "hybrid") else 1
+        batch, local_len = int(shape[0]), int(shape[1])
+        plan = AttentionPlan(strategy, layout, batch, local_len, ring_size=r,
+                             ring_rank=group_rank(ring_group) if r > 1 else 0, ulysses_size=u,
+                             cu_seqlens=cu_seqlens, device=device)
+        if cu_seqlens is not None and batch != 1:
+            raise ValueError(f"cu_seqlens (packed documents) needs batch size 1; got {batch}")
+        # the layout splits the length (and has the documents it needs); cu_seqlens is valid
+        check_seqlen(layout, plan.seqlen, r * u, u if strategy == "hybrid" else 1, plan._cu_host)
+        if agree_over is None:
+            agree_over = {"local": [], "ring": [ring_group], "ulysses": [ulysses_group],
+                          "hybrid": [ulysses_group, ring_group]}[strategy]
+        fields = {"batch": batch, "q_len": local_len, **(heads or {})}
+        for group in agree_over:
+            check_same_on_all_ranks(fields, group, plan._cu_host, plan.device)
+        return plan
+
+    def check(self, who: str, q: torch.Tensor, strategy: str, layout: str, ring_size: int,
+              ulysses_size: int, cu_seqlens) -> None:
+        """ValueError unless this plan was made for q's shards and this call (no sync)."""
+        made = (self.strategy, self.layout, self.ring_size, self.ulysses_size)
+        if made != (strategy, layout, ring_size, ulysses_size):
+            raise ValueError(
+                f"{who}: the plan was prepared for (strategy, layout, ring_size, ulysses_size) = "
+                f"{made}, but this call is {(strategy, layout, ring_size, ulysses_size)}; "
+                "prepare it with the SequenceParallel that runs the attention"
+            )
+        if tuple(q.shape[:2]) != (self.batch, self.local_len):
+            raise ValueError(
+                f"{who}: q holds (batch, local_seqlen) = {tuple(q.shape[:2])}, but the plan was "
+                f"prepared for {(self.batch, self.local_len)}; prepare a plan for these shards"
+            )
+        if cu_seqlens is not None and cu_seqlens is not self.cu_seqlens:
+            raise ValueError(f"{who}: cu_seqlens comes from the plan; pass it to prepare(), "
+                             "not to the attention call")
+
+    def mask(self, causal: bool, window_size=(-1, -1)) -> AttentionMask:
+        key = ("mask", bool(causal), check_window(window_size))
+        if key not in self._cache:
+            self._cache[key] = AttentionMask.build(self.seqlen, bool(causal), self._cu_host, key[2])
+        return self._cache[key]
+
+    def _on_device(self, tasks: list[BlockTask]) -> list[BlockTask]:
+        return [t if t.mask is None else replace(t, mask=_to_device(t.mask, self.device))
+                for t in tasks]
+
+    def ring_steps(self, causal: bool, window_size=(-1, -1)) -> list[list[BlockTask]]:
+        """The kernel calls of each ring step for this rank, as many steps as any rank needs.
+
+        The ring is ``ring_size`` ranks each holding ``local_len * ulysses_size`` tokens
+        (hybrid: the Ulysses all-to-all has gathered the ring position's shard).
+        """
+        key = ("ring", bool(causal), check_window(window_size))
+        if key in self._cache:
+            return self._cache[key]
+        mask, lay = self.mask(causal, window_size), get_layout(self.layout)
+        p, rank = self.ring_size, self.ring_rank
+        steps = rank_plan(lay, mask, p, rank)
+        if not mask.is_plain:
+            pos = [lay.indices(self.seqlen, p, r, mask.cu_seqlens) for r in range(p)]
+
+            def visible(q_rank, step):  # any pair of the block visible (the mask is causal too)
+                return bool(mask.visible(pos[q_rank], pos[(q_rank - step) % p]).any())
+
+            def need(q_rank):  # steps this rank needs: up to its last non-empty one
+                return next((s + 1 for s in range(p - 1, 0, -1) if visible(q_rank, s)), 1)
+
+            # Every rank must take part in every step it passes blocks in: run the longest need.
+            steps = [self._on_device(tasks) for tasks in steps[:max(need(r) for r in range(p))]]
+        self._cache[key] = steps
+        return steps
+
+    def local_tasks(self, causal: bool, window_size=(-1, -1)) -> list[BlockTask]:
+        """The kernel calls of attention over the whole sequence in position order."""
+        key = ("local", bool(causal), check_window(window_size))
+        if key not in self._cache:
+            mask = self.mask(causal, window_size)
+            tasks = [BlockTask(ALL, ALL, mask.causal)]
+            if not mask.is_plain:
+                pos = torch.arange(mask.seqlen)  # one causal triangle per document
+                tasks = self._on_device(mask.document_tasks(pos, pos))
+            self._cache[key] = tasks
+        return self._cache[key]
+
+    def gathered_order(self, causal: bool, window_size=(-1, -1)):
+        """(held, order) for Ulysses, or None: held[i] is the position of gathered token i
+        (rank-major), ``order`` = argsort(held) sorts them into position order; both on the
+        device. None where order does not matter (plain non-causal) or already is positions
+        (contiguous, or one rank)."""
+        mask = self.mask(causal, window_size)
+        if not ((mask.causal or not mask.is_plain) and self.ulysses_size > 1
+                and self.layout != "contiguous"):
+            return None
+        if "order" not in self._cache:
+            u = self.ulysses_size
+            lay = get_layout(self.layout)
+            held = _to_device(torch.cat([lay.indices(self.seqlen, u, r, mask.cu_seqlens)
+                                         for r in range(u)]), self.device)
+            self._cache["order"] = held, torch.argsort(held)
+        return self._cache["order"]
+
+    def kv_index(self, split: HeadSplit, rank: int) -> torch.Tensor | None:
+        """``split.kv_index(rank)`` as an index tensor on the device, made once per plan."""
+        key = ("kv_index", split, rank)
+        if key not in self._cache:
+            index = split.kv_index(rank)
+            self._cache[key] = None if index is None else _to_device(torch.tensor(index), self.device)
+        return self._cache[key]
+
+
+def prologue(who: str, q, k, v, *, strategy: str, layout: str, causal: bool, window_size,
+             cu_seqlens, dropout_p: float, backend: str, softmax_scale, plan, sinks=None,
+             softcap=None, ring_group=None, ulysses_group=None):
+    """The validation prologue every strategy shares -> (plan, softmax scale, Ulysses
+    ``HeadSplit`` or None).
+
+    Local checks of q/k/v (and sinks, softcap, heads, backend) first, with no communication;
+    then, without ``plan``, a new plan for this call (its cross-rank checks communicate), or
+    with one, a check that it fits (no communication, no host sync).
+    """
+    check_qkv(q, k, v, dropout_p)
+    check_sinks(sinks, q)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"{who} needs equal local q and k/v lengths; got {q.shape[1]} and {k.shape[1]}"
+        )
+    get_layout(layout)
+    check_window(window_size)
+    u = group_size(ulysses_group) if strategy in ("ulysses", "hybrid") else 1
+    r = group_size(ring_group) if strategy in ("ring", "hybrid") else 1
+    split = check_ulysses_heads(q.shape[2], k.shape[2], u) if strategy in ("ulysses", "hybrid") else None
+    get_backend(backend, q, softcap=softcap)  # fail early, before any communication
+    if plan is None:
+        heads = {"heads": q.shape[2], "head_dim": q.shape[3], "kv_len": k.shape[1],
+                 "kv_heads": k.shape[2]}
+        plan = AttentionPlan.prepare(strategy, layout, q.shape, cu_seqlens=cu_seqlens,
+                                     device=q.device, ring_group=ring_group,
+                                     ulysses_group=ulysses_group, heads=heads)
+    else:
+        plan.check(who, q, strategy, layout, r, u, cu_seqlens)
+    plan.mask(causal, window_size)  # validates the rule once per plan
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return plan, scale, split
+
+
+__all__ = ["AttentionPlan", "prologue"]
