@@ -62,16 +62,6 @@ class RingComm:
         return Pending(dist.batch_isend_irecv(ops), received)
 
 
-def max_over_group(value: int, group=None, device=None) -> int:
-    """The largest ``value`` over the group's ranks (one tiny all-reduce)."""
-    if group_size(group) == 1:
-        return value
-    on_device = device is not None and dist.get_backend(group) != "gloo"
-    t = torch.tensor([value], dtype=torch.int64, device=device if on_device else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
-
-
 class _GatherSequence(torch.autograd.Function):
     """All-gather along ``dim`` in rank order; backward reduce-scatters (sums) the gradient."""
 
