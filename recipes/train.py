@@ -54,6 +54,9 @@ class TrainerConfig:
     dry_run: bool = False
     # World size the dry run plans for; None: the launcher's WORLD_SIZE (1 without a launcher)
     dry_run_world_size: Optional[int] = None
+    # torch.compile the model (DeepSpeed's engine.compile(): Dynamo + Inductor; the attention
+    # autograd Functions run eagerly between compiled graphs). The first step compiles.
+    compile: bool = False
 
     def __post_init__(self):
         at_least("trainer.max_steps", self.max_steps)
@@ -215,6 +218,8 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
                                             ctx.world_size)
     module = model.build(ctx.sp, ctx.device, ds_config)
     engine = engine_lib.build(module, ds_config, job.optim, job.trainer.max_steps)
+    if job.trainer.compile:
+        engine.compile()
     start = 0
     if ckpt:
         checkpoint.load(engine, ckpt, ctx.rank)
