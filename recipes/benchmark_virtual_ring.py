@@ -5,8 +5,8 @@
         heads=32 kv_heads=8 head_dim=128 dtype=bf16                          # one GPU
 
 For each simulated ring size P and layout, every virtual rank r runs what ring attention
-runs on rank r: the layout's block tasks for each of the P ring steps (``AttentionPlan.ring_steps``'
-``block_tasks``), each kernel call merged into fp32 accumulators (``PartialAttention``),
+runs on rank r: the layout's block tasks for each of the P ring steps (``Layout.block_tasks``,
+as ``AttentionPlan.ring_steps`` uses them), each kernel call merged into fp32 accumulators (``PartialAttention``),
 then the backward's per-block gradients from the final out/lse with fp32 dQ/dK/dV
 accumulation (``block_grads``). Only the K/V transfer is left out. Each virtual rank is
 timed on its own, forward + backward, and compared with one fused call on the whole
