@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layouts import layout_divisor, layout_needs_documents
-from ..models.hf import CU_SEQLENS_KWARG, SP_KWARG
+from ..models.hf import PLAN_KWARG, SP_KWARG
 
 IGNORE_INDEX = -100
 # keys a collator may add that are re-derived here from position_ids (flash-attn kwargs)
@@ -45,12 +45,12 @@ class ShardedBatch:
     cu_seqlens: Optional[torch.Tensor]
 
     def model_kwargs(self, sp) -> dict:
-        """Keyword arguments for a transformers causal LM loaded with ``attn_implementation="ringattn"``."""
-        kw = {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False,
-              SP_KWARG: sp}
-        if self.cu_seqlens is not None:
-            kw[CU_SEQLENS_KWARG] = self.cu_seqlens
-        return kw
+        """Keyword arguments for a transformers causal LM loaded with ``attn_implementation="ringattn"``:
+        the local tokens and positions, ``sp`` and this step's attention plan (``sp.prepare``:
+        its one small collective here, once per forward, reused by every layer and recompute)."""
+        plan = sp.prepare(self.input_ids.shape, cu_seqlens=self.cu_seqlens, device=self.input_ids.device)
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False,
+                SP_KWARG: sp, PLAN_KWARG: plan}
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
