@@ -23,8 +23,8 @@ losses x world x G / (valid targets in the global batch): the reduced gradient i
 gradient of (sum of all token losses) / (valid targets), token-weighted over DP x SP x
 accumulation -- the same as one process on the whole batch (see recipes/engine.py).
 
-Needs torch and accelerate (imported when a ``SequenceParallelism`` is built); a model
-with ``attn_implementation`` (transformers) for ``prepare_model``.
+Needs torch; accelerate is imported by ``data_loader`` only, transformers by
+``prepare_model`` (a transformers model). Full loop: ``recipes/accelerate_sp.py``.
 """
 from __future__ import annotations
 
