@@ -126,14 +126,26 @@ def _dp_sp_groups(rank, world):
             for i in range(16)]
     loader = prepare_data_loader(DataLoader(data, batch_size=2), num_processes=world, process_index=rank)
     batches = list(spm.data_loader(loader))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    try:  # accelerate shards an IterableDataset by examples: the SP group could not share them
+        spm.data_loader(prepare_data_loader(DataLoader(Stream(), batch_size=2), num_processes=world,
+                                            process_index=rank))
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
     return (spm.dp_rank, spm.sp.rank, [b["input_ids"][:, 0].tolist() for b in batches],
-            spm.count_targets(batches).item(), spm.grad_scale)
+            spm.count_targets(batches).item(), spm.grad_scale, refused)
 
 
 def test_dp_sp_groups_read_batches_and_count_targets():
     """World 4 = dp 2 x sp 2: SP groups are consecutive ranks; both ranks of an SP group read
     the same batches, the two DP groups read disjoint halves of the data; the target count
-    is the whole global batch's on every rank; gradients are scaled by the world."""
+    is the whole global batch's on every rank; gradients are scaled by the world; an
+    IterableDataset is refused."""
     from tests.distributed import run_distributed
 
     out = run_distributed(_dp_sp_groups, 4, timeout=180)
@@ -144,6 +156,7 @@ def test_dp_sp_groups_read_batches_and_count_targets():
     # after the shift, example i keeps labels[1:]: 3 - i % 3 valid targets
     want = sum(3 - i % 3 for i in range(16))
     assert [o[3] for o in out] == [want] * 4 and [o[4] for o in out] == [4] * 4
+    assert all("IterableDataset" in o[5] for o in out), out[0][5]
 
 
 # ---------------------------------------------------------------- the examples, end to end
