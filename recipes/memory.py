@@ -56,6 +56,28 @@ class PeakMemory:
             self._mode.__enter__()
         return self
 
+    @property
+    def live_bytes(self) -> int:
+        """Bytes allocated inside the region and still live (while the region is open)."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) - self._start
+        return self._mode.live
+
+    @property
+    def peak_so_far(self) -> int:
+        """The peak since entering or since the last ``reset_peak`` (while the region is open)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self._start
+        return self._mode.peak
+
+    def reset_peak(self) -> None:
+        """Restart the peak from what is live now (e.g. to measure one step of many)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._mode.peak = self._mode.live
+
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -3,7 +3,9 @@ Hugging Face causal LM from a local path (``model=hf model.path=/local/model``).
 
 Each option of the ``model`` config group names its schema (``llama_schema`` or
 ``hf_schema``) in its defaults list, so unknown keys stay Hydra errors. Both kinds of model
-take ``(tokens, positions, cu_seqlens=None)`` and return logits, so the recipe's data, loss,
+take ``(tokens, positions, cu_seqlens=None, labels=None)`` and return logits, or with labels
+the token-loss sum and correct count over sequence tiles (``ringattn.models.tiling``), so the
+recipe's data, loss,
 parallelism, DeepSpeed, checkpoint and tracking code is the same for both.
 """
 from __future__ import annotations
@@ -32,6 +34,12 @@ class HFModelConfig:
     rope_theta: Optional[float] = None  # new RoPE base for long context; None: the checkpoint's
     max_position_embeddings: Optional[int] = None  # written to the config; None: the checkpoint's
     activation_checkpointing: bool = False
+    # the options of ringattn.models.LlamaConfig, same meaning (ringattn.models.tiling):
+    offload_activations: bool = False  # checkpointed layer inputs in pinned host memory (CUDA)
+    tiled_loss: bool = True  # head + loss over sequence tiles, full logits never materialised
+    loss_tile_tokens: Optional[int] = None  # None: fp32 tile logits of ~256 MiB
+    tiled_mlp: bool = False  # each decoder layer's `mlp` over sequence tiles, recomputed in backward
+    mlp_tile_tokens: Optional[int] = None  # None: a tile's ffn-wide tensors ~256 MiB
     save_final: bool = True  # save_pretrained into <run_dir>/hf_model after the last step
 
 
@@ -66,6 +74,22 @@ class ModelShape:
         return 6 * n * global_batch * seq_len + 3.5 * 2 * global_batch * seq_len**2 * self.dim * self.n_layers
 
 
+def _zero3_config(ds_config: dict) -> Optional[dict]:
+    """The DeepSpeed config for ``zero.Init`` under ZeRO-3, else None. zero.Init reads it before
+    DeepSpeed's own comm is up (it would take the world as 1 and reject train_batch_size); the
+    micro batch and accumulation define it anyway."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return None
+    return {k: v for k, v in ds_config.items() if k != "train_batch_size"}
+
+
+def _log_partitioned(model, sp) -> None:
+    if sp.rank == 0:
+        p = next(model.parameters())
+        log.info("ZeRO-3 build: parameters partitioned as built (first: local %s of %s)",
+                 tuple(getattr(p, "ds_tensor", p).shape), getattr(p, "ds_shape", None))
+
+
 class LlamaModel:
     """Our Llama (``ringattn.models.Llama``) from its resolved config."""
 
@@ -90,8 +114,17 @@ class LlamaModel:
                           embedding_params=c.num_params() - c.num_params(include_embedding=False))
 
     def build(self, sp, device, ds_config: dict):
-        """The model, on ``device``."""
-        return Llama(self.cfg, sp=sp).to(device)
+        """The model, on ``device``. Under ZeRO-3 built inside ``deepspeed.zero.Init``: each module
+        is partitioned as soon as it is built, so no rank ever holds the whole model."""
+        zero3 = _zero3_config(ds_config)
+        if zero3 is None:
+            return Llama(self.cfg, sp=sp).to(device)
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=zero3):
+            model = Llama(self.cfg, sp=sp)
+        _log_partitioned(model, sp)
+        return model.to(device)
 
     def save_final(self, engine, run_dir: str, rank: int) -> Optional[str]:
         """Nothing beyond the DeepSpeed checkpoints."""
@@ -102,6 +135,12 @@ class HFModel:
     """A transformers causal LM from a local directory; its config is read once."""
 
     def __init__(self, cfg: HFModelConfig, tokenizer):
+        if cfg.offload_activations and not cfg.activation_checkpointing:
+            raise ValueError("model.offload_activations=true offloads the inputs saved by activation "
+                             "checkpointing: set model.activation_checkpointing=true too")
+        for name in ("loss_tile_tokens", "mlp_tile_tokens"):
+            if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+                raise ValueError(f"model.{name}={getattr(cfg, name)} must be >= 1 (or null: automatic)")
         if not os.path.isfile(os.path.join(cfg.path, "config.json")):
             raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json there (a local Hugging Face "
                                     "model directory is needed; nothing is downloaded)")
@@ -147,22 +186,22 @@ class HFModel:
         from ringattn.models.hf import HFCausalLM
 
         cfg, keep = self.cfg, None
-        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        zero3 = _zero3_config(ds_config)
+        if zero3 is not None:
             from transformers.integrations import HfDeepSpeedConfig
 
-            # While alive, from_pretrained builds the model inside deepspeed.zero.Init (partitioned).
-            # zero.Init reads the config before DeepSpeed's own comm is up (it would take the world
-            # as 1 and reject train_batch_size); the micro batch and accumulation define it anyway.
-            keep = HfDeepSpeedConfig({k: v for k, v in ds_config.items() if k != "train_batch_size"})
+            keep = HfDeepSpeedConfig(zero3)  # while alive, from_pretrained builds inside deepspeed.zero.Init
         model = HFCausalLM.from_pretrained(cfg.path, sp, rope_theta=cfg.rope_theta,
-                                           max_position_embeddings=cfg.max_position_embeddings)
-        if keep is not None and sp.rank == 0:
-            p = next(model.parameters())
-            log.info("ZeRO-3 load: parameter shapes partitioned (first: local %s of %s)",
-                     tuple(p.shape), getattr(p, "ds_shape", None))
+                                           max_position_embeddings=cfg.max_position_embeddings,
+                                           tiled_loss=cfg.tiled_loss, loss_tile_tokens=cfg.loss_tile_tokens,
+                                           offload_activations=cfg.offload_activations)
+        if keep is not None:
+            _log_partitioned(model, sp)
         del keep
         if cfg.activation_checkpointing:
-            model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_checkpointing()
+        if cfg.tiled_mlp:
+            model.tile_mlps(cfg.mlp_tile_tokens)
         model.hf.config.use_cache = False
         return model.to(device)
 

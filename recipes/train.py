@@ -20,7 +20,6 @@ from typing import Any, Optional
 import hydra
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, OmegaConf
@@ -142,11 +141,6 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _token_loss_sum(logits, labels):
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-
-
 def _grad_norm(module) -> float:
     grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(grads)).item() if grads else 0.0
@@ -165,11 +159,10 @@ def evaluate(engine, batches, ctx, job, positions):
     engine.eval()
     correct = total = 0
     for i in range(0, tokens.shape[0], batches.micro):
-        logits = engine(tokens[i:i + batches.micro], positions)
         lab = labels[i:i + batches.micro]
-        mask = lab != IGNORE_INDEX
-        correct += (logits.argmax(-1)[mask] == lab[mask]).sum().item()
-        total += mask.sum().item()
+        # argmax per sequence tile inside the model: no full logits here either
+        correct += engine(tokens[i:i + batches.micro], positions, labels=lab).correct.item()
+        total += (lab != IGNORE_INDEX).sum().item()
     engine.train()
     correct, total = _all_sum(correct, total, device=ctx.device)
     return correct / max(total, 1)
@@ -256,7 +249,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
         grad_norm = None
         for i, (x, y, cu) in enumerate(micro_batches):
             pos = positions if cu is None else ctx.sp.positions(job.data.seq_len, device=ctx.device, cu_seqlens=cu)
-            s = _token_loss_sum(engine(x, pos, cu), y)
+            s = engine(x, pos, cu, labels=y).loss_sum  # token-loss sum over sequence tiles
             engine.backward(s * scale, scale_wrt_gas=False)
             if i == len(micro_batches) - 1 and own_grad_norm:
                 grad_norm = _grad_norm(engine.module)  # already reduced over the world by backward
@@ -314,8 +307,8 @@ def dry_run(job: JobConfig) -> None:
 
     def est(stage, **kw):
         return estimate.estimate(model.shape, job.trainer.dtype, stage, world_size=world, sp_size=par.sp_size,
-                                 micro=p.micro, seq_len=job.data.seq_len,
-                                 activation_checkpointing=model.activation_checkpointing, **kw)
+                                 micro=p.micro, seq_len=job.data.seq_len, options=estimate.options_of(model),
+                                 ulysses_size=par.ulysses_size, **kw)
 
     if int(os.environ.get("RANK", "0")) != 0:
         return

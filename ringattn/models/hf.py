@@ -34,10 +34,13 @@ allocating any.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import nn
+
+from . import tiling
 
 ATTN_IMPLEMENTATION = "ringattn"
 SP_KWARG = "ringattn_sp"
@@ -216,11 +219,14 @@ class HFCausalLM(nn.Module):
     never used. ``hf`` is the unchanged transformers model (``save_pretrained`` etc.).
     """
 
-    def __init__(self, hf_model: nn.Module, sp=None):
+    def __init__(self, hf_model: nn.Module, sp=None, *, tiled_loss: bool = True,
+                 loss_tile_tokens: Optional[int] = None, offload_activations: bool = False):
         super().__init__()
         use_ringattn(hf_model)
         self.hf = hf_model
         self.sp = sp if sp is not None else _local_sp()
+        self.tiled_loss, self.loss_tile_tokens = tiled_loss, loss_tile_tokens
+        self.offload_activations = offload_activations
         # fp32 RoPE inverse frequencies, recomputed from the config: a plain attribute, so that
         # casts of the module (DeepSpeed's bf16 .bfloat16(), .to(dtype)) cannot round them
         self._rope_fp32 = {name: _inv_freq_fp32(mod) for name, mod in hf_model.named_modules()
@@ -228,14 +234,17 @@ class HFCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, sp=None, *, rope_theta: Optional[float] = None,
-                        max_position_embeddings: Optional[int] = None, dtype=torch.float32, **kwargs):
+                        max_position_embeddings: Optional[int] = None, dtype=torch.float32,
+                        tiled_loss: bool = True, loss_tile_tokens: Optional[int] = None,
+                        offload_activations: bool = False, **kwargs):
         from transformers import AutoModelForCausalLM
 
         register()
         config = load_config(path, rope_theta, max_position_embeddings)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
                                                      attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
-        return cls(model, sp)
+        return cls(model, sp, tiled_loss=tiled_loss, loss_tile_tokens=loss_tile_tokens,
+                   offload_activations=offload_activations)
 
     @property
     def config(self):
@@ -251,14 +260,48 @@ class HFCausalLM(nn.Module):
                     if getattr(mod, buf, None) is not None:
                         setattr(mod, buf, inv.to(mod.inv_freq.device))
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    def enable_checkpointing(self) -> None:
+        """transformers' per-layer activation checkpointing; reentrant when the saved layer inputs
+        are offloaded (the reentrant checkpoint saves them through the saved-tensor hooks)."""
+        self.hf.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": self.offload_activations})
+
+    def tile_mlps(self, tile_tokens: Optional[int] = None) -> int:
+        """Run every decoder layer's ``mlp`` over sequence tiles (``tiling.TiledMLP``); parameter
+        names are unchanged. Returns the number of MLPs wrapped."""
+        return tiling.tile_mlps(self.hf, self.hf.config.intermediate_size, tile_tokens)
+
+    def _head_weight(self) -> torch.Tensor:
+        head = self.hf.get_output_embeddings()
+        config = self.hf.config
+        if getattr(head, "bias", None) is not None or getattr(config, "final_logit_softcapping", None) \
+                or getattr(config, "logit_scale", None) not in (None, 1.0):
+            raise ValueError(f"{type(self.hf).__name__}: the tiled loss applies a plain bias-free head "
+                             "(this model's head has a bias, a logit scale or softcapping); set "
+                             "model.tiled_loss=false")
+        return head.weight
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None, labels=None):
+        """Logits (b, s_local, vocab); with ``labels`` (b, s_local), -100 = ignored, a
+        ``tiling.TokenLoss``: the base model gives the hidden states and the head is applied
+        per sequence tile (full logits never exist) unless ``tiled_loss=False``."""
         self._keep_rope_fp32()
         position_ids = positions.reshape(1, -1).expand(tokens.shape[0], -1)
         # Once per forward: every layer's attention (and recompute) reuses this plan.
         plan = self.sp.prepare(tokens.shape, cu_seqlens=cu_seqlens, device=tokens.device)
-        out = self.hf(input_ids=tokens, position_ids=position_ids, use_cache=False,
-                      **{SP_KWARG: self.sp, PLAN_KWARG: plan})
-        return out.logits
+        kw = {SP_KWARG: self.sp, PLAN_KWARG: plan}
+        offload = self.offload_activations and self.training and self.hf.is_gradient_checkpointing
+        with tiling.activation_offload(tokens.device) if offload else contextlib.nullcontext():
+            if labels is None or not self.tiled_loss:
+                logits = self.hf(input_ids=tokens, position_ids=position_ids, use_cache=False, **kw).logits
+            else:
+                out = self.hf.base_model(input_ids=tokens, position_ids=position_ids, use_cache=False, **kw)
+        if labels is None:
+            return logits
+        if not self.tiled_loss:  # the reference path: the head as transformers applies it
+            return tiling.logits_loss(logits, labels)
+        # the head weight is read here, in this module's forward (ZeRO-3 gathers it for this call)
+        return tiling.token_loss(out.last_hidden_state, self._head_weight(), labels, self.loss_tile_tokens)
 
     def save_pretrained(self, path: str, state_dict=None, **kwargs) -> None:
         """A Hugging Face model directory (config with the RoPE θ in use). transformers does not

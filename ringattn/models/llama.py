@@ -2,7 +2,9 @@
 
 RMSNorm, RoPE (configurable base theta, applied at each token's *global* position),
 SwiGLU, grouped-query attention, tied or untied embeddings, optional per-layer
-activation checkpointing. The model runs on the tokens one rank holds; sequence
+activation checkpointing (optionally with the saved layer inputs offloaded to host memory),
+loss over sequence tiles (``forward(..., labels=...)``) and an optional sequence-tiled MLP
+(``ringattn.models.tiling``). The model runs on the tokens one rank holds; sequence
 parallelism is entirely inside ``sp.attention``. Each forward prepares one
 ``AttentionPlan`` (``sp.prepare``: the only collective and host sync attention needs) and
 every layer, and every checkpoint recompute, reuses it. With ``sp=None`` (or an SP group of
@@ -11,6 +13,7 @@ documents cost their visible blocks, never a dense s x s mask.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -21,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..parallel import SequenceParallel
+from .tiling import TiledMLP, activation_offload, token_loss
 
 
 @dataclass
@@ -37,6 +41,14 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     activation_checkpointing: bool = False
+    # saved layer inputs (activation checkpointing) in pinned host memory; CUDA only (no-op on CPU)
+    offload_activations: bool = False
+    # loss over sequence tiles from the hidden states (forward(labels=...)): the full
+    # (tokens x vocab) logits never exist. false: materialise them (the reference path)
+    tiled_loss: bool = True
+    loss_tile_tokens: Optional[int] = None  # None: fp32 tile logits of ~256 MiB (tiling.TILE_BYTES)
+    tiled_mlp: bool = False  # SwiGLU over sequence tiles, recomputed per tile in backward
+    mlp_tile_tokens: Optional[int] = None  # None: a tile's ffn-wide tensors ~256 MiB
     init_std: float = 0.02
     attention_sinks: bool = False  # a learned per-head logit in every softmax (GPT-OSS)
     logit_softcap: Optional[float] = None  # scores -> c * tanh(scores / c) (Gemma 2)
@@ -69,6 +81,17 @@ class LlamaConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise ValueError(f"model.logit_softcap must be positive or null; got {self.logit_softcap}")
+        if self.offload_activations and not self.activation_checkpointing:
+            raise ValueError("model.offload_activations=true offloads the inputs saved by activation "
+                             "checkpointing: set model.activation_checkpointing=true too")
+        for name in ("loss_tile_tokens", "mlp_tile_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1 (or null: automatic)")
+
+    @property
+    def out_std(self) -> float:
+        """Init std of the residual-branch outputs (wo, w2), GPT-2 style."""
+        return self.init_std / math.sqrt(2 * self.n_layers)
 
     def num_params(self, include_embedding: bool = True) -> int:
         d, f, L, V = self.dim, self.ffn_dim, self.n_layers, self.vocab_size or 0
@@ -106,14 +129,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
 
 
+class Linear(nn.Linear):
+    """Bias-free linear layer initialised N(0, std) when built. Each module initialises its own
+    weights in its constructor, so a model built inside ``deepspeed.zero.Init`` (which
+    partitions each module's parameters as soon as it is constructed) gets the same weights."""
+
+    def __init__(self, in_features: int, out_features: int, std: float):
+        self.std = std
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, self.std)
+
+
+class Embedding(nn.Embedding):
+    """Token embedding initialised N(0, std) when built (see ``Linear``)."""
+
+    def __init__(self, num_embeddings: int, dim: int, std: float):
+        self.std = std
+        super().__init__(num_embeddings, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, self.std)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.out_std)
         # (n_heads,) sink logits, zero at init (a sink weighs like one more key of score 0)
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attention_sinks else None
         self.softcap = cfg.logit_softcap
@@ -131,9 +178,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w1 = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)
+        self.w3 = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)
+        self.w2 = Linear(cfg.ffn_dim, cfg.dim, cfg.out_std)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -145,7 +192,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        ffn = FeedForward(cfg)
+        self.feed_forward = TiledMLP(ffn, cfg.ffn_dim, cfg.mlp_tile_tokens) if cfg.tiled_mlp else ffn
 
     def forward(self, x, cos, sin, sp, plan):
         x = x + self.attention(self.attention_norm(x), cos, sin, sp, plan)
@@ -159,36 +207,37 @@ class Llama(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg, self.sp = cfg, sp
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # every module initialises its own weights as it is built (see Linear); norms start at 1
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        self.output = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
 
-    @torch.no_grad()
-    def reset_parameters(self):
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs, GPT-2 style
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                continue  # norm weights stay 1
-            nn.init.normal_(p, 0.0, out_std if name.endswith(("wo.weight", "w2.weight")) else std)
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None, labels=None):
         """tokens: (batch, local_seq) ids; positions: (local_seq,) RoPE positions (global, or within
         each document when packed). cu_seqlens: int32 document boundaries of the *full* packed
-        sequence (batch 1), or None. Returns logits (batch, local_seq, vocab)."""
+        sequence (batch 1), or None. Returns logits (batch, local_seq, vocab); with ``labels``
+        (batch, local_seq), -100 = ignored, a ``tiling.TokenLoss`` (loss sum, correct count)
+        computed over sequence tiles without the full logits (``cfg.tiled_loss``)."""
         sp = self.sp if self.sp is not None else SequenceParallel.single()
         # Once per forward: the cross-rank checks and the attention plan every layer (and
         # every checkpoint recompute, which gets it as an argument) reuses.
         plan = sp.prepare(tokens.shape, cu_seqlens=cu_seqlens, device=tokens.device)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
-        for layer in self.layers:
-            if self.cfg.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, sp, plan, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, sp, plan)
-        h = self.norm(h)
+        ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        offload = ckpt and self.cfg.offload_activations
+        # offload needs the reentrant checkpoint: it saves the layer input through the saved-tensor
+        # hooks (save_on_cpu); the non-reentrant one keeps it by reference, on the device
+        with activation_offload(h.device) if offload else contextlib.nullcontext():
+            for layer in self.layers:
+                if ckpt:
+                    h = checkpoint(layer, h, cos, sin, sp, plan, use_reentrant=offload)
+                else:
+                    h = layer(h, cos, sin, sp, plan)
+        # the head weight is read here, in the model's own forward (ZeRO-3 gathers it for this call)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight)
+        if labels is None:
+            return F.linear(self.norm(h), weight)
+        # the final norm runs per tile inside the loss: only its input is kept
+        return token_loss(h, weight, labels, self.cfg.loss_tile_tokens, tiled=self.cfg.tiled_loss, norm=self.norm)

@@ -1,0 +1,135 @@
+"""Planner: the longest context that fits, per strategy, ZeRO stage and activation offload.
+
+    python -m recipes.plan model=llama3_8b trainer.dtype=bf16 world_size=8 device_gb=80
+    python -m recipes.plan model=llama3_8b trainer.dtype=bf16 world_size=64 device_gb=80 host_gb_per_node=2048
+    python -m recipes.plan model.dim=256 model.n_layers=4 model.n_heads=4 model.vocab_size=32000 \\
+        model.activation_checkpointing=true world_size=2 device_gb=8 device=cpu
+
+One sequence over the whole world (sp = world_size, dp = 1, one sequence per micro-batch),
+the training recipe's model options as given (``model.tiled_loss``, ``model.tiled_mlp``,
+``model.offload_activations``, ``model.activation_checkpointing``). For each strategy the
+world can run (ring; Ulysses when the kv heads split over the world; hybrid with Ulysses over
+``gpus_per_node`` ranks inside a node and the ring across), each ZeRO stage and activation
+offload off/on (on needs checkpointing and a CUDA device) it finds the longest seq_len whose
+per-rank device memory (``recipes.estimate``: every term listed) fits ``device_gb`` x
+``usable_fraction`` and whose host memory per node (offloaded activations + ZeRO-Offload
+states) fits ``host_gb_per_node``. It prints the table, then the per-rank breakdown of the best
+plan, each term explained. Projections, not measurements: the memory model is checked
+against measured peaks on CPU (tests/test_plan.py); GPU allocator fragmentation is what
+``usable_fraction`` leaves room for.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+import ringattn
+from recipes import estimate, train
+
+GB = 1e9
+
+
+@dataclass
+class PlanConfig(train.JobConfig):
+    """The training job's config groups (model, trainer.dtype, deepspeed offload) plus:"""
+
+    world_size: int = 8
+    gpus_per_node: int = 8
+    device_gb: float = 80.0  # memory of one device, GB (1e9 bytes: how vendors count)
+    usable_fraction: float = 0.9  # of device memory the plan may use (allocator, CUDA context, ...)
+    host_gb_per_node: float = 2048.0  # host memory of one node, GB (a DGX H100 node has 2 TB)
+    device: str = "cuda"  # cuda | cpu (on CPU nothing is offloaded: host memory is the device)
+
+
+_schema = OmegaConf.structured(PlanConfig)
+_schema.model = MISSING
+ConfigStore.instance().store(name="plan_schema", node=_schema)
+
+
+def strategies(world: int, gpus_per_node: int, kv_heads: int, heads: int) -> list[tuple[str, int]]:
+    """(strategy, ulysses size) the world can run one sequence with."""
+    out = [("ring", 1)]
+    if world > 1 and heads % world == 0 and kv_heads % world == 0:
+        out.append(("ulysses", world))
+    u = min(gpus_per_node, world)
+    if 1 < u < world and world % u == 0 and heads % u == 0 and kv_heads % u == 0:
+        out.append(("hybrid", u))
+    return out
+
+
+def plan_rows(cfg: PlanConfig, model) -> list[dict]:
+    """One row per (strategy, ZeRO stage, offload): the longest seq_len and its estimate."""
+    shape, world = model.shape, cfg.world_size
+    heads, kv_heads = model.heads
+    rows = []
+    for strategy, u in strategies(world, cfg.gpus_per_node, kv_heads, heads):
+        layout = "zigzag"
+        div = ringattn.layout_divisor(layout, world)
+        for stage in range(4):
+            for offload in (False, True):
+                opts = dataclasses.replace(estimate.options_of(model, cfg.device), offload=offload)
+                if offload and not opts.offloaded:
+                    continue  # needs checkpointing and a CUDA device
+
+                def est(seq_len, stage=stage, opts=opts, u=u):
+                    return estimate.estimate(shape, cfg.trainer.dtype, stage,
+                                             cfg.deepspeed.offload_optimizer and stage >= 1,
+                                             cfg.deepspeed.offload_param and stage == 3,
+                                             world_size=world, sp_size=world, micro=1, seq_len=seq_len,
+                                             options=opts, ulysses_size=u)
+
+                def fits(seq_len):
+                    e = est(seq_len)
+                    host = e.offloaded * min(cfg.gpus_per_node, world)
+                    return e.total <= cfg.device_gb * GB * cfg.usable_fraction and host <= cfg.host_gb_per_node * GB
+
+                best = estimate.max_seq_len(fits, 1 << 16, div)
+                rows.append({"strategy": strategy, "ulysses_size": u, "zero_stage": stage, "offload": offload,
+                             "max_seq_len": best, "estimate": est(best) if best else None})
+    return rows
+
+
+def report(cfg: PlanConfig, rows: list[dict]) -> str:
+    lines = [f"longest sequence per strategy x ZeRO stage x activation offload: world {cfg.world_size} "
+             f"(sp = world, one sequence), {cfg.device_gb:g} GB per device x {cfg.usable_fraction:g} usable, "
+             f"host {cfg.host_gb_per_node:g} GB per node ({cfg.gpus_per_node} devices), {cfg.trainer.dtype} "
+             "-- projections from the memory model (recipes/estimate.py)",
+             f"  {'strategy':<14}{'ZeRO':>5}{'offload':>9}{'max seq_len':>14}{'per rank':>11}{'device GB':>11}"
+             f"{'host GB/node':>14}"]
+    for r in rows:
+        e = r["estimate"]
+        name = r["strategy"] + (f" u{r['ulysses_size']}" if r["strategy"] == "hybrid" else "")
+        dev = f"{e.total / GB:11.1f}" if e else f"{'-':>11}"
+        host = f"{e.offloaded * min(cfg.gpus_per_node, cfg.world_size) / GB:14.1f}" if e else f"{'-':>14}"
+        lines.append(f"  {name:<14}{r['zero_stage']:>5}{'yes' if r['offload'] else 'no':>9}{r['max_seq_len']:>14,}"
+                     f"{r['max_seq_len'] // cfg.world_size:>11,}{dev}{host}")
+    best = max(rows, key=lambda r: r["max_seq_len"])
+    if best["estimate"] is not None:
+        e = best["estimate"]
+        lines.append(f"best: {best['max_seq_len']:,} tokens ({best['strategy']}, ZeRO {best['zero_stage']}, offload "
+                     f"{'on' if best['offload'] else 'off'}); per rank ({e.local_tokens:,} local tokens):")
+        lines += [f"  {'parameters':<24}{e.params / GB:9.2f} GB",
+                  f"  {'gradients':<24}{e.grads / GB:9.2f} GB",
+                  f"  {'optimizer states':<24}{e.optimizer / GB:9.2f} GB"]
+        lines += [f"  {name:<24}{v / GB:9.2f} GB  {why}" for name, v, why in e.terms]
+        lines.append(f"  {'total (device)':<24}{e.total / GB:9.2f} GB; host (offloaded) {e.offloaded / GB:.2f} GB per rank")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../conf", config_name="plan", version_base=None)
+def main(cfg) -> None:
+    job: PlanConfig = OmegaConf.to_object(cfg)
+    if job.world_size < 1 or job.gpus_per_node < 1 or job.device_gb <= 0 or not 0 < job.usable_fraction <= 1:
+        raise ValueError("world_size and gpus_per_node must be >= 1, device_gb > 0, 0 < usable_fraction <= 1")
+    if job.device not in ("cuda", "cpu"):
+        raise ValueError(f"device={job.device!r}: expected cuda or cpu")
+    _, model = train.resolve_model(job)
+    print(report(job, plan_rows(job, model)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
