@@ -15,7 +15,7 @@ per-rank device memory (``recipes.estimate``: every term listed) fits ``device_g
 ``usable_fraction`` and whose host memory per node (offloaded activations + ZeRO-Offload
 states) fits ``host_gb_per_node``. It prints the table, then the per-rank breakdown of the best
 plan, each term explained. Projections, not measurements: the memory model is checked
-against measured peaks on CPU (tests/test_plan.py); GPU allocator fragmentation is what
+against measured peaks on CPU (tests/test_memory_plan.py); GPU allocator fragmentation is what
 ``usable_fraction`` leaves room for.
 """
 from __future__ import annotations
