@@ -66,7 +66,8 @@ class AttentionPlan:
         self.batch, self.local_len = batch, local_len
         self.ring_size, self.ring_rank, self.ulysses_size = ring_size, ring_rank, ulysses_size
         self.cu_seqlens = cu_seqlens
-        self._cu_host = None if cu_seqlens is None else cu_seqlens.to("cpu")
+        # the host copy: the step's one host sync for documents (checked in prepare)
+        self._cu_host = cu_seqlens.to("cpu") if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self._cache: dict = {}
 

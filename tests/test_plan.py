@@ -254,6 +254,22 @@ def test_disagreeing_ranks_fail_a_model_step_with_clear_errors(world2):
             assert cu and "cu_seqlens differs across the ranks" in cu, cu
 
 
+def test_a_plan_that_does_not_fit_the_call_is_refused():
+    sp = ringattn.SequenceParallel.single()
+    cu = cu_of(DOCS)
+    plan = sp.prepare((1, SEQLEN), cu_seqlens=cu)
+    q = torch.randn(1, SEQLEN, 4, 8)
+    assert sp.attention(q, q, q, plan=plan, cu_seqlens=cu).shape == q.shape  # the same tensor
+    with pytest.raises(ValueError, match=r"q holds \(batch, local_seqlen\) = \(1, 16\), but the plan"):
+        sp.attention(q[:, :16], q[:, :16], q[:, :16], plan=plan)
+    with pytest.raises(ValueError, match="cu_seqlens comes from the plan"):
+        sp.attention(q, q, q, plan=plan, cu_seqlens=cu.clone())
+    with pytest.raises(ValueError, match="the plan was prepared for"):
+        ringattn.ring_attention(q, q, q, plan=plan)
+    with pytest.raises(ValueError, match="must be an int32 tensor"):
+        sp.prepare((1, SEQLEN), cu_seqlens=[0, SEQLEN])
+
+
 class _LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()
