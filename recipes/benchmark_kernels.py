@@ -11,10 +11,8 @@ is the measurement ``backend="auto"`` should follow on a GPU (docs/gpu.md).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import hydra
 import torch
@@ -23,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from recipes.bench_results import report, single_device
 from recipes.choices import AttnDtype, Choice
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -100,13 +99,9 @@ def table(rows: list[dict]) -> str:
 @hydra.main(config_path=None, config_name="benchmark_kernels_schema", version_base=None)
 def main(cfg) -> None:
     cfg: KernelBenchConfig = OmegaConf.to_object(cfg)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = single_device()
     rows = measure(cfg, device)
-    print(table(rows), flush=True)
-    path = Path(hydra.utils.to_absolute_path(cfg.output))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                                "torch": torch.__version__, "rows": rows}, indent=1))
+    report(rows, table(rows), cfg.output, device)
 
 
 if __name__ == "__main__":

@@ -22,23 +22,22 @@ measures with real ranks.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from recipes.bench_results import report, single_device
+from recipes.choices import AttnDtype, Layout
 from ringattn.blocks import attend_blocks, block_grads
 from ringattn.kernels import get_backend
 from ringattn.kernels.base import accumulation_dtype
 from ringattn.layouts import get_layout
 from ringattn.merge import PartialAttention
-from recipes.choices import AttnDtype, Layout
 
 
 @dataclass
@@ -170,13 +169,9 @@ def table(rows: list[dict]) -> str:
 @hydra.main(config_path=None, config_name="benchmark_virtual_ring_schema", version_base=None)
 def main(cfg) -> None:
     cfg: VirtualRingConfig = OmegaConf.to_object(cfg)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = single_device()
     rows = measure(cfg, device)
-    print(table(rows), flush=True)
-    path = Path(hydra.utils.to_absolute_path(cfg.output))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                                "torch": torch.__version__, "rows": rows}, indent=1))
+    report(rows, table(rows), cfg.output, device)
 
 
 if __name__ == "__main__":

@@ -14,28 +14,16 @@ the final eval loss) and the trained model (``save_pretrained`` format) to ``<ou
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import torch
 
-from recipes.tiny_hf import byte_tokenizer, chunked_examples, packed_examples, texts, tiny_llama
-from ringattn.layouts import LAYOUTS
+from recipes.tiny_hf import example_arguments, byte_tokenizer, chunked_examples, packed_examples, texts, tiny_llama
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sp-size", type=int, default=2, help="ranks sharing one sequence (dp = world / sp)")
-    p.add_argument("--strategy", default="ring", choices=["ring", "ulysses", "hybrid"])
-    p.add_argument("--layout", default="zigzag", choices=sorted(LAYOUTS), help="doc_zigzag needs --packing")
-    p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses ranks per ring position (hybrid)")
-    p.add_argument("--packing", action="store_true",
-                   help="variable-length documents packed by DataCollatorWithFlattening (else 64-token chunks)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences (packing: documents) per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p = example_arguments(__doc__)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (Trainer's bf16=True)")
     p.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")

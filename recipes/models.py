@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ringattn.models import Llama, LlamaConfig
+from ringattn.models.tiling import check_memory_options
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +136,7 @@ class HFModel:
     """A transformers causal LM from a local directory; its config is read once."""
 
     def __init__(self, cfg: HFModelConfig, tokenizer):
-        if cfg.offload_activations and not cfg.activation_checkpointing:
-            raise ValueError("model.offload_activations=true offloads the inputs saved by activation "
-                             "checkpointing: set model.activation_checkpointing=true too")
-        for name in ("loss_tile_tokens", "mlp_tile_tokens"):
-            if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-                raise ValueError(f"model.{name}={getattr(cfg, name)} must be >= 1 (or null: automatic)")
+        check_memory_options(cfg)
         if not os.path.isfile(os.path.join(cfg.path, "config.json")):
             raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json there (a local Hugging Face "
                                     "model directory is needed; nothing is downloaded)")

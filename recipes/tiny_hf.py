@@ -7,9 +7,12 @@ returns the same data, on every rank.
 """
 from __future__ import annotations
 
+import argparse
 import random
 
 import torch
+
+from ringattn.layouts import LAYOUTS
 
 EOS = 256
 VOCAB = 257
@@ -73,3 +76,19 @@ def chunked_examples(n: int, seq_len: int, seed: int = 0) -> list[dict]:
         k += 1
     return [{"input_ids": torch.tensor(stream[i * seq_len:(i + 1) * seq_len]),
              "labels": torch.tensor(stream[i * seq_len:(i + 1) * seq_len])} for i in range(n)]
+
+
+def example_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command-line options both examples share (SP shape, data, steps); each adds its own."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--sp-size", type=int, default=2, help="ranks sharing one sequence (dp = world / sp)")
+    p.add_argument("--strategy", default="ring", choices=["ring", "ulysses", "hybrid"])
+    p.add_argument("--layout", default="zigzag", choices=sorted(LAYOUTS), help="doc_zigzag needs --packing")
+    p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses ranks per ring position (hybrid)")
+    p.add_argument("--packing", action="store_true",
+                   help="variable-length documents packed by DataCollatorWithFlattening (else 64-token chunks)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences (packing: documents) per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-3)
+    return p

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..parallel import SequenceParallel
-from .tiling import TiledMLP, activation_offload, token_loss
+from .tiling import TiledMLP, activation_offload, check_memory_options, token_loss
 
 
 @dataclass
@@ -81,12 +81,7 @@ class LlamaConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise ValueError(f"model.logit_softcap must be positive or null; got {self.logit_softcap}")
-        if self.offload_activations and not self.activation_checkpointing:
-            raise ValueError("model.offload_activations=true offloads the inputs saved by activation "
-                             "checkpointing: set model.activation_checkpointing=true too")
-        for name in ("loss_tile_tokens", "mlp_tile_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1 (or null: automatic)")
+        check_memory_options(self)
 
     @property
     def out_std(self) -> float:

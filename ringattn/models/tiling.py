@@ -247,6 +247,18 @@ def tile_mlps(model: nn.Module, ffn_dim: int, tile_tokens: Optional[int] = None,
 _said_cpu = False
 
 
+def check_memory_options(cfg) -> None:
+    """ValueError naming the field for a model config's tiling/offload options
+    (``offload_activations``, ``activation_checkpointing``, ``loss_tile_tokens``,
+    ``mlp_tile_tokens``); shared by our Llama's config and the recipe's HF model config."""
+    if cfg.offload_activations and not cfg.activation_checkpointing:
+        raise ValueError("model.offload_activations=true offloads the inputs saved by activation "
+                         "checkpointing: set model.activation_checkpointing=true too")
+    for name in ("loss_tile_tokens", "mlp_tile_tokens"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"model.{name}={getattr(cfg, name)} must be >= 1 (or null: automatic)")
+
+
 def activation_offload(device: torch.device):
     """Context in which saved tensors live in pinned host memory (CUDA; copies non-blocking);
     on other devices nothing to offload to: a no-op that says so once."""
@@ -260,5 +272,5 @@ def activation_offload(device: torch.device):
     return contextlib.nullcontext()
 
 
-__all__ = ["IGNORE_INDEX", "TILE_BYTES", "TokenLoss", "TiledMLP", "activation_offload", "logits_loss", "loss_tile_tokens",
+__all__ = ["IGNORE_INDEX", "TILE_BYTES", "TokenLoss", "TiledMLP", "activation_offload", "check_memory_options", "logits_loss", "loss_tile_tokens",
            "mlp_tile_tokens", "tile_mlps", "token_loss"]
