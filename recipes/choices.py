@@ -12,6 +12,7 @@ import enum
 import torch
 
 from ringattn.layouts import LAYOUTS
+from ringattn.plan import STRATEGIES
 
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,6 +46,7 @@ class AttnDtype(Choice):
 
 
 Layout = Choice("Layout", {name: name for name in LAYOUTS})  # the library's layout registry
+Strategy = Choice("Strategy", {name: name for name in STRATEGIES})  # the library's strategies
 
 
 def at_least(name: str, value, minimum=1, allow_none: bool = False) -> None:

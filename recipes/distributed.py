@@ -21,14 +21,18 @@ from torch.distributed.device_mesh import DeviceMesh
 
 import ringattn
 from ringattn.inputs import check_ulysses_heads
-from recipes.choices import Layout, at_least
+from recipes.choices import Layout, Strategy, at_least
 
 
 @dataclass
 class ParallelConfig:
     sp_size: int = 1  # ranks that share one sequence; dp = world / sp
-    # all-to-all (Ulysses) degree inside the SP group; the strategy follows from it:
-    # 1 = ring, sp_size = Ulysses, in between = hybrid (Ulysses inside, ring across)
+    # ring | ulysses | hybrid (as in ringattn.SequenceParallel), or null: follows from
+    # ulysses_size. Named: ring needs ulysses_size=1, ulysses sets ulysses_size=sp_size when it
+    # is left at 1, hybrid needs 1 < ulysses_size < sp_size.
+    strategy: Optional[Strategy] = None
+    # all-to-all (Ulysses) degree inside the SP group: 1 = ring, sp_size = Ulysses, in
+    # between = hybrid (Ulysses inside, ring across)
     ulysses_size: int = 1
     layout: Layout = Layout.zigzag  # any ringattn layout (ringattn/layouts.py); doc_zigzag: packed text
     # Seconds a collective (and the initial rendezvous) may wait for a peer before this rank
@@ -39,17 +43,20 @@ class ParallelConfig:
     def __post_init__(self):
         at_least("parallel.sp_size", self.sp_size)
         at_least("parallel.ulysses_size", self.ulysses_size)
+        if self.strategy == "ulysses" and self.ulysses_size == 1:
+            self.ulysses_size = self.sp_size
         if self.sp_size % self.ulysses_size:
             raise ValueError(f"parallel.ulysses_size={self.ulysses_size} does not divide "
                              f"parallel.sp_size={self.sp_size}")
+        derived = ("ring" if self.ulysses_size == 1 else
+                   "ulysses" if self.ulysses_size == self.sp_size else "hybrid")
+        if self.strategy is not None and self.strategy != derived:
+            raise ValueError(f"parallel.strategy={self.strategy} does not match parallel.ulysses_size="
+                             f"{self.ulysses_size} with parallel.sp_size={self.sp_size} (that is {derived}; "
+                             "ring: ulysses_size=1, ulysses: ulysses_size=sp_size, hybrid: in between)")
+        self.strategy = Strategy(derived)
         if self.collective_timeout_s <= 0:
             raise ValueError(f"parallel.collective_timeout_s={self.collective_timeout_s}: must be > 0")
-
-    @property
-    def strategy(self) -> str:
-        if self.ulysses_size == 1:
-            return "ring"
-        return "ulysses" if self.ulysses_size == self.sp_size else "hybrid"
 
 
 def validate(cfg: ParallelConfig, world_size: int) -> None:
@@ -151,7 +158,7 @@ def init(cfg: ParallelConfig) -> Context:
     world = dist.get_world_size()
     validate(cfg, world)
     mesh = ringattn.init_mesh(sp=cfg.sp_size, ulysses=cfg.ulysses_size, device_type=device.type, timeout=timeout)
-    sp = ringattn.SequenceParallel(cfg.strategy, cfg.layout.value, mesh=mesh)
+    sp = ringattn.SequenceParallel(cfg.strategy.value, cfg.layout.value, mesh=mesh)
     return Context(dist.get_rank(), world, device, mesh, sp)
 
 

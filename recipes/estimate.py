@@ -1,7 +1,7 @@
 """Memory model per rank: what one rank holds on its device for one micro-batch of its sequence
 shard, term by term. Arithmetic only -- nothing is allocated. Used by the dry run
-(``trainer.dry_run=true``), the planner (``recipes.plan``) and the memory benchmark, which
-checks it against measured peaks (tests/test_memory_plan.py: within 20 % on CPU).
+(``trainer.dry_run=true``), the planner (``recipes.capacity``) and the memory benchmark, which
+checks it against measured peaks (tests/test_capacity.py: within 20 % on CPU).
 
 Static terms. ZeRO partitions over the whole world (dp x sp): DeepSpeed is given no ``mpu``
 and treats every rank as a replica (see recipes/engine.py). Bytes per parameter follow the

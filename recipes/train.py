@@ -274,7 +274,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
                     metrics["accuracy"] = evaluate(engine, batches, ctx, job, positions)
                     metrics["accuracy_chance"] = dataset.chance
             if ctx.is_logger:
-                metrics["mem_gb"] = (torch.cuda.max_memory_allocated() if ctx.device.type == "cuda"
+                metrics["mem_gib"] = (torch.cuda.max_memory_allocated() if ctx.device.type == "cuda"
                                      else _rss()) / 2**30
                 tracker.log(step, metrics)
                 eta = (now - t_begin) / (step - start) * (t.max_steps - step)

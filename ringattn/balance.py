@@ -1,7 +1,7 @@
 """Per-rank attention work of a layout, computed without communication (planning numbers).
 
 ``rank_work``: the query-key pairs each rank's queries must score (what any kernel has to
-do; the sum is the same for every layout). ``plan_work``: what the ring's block plan
+do; the sum is the same for every layout). ``scheduled_work``: what the ring's block schedule
 actually computes per rank, and how much of it runs on masked tiles (kernels with an
 explicit boolean mask: slower, and the masked-out part of the tile is wasted work).
 Balance = max/mean over ranks: the ring runs at the pace of its slowest rank.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .layouts import get_layout
-from .masking import AttentionMask, rank_plan
+from .masking import AttentionMask, rank_steps
 
 
 def rank_work(cu_seqlens, layout: str, world_size: int, *, causal: bool = True,
@@ -40,7 +40,7 @@ def imbalance(work: torch.Tensor) -> float:
 
 
 @dataclass(frozen=True)
-class PlanWork:
+class ScheduledWork:
     needed: torch.Tensor  # (P,) visible pairs per rank (``rank_work``)
     kernel: torch.Tensor  # (P,) pairs the planned kernel calls compute per rank
     masked: torch.Tensor  # (P,) of those, pairs computed in tiles with an explicit mask
@@ -51,10 +51,10 @@ class PlanWork:
         return float(self.masked.sum() / self.kernel.sum())
 
 
-def plan_work(cu_seqlens, layout: str, world_size: int, *, causal: bool = True,
-              window_size=(-1, -1)) -> PlanWork:
-    """What ``ring_attention``'s plan computes on each rank for one packed sequence (every
-    step of the ring, as ``ringattn.masking.rank_plan`` gives it). Builds the same block
+def scheduled_work(cu_seqlens, layout: str, world_size: int, *, causal: bool = True,
+                   window_size=(-1, -1)) -> ScheduledWork:
+    """What ``ring_attention``'s block schedule computes on each rank for one packed sequence (every
+    step of the ring, as ``ringattn.masking.rank_steps`` gives it). Builds the same block
     tasks the ring does, so it costs what planning costs: use ``rank_work`` for balance."""
     seqlen = int(cu_seqlens[-1])
     mask = AttentionMask.build(seqlen, causal, cu_seqlens, window_size)
@@ -63,12 +63,12 @@ def plan_work(cu_seqlens, layout: str, world_size: int, *, causal: bool = True,
     local = seqlen // world_size
     kernel, masked, calls = [], [], []
     for r in range(world_size):
-        tasks = [t for step in rank_plan(lay, mask, world_size, r) for t in step]
+        tasks = [t for step in rank_steps(lay, mask, world_size, r) for t in step]
         kernel.append(sum(t.scores(local, local) for t in tasks))
         masked.append(sum(t.scores(local, local) for t in tasks if t.mask is not None))
         calls.append(len(tasks))
     as_t = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
-    return PlanWork(rank_work(cu_seqlens, layout, world_size, causal=causal, window_size=window_size),
+    return ScheduledWork(rank_work(cu_seqlens, layout, world_size, causal=causal, window_size=window_size),
                     as_t(kernel), as_t(masked), as_t(calls))
 
 

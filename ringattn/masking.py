@@ -185,7 +185,7 @@ class AttentionMask:
         return tasks
 
 
-def rank_plan(layout: Layout, mask: AttentionMask, world_size: int, rank: int) -> list[list[BlockTask]]:
+def rank_steps(layout: Layout, mask: AttentionMask, world_size: int, rank: int) -> list[list[BlockTask]]:
     """The kernel calls of each of the P ring steps for ``rank`` (step i: the K/V of rank
     (rank - i) mod P). Pure: no communication, so planners and benchmarks use it as is."""
     cu = mask.cu_seqlens
@@ -196,11 +196,11 @@ def rank_plan(layout: Layout, mask: AttentionMask, world_size: int, rank: int) -
     if layout.needs_documents:
         return [mask.document_tasks(q_pos, layout.indices(mask.seqlen, world_size, src, cu))
                 for src in srcs]
-    plan = [layout.block_tasks(rank, src, world_size, local_len, mask.causal) for src in srcs]
+    steps = [layout.block_tasks(rank, src, world_size, local_len, mask.causal) for src in srcs]
     if mask.is_plain:
-        return plan
+        return steps
     return [[r for t in tasks for r in mask.refine(t, q_pos, layout.indices(mask.seqlen, world_size, src))]
-            for src, tasks in zip(srcs, plan)]
+            for src, tasks in zip(srcs, steps)]
 
 
 def document_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:

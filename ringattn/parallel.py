@@ -9,11 +9,9 @@ from .hybrid import hybrid_attention
 from .layouts import get_layout
 from .masking import document_positions
 from .mesh import mesh_sp_groups, mesh_sp_sizes, split_hybrid_groups
-from .plan import AttentionPlan
+from .plan import STRATEGIES, AttentionPlan
 from .ring import ring_attention
 from .ulysses import local_attention, ulysses_attention
-
-STRATEGIES = ("ring", "ulysses", "hybrid")
 
 
 class SequenceParallel:

@@ -35,10 +35,12 @@ from .headsplit import HeadSplit
 from .inputs import check_qkv, check_same_on_all_ranks, check_sinks, check_ulysses_heads
 from .kernels import get_backend
 from .layouts import ALL, BlockTask, get_layout
-from .masking import AttentionMask, check_window, rank_plan
+from .masking import AttentionMask, check_window, rank_steps
 from .sharding import check_seqlen
 
-STRATEGIES = ("local", "ring", "ulysses", "hybrid")
+# The public strategies (``SequenceParallel``, the recipes' ``parallel.strategy``). A plan
+# also takes "local": one process, no communication (``local_attention``).
+STRATEGIES = ("ring", "ulysses", "hybrid")
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -88,8 +90,9 @@ class AttentionPlan:
         all-gather each. ``heads``: more named sizes to agree on (standalone calls).
         Local checks all run before any communication.
         """
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+        if strategy not in ("local", *STRATEGIES):
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of "
+                             f"{['local', *STRATEGIES]}")
         get_layout(layout)
         r = group_size(ring_group) if strategy in ("ring", "hybrid") else 1
         u = group_size(ulysses_group) if strategy in ("ulysses", "hybrid") else 1
@@ -149,7 +152,7 @@ class AttentionPlan:
             return self._cache[key]
         mask, lay = self.mask(causal, window_size), get_layout(self.layout)
         p, rank = self.ring_size, self.ring_rank
-        steps = rank_plan(lay, mask, p, rank)
+        steps = rank_steps(lay, mask, p, rank)
         if not mask.is_plain:
             pos = [lay.indices(self.seqlen, p, r, mask.cu_seqlens) for r in range(p)]
 

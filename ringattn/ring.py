@@ -33,14 +33,14 @@ from .plan import prologue
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, scale, plan, group, backend, softcap):
+    def forward(ctx, q, k, v, sinks, scale, steps, group, backend, softcap):
         comm = RingComm(group)
         kernel = get_backend(backend, q, softcap=softcap)
         acc = PartialAttention(q, accumulation_dtype(q.dtype))
         k_cur, v_cur = k.contiguous(), v.contiguous()
         spare = None  # the receive buffers not in use this step (double buffering)
-        for step, tasks in enumerate(plan):
-            pending = comm.exchange([k_cur, v_cur], out=spare) if step + 1 < len(plan) else None
+        for step, tasks in enumerate(steps):
+            pending = comm.exchange([k_cur, v_cur], out=spare) if step + 1 < len(steps) else None
             record_step(tasks, q, k_cur)
             with profile.timed("compute_s", q.device):
                 attend_blocks(kernel, tasks, q, k_cur, v_cur, scale, acc, softcap)
@@ -54,7 +54,7 @@ class _RingAttention(torch.autograd.Function):
         out = acc.out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, acc.lse, sinks)
         ctx.set_materialize_grads(False)
-        ctx.scale, ctx.plan, ctx.group, ctx.backend = scale, plan, group, backend
+        ctx.scale, ctx.steps, ctx.group, ctx.backend = scale, steps, group, backend
         ctx.softcap = softcap
         return out, acc.lse
 
@@ -70,9 +70,9 @@ class _RingAttention(torch.autograd.Function):
         k_cur, v_cur = k.contiguous(), v.contiguous()
         dkv_pending = None
         spare = None  # double-buffered K/V receives, as in forward
-        steps = len(ctx.plan)
-        for step, tasks in enumerate(ctx.plan):
-            kv_pending = comm.exchange([k_cur, v_cur], out=spare) if step + 1 < steps else None
+        n_steps = len(ctx.steps)
+        for step, tasks in enumerate(ctx.steps):
+            kv_pending = comm.exchange([k_cur, v_cur], out=spare) if step + 1 < n_steps else None
             with profile.timed("compute_s", q.device):
                 grads = block_grads(kernel, tasks, dout, q, k_cur, v_cur, out, lse, ctx.scale,
                                     ctx.softcap)
@@ -83,12 +83,12 @@ class _RingAttention(torch.autograd.Function):
                 dq[:, t.q_rows] += dq_b
                 dk[:, t.k_rows] += dk_b
                 dv[:, t.k_rows] += dv_b
-            if step + 1 < steps:
+            if step + 1 < n_steps:
                 dkv_pending = comm.exchange([dk, dv])
-            elif steps > 1:
-                # We hold the K/V of rank (r - steps + 1): send its gradients home directly
+            elif n_steps > 1:
+                # We hold the K/V of rank (r - n_steps + 1): send its gradients home directly
                 # (the next hop when the ring went all the way round).
-                dk, dv = comm.exchange([dk, dv], shift=1 - steps).wait()
+                dk, dv = comm.exchange([dk, dv], shift=1 - n_steps).wait()
             if kv_pending is not None:
                 spare = [k_cur, v_cur] if step > 0 else None  # never write the caller's k/v
                 k_cur, v_cur = kv_pending.wait()

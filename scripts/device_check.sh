@@ -25,13 +25,13 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is
 python -m pytest -q tests/test_kernels.py -rs 2>&1 | tee "$out/kernels.log"
 python -m pytest -q tests/test_ring_attention.py -k "1-nccl or 1-gloo" -rs 2>&1 | tee "$out/ring_cuda.log"
 # 2. the fastest fused kernel per dtype and head_dim
-python -m recipes.benchmark_kernels seqlens="$seqs" dtypes=[fp32,bf16,fp16] output="$out/kernels.json" \
+python -m recipes.benchmarks.kernels seqlens="$seqs" dtypes=[fp32,bf16,fp16] output="$out/kernels.json" \
     hydra.run.dir="$out/hydra_kernels" 2>&1 | tee "$out/kernels_bench.log"
 # 3. blockwise efficiency of the ring's schedule (P = 2, 4, 8) against one fused call
-python -m recipes.benchmark_virtual_ring seqlens="$vr_seqs" worlds=[2,4,8] $vr_shape \
+python -m recipes.benchmarks.virtual_ring seqlens="$vr_seqs" worlds=[2,4,8] $vr_shape \
     output="$out/virtual_ring.json" hydra.run.dir="$out/hydra_vr" 2>&1 | tee "$out/virtual_ring.log"
 # ring attention on one rank against the single-process kernel
-python -m recipes.benchmark_attention $bench_shape layouts=[zigzag] strategies=[ring] iters=3 \
+python -m recipes.benchmarks.attention $bench_shape layouts=[zigzag] strategies=[ring] iters=3 \
     output="$out/bench_attention.json" hydra.run.dir="$out/hydra_bench" 2>&1 | tee "$out/bench.log"
 # 4. the training recipe on one GPU: NCCL world of one, bf16 on GPU, MFU in the log line
 timeout 300 torchrun --standalone --nproc-per-node 1 -m recipes.train model=$model \

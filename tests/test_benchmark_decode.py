@@ -1,4 +1,4 @@
-"""recipes/benchmark_decode.py runs at P = 1 and 2 and reports what the README table shows:
+"""recipes/benchmarks/decode.py runs at P = 1 and 2 and reports what the README table shows:
 the KV cache per rank halves at P = 2, and the decode all-reduces carry a fixed number of
 bytes per token (2 per layer, independent of the cache length)."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ SMALL = ["cache=64", "tokens=2", "dim=32", "n_heads=4", "n_kv_heads=2"]
 
 def _bench(tmp_path, nproc):
     out = tmp_path / f"p{nproc}.json"
-    args = ["-m", "recipes.benchmark_decode", *SMALL, f"output={out}"]
+    args = ["-m", "recipes.benchmarks.decode", *SMALL, f"output={out}"]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(), capture_output=True, text=True,

@@ -91,11 +91,11 @@ def test_front_door_exact_ring_hybrid_ulysses(world, strategy, u):
 def test_plan_has_no_masked_tiles_and_no_wasted_pairs():
     cu = balance.lognormal_documents(4032, mean=512, seed=1)  # 4032: divisible by 2, 3, 4
     for world in (2, 3, 4):
-        work = balance.plan_work(cu, "doc_zigzag", world)
+        work = balance.scheduled_work(cu, "doc_zigzag", world)
         assert work.masked_share == 0.0
         assert torch.equal(work.kernel, work.needed)  # every computed pair is a visible one
         assert balance.imbalance(work.needed) < 1.01
-    striped = balance.plan_work(cu, "striped", 2)
+    striped = balance.scheduled_work(cu, "striped", 2)
     assert striped.masked_share > 0.9  # documents cut through every striped block
 
 

@@ -91,7 +91,7 @@ def test_bf16_autocast_like_trainer_bf16():
     bf16 v; the adapter casts them as autocast does for transformers' own SDPA. Same loss as
     the eager model under the same autocast, within bf16 rounding (2e-2 on a loss of ~5.5)."""
     pytest.importorskip("transformers")
-    from recipes.tiny_hf import chunked_examples, tiny_llama
+    from recipes.examples.tiny_hf import chunked_examples, tiny_llama
     from ringattn.integrations.batch import loss_sum
     from ringattn.models.hf import use_ringattn
 
@@ -194,22 +194,22 @@ def test_trainer_and_accelerate_sp2_match_stock_single_process(tmp_path):
     # pure DP over the 2 processes (sp=1, 4 documents each) = one process with 8 documents per micro-batch
     refs.append([*TRAINER_CASES["packed-ga2"], "--batch-size", "8", "--baseline", "--output-dir", str(out["ref"] / "b8")])
     acc = ["--packing", "--grad-accum", "2"]
-    ref_script = _calls("hf_trainer_sp", refs) + _calls("accelerate_sp", [
+    ref_script = _calls("examples.hf_trainer_sp", refs) + _calls("examples.accelerate_sp", [
         [*acc, "--baseline", "--output-dir", str(out["ref"] / "accelerate")]])
     _run([sys.executable, "-c", ref_script])  # one process: the stock Trainer and plain loop
     script = tmp_path / "trainer_sp2.py"
     doc_layout = [*TRAINER_CASES["packed-ga2"], "--layout", "doc_zigzag", "--gradient-checkpointing"]
-    script.write_text(_calls("hf_trainer_sp", [[*a, "--sp-size", "2", "--output-dir", str(out["sp2"] / c)]
+    script.write_text(_calls("examples.hf_trainer_sp", [[*a, "--sp-size", "2", "--output-dir", str(out["sp2"] / c)]
                                                for c, a in TRAINER_CASES.items()]
                              + [[*doc_layout, "--sp-size", "2", "--output-dir", str(out["sp2"] / "doc_zigzag")],
                                 [*TRAINER_CASES["packed-ga2"], "--sp-size", "1", "--output-dir", str(out["sp2"] / "dp2")]]))
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)])
     # DeepSpeed needs its own process (accelerate's state is per process)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-          "recipes.hf_trainer_sp", *TRAINER_CASES["packed-ga2"], "--sp-size", "2", "--zero", "2",
+          "recipes.examples.hf_trainer_sp", *TRAINER_CASES["packed-ga2"], "--sp-size", "2", "--zero", "2",
           "--output-dir", str(out["ds"])])
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m",
-          "recipes.accelerate_sp", *acc, "--sp-size", "2", "--output-dir", str(out["sp2"] / "accelerate")])
+          "recipes.examples.accelerate_sp", *acc, "--sp-size", "2", "--output-dir", str(out["sp2"] / "accelerate")])
 
     for case in TRAINER_CASES:
         got, want = _losses(out["sp2"] / case), _losses(out["ref"] / case)

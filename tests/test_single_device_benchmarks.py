@@ -1,4 +1,4 @@
-"""Single-device benchmarks for the GPU checks (recipes/benchmark_virtual_ring.py, recipes/benchmark_kernels.py).
+"""Single-device benchmarks for the GPU checks (recipes/benchmarks/virtual_ring.py, recipes/benchmarks/kernels.py).
 
 The virtual ring times the ring's exact block schedule in one process; this checks that what it
 times is the real computation: every virtual rank's out and dq, reassembled by the layout, equal
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from recipes.benchmark_virtual_ring import VirtualRingConfig, measure, virtual_rank
+from recipes.benchmarks.virtual_ring import VirtualRingConfig, measure, virtual_rank
 from ringattn.kernels import get_backend
 from ringattn.layouts import get_layout
 from tests.reference import layout_indices, reference_attention
@@ -40,7 +40,7 @@ def test_measure_reports_each_world_and_skips_indivisible():
 
 
 def test_kernel_benchmark_times_what_runs_and_names_what_cannot():
-    from recipes.benchmark_kernels import KernelBenchConfig, measure as measure_kernels
+    from recipes.benchmarks.kernels import KernelBenchConfig, measure as measure_kernels
 
     cfg = KernelBenchConfig(seqlens=[64], dtypes=["fp32"], head_dims=[16], heads=2, warmup=1, iters=1,
                             math_max_seqlen=32)

@@ -203,3 +203,19 @@ def test_typed_choices_and_ranges_fail_naming_the_field():
     cfg.trainer.max_steps = 0
     with pytest.raises(ValueError, match="trainer.max_steps=0"):
         OmegaConf.to_object(cfg)
+
+
+def test_parallel_strategy_named_or_derived():
+    """``parallel.strategy`` names the library's strategy; left null it follows from ulysses_size."""
+    from recipes.distributed import ParallelConfig
+
+    assert ParallelConfig(sp_size=4).strategy == "ring"
+    assert ParallelConfig(sp_size=4, ulysses_size=4).strategy == "ulysses"
+    assert ParallelConfig(sp_size=4, ulysses_size=2).strategy == "hybrid"
+    named = ParallelConfig(sp_size=4, strategy="ulysses")  # ulysses_size left at 1: all of sp
+    assert named.strategy == "ulysses" and named.ulysses_size == 4
+    assert ParallelConfig(sp_size=4, strategy="hybrid", ulysses_size=2).ulysses_size == 2
+    for kw, message in (({"strategy": "ring", "ulysses_size": 2}, "strategy=ring does not match"),
+                        ({"strategy": "hybrid"}, "strategy=hybrid does not match")):
+        with pytest.raises(ValueError, match=message):
+            ParallelConfig(sp_size=4, **kw)

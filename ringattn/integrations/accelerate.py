@@ -24,7 +24,7 @@ gradient of (sum of all token losses) / (valid targets), token-weighted over DP 
 accumulation -- the same as one process on the whole batch (see recipes/engine.py).
 
 Needs torch; accelerate is imported by ``data_loader`` only, transformers by
-``prepare_model`` (a transformers model). Full loop: ``recipes/accelerate_sp.py``.
+``prepare_model`` (a transformers model). Full loop: ``recipes/examples/accelerate_sp.py``.
 """
 from __future__ import annotations
 

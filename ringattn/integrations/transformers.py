@@ -8,7 +8,7 @@
 
     trainer = SPTrainer(model=model, args=args, train_dataset=ds,
                         data_collator=DataCollatorWithFlattening(),
-                        sp_size=2, sp_strategy="ring", sp_layout="zigzag")
+                        sp_size=2, strategy="ring", layout="zigzag")
     trainer.train()                                      # torchrun / accelerate launch, world = dp x sp
 
 The mixin overrides public Trainer methods only (the ones its documentation says to
@@ -39,16 +39,20 @@ from .accelerate import SequenceParallelism
 class SequenceParallelMixin:
     """Put first in the bases of a ``transformers.Trainer`` subclass (see the module doc).
 
-    Keyword arguments (the rest go to the Trainer): sp_size (ranks sharing one sequence),
-    sp_strategy ("ring" | "ulysses" | "hybrid"), sp_layout ("zigzag" | "striped" |
-    "contiguous" | "doc_zigzag"), sp_ulysses_size (hybrid), sp_backend (kernel backend).
+    Keyword arguments (the rest go to the Trainer), named as in ``SequenceParallelism`` and
+    ``ringattn.SequenceParallel``: sp_size (ranks sharing one sequence), strategy ("ring" |
+    "ulysses" | "hybrid"), layout ("zigzag" | "striped" | "contiguous" | "doc_zigzag"),
+    ulysses_size (hybrid), backend (kernel backend).
     """
 
     # compute_loss returns a loss already normalised over the whole accumulated batch
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, sp_size: int = 1, sp_strategy: str = "ring", sp_layout: str = "zigzag",
-                 sp_ulysses_size: Optional[int] = None, sp_backend: str = "auto", **kwargs):
+    def __init__(self, *args, sp_size: int = 1, strategy: str = "ring", layout: str = "zigzag",
+                 ulysses_size: Optional[int] = None, backend: str = "auto", **kwargs):
+        for old in ("sp_strategy", "sp_layout", "sp_ulysses_size", "sp_backend"):
+            if old in kwargs:
+                raise TypeError(f"SequenceParallelMixin: {old}= was renamed {old[3:]}=")
         super().__init__(*args, **kwargs)
         if self.args.label_smoothing_factor:
             raise ValueError("sequence parallelism: label_smoothing_factor is not supported; set it to 0")
@@ -57,8 +61,8 @@ class SequenceParallelMixin:
         if self.compute_metrics is not None:
             raise ValueError("sequence parallelism: compute_metrics is not supported (each rank holds only a "
                              "shard of the logits); evaluation reports eval_loss")
-        self.sequence_parallelism = SequenceParallelism(self.accelerator, sp_size, sp_strategy, sp_layout,
-                                                        ulysses_size=sp_ulysses_size, backend=sp_backend,
+        self.sequence_parallelism = SequenceParallelism(self.accelerator, sp_size, strategy, layout,
+                                                        ulysses_size=ulysses_size, backend=backend,
                                                         backward_divides_by_accumulation=False)
         self.sequence_parallelism.prepare_model(self.model)
 

@@ -1,8 +1,8 @@
 """Attention benchmark: ring, Ulysses and hybrid attention per layout vs. one process.
 
     # one process (P = 1), then two ranks:
-    python -m recipes.benchmark_attention
-    torchrun --standalone --nproc-per-node 2 -m recipes.benchmark_attention seqlens=[8192]
+    python -m recipes.benchmarks.attention
+    torchrun --standalone --nproc-per-node 2 -m recipes.benchmarks.attention seqlens=[8192]
 
 Per strategy (ring / ulysses / hybrid ring_size x ulysses_size; one the head counts or
 world size cannot split is skipped with the reason; uneven head counts such as heads=28
@@ -18,9 +18,9 @@ lengths, ``docs_sigma``, cut at each seqlen; ``ringattn.balance.lognormal_docume
 single-process baseline is then the library's own per-document path (one causal triangle
 per document, no dense mask), so ``single / P`` is the balanced ideal: every rank doing
 exactly 1/P of the needed work with no waiting. Rows also report the planned work balance
-and the share of planned work on masked tiles (``ringattn.balance.plan_work``).
+and the share of planned work on masked tiles (``ringattn.balance.scheduled_work``).
 
-    torchrun --standalone --nproc-per-node 2 -m recipes.benchmark_attention seqlens=[16384] \
+    torchrun --standalone --nproc-per-node 2 -m recipes.benchmarks.attention seqlens=[16384] \
         docs_lognormal_mean=512 strategies=[ring] layouts=[contiguous,zigzag,striped,doc_zigzag]
 On CPU each rank (and the single-process baseline) uses ``threads_per_rank`` threads, so
 P ranks stand for P devices. Results go to a table on stdout and to ``output`` (JSON).
@@ -48,12 +48,9 @@ from ringattn.inputs import check_ulysses_heads
 from ringattn.kernels import get_backend
 from ringattn.masking import AttentionMask
 from ringattn.ulysses import local_attention
-from ringattn.parallel import STRATEGIES
 from recipes import distributed
-from recipes.choices import AttnDtype, Choice, Layout
+from recipes.choices import AttnDtype, Layout, Strategy
 from recipes.memory import PeakMemory
-
-Strategy = Choice("Strategy", {name: name for name in STRATEGIES})
 
 
 @dataclass
@@ -85,6 +82,12 @@ class BenchmarkConfig:
     baseline: bool = True
     output: str = "bench_results/attention_p${oc.env:WORLD_SIZE,1}.json"
     collective_timeout_s: float = 600.0  # how long a collective may wait for a peer
+
+    def __post_init__(self):
+        # checked here, before any process starts: torch's own one-process baseline dies of a
+        # floating-point exception (no Python error) when heads is not a multiple of kv_heads
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
 
 
 ConfigStore.instance().store(name="benchmark_attention_schema", node=BenchmarkConfig)
@@ -212,7 +215,7 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
     dense = cfg.batch * cfg.heads * (seqlen * (seqlen + 1) // 2 if cfg.causal else seqlen**2)
     planned = {}
     if cu is not None and strategy == "ring":  # the ring's plan for every rank (no communication)
-        pw = balance.plan_work(cu.cpu(), layout, world, causal=cfg.causal, window_size=tuple(cfg.window))
+        pw = balance.scheduled_work(cu.cpu(), layout, world, causal=cfg.causal, window_size=tuple(cfg.window))
         planned = {"planned_balance": balance.imbalance(pw.kernel), "needed_balance": balance.imbalance(pw.needed),
                    "masked_share": pw.masked_share, "kernel_calls_per_rank": int(pw.calls.max())}
     return {**planned,
@@ -337,10 +340,11 @@ def _print_row(row):
           flush=True)
 
 
-@hydra.main(config_path="../conf", config_name="benchmark_attention", version_base="1.3")
-def main(cfg: BenchmarkConfig) -> None:
+@hydra.main(config_path="../../conf", config_name="benchmarks/attention", version_base="1.3")
+def main(cfg) -> None:
+    job: BenchmarkConfig = OmegaConf.to_object(cfg)  # runs the checks in __post_init__
     try:
-        run(cfg)
+        run(job)
     finally:
         distributed.shutdown()
 

@@ -1,9 +1,9 @@
-"""Planner: the longest context that fits, per strategy, ZeRO stage and activation offload.
+"""Capacity planner: the longest context that fits, per strategy, ZeRO stage and activation offload.
 
-    python -m recipes.plan model=llama3_8b trainer.dtype=bf16 world_size=8 device_gb=80
-    python -m recipes.plan model=llama3_8b trainer.dtype=bf16 world_size=64 device_gb=80 host_gb_per_node=2048
-    python -m recipes.plan model.dim=256 model.n_layers=4 model.n_heads=4 model.vocab_size=32000 \\
-        model.activation_checkpointing=true world_size=2 device_gb=8 device=cpu
+    python -m recipes.capacity model=llama3_8b trainer.dtype=bf16 world_size=8 device_gib=80
+    python -m recipes.capacity model=llama3_8b trainer.dtype=bf16 world_size=64 device_gib=80 host_gib_per_node=2048
+    python -m recipes.capacity model.dim=256 model.n_layers=4 model.n_heads=4 model.vocab_size=32000 \\
+        model.activation_checkpointing=true world_size=2 device_gib=8 device=cpu
 
 One sequence over the whole world (sp = world_size, dp = 1, one sequence per micro-batch),
 the training recipe's model options as given (``model.tiled_loss``, ``model.tiled_mlp``,
@@ -11,11 +11,11 @@ the training recipe's model options as given (``model.tiled_loss``, ``model.tile
 world can run (ring; Ulysses when the kv heads split over the world; hybrid with Ulysses over
 ``gpus_per_node`` ranks inside a node and the ring across), each ZeRO stage and activation
 offload off/on (on needs checkpointing and a CUDA device) it finds the longest seq_len whose
-per-rank device memory (``recipes.estimate``: every term listed) fits ``device_gb`` x
+per-rank device memory (``recipes.estimate``: every term listed) fits ``device_gib`` x
 ``usable_fraction`` and whose host memory per node (offloaded activations + ZeRO-Offload
-states) fits ``host_gb_per_node``. It prints the table, then the per-rank breakdown of the best
-plan, each term explained. Projections, not measurements: the memory model is checked
-against measured peaks on CPU (tests/test_memory_plan.py); GPU allocator fragmentation is what
+states) fits ``host_gib_per_node``. It prints the table, then the per-rank breakdown of the best
+configuration, each term explained. Projections, not measurements: the memory model is checked
+against measured peaks on CPU (tests/test_capacity.py); GPU allocator fragmentation is what
 ``usable_fraction`` leaves room for.
 """
 from __future__ import annotations
@@ -30,24 +30,25 @@ from omegaconf import MISSING, OmegaConf
 import ringattn
 from recipes import estimate, train
 
-GB = 1e9
+from recipes.estimate import GiB
 
 
 @dataclass
-class PlanConfig(train.JobConfig):
+class CapacityConfig(train.JobConfig):
     """The training job's config groups (model, trainer.dtype, deepspeed offload) plus:"""
 
     world_size: int = 8
     gpus_per_node: int = 8
-    device_gb: float = 80.0  # memory of one device, GB (1e9 bytes: how vendors count)
-    usable_fraction: float = 0.9  # of device memory the plan may use (allocator, CUDA context, ...)
-    host_gb_per_node: float = 2048.0  # host memory of one node, GB (a DGX H100 node has 2 TB)
+    # memory of one device, GiB (2**30 bytes; an "80 GB" A100 has 80 GiB = 81,920 MiB)
+    device_gib: float = 80.0
+    usable_fraction: float = 0.9  # of device memory the run may use (allocator, CUDA context, ...)
+    host_gib_per_node: float = 2048.0  # host memory of one node, GiB (a DGX H100 node has 2 TiB)
     device: str = "cuda"  # cuda | cpu (on CPU nothing is offloaded: host memory is the device)
 
 
-_schema = OmegaConf.structured(PlanConfig)
+_schema = OmegaConf.structured(CapacityConfig)
 _schema.model = MISSING
-ConfigStore.instance().store(name="plan_schema", node=_schema)
+ConfigStore.instance().store(name="capacity_schema", node=_schema)
 
 
 def strategies(world: int, gpus_per_node: int, kv_heads: int, heads: int) -> list[tuple[str, int]]:
@@ -61,7 +62,7 @@ def strategies(world: int, gpus_per_node: int, kv_heads: int, heads: int) -> lis
     return out
 
 
-def plan_rows(cfg: PlanConfig, model) -> list[dict]:
+def capacity_rows(cfg: CapacityConfig, model) -> list[dict]:
     """One row per (strategy, ZeRO stage, offload): the longest seq_len and its estimate."""
     shape, world = model.shape, cfg.world_size
     heads, kv_heads = model.heads
@@ -85,7 +86,7 @@ def plan_rows(cfg: PlanConfig, model) -> list[dict]:
                 def fits(seq_len):
                     e = est(seq_len)
                     host = e.offloaded * min(cfg.gpus_per_node, world)
-                    return e.total <= cfg.device_gb * GB * cfg.usable_fraction and host <= cfg.host_gb_per_node * GB
+                    return e.total <= cfg.device_gib * GiB * cfg.usable_fraction and host <= cfg.host_gib_per_node * GiB
 
                 best = estimate.max_seq_len(fits, 1 << 16, div)
                 rows.append({"strategy": strategy, "ulysses_size": u, "zero_stage": stage, "offload": offload,
@@ -93,18 +94,18 @@ def plan_rows(cfg: PlanConfig, model) -> list[dict]:
     return rows
 
 
-def report(cfg: PlanConfig, rows: list[dict]) -> str:
+def report(cfg: CapacityConfig, rows: list[dict]) -> str:
     lines = [f"longest sequence per strategy x ZeRO stage x activation offload: world {cfg.world_size} "
-             f"(sp = world, one sequence), {cfg.device_gb:g} GB per device x {cfg.usable_fraction:g} usable, "
-             f"host {cfg.host_gb_per_node:g} GB per node ({cfg.gpus_per_node} devices), {cfg.trainer.dtype} "
+             f"(sp = world, one sequence), {cfg.device_gib:g} GiB per device x {cfg.usable_fraction:g} usable, "
+             f"host {cfg.host_gib_per_node:g} GiB per node ({cfg.gpus_per_node} devices), {cfg.trainer.dtype} "
              "-- projections from the memory model (recipes/estimate.py)",
-             f"  {'strategy':<14}{'ZeRO':>5}{'offload':>9}{'max seq_len':>14}{'per rank':>11}{'device GB':>11}"
-             f"{'host GB/node':>14}"]
+             f"  {'strategy':<14}{'ZeRO':>5}{'offload':>9}{'max seq_len':>14}{'per rank':>11}{'device GiB':>11}"
+             f"{'host GiB/node':>14}"]
     for r in rows:
         e = r["estimate"]
         name = r["strategy"] + (f" u{r['ulysses_size']}" if r["strategy"] == "hybrid" else "")
-        dev = f"{e.total / GB:11.1f}" if e else f"{'-':>11}"
-        host = f"{e.offloaded * min(cfg.gpus_per_node, cfg.world_size) / GB:14.1f}" if e else f"{'-':>14}"
+        dev = f"{e.total / GiB:11.1f}" if e else f"{'-':>11}"
+        host = f"{e.offloaded * min(cfg.gpus_per_node, cfg.world_size) / GiB:14.1f}" if e else f"{'-':>14}"
         lines.append(f"  {name:<14}{r['zero_stage']:>5}{'yes' if r['offload'] else 'no':>9}{r['max_seq_len']:>14,}"
                      f"{r['max_seq_len'] // cfg.world_size:>11,}{dev}{host}")
     best = max(rows, key=lambda r: r["max_seq_len"])
@@ -112,23 +113,23 @@ def report(cfg: PlanConfig, rows: list[dict]) -> str:
         e = best["estimate"]
         lines.append(f"best: {best['max_seq_len']:,} tokens ({best['strategy']}, ZeRO {best['zero_stage']}, offload "
                      f"{'on' if best['offload'] else 'off'}); per rank ({e.local_tokens:,} local tokens):")
-        lines += [f"  {'parameters':<24}{e.params / GB:9.2f} GB",
-                  f"  {'gradients':<24}{e.grads / GB:9.2f} GB",
-                  f"  {'optimizer states':<24}{e.optimizer / GB:9.2f} GB"]
-        lines += [f"  {name:<24}{v / GB:9.2f} GB  {why}" for name, v, why in e.terms]
-        lines.append(f"  {'total (device)':<24}{e.total / GB:9.2f} GB; host (offloaded) {e.offloaded / GB:.2f} GB per rank")
+        lines += [f"  {'parameters':<24}{e.params / GiB:9.2f} GiB",
+                  f"  {'gradients':<24}{e.grads / GiB:9.2f} GiB",
+                  f"  {'optimizer states':<24}{e.optimizer / GiB:9.2f} GiB"]
+        lines += [f"  {name:<24}{v / GiB:9.2f} GiB  {why}" for name, v, why in e.terms]
+        lines.append(f"  {'total (device)':<24}{e.total / GiB:9.2f} GiB; host (offloaded) {e.offloaded / GiB:.2f} GiB per rank")
     return "\n".join(lines)
 
 
-@hydra.main(config_path="../conf", config_name="plan", version_base=None)
+@hydra.main(config_path="../conf", config_name="capacity", version_base=None)
 def main(cfg) -> None:
-    job: PlanConfig = OmegaConf.to_object(cfg)
-    if job.world_size < 1 or job.gpus_per_node < 1 or job.device_gb <= 0 or not 0 < job.usable_fraction <= 1:
-        raise ValueError("world_size and gpus_per_node must be >= 1, device_gb > 0, 0 < usable_fraction <= 1")
+    job: CapacityConfig = OmegaConf.to_object(cfg)
+    if job.world_size < 1 or job.gpus_per_node < 1 or job.device_gib <= 0 or not 0 < job.usable_fraction <= 1:
+        raise ValueError("world_size and gpus_per_node must be >= 1, device_gib > 0, 0 < usable_fraction <= 1")
     if job.device not in ("cuda", "cpu"):
         raise ValueError(f"device={job.device!r}: expected cuda or cpu")
     _, model = train.resolve_model(job)
-    print(report(job, plan_rows(job, model)), flush=True)
+    print(report(job, capacity_rows(job, model)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Which fused attention kernel is fastest, per dtype and head_dim (forward + backward).
 
-    python -m recipes.benchmark_kernels                                    # CPU, small
-    python -m recipes.benchmark_kernels seqlens=[8192,16384,32768,65536]   # one GPU
+    python -m recipes.benchmarks.kernels                                    # CPU, small
+    python -m recipes.benchmarks.kernels seqlens=[8192,16384,32768,65536]   # one GPU
 
 Times torch's fused scaled-dot-product kernels through the public selector
 (``torch.nn.attention.sdpa_kernel``): FlashAttention-2, memory-efficient and cuDNN attention
@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from recipes.bench_results import report, single_device
+from recipes.benchmarks.results import report, single_device
 from recipes.choices import AttnDtype, Choice
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -96,7 +96,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=None, config_name="benchmark_kernels_schema", version_base=None)
+@hydra.main(config_path="../../conf", config_name="benchmarks/kernels", version_base=None)
 def main(cfg) -> None:
     cfg: KernelBenchConfig = OmegaConf.to_object(cfg)
     device = single_device()

@@ -1,7 +1,7 @@
 """A tiny Hugging Face Llama and byte-level text data, made on the spot (nothing downloaded).
 
-Shared by the bring-your-own-loop examples (``recipes/hf_trainer_sp.py``,
-``recipes/accelerate_sp.py``). Tokens are the text's UTF-8 bytes (0..255), 256 ends a
+Shared by the bring-your-own-loop examples (``recipes/examples/hf_trainer_sp.py``,
+``recipes/examples/accelerate_sp.py``). Tokens are the text's UTF-8 bytes (0..255), 256 ends a
 document. Documents are short generated sentences; every call with the same arguments
 returns the same data, on every rank.
 """

@@ -1,12 +1,12 @@
 """Fine-tune a tiny Hugging Face Llama with transformers' ``Trainer`` and sequence parallelism.
 
-    torchrun --standalone --nproc-per-node 2 -m recipes.hf_trainer_sp --sp-size 2
-    torchrun --standalone --nproc-per-node 2 -m recipes.hf_trainer_sp --sp-size 2 --packing --grad-accum 2
-    torchrun --standalone --nproc-per-node 2 -m recipes.hf_trainer_sp --sp-size 2 --zero 2   # DeepSpeed ZeRO-2
-    python -m recipes.hf_trainer_sp --baseline      # the stock Trainer in one process: the reference
-    torchrun --standalone --nproc-per-node 2 -m recipes.hf_trainer_sp --sp-size 2 --trl   # TRL SFTTrainer
+    torchrun --standalone --nproc-per-node 2 -m recipes.examples.hf_trainer_sp --sp-size 2
+    torchrun --standalone --nproc-per-node 2 -m recipes.examples.hf_trainer_sp --sp-size 2 --packing --grad-accum 2
+    torchrun --standalone --nproc-per-node 2 -m recipes.examples.hf_trainer_sp --sp-size 2 --zero 2   # DeepSpeed ZeRO-2
+    python -m recipes.examples.hf_trainer_sp --baseline      # the stock Trainer in one process: the reference
+    torchrun --standalone --nproc-per-node 2 -m recipes.examples.hf_trainer_sp --sp-size 2 --trl   # TRL SFTTrainer
 
-The model (2-layer Llama) and the byte-level text data are made on the spot (recipes/tiny_hf.py);
+The model (2-layer Llama) and the byte-level text data are made on the spot (recipes/examples/tiny_hf.py);
 nothing is downloaded. ``--trl``: TRL's ``SFTTrainer`` on the raw text with a byte-level
 tokenizer and ``padding_free=True`` (documents packed, ``position_ids`` restarting per document). The lines that add sequence parallelism to an ordinary Trainer script
 are marked ``# SP``. Rank 0 writes ``<output-dir>/losses.json`` (per-step training losses and
@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from recipes.tiny_hf import example_arguments, byte_tokenizer, chunked_examples, packed_examples, texts, tiny_llama
+from recipes.examples.tiny_hf import example_arguments, byte_tokenizer, chunked_examples, packed_examples, texts, tiny_llama
 
 
 def parse(argv=None):
@@ -95,8 +95,8 @@ def main(argv=None):
     if args.baseline:
         trainer = base(**kwargs)
     else:
-        trainer = SPTrainer(**kwargs, sp_size=args.sp_size, sp_strategy=args.strategy,  # SP
-                            sp_layout=args.layout, sp_ulysses_size=args.ulysses_size)
+        trainer = SPTrainer(**kwargs, sp_size=args.sp_size, strategy=args.strategy,  # SP
+                            layout=args.layout, ulysses_size=args.ulysses_size)
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(os.path.join(args.output_dir, "model"))

@@ -1,7 +1,7 @@
 """Decode benchmark: generation over a KV cache sharded across P ranks (ringattn.models.generate).
 
-    python -m recipes.benchmark_decode                                        # P = 1
-    torchrun --standalone --nproc-per-node 2 -m recipes.benchmark_decode      # P = 2
+    python -m recipes.benchmarks.decode                                        # P = 1
+    torchrun --standalone --nproc-per-node 2 -m recipes.benchmarks.decode      # P = 2
 
 A randomly initialised Llama (``dim``, ``n_layers``, ``n_heads``, ``n_kv_heads``) prefills a
 prompt of ``cache`` tokens over the P ranks (ring attention, ``layout``), then decodes
@@ -108,7 +108,7 @@ def run(cfg: DecodeBenchmarkConfig) -> dict:
     return row
 
 
-@hydra.main(config_path="../conf", config_name="benchmark_decode", version_base="1.3")
+@hydra.main(config_path="../../conf", config_name="benchmarks/decode", version_base="1.3")
 def main(cfg: DecodeBenchmarkConfig) -> None:
     try:
         run(cfg)

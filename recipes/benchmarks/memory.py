@@ -1,8 +1,8 @@
 """Memory benchmark: the recipe's real training step at increasing sequence length.
 
-    python -m recipes.benchmark_memory                                         # sp = 1
-    torchrun --standalone --nproc-per-node 2 -m recipes.benchmark_memory      # sp = 2
-    torchrun --standalone --nproc-per-node 4 -m recipes.benchmark_memory seqlens=[4096,8192,12288]
+    python -m recipes.benchmarks.memory                                         # sp = 1
+    torchrun --standalone --nproc-per-node 2 -m recipes.benchmarks.memory      # sp = 2
+    torchrun --standalone --nproc-per-node 4 -m recipes.benchmarks.memory seqlens=[4096,8192,12288]
 
 The whole world is one sequence-parallel group (dp = 1). For each ``seqlens`` entry (ascending)
 it runs one training step of the recipe -- the model and DeepSpeed engine built as
@@ -16,7 +16,7 @@ resident-set high-water mark. It reports the max over ranks, the marginal memory
 sequence (the slope between the two longest lengths: pick them with every rank's tokens at
 least a loss tile, ~2K tokens at vocab 32K, since a tile is min(local tokens, its size)) and
 the longest sequence projected to fit in ``budget_gib`` per rank from that line; and the planner's estimate of the same peak
-(``recipes.plan``) beside it. Memory, not time, is measured: a shared CPU is fine.
+(``recipes.capacity``) beside it. Memory, not time, is measured: a shared CPU is fine.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def run(cfg: MemoryBenchmarkConfig) -> dict:
     return {"rows": rows, "summary": summary}
 
 
-@hydra.main(config_path="../conf", config_name="benchmark_memory", version_base=None)
+@hydra.main(config_path="../../conf", config_name="benchmarks/memory", version_base=None)
 def main(cfg) -> None:
     try:
         run(OmegaConf.to_object(cfg))

@@ -1,27 +1,51 @@
 """Text-data pipeline benchmark: tokenise-once build, cache reuse and packed-sample reading.
 
-    python -m recipes.benchmark_data generate /tmp/corpus200m.jsonl --chars 200000000
-    python -m recipes.benchmark_data build /tmp/corpus200m.jsonl --cache /tmp/tokcache --procs 2
-    python -m recipes.benchmark_data read /tmp/corpus200m.jsonl --cache /tmp/tokcache --seq-len 8192
+    python -m recipes.benchmarks.data phase=generate path=/tmp/corpus200m.jsonl chars=200000000
+    python -m recipes.benchmarks.data phase=build path=/tmp/corpus200m.jsonl cache=/tmp/tokcache procs=2
+    python -m recipes.benchmarks.data phase=read path=/tmp/corpus200m.jsonl cache=/tmp/tokcache seq_len=8192
 
 ``generate``: a seeded JSONL corpus of random words, log-normal document lengths.
-``build``: tokenise it (byte tokenizer, or ``--tokenizer`` a local HF tokenizer) into the
+``build``: tokenise it (byte tokenizer, or ``tokenizer=`` a local HF tokenizer) into the
 cache, timed: tokens/s of the build. ``read``: what a training rank does — open the cache
-(reused, not rebuilt), build ``PackedText`` and read ``--samples`` packed sequences with
+(reused, not rebuilt), build ``PackedText`` and read ``samples`` packed sequences with
 document boundaries in epoch order: time to the first sample, tokens/s, resident memory
 (RssAnon: the process's own; RssFile: mapped page cache of the token file) of the process. Run each phase in its own process so that its
 memory is its own. Prints one JSON line per phase.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import time
-
 import resource
+import time
+from dataclasses import dataclass
+from typing import Optional
 
+import hydra
 import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from recipes.choices import Choice
+
+Phase = Choice("Phase", {name: name for name in ("generate", "build", "read")})
+
+
+@dataclass
+class DataBenchConfig:
+    phase: Phase = MISSING  # generate | build | read (each in its own process)
+    path: str = MISSING  # the JSONL corpus (written by generate, read by build and read)
+    chars: int = 200_000_000  # generate: corpus size in characters
+    mean_doc_chars: int = 4096  # generate: mean document length (log-normal, sigma 1)
+    seed: int = 0  # generate
+    cache: str = "/tmp/ringattn_token_cache"  # build, read: the token cache directory
+    procs: int = os.cpu_count() or 1  # build: tokenising processes
+    tokenizer: Optional[str] = None  # build, read: a local HF tokenizer; null: bytes
+    seq_len: int = 8192  # read
+    samples: int = 2000  # read
+
+
+ConfigStore.instance().store(name="benchmark_data_schema", node=DataBenchConfig)
 
 
 def _rss_mib() -> dict:
@@ -98,19 +122,9 @@ def read(path: str, cache: str, seq_len: int, samples: int, tokenizer) -> dict:
             "tokens_per_s": n / dt, "tokens_per_cpu_s": n / max(cpu, 1e-9), "anon_rss_after_open_mib": after_open, **_rss_mib()}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("phase", choices=["generate", "build", "read"])
-    ap.add_argument("path")
-    ap.add_argument("--chars", type=int, default=200_000_000)
-    ap.add_argument("--mean-doc-chars", type=int, default=4096)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", default="/tmp/ringattn_token_cache")
-    ap.add_argument("--procs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--tokenizer", default=None)
-    ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--samples", type=int, default=2000)
-    a = ap.parse_args(argv)
+@hydra.main(config_path="../../conf", config_name="benchmarks/data", version_base=None)
+def main(cfg) -> None:
+    a: DataBenchConfig = OmegaConf.to_object(cfg)
     if a.phase == "generate":
         res = generate(a.path, a.chars, a.mean_doc_chars, a.seed)
     elif a.phase == "build":

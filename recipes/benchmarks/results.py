@@ -1,5 +1,5 @@
 """Where the single-device benchmarks put their results: a table on stdout and a JSON file
-naming the device and torch version (recipes/benchmark_kernels.py, benchmark_virtual_ring.py)."""
+naming the device and torch version (recipes/benchmarks/kernels.py, virtual_ring.py)."""
 from __future__ import annotations
 
 import json

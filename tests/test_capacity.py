@@ -1,6 +1,6 @@
-"""The memory model (recipes/estimate.py) against measured peaks, and the planner (recipes/plan.py).
+"""The memory model (recipes/estimate.py) against measured peaks, and the planner (recipes/capacity.py).
 
-The measurement is recipes.benchmark_memory: the recipe's real training step (DeepSpeed engine,
+The measurement is recipes.benchmarks.memory: the recipe's real training step (DeepSpeed engine,
 forward with labels, backward, optimizer step) with every live tensor counted on CPU. The
 planner's estimate of the same peak must be within 20 % of it on every configuration and
 length -- and so must the growth between the two lengths (the per-token terms), so that the
@@ -35,7 +35,7 @@ CONFIGS = {
 def test_estimate_matches_measured_peak(tmp_path, name):
     nproc, over = CONFIGS[name]
     out = tmp_path / "memory.json"
-    _recipe("recipes.benchmark_memory", tmp_path, nproc, SHAPE + over + [f"output={out}"], timeout=400)
+    _recipe("recipes.benchmarks.memory", tmp_path, nproc, SHAPE + over + [f"output={out}"], timeout=400)
     result = json.loads(out.read_text())
     rows = result["rows"]
     lengths = [r["seq_len"] for r in rows]
@@ -49,30 +49,30 @@ def test_estimate_matches_measured_peak(tmp_path, name):
     assert s["marginal_bytes_per_token"] == pytest.approx(grown / (lengths[1] - lengths[0]), rel=1e-6)
 
 
-def _plan_cfg(*overrides):
+def _capacity_cfg(*overrides):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from tests.train_launch import REPO
 
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        return OmegaConf.to_object(compose("plan", overrides=list(overrides)))
+        return OmegaConf.to_object(compose("capacity", overrides=list(overrides)))
 
 
-def test_planner_llama3_8b_on_8x80gb_beyond_4m_tokens():
-    """The projection the README quotes: Llama-3-8B, bf16, 8 x 80 GB, tiled loss + MLP, offloaded
-    checkpoints. Each row's plan fits (device and host) and one more step of the layout does not."""
+def test_capacity_llama3_8b_on_8x80gib_beyond_4m_tokens():
+    """The projection the README quotes: Llama-3-8B, bf16, 8 x 80 GiB, tiled loss + MLP, offloaded
+    checkpoints. Each row fits (device and host) and one more step of the layout does not."""
     import ringattn
-    from recipes import estimate, plan
+    from recipes import capacity, estimate
     from recipes.models import LlamaModel
 
-    cfg = _plan_cfg("model=llama3_8b", "trainer.dtype=bf16", "world_size=8", "device_gb=80", "model.tiled_mlp=true")
+    cfg = _capacity_cfg("model=llama3_8b", "trainer.dtype=bf16", "world_size=8", "device_gib=80", "model.tiled_mlp=true")
     model = LlamaModel(cfg.model)
-    rows = plan.plan_rows(cfg, model)
+    rows = capacity.capacity_rows(cfg, model)
     assert {r["strategy"] for r in rows} == {"ring", "ulysses"}  # 8 kv heads split over 8 ranks
     best = max(rows, key=lambda r: r["max_seq_len"])
     assert best["max_seq_len"] >= 4_000_000 and best["offload"] and best["zero_stage"] == 3
-    budget = cfg.device_gb * plan.GB * cfg.usable_fraction
+    budget = cfg.device_gib * estimate.GiB * cfg.usable_fraction
     div = ringattn.layout_divisor("zigzag", 8)
     for r in rows:
         if not r["max_seq_len"]:
@@ -82,22 +82,22 @@ def test_planner_llama3_8b_on_8x80gb_beyond_4m_tokens():
                                  seq_len=r["max_seq_len"] + div, ulysses_size=r["ulysses_size"],
                                  options=estimate.ActivationOptions(
                                      checkpointing=True, offload=r["offload"], tiled_mlp=True))
-        assert more.total > budget or more.offloaded * 8 > cfg.host_gb_per_node * plan.GB
+        assert more.total > budget or more.offloaded * 8 > cfg.host_gib_per_node * estimate.GiB
     # without offload and tiling the same GPUs hold far less: the options are what buys the context
-    plain_cfg = _plan_cfg("model=llama3_8b", "trainer.dtype=bf16", "world_size=8", "device_gb=80",
+    plain_cfg = _capacity_cfg("model=llama3_8b", "trainer.dtype=bf16", "world_size=8", "device_gib=80",
                           "model.tiled_loss=false")
-    plain = plan.plan_rows(plain_cfg, LlamaModel(plain_cfg.model))
+    plain = capacity.capacity_rows(plain_cfg, LlamaModel(plain_cfg.model))
     assert max(r["max_seq_len"] for r in plain) < best["max_seq_len"] / 3
-    text = plan.report(cfg, rows)
+    text = capacity.report(cfg, rows)
     assert "saved layer inputs" in text and "pinned host memory" in text and "best:" in text
 
 
-def test_planner_hybrid_for_64_ranks_and_report_terms():
-    from recipes import plan
+def test_capacity_hybrid_for_64_ranks_and_report_terms():
+    from recipes import capacity
     from recipes.models import LlamaModel
 
-    cfg = _plan_cfg("model=llama3_8b", "trainer.dtype=bf16", "world_size=64", "device_gb=80")
-    rows = plan.plan_rows(cfg, LlamaModel(cfg.model))
+    cfg = _capacity_cfg("model=llama3_8b", "trainer.dtype=bf16", "world_size=64", "device_gib=80")
+    rows = capacity.capacity_rows(cfg, LlamaModel(cfg.model))
     assert ("hybrid", 8) in {(r["strategy"], r["ulysses_size"]) for r in rows}
     assert "ulysses" not in {r["strategy"] for r in rows}  # 8 kv heads do not split over 64 ranks
-    assert plan.strategies(64, 8, kv_heads=8, heads=32) == [("ring", 1), ("hybrid", 8)]
+    assert capacity.strategies(64, 8, kv_heads=8, heads=32) == [("ring", 1), ("hybrid", 8)]

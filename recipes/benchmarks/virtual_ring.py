@@ -1,7 +1,7 @@
 """Blockwise efficiency on one device: the ring's exact block schedule, communication left out.
 
-    python -m recipes.benchmark_virtual_ring                                # CPU, small
-    python -m recipes.benchmark_virtual_ring seqlens=[32768,131072] worlds=[2,4,8] \
+    python -m recipes.benchmarks.virtual_ring                                # CPU, small
+    python -m recipes.benchmarks.virtual_ring seqlens=[32768,131072] worlds=[2,4,8] \
         heads=32 kv_heads=8 head_dim=128 dtype=bf16                          # one GPU
 
 For each simulated ring size P and layout, every virtual rank r runs what ring attention
@@ -17,7 +17,7 @@ sequence (``monolithic``):
 
 1.0 efficiency means cutting the sequence into P shards and merging costs nothing and the
 work is perfectly balanced. The anchor is ring-flash-attention's 90.2 % for zigzag on
-8 x H800 (with communication); communication overlap is what ``benchmark_attention``
+8 x H800 (with communication); communication overlap is what ``recipes.benchmarks.attention``
 measures with real ranks.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from recipes.bench_results import report, single_device
+from recipes.benchmarks.results import report, single_device
 from recipes.choices import AttnDtype, Layout
 from ringattn.blocks import attend_blocks, block_grads
 from ringattn.kernels import get_backend
@@ -166,7 +166,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=None, config_name="benchmark_virtual_ring_schema", version_base=None)
+@hydra.main(config_path="../../conf", config_name="benchmarks/virtual_ring", version_base=None)
 def main(cfg) -> None:
     cfg: VirtualRingConfig = OmegaConf.to_object(cfg)
     device = single_device()

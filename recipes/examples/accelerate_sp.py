@@ -1,9 +1,9 @@
 """A plain ``accelerate`` training loop with sequence parallelism (a tiny HF Llama, byte-level text).
 
-    accelerate launch --num_processes 2 --cpu -m recipes.accelerate_sp --sp-size 2
-    torchrun --standalone --nproc-per-node 2 -m recipes.accelerate_sp --sp-size 2 --packing --grad-accum 2
-    python -m recipes.accelerate_sp --sp-size 1       # one process
-    python -m recipes.accelerate_sp --baseline        # the same loop without ringattn (HF attention and loss)
+    accelerate launch --num_processes 2 --cpu -m recipes.examples.accelerate_sp --sp-size 2
+    torchrun --standalone --nproc-per-node 2 -m recipes.examples.accelerate_sp --sp-size 2 --packing --grad-accum 2
+    python -m recipes.examples.accelerate_sp --sp-size 1       # one process
+    python -m recipes.examples.accelerate_sp --baseline        # the same loop without ringattn (HF attention and loss)
 
 ``accelerate launch`` flags: ``--num_processes`` = world = dp x sp; ``--cpu`` runs on CPU with
 gloo (on GPUs drop it: one process per GPU, NCCL); add ``--num_machines``/``--machine_rank``/
@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from recipes.tiny_hf import example_arguments, chunked_examples, packed_examples, tiny_llama
+from recipes.examples.tiny_hf import example_arguments, chunked_examples, packed_examples, tiny_llama
 
 
 def parse(argv=None):

@@ -1,0 +1,1 @@
+"""Benchmarks: attention strategies and layouts, kernels, decode, memory, the data pipeline."""
