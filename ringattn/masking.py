@@ -187,7 +187,7 @@ class AttentionMask:
 
 def rank_steps(layout: Layout, mask: AttentionMask, world_size: int, rank: int) -> list[list[BlockTask]]:
     """The kernel calls of each of the P ring steps for ``rank`` (step i: the K/V of rank
-    (rank - i) mod P). Pure: no communication, so planners and benchmarks use it as is."""
+    (rank - i) mod P). Pure: no communication, so ``AttentionPlan``, ``balance`` and benchmarks use it as is."""
     cu = mask.cu_seqlens
     layout.check_documents(cu)
     local_len = mask.seqlen // world_size

@@ -214,7 +214,7 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
     work = prof.scores
     dense = cfg.batch * cfg.heads * (seqlen * (seqlen + 1) // 2 if cfg.causal else seqlen**2)
     planned = {}
-    if cu is not None and strategy == "ring":  # the ring's plan for every rank (no communication)
+    if cu is not None and strategy == "ring":  # the ring's block schedule for every rank (no communication)
         pw = balance.scheduled_work(cu.cpu(), layout, world, causal=cfg.causal, window_size=tuple(cfg.window))
         planned = {"planned_balance": balance.imbalance(pw.kernel), "needed_balance": balance.imbalance(pw.needed),
                    "masked_share": pw.masked_share, "kernel_calls_per_rank": int(pw.calls.max())}
