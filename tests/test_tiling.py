@@ -54,6 +54,40 @@ def test_tiled_loss_matches_float64(tile):
     assert (h32.grad[0, :4] == 0).all(), "ignored tokens get no gradient"
 
 
+@pytest.mark.parametrize("tile", [1, 7])
+def test_tiled_loss_bf16_weight_grad_accumulated_in_fp32(tile):
+    """bf16: each tile's dW is summed in fp32 (not rounded to bf16 per tile), so the weight
+    gradient is the exact sum rounded once. A zero head makes the logits, softmax (1/64) and
+    logit gradients (1/64, -63/64) exact in bf16, so the dW sum is the only rounding left;
+    rounding each tile's dW to bf16 first was off by up to 0.55 % of max|dW| here."""
+    n, dim, vocab = 96, 32, 64
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, n, dim, generator=g).bfloat16().requires_grad_()
+    w = torch.zeros(vocab, dim, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, n), generator=g)
+    tiling.token_loss(h, w, labels, tile_tokens=tile).loss_sum.backward()
+    dlogits = torch.full((n, vocab), 1.0 / vocab, dtype=torch.float64)
+    dlogits[torch.arange(n), labels[0]] -= 1
+    ref = dlogits.T @ h.detach()[0].double()
+    assert w.grad.dtype == torch.bfloat16
+    # the fp32 sum of ~96 terms may differ from float64 by ~1e-6 relative, which can move
+    # a rounding: allow one bf16 ulp of the reference (8 significant bits)
+    ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref)[1] - 8)
+    err = (w.grad.double() - ref).abs()
+    assert (err <= ulp + 1e-6 * ref.abs().max()).all(), (err / ulp).max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fp32-output half-precision GEMM "
+                    "(torch.mm out_dtype) exists only there; the CPU upcast path is tested above")
+def test_matmul_fp32_cuda_equals_exact_upcast():
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(64, 96, generator=g).bfloat16(), torch.randn(96, 32, generator=g).bfloat16())
+    got = tiling._matmul_fp32(a.cuda(), b.cuda())
+    assert got.dtype == torch.float32
+    ref = a.double() @ b.double()  # products of bf16 are exact; only the fp32 sum rounds
+    assert ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
 def test_tiled_equals_untiled_and_auto_tile_size():
     h, w, labels = _case()
     a = tiling.token_loss(h, w, labels, tile_tokens=4)

@@ -66,6 +66,21 @@ def _tile_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(h, weight).float()
 
 
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32, for model-dtype (bf16/fp16/fp32) inputs.
+
+    A tile's dW is one of many summed over the sequence: rounding each to bf16 before the
+    sum would add one bf16 rounding per tile. On CUDA the half-precision GEMM writes its fp32
+    accumulator directly (``out_dtype``: tensor-core speed); elsewhere the inputs are upcast
+    (exact: a product of two bf16/fp16 numbers is exact in fp32), the same numbers.
+    """
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _set_grad_ready(params, ready: bool) -> None:
     # DeepSpeed ZeRO's gradient hooks read this flag (everything else ignores it): a parameter
     # whose gradient accumulates over tiles is reduced once, after the last tile
@@ -123,7 +138,7 @@ class _TiledCrossEntropy(torch.autograd.Function):
             g.mul_((valid.to(g.dtype) * grad_loss)[:, None])
             g = g.to(hidden.dtype)
             if need_w:
-                dw += (g.t() @ hn.detach()).float()
+                dw += _matmul_fp32(g.t(), hn.detach())  # fp32 per tile, fp32 sum (see _matmul_fp32)
             if norm is not None:
                 torch.autograd.backward(hn, g @ weight)  # norm parameters' and the tile's gradients
                 if need_h:
