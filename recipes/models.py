@@ -19,6 +19,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from recipes import flops
 from ringattn.models import Llama, LlamaConfig
 from ringattn.models.tiling import check_memory_options
 
@@ -68,11 +69,13 @@ class ModelShape:
         return self.params if include_embedding else self.params - self.embedding_params
 
     def flops_per_step(self, global_batch: int, seq_len: int) -> float:
-        """6 N per token for the matmuls (embedding lookup excluded, output head included) plus
-        causal attention: forward 4*b*s^2*dim per layer halved by the mask, backward 2.5x forward
-        (exact when heads x head_dim == dim)."""
+        """Model FLOPs of one optimizer step (``recipes.flops``: backward = 2x forward): 6 N per
+        token for the matmuls (embedding lookup excluded, output head included) plus causal
+        attention over all layers (heads x head_dim taken as dim)."""
         n = self.num_params(include_embedding=False) + self.vocab_size * self.dim
-        return 6 * n * global_batch * seq_len + 3.5 * 2 * global_batch * seq_len**2 * self.dim * self.n_layers
+        return (flops.model_flops(n, global_batch * seq_len)
+                + self.n_layers * flops.attention_flops(global_batch, seq_len, 1, self.dim, causal=True,
+                                                        backward=True))
 
 
 def _zero3_config(ds_config: dict) -> Optional[dict]:

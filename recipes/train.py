@@ -47,7 +47,8 @@ class TrainerConfig:
     # Stop this invocation after this step (e.g. to fit a job time limit); the LR schedule
     # still spans max_steps and rerunning the command resumes. null: run to max_steps.
     stop_at_step: Optional[int] = None
-    # Peak dense TFLOP/s of one GPU for the MFU estimate; None: looked up for known GPUs (bf16)
+    # Peak dense TFLOP/s of one GPU for the MFU estimate; None: looked up for known GPUs (bf16).
+    # MFU = model FLOPs per step (recipes/flops.py: backward = 2x forward, PaLM/torchtitan) / step time / peak
     peak_tflops: Optional[float] = None
     # Validate the config and parallel layout, print a memory estimate per rank, train nothing.
     dry_run: bool = False

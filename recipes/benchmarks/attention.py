@@ -7,8 +7,8 @@
 Per strategy (ring / ulysses / hybrid ring_size x ulysses_size; one the head counts or
 world size cannot split is skipped with the reason; uneven head counts such as heads=28
 kv_heads=4 run Ulysses' uneven split) and layout it reports forward and
-forward+backward time (max over ranks), achieved FLOP/s (forward 4*b*s^2*h*d, causal
-half; backward 2.5x forward), per-rank work balance (max/mean of attention scores
+forward+backward time (max over ranks), achieved FLOP/s (``recipes.flops``: forward 4*b*s^2*h*d,
+causal half; backward 2x forward), per-rank work balance (max/mean of attention scores
 computed), the share of each pass spent waiting for communication, bytes sent per rank
 (ring passes and all-to-alls), peak memory per rank, and the single-process time of the
 same shape, giving efficiency = (single-process time / P) / parallel time.
@@ -49,6 +49,7 @@ from ringattn.kernels import get_backend
 from ringattn.masking import AttentionMask
 from ringattn.ulysses import local_attention
 from recipes import distributed
+from recipes.flops import attention_flops
 from recipes.choices import AttnDtype, Layout, Strategy
 from recipes.memory import PeakMemory
 
@@ -91,11 +92,6 @@ class BenchmarkConfig:
 
 
 ConfigStore.instance().store(name="benchmark_attention_schema", node=BenchmarkConfig)
-
-
-def attention_flops(batch, seqlen, heads, head_dim, causal, backward):
-    fwd = 4 * batch * seqlen**2 * heads * head_dim * (0.5 if causal else 1.0)
-    return fwd * (3.5 if backward else 1.0)
 
 
 def _setup(cfg):

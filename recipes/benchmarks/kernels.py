@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from recipes.benchmarks.results import report, single_device
+from recipes.flops import attention_flops
 from recipes.choices import AttnDtype, Choice
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -75,7 +76,7 @@ def measure(cfg: KernelBenchConfig, device: torch.device) -> list[dict]:
                 gen = torch.Generator().manual_seed(0)
                 q, k, v = (torch.randn(1, cfg.heads, s, d, generator=gen).to(device, AttnDtype(dtype).torch)
                            .requires_grad_() for _ in range(3))
-                flops = 3.5 * 4 * s * s * cfg.heads * d / 2  # causal fwd + bwd
+                flops = attention_flops(1, s, cfg.heads, d, causal=True, backward=True)
                 for kernel in cfg.kernels:
                     row = {"dtype": str(dtype), "head_dim": d, "seqlen": s, "kernel": str(kernel)}
                     if kernel == "math" and s > cfg.math_max_seqlen:
