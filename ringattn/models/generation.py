@@ -6,8 +6,9 @@
    the K/V projections of this rank's prompt shard, which become this rank's part of the cache (RoPE applied at their
    global positions). Prompt tokens past the largest length the layout can split are fed
    as decode steps.
-2. Decode: each new token's layers run replicated on every rank; its K/V is appended to
-   the rank with the shortest cache (ties: the lowest rank), and attention is
+2. Decode: each new token's layers (the model's own ``Block.forward``) run replicated on
+   every rank; its K/V is appended to the rank with the shortest cache (ties: the lowest
+   rank), and attention is
    ``ringattn.decode_attention`` over all parts. Shortest-cache rather than round-robin:
    it keeps the longest part -- which sets the per-step kernel time and the peak memory of
    the slowest rank -- as short as possible even when the prefill left the parts uneven
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from ..decode import decode_attention
 from ..layouts import layout_divisor, layout_needs_documents
 from .capture import forward_capturing
-from .llama import Llama, apply_rope, rope_cos_sin
+from .llama import Llama, rope_cos_sin
 
 
 class KVCache:
@@ -129,30 +130,31 @@ def prefill(model: Llama, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
 @torch.no_grad()
 def decode_step(model: Llama, tokens: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
     """One token per sequence (batch, 1) at global ``position``, the same on every rank:
-    append its K/V to the owner's cache part, attend over every part. -> logits (batch, vocab)."""
-    group, p, rank, _, backend = _sp_info(model)
-    cfg = model.cfg
+    every layer runs the model's own ``Block.forward``, with attention over the sharded cache
+    (``_cache_attention``). -> logits (batch, vocab)."""
+    group, _, rank, _, backend = _sp_info(model)
     owner = cache.owner()
     h = model.tok_embeddings(tokens)
-    pos = torch.tensor([position], device=tokens.device)
-    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, h.dtype)
-    b = tokens.shape[0]
+    cos, sin = rope_cos_sin(torch.tensor([position], device=tokens.device), model.cfg.head_dim,
+                            model.cfg.rope_theta, h.dtype)
     for i, layer in enumerate(model.layers):
-        attn = layer.attention
-        x = layer.attention_norm(h)
-        q = apply_rope(attn.wq(x).view(b, 1, attn.n_heads, attn.head_dim), cos, sin)
-        if rank == owner:
-            k = apply_rope(attn.wk(x).view(b, 1, attn.kv_heads, attn.head_dim), cos, sin)
-            cache.append(i, k, attn.wv(x).view(b, 1, attn.kv_heads, attn.head_dim))
-        k_part, v_part = cache.layer(i, q, attn.kv_heads, pending=int(rank == owner))
-        out = decode_attention(q, k_part, v_part, group=group, backend=backend, softcap=attn.softcap,
-                               sinks=attn.sinks)
-        h = h + attn.wo(out.reshape(b, 1, -1))
-        h = h + layer.feed_forward(layer.ffn_norm(h))
+        h = layer(h, cos, sin, _cache_attention(cache, i, rank == owner, group, backend))
     cache.advance(owner, 1)
     h = model.norm(h)
     weight = model.tok_embeddings.weight if model.output is None else model.output.weight
     return F.linear(h, weight)[:, -1].float()
+
+
+def _cache_attention(cache: KVCache, layer: int, owns: bool, group, backend):
+    """The ``attend`` of layer ``layer``'s block for one decode step: the owner appends the
+    new token's K/V (RoPE applied) to its part; every rank attends over all parts."""
+    def attend(q, k, v, *, sinks, softcap):
+        if owns:
+            cache.append(layer, k, v)
+        k_part, v_part = cache.layer(layer, q, k.shape[2], pending=int(owns))
+        return decode_attention(q, k_part, v_part, group=group, backend=backend, softcap=softcap,
+                                sinks=sinks)
+    return attend
 
 
 def _choose(logits, temperature, top_k, generator, group, p):

@@ -14,6 +14,7 @@ documents cost their visible blocks, never a dense s x s mask.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -160,13 +161,17 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attention_sinks else None
         self.softcap = cfg.logit_softcap
 
-    def forward(self, x, cos, sin, sp, plan):
-        """x (b, s_local, dim); ``plan``: this step's ``sp.prepare(...)`` (carries cu_seqlens)."""
+    def forward(self, x, cos, sin, attend):
+        """x (b, s, dim) -> (b, s, dim). ``attend(q, k, v, *, sinks, softcap)`` -> (b, s, heads,
+        head_dim) is the attention itself, given q (b, s, heads, head_dim) and k, v (b, s,
+        kv_heads, head_dim) with RoPE applied to q and k: the step's sequence-parallel
+        attention in training (``Llama.forward``), the sharded KV cache in generation
+        (``ringattn.models.generation``), so both run this same block."""
         b, s, _ = x.shape
         q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, self.kv_heads, self.head_dim)
-        out = sp.attention(q, k, v, causal=True, plan=plan, sinks=self.sinks, softcap=self.softcap)
+        out = attend(q, k, v, sinks=self.sinks, softcap=self.softcap)
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -190,8 +195,9 @@ class Block(nn.Module):
         ffn = FeedForward(cfg)
         self.feed_forward = TiledMLP(ffn, cfg.ffn_dim, cfg.mlp_tile_tokens) if cfg.tiled_mlp else ffn
 
-    def forward(self, x, cos, sin, sp, plan):
-        x = x + self.attention(self.attention_norm(x), cos, sin, sp, plan)
+    def forward(self, x, cos, sin, attend):
+        """x (b, s, dim) -> (b, s, dim); ``attend``: see ``Attention.forward``."""
+        x = x + self.attention(self.attention_norm(x), cos, sin, attend)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -218,6 +224,7 @@ class Llama(nn.Module):
         # Once per forward: the cross-rank checks and the attention plan every layer (and
         # every checkpoint recompute, which gets it as an argument) reuses.
         plan = sp.prepare(tokens.shape, cu_seqlens=cu_seqlens, device=tokens.device)
+        attend = functools.partial(sp.attention, causal=True, plan=plan)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -227,9 +234,9 @@ class Llama(nn.Module):
         with activation_offload(h.device) if offload else contextlib.nullcontext():
             for layer in self.layers:
                 if ckpt:
-                    h = checkpoint(layer, h, cos, sin, sp, plan, use_reentrant=offload)
+                    h = checkpoint(layer, h, cos, sin, attend, use_reentrant=offload)
                 else:
-                    h = layer(h, cos, sin, sp, plan)
+                    h = layer(h, cos, sin, attend)
         # the head weight is read here, in the model's own forward (ZeRO-3 gathers it for this call)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         if labels is None:
