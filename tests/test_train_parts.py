@@ -220,3 +220,18 @@ def test_parallel_strategy_named_or_derived():
                         ({"strategy": "hybrid"}, "strategy=hybrid does not match")):
         with pytest.raises(ValueError, match=message):
             ParallelConfig(sp_size=4, **kw)
+
+
+def test_logger_none_and_wandb_compose():
+    """``logger=none`` (metrics.jsonl only, the default) and ``logger=wandb`` are config presets."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from recipes.tracking import Backend
+    from tests.train_launch import REPO
+
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        for choice, backend in (("none", Backend.none), ("wandb", Backend.wandb)):
+            job = OmegaConf.to_object(compose("train", overrides=[f"logger={choice}"]))
+            assert job.logger.backend is backend, choice
+        assert OmegaConf.to_object(compose("train")).logger.backend is Backend.none
