@@ -29,7 +29,9 @@ class AttentionMass:
     positions (global) and their probabilities, largest first (position -1, probability 0
     where a query sees fewer than top_k keys); distance_mass: (heads,
     n_buckets) mass in each query-key distance bucket, averaged over batch and queries;
-    distance_edges: bucket i holds distances in [edges[i], edges[i+1])."""
+    distance_edges: bucket i holds distances in [edges[i], edges[i+1]). Masses and
+    probabilities are float64 (computed so: the queries are few), positions int64; the same
+    on every rank of the group."""
 
     span_mass: torch.Tensor
     top_positions: torch.Tensor

@@ -122,7 +122,8 @@ class SequenceParallel:
         return self.ulysses_size if self.strategy == "hybrid" else 1
 
     def shard(self, x, dim: int = 1, cu_seqlens=None):
-        """Full tensor -> this rank's shard along ``dim``; ``cu_seqlens`` (int32 document
+        """Full tensor (s along ``dim``, any dtype) -> this rank's shard (s/P along ``dim``, a copy);
+        ``cu_seqlens`` (int32 document
         boundaries of the full sequence) is needed by layouts that place tokens by document."""
         if self._single:
             return x.clone()
@@ -130,6 +131,8 @@ class SequenceParallel:
                               ulysses_size=self._inner, cu_seqlens=cu_seqlens)
 
     def unshard(self, x, dim: int = 1, cu_seqlens=None):
+        """This rank's shard along ``dim`` (s/P there) -> the full tensor (s) on every rank, in
+        token order: a differentiable all-gather (``ringattn.unshard``); any dtype."""
         if self._single:
             return x
         return sharding.unshard(x, layout=self.layout, group=self.group, dim=dim,

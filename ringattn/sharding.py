@@ -55,7 +55,8 @@ def positions(seqlen: int, *, layout: str = "zigzag", group=None, device=None,
 
 def shard(x: torch.Tensor, *, layout: str = "zigzag", group=None, dim: int = 1,
           ulysses_size: int = 1, cu_seqlens=None) -> torch.Tensor:
-    """The same full tensor on every rank -> this rank's shard along ``dim`` (a copy)."""
+    """The same full tensor on every rank (s along ``dim``, any dtype) -> this rank's shard
+    (s/P along ``dim``, in ``layout`` order, a copy)."""
     idx = positions(x.shape[dim], layout=layout, group=group, device=x.device,
                     ulysses_size=ulysses_size, cu_seqlens=cu_seqlens)
     return x.index_select(dim, idx)

@@ -30,6 +30,11 @@ from .tiling import TiledMLP, activation_offload, check_memory_options, token_lo
 
 @dataclass
 class LlamaConfig:
+    """Shape and options of ``Llama``. ``dim`` = ``n_heads`` x head_dim; ``n_kv_heads`` < n_heads
+    is GQA. Parameters and activations take the dtype the model is cast to (the recipe:
+    ``trainer.dtype``); RoPE tables follow it, the loss is fp32. The memory options
+    (checkpointing, offload, tiled loss and MLP) change what is kept, not the result."""
+
     dim: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -202,7 +207,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder over local tokens. ``sp`` is a ``ringattn.SequenceParallel`` or None."""
+    """Decoder over the tokens this rank holds. ``sp``: a ``ringattn.SequenceParallel`` (attention
+    across its group) or None (one process). See ``forward`` for shapes."""
 
     def __init__(self, cfg: LlamaConfig, sp=None):
         super().__init__()
