@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run for a single lent GPU (the `device` tool): CUDA correctness, the kernel and
+# One prepared run for a single GPU: CUDA correctness, the kernel and
 # virtual-ring benchmarks, and a one-GPU training run, with everything kept under ${OUT}/.
 #   bash scripts/device_check.sh                 # on the GPU machine
 #   SMALL=1 bash scripts/device_check.sh         # dry run of every line on CPU, small sizes

@@ -3,7 +3,7 @@
 Ring exactness over the document matrix lives in test_documents_windows.py (doc_zigzag is
 one of its layouts); here: placement, the front door (shard/unshard/positions with
 cu_seqlens) under ring, Ulysses and hybrid against float64, the plan (no masked tiles, no
-wasted pairs) and the balance target of issue 15.
+wasted pairs) and the balance target (max/mean work <= 1.05 at P=8).
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_rank_work_counts_visible_pairs():
 
 
 def test_balance_target_lognormal_p8():
-    """Issue 15: log-normal documents (mean 4K, sigma 1), 128K sequences, P=8: <= 1.05."""
+    """The balance target: log-normal documents (mean 4K, sigma 1), 128K sequences, P=8: <= 1.05."""
     for seed in range(10):
         cu = balance.lognormal_documents(131072, mean=4096, sigma=1.0, seed=seed)
         assert balance.imbalance(balance.rank_work(cu, "doc_zigzag", 8)) <= 1.05, seed

@@ -6,7 +6,7 @@ processes equal those of the *stock* Trainer in one process (transformers' own a
 loss, no ringattn) within 1e-4 -- chunked sequences and DataCollatorWithFlattening packing,
 gradient accumulation 2, DDP and DeepSpeed ZeRO-2, and TRL's SFTTrainer (padding-free);
 likewise the accelerate loop at sp=2 vs the same loop without ringattn. Tolerance: fp32 runs of the same math in a different
-summation order agree to ~1e-6 here (measured); 1e-4 is the issue's bound, far below a
+summation order agree to ~1e-6 here (measured); 1e-4 is the required bound, far below a
 real error (a wrong loss scale or a lost document boundary moves step 1 by >1e-3).
 """
 from __future__ import annotations
