@@ -16,3 +16,10 @@ has_run_dir() {
 default_nproc() {
   python -c 'import torch; print(torch.cuda.device_count() or 1)'
 }
+
+# torchrun forwards the signals it handles to the ranks, then SIGKILLs any rank still running
+# SHUTDOWN_TIMEOUT seconds later. The recipe saves a checkpoint on SIGTERM and SIGUSR1
+# (trainer.save_on_signal; docs/preemption.md): forward SIGUSR1 too, and leave time for the
+# step in flight plus the save.
+TORCHRUN_SIGNAL_ARGS=(--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+                      --shutdown-timeout="${SHUTDOWN_TIMEOUT:-300}")

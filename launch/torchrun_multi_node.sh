@@ -6,6 +6,8 @@
 #       model=llama3_8b parallel.sp_size=8 trainer.dtype=bf16 deepspeed.zero_stage=3
 #
 # Arguments are Hydra overrides, passed through unchanged. Environment:
+#   SHUTDOWN_TIMEOUT  seconds the ranks get to save after SIGTERM / SIGUSR1 reaches torchrun
+#                     (default 300; then torchrun kills them)
 #   MASTER_ADDR, MASTER_PORT  rendezvous endpoint, a host all nodes reach (port default 29500)
 #   NNODES                    nodes (default 1); "MIN:MAX" for an elastic range
 #   NPROC_PER_NODE            processes per node (default: GPUs, or 1 without GPUs)
@@ -28,4 +30,5 @@ exec python -m torch.distributed.run \
   --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT:-29500}" \
   --rdzv-id="${RUN_ID}" \
   --max-restarts="${MAX_RESTARTS:-0}" \
+  "${TORCHRUN_SIGNAL_ARGS[@]}" \
   -m recipes.train "$@"

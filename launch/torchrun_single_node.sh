@@ -6,6 +6,8 @@
 #   MAX_RESTARTS=3 launch/torchrun_single_node.sh trainer.save_every=100     # survive crashes
 #
 # Arguments are Hydra overrides, passed through unchanged. Environment:
+#   SHUTDOWN_TIMEOUT  seconds the ranks get to save after SIGTERM / SIGUSR1 reaches torchrun
+#                     (default 300; then torchrun kills them)
 #   NPROC_PER_NODE  processes (default: GPUs, or 1 without GPUs)
 #   MAX_RESTARTS    torchrun restarts after a failure (default 0); a restart resumes from the
 #                   latest checkpoint in the same run dir (outputs/<TORCHELASTIC_RUN_ID>)
@@ -15,4 +17,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 exec python -m torch.distributed.run --standalone \
   --nproc-per-node="${NPROC_PER_NODE:-$(default_nproc)}" \
   --max-restarts="${MAX_RESTARTS:-0}" \
+  "${TORCHRUN_SIGNAL_ARGS[@]}" \
   -m recipes.train "$@"

@@ -1,30 +1,49 @@
-"""Atomic, resumable DeepSpeed checkpoints under ``<run_dir>/checkpoints``.
+"""Atomic, verified, reshapeable DeepSpeed checkpoints under ``<run_dir>/checkpoints``.
 
-Save: every rank writes into ``.tmp-step_N`` (DeepSpeed model / optimizer / scheduler
-state plus this rank's RNG); after a barrier rank 0 writes ``meta.json`` (step, data
-position, shapes) and renames the directory to ``step_N`` -- a single atomic rename, so a
-crash mid-save leaves only a ``.tmp-`` directory that is ignored, and the previous
-``step_*`` stays the latest complete checkpoint. Load never writes: a corrupt or
-incompatible checkpoint is reported and left untouched.
+Save: every rank writes into ``.tmp-step_N`` (DeepSpeed model / optimizer / scheduler state
+plus this rank's RNG); the ranks hash a share of the files each; rank 0 writes ``meta.json``
+(step, data position, shapes), then ``manifest.json`` (size and SHA-256 of every other file,
+written last) and renames the directory to ``step_N`` -- a single atomic rename, so a crash
+mid-save leaves only a ``.tmp-`` directory that is ignored. Only the newest ``keep`` are kept.
+
+Resume (``find_resumable``): the newest ``step_N`` whose files match its manifest, checked
+before anything big is built; a truncated or missing file makes it fall back to the previous
+one with a warning naming the bad one. Nothing is ever rewritten by a load.
+
+Reshape (``needs_universal``): ZeRO partitions the optimizer state over the ranks (the recipe
+gives DeepSpeed every rank as a replica, so over the whole world), and DeepSpeed's own loader
+refuses another partitioning. A checkpoint of partitioned state resumed at another world size
+or ZeRO stage is converted once to DeepSpeed's *universal* format (one fp32 / exp_avg /
+exp_avg_sq / step file per parameter: ``deepspeed.checkpoint.ds_to_universal``) into
+``step_N/universal`` and loaded with ``"checkpoint": {"load_universal": true}``, which
+re-partitions it for the new world. Unpartitioned state (ZeRO-0, fp32) loads at any world as is.
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger("recipes.checkpoint")
+
 DIRNAME = "checkpoints"
+MANIFEST = "manifest.json"
+UNIVERSAL = "universal"  # the converted copy inside a step dir (derived; not in the manifest)
 # Fault injection for the tests only (tests/test_train.py): a save at this step exits abruptly
 # with the save half done. Not a config field: no user run sets it.
 TEST_CRASH_ENV = "RINGATTN_TEST_CRASH_IN_SAVE_AT_STEP"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_CHUNK = 1 << 24
 
 
 class CheckpointError(RuntimeError):
@@ -35,17 +54,13 @@ def root(run_dir: str) -> str:
     return os.path.join(run_dir, DIRNAME)
 
 
-def latest(run_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint (a ``step_N`` dir with meta.json), or None."""
+def saved(run_dir: str) -> List[str]:
+    """Paths of the renamed (committed) ``step_N`` dirs, newest first; not yet verified."""
     r = root(run_dir)
     if not os.path.isdir(r):
-        return None
-    found = []
-    for name in os.listdir(r):
-        m = _STEP_RE.match(name)
-        if m and os.path.exists(os.path.join(r, name, "meta.json")):
-            found.append((int(m.group(1)), name))
-    return os.path.join(r, max(found)[1]) if found else None
+        return []
+    found = sorted(((int(m.group(1)), name) for name in os.listdir(r) if (m := _STEP_RE.match(name))), reverse=True)
+    return [os.path.join(r, name) for _, name in found]
 
 
 def read_meta(path: str) -> dict:
@@ -53,8 +68,7 @@ def read_meta(path: str) -> dict:
         with open(os.path.join(path, "meta.json")) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt (meta.json unreadable: {e}); "
-                              "it was left untouched -- remove it or use another hydra.run.dir") from e
+        raise CheckpointError(f"checkpoint {path} is corrupt (meta.json unreadable: {e})") from e
 
 
 def check_compatible(path: str, meta: dict, expect: dict) -> None:
@@ -65,6 +79,93 @@ def check_compatible(path: str, meta: dict, expect: dict) -> None:
         raise CheckpointError(f"checkpoint {path} is incompatible with this run ({detail}); "
                               "it was left untouched -- use another hydra.run.dir")
 
+
+# ---- integrity: sizes and checksums, hashed in shares by all ranks ----
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(path: str) -> List[str]:
+    return sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)) and n != MANIFEST)
+
+
+def _digest_share(path: str, names: List[str], rank: int, world: int) -> dict:
+    return {n: {"bytes": os.path.getsize(os.path.join(path, n)), "sha256": _sha256(os.path.join(path, n))}
+            for n in names[rank::world]}
+
+
+def _gather(obj, world: int) -> list:
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def problems(path: str, rank: int, world: int) -> List[str]:
+    """What is wrong with a committed checkpoint (empty: complete). A collective: every rank
+    checks the sizes and checksums of its share of the manifest's files."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return [f"{MANIFEST} unreadable ({type(e).__name__}: {e})"] if rank == 0 else []
+    mine = []
+    for name in sorted(manifest)[rank::world]:
+        p, want = os.path.join(path, name), manifest[name]
+        if not os.path.isfile(p):
+            mine.append(f"{name} is missing")
+        elif os.path.getsize(p) != want["bytes"]:
+            mine.append(f"{name} has {os.path.getsize(p)} bytes, the manifest says {want['bytes']}")
+        elif _sha256(p) != want["sha256"]:
+            mine.append(f"{name} does not match its checksum")
+    return mine
+
+
+def find_resumable(run_dir: str, expect: dict, rank: int, world: int) -> Optional[str]:
+    """The newest complete checkpoint of ``run_dir`` compatible with ``expect`` (None: none was
+    ever saved). A collective, on every rank; the same answer everywhere.
+
+    An incomplete or corrupt one is skipped with a warning naming it (the previous one is used);
+    an incompatible one (another model, batch, seed or data) is an error: it is the config that
+    is wrong, not the file. If checkpoints exist and none is complete, that is an error too --
+    starting over silently would overwrite a run's metrics."""
+    paths = _broadcast(saved(run_dir) if rank == 0 else None)
+    rejected = []
+    for path in paths:
+        bad = sum(_gather(problems(path, rank, world), world), [])
+        if not bad:
+            err = None
+            if rank == 0:
+                try:
+                    check_compatible(path, read_meta(path), expect)
+                except CheckpointError as e:
+                    err = str(e)
+            err = _broadcast(err)
+            if err:
+                raise CheckpointError(err)
+            return path
+        rejected.append(f"{os.path.basename(path)} ({'; '.join(bad)})")
+        if rank == 0:
+            log.warning("checkpoint %s is incomplete or corrupt (%s): it was left untouched; falling back to the "
+                        "previous checkpoint", path, "; ".join(bad))
+    if rejected:
+        raise CheckpointError(f"no complete checkpoint in {root(run_dir)}: every one is corrupt: "
+                              f"{', '.join(rejected)}; they were left untouched -- remove them to start over, "
+                              "or use another hydra.run.dir")
+    return None
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- save ----
 
 def _rng_state() -> dict:
     s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -81,53 +182,111 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def save(engine, run_dir: str, step: int, meta: dict, rank: int) -> str:
+def _write_json(path: str, obj) -> None:
+    """Whole or not at all: a temporary file, fsync, rename."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def save(engine, run_dir: str, step: int, meta: dict, rank: int, world: int, keep: int = 0) -> str:
+    """A collective. ``keep``: how many complete checkpoints to keep (0: all)."""
     r = root(run_dir)
     tmp_tag, tag = f".tmp-step_{step:08d}", f"step_{step:08d}"
+    tmp = os.path.join(r, tmp_tag)
     if rank == 0:
         os.makedirs(r, exist_ok=True)
-        shutil.rmtree(os.path.join(r, tmp_tag), ignore_errors=True)  # left by an earlier crash
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
     dist.barrier()
     engine.save_checkpoint(r, tag=tmp_tag, client_state={"step": step}, save_latest=False)
-    torch.save(_rng_state(), os.path.join(r, tmp_tag, f"rng_rank{rank:05d}.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
     dist.barrier()
     if os.environ.get(TEST_CRASH_ENV) == str(step):
         os._exit(17)
     if rank == 0:
-        with open(os.path.join(r, tmp_tag, "meta.json"), "w") as f:
-            json.dump(dict(meta, step=step), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_json(os.path.join(tmp, "meta.json"), dict(meta, step=step))
+    dist.barrier()
+    names = _files(tmp)  # every rank lists the same directory after the barrier
+    shares = _gather(_digest_share(tmp, names, rank, world), world)
+    if rank == 0:
+        _write_json(os.path.join(tmp, MANIFEST), {"step": step, "files": {k: v for s in shares for k, v in s.items()}})
         final = os.path.join(r, tag)
-        if os.path.exists(final):  # the same step saved again (a rerun past a deleted later ckpt)
+        if os.path.exists(final):  # the same step saved again (a rerun past a deleted or corrupt later one)
             shutil.rmtree(final)
-        os.rename(os.path.join(r, tmp_tag), final)
+        os.rename(tmp, final)
+        _fsync_dir(r)
+        for old in saved(run_dir)[keep:] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return os.path.join(r, tag)
 
 
-def verify_files(path: str) -> None:
-    """Open every tensor file of a checkpoint (memory-mapped: cheap) so corruption is found
-    before any rank enters DeepSpeed's collective loading. Run on one rank."""
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".pt"):
-            try:
-                torch.load(os.path.join(path, name), map_location="cpu", mmap=True, weights_only=False)
-            except Exception as e:
-                raise CheckpointError(f"checkpoint {path} is corrupt ({name}: {type(e).__name__}: {e}); "
-                                      "it was left untouched -- remove it or use another hydra.run.dir") from e
-
-
-def load(engine, path: str, rank: int) -> None:
-    """Load model, optimizer, scheduler and this rank's RNG from a complete checkpoint."""
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- load, on the same or another parallel shape ----
+
+def _partitioned(meta: dict) -> bool:
+    """Is the optimizer state split over ranks? ZeRO >= 1, or bf16 (DeepSpeed's bf16 optimizer
+    partitions its fp32 master weights even at stage 0)."""
+    return meta["zero_stage"] >= 1 or meta.get("dtype") == "bf16"
+
+
+def needs_universal(path: str, meta: dict, world_size: int, zero_stage: int, dtype: str) -> bool:
+    """True if this checkpoint must be loaded through the universal format here; a clear error
+    if it cannot be loaded at all in this configuration."""
+    now = dict(meta, world_size=world_size, zero_stage=zero_stage, dtype=dtype)
+    if _partitioned(meta) != _partitioned(now):
+        raise CheckpointError(
+            f"checkpoint {path} was saved with deepspeed.zero_stage={meta['zero_stage']}, trainer.dtype="
+            f"{meta.get('dtype', 'fp32')}; resuming it with zero_stage={zero_stage}, dtype={dtype} would move "
+            "between partitioned and unpartitioned optimizer state, which DeepSpeed cannot convert: keep the "
+            "checkpoint's zero_stage (any world size and other stages >= 1 work)")
+    return _partitioned(meta) and (meta["world_size"] != world_size or meta["zero_stage"] != zero_stage)
+
+
+def to_universal(path: str, rank: int) -> str:
+    """Convert once (rank 0; the others wait) into ``path/universal``; returns that path. A collective."""
+    out = os.path.join(path, UNIVERSAL)
+    if rank == 0 and not os.path.isdir(out):
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = os.path.join(path, ".tmp-" + UNIVERSAL)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converting %s to DeepSpeed's universal format for a new parallel shape", path)
+        # One worker: ds_to_universal's process pool forks this process, whose process-group
+        # threads then deadlock the children (seen: a hang on CPU with 2 workers).
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=path, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True,
+            inject_missing_state=True))  # our module declares no tensor-parallel layout: a plain one
+        os.rename(tmp, out)
+    dist.barrier()
+    return out
+
+
+def load(engine, path: str, rank: int, universal: bool = False) -> None:
+    """Load model, optimizer, scheduler and RNG from a complete checkpoint. ``universal``: from
+    its converted copy (the engine was built with ``"checkpoint": {"load_universal": true}``)."""
+    load_from = os.path.join(path, UNIVERSAL) if universal else path
+    try:
+        load_path, _ = engine.load_checkpoint(os.path.dirname(load_from), tag=os.path.basename(load_from))
     except Exception as e:  # DeepSpeed raises anything from torch.load / key errors
         raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); "
                               "it was left untouched -- remove it or use another hydra.run.dir") from e
     if load_path is None:
         raise CheckpointError(f"checkpoint {path} could not be loaded (DeepSpeed found no state); "
                               "it was left untouched")
+    # This rank's RNG if it saved one; at another world size, rank 0's (the recipe draws nothing
+    # random per rank in a step, so this only keeps later draws reproducible).
     rng = os.path.join(path, f"rng_rank{rank:05d}.pt")
-    if os.path.exists(rng):
-        _set_rng_state(torch.load(rng, weights_only=False))
+    if not os.path.exists(rng) or universal:
+        rng = os.path.join(path, "rng_rank00000.pt")
+    _set_rng_state(torch.load(rng, weights_only=False))

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, List, Optional
 
 import hydra
 import torch
@@ -42,7 +44,15 @@ class TrainerConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100  # 0: only at the end
-    save_every: int = 0  # 0: no checkpoints; else every K steps and at the end
+    save_every: int = 0  # 0: no periodic checkpoints; else every K steps and at the end
+    # Complete checkpoints kept, newest first (0: all). Keep 2 or more: a resume falls back to the
+    # previous one if the newest turns out truncated or corrupt.
+    keep_checkpoints: int = 2
+    # Signals that make every rank finish its optimizer step, save a checkpoint (whatever
+    # save_every) and exit with status 128 + the signal's number (docs/preemption.md). SLURM
+    # sends SIGTERM on preemption and the --signal=USR1@N of launch/slurm.sbatch before the time
+    # limit. []: the signals keep their default action (the process ends, unsaved).
+    save_on_signal: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     dtype: Dtype = Dtype.fp32
     # Stop this invocation after this step (e.g. to fit a job time limit); the LR schedule
     # still spans max_steps and rerunning the command resumes. null: run to max_steps.
@@ -63,10 +73,19 @@ class TrainerConfig:
         at_least("trainer.log_every", self.log_every)
         at_least("trainer.eval_every", self.eval_every, minimum=0)
         at_least("trainer.save_every", self.save_every, minimum=0)
+        at_least("trainer.keep_checkpoints", self.keep_checkpoints, minimum=0)
         at_least("trainer.stop_at_step", self.stop_at_step, allow_none=True)
         at_least("trainer.dry_run_world_size", self.dry_run_world_size, allow_none=True)
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ValueError(f"trainer.peak_tflops={self.peak_tflops}: must be > 0 (or null: looked up)")
+        for name in self.save_on_signal:
+            if name not in _CATCHABLE:
+                raise ValueError(f"trainer.save_on_signal: {name!r} is not a signal this process can catch; "
+                                 f"expected names such as {', '.join(_CATCHABLE[:6])}")
+
+
+_CATCHABLE = [s.name for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP,
+                               signal.SIGQUIT, signal.SIGCONT)]
 
 
 @dataclass
@@ -86,15 +105,15 @@ ConfigStore.instance().store(name="job_schema", node=_schema)
 
 
 @dataclass
-class Plan:
-    """Numbers derived from the config (never configured)."""
+class BatchSizes:
+    """The batch arithmetic derived from the config (never configured)."""
 
     dp: int
     micro: int  # sequences per forward on one rank
     grad_accum: int
 
 
-def plan(job: JobConfig, world_size: int, model) -> Plan:
+def batch_sizes(job: JobConfig, world_size: int, model) -> BatchSizes:
     """Every check that needs no process group: bad input fails here, before any work.
     ``model``: the resolved model object (``recipes.models.resolve``)."""
     distributed.validate(job.parallel, world_size)
@@ -122,7 +141,7 @@ def plan(job: JobConfig, world_size: int, model) -> Plan:
                          f"data-parallel rank (global_batch_size {d.global_batch_size} / dp {dp})")
     if d.eval_batch_size % dp:
         raise ValueError(f"data.eval_batch_size={d.eval_batch_size} is not divisible by dp={dp}")
-    return Plan(dp=dp, micro=micro, grad_accum=per_rank // micro)
+    return BatchSizes(dp=dp, micro=micro, grad_accum=per_rank // micro)
 
 
 _PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -176,134 +195,247 @@ def resolve_model(job: JobConfig):
     return tokenizer, models.resolve(job.model, tokenizer)
 
 
-def train(job: JobConfig, run_dir: str, resolved: dict) -> None:
-    tokenizer, model = resolve_model(job)
-    p = plan(job, distributed.env_world_size(), model)
-    ctx = distributed.init(job.parallel)
-    run_dir = distributed.agree_on_run_dir(run_dir)
-    torch.manual_seed(job.trainer.seed)
-    dataset = data.build_dataset(job.data, job.trainer.seed, tokenizer)
+class StopSignals:
+    """Save on a signal. The handler only records the first signal; the ranks agree on it inside
+    the all-reduce every step makes anyway (one slot per configured signal), so a signal that
+    reaches the ranks at different steps still stops them all after the same step, at no extra
+    collective. Under torchrun the agent forwards the signals it handles to the workers
+    (launch/ scripts add SIGUSR1 to --signals-to-handle) and SIGKILLs them after
+    --shutdown-timeout, which must cover the step in flight and the save."""
 
-    # Resume: find and check the latest complete checkpoint before building anything big.
-    ckpt, expect = None, {"model": dataclasses.asdict(model.cfg), "seq_len": job.data.seq_len,
-                          "global_batch_size": job.data.global_batch_size, "seed": job.trainer.seed,
-                          "data_kind": job.data.kind.value}
-    if ctx.is_logger:
+    def __init__(self, names: List[str]):
+        self.signals = [signal.Signals[n] for n in names]
+        self.received: Optional[signal.Signals] = None
+        self._previous = {}
+
+    def _record(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {s: signal.signal(s, self._record) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def flags(self) -> List[float]:
+        """This rank's slots for the step's all-reduce."""
+        return [float(s == self.received) for s in self.signals]
+
+    def agreed(self, sums: List[float]) -> Optional[signal.Signals]:
+        """The signal every rank stops for, from the all-reduced slots (the first configured one
+        any rank received), or None."""
+        return next((s for s, n in zip(self.signals, sums) if n > 0), None)
+
+
+def exit_status(sig: signal.Signals) -> int:
+    """128 + the signal's number: the status a process killed by it would have had, so SLURM and
+    shells read "ended by SIGTERM" (143) or "by SIGUSR1" (138), never success (a dependent job
+    with afterok does not start) -- but the checkpoint is complete and a rerun resumes."""
+    return 128 + int(sig)
+
+
+class IntervalClock:
+    """Seconds per training step over a logging interval, without the evaluation and checkpoint
+    time that fell in it (``excluded()``), so tokens/s and MFU measure training alone."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.start, self.excluded_s, self.steps = clock(), 0.0, 0
+
+    @contextmanager
+    def excluded(self):
+        t = self.clock()
         try:
-            ckpt = checkpoint.latest(run_dir)
-            if ckpt:
-                meta = checkpoint.read_meta(ckpt)
-                expect_here = dict(expect)
-                if job.deepspeed.zero_stage > 0:  # partitioned optimizer state: same world only
-                    expect_here["world_size"] = ctx.world_size
-                    expect_here["zero_stage"] = job.deepspeed.zero_stage
-                checkpoint.check_compatible(ckpt, meta, expect_here)
-                checkpoint.verify_files(ckpt)
-            err = None
-        except checkpoint.CheckpointError as e:
-            err = str(e)
-    else:
-        err = None
-    ckpt, err = distributed.broadcast_object((ckpt, err))
-    if err:
-        raise checkpoint.CheckpointError(err)
+            yield
+        finally:
+            self.excluded_s += self.clock() - t
 
-    ds_config = engine_lib.deepspeed_config(job.deepspeed, job.optim, job.trainer.dtype, p.micro, p.grad_accum,
-                                            ctx.world_size)
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def lap(self) -> float:
+        """Training seconds per step since the last lap; starts the next interval."""
+        now = self.clock()
+        dt = (now - self.start - self.excluded_s) / max(1, self.steps)
+        self.start, self.excluded_s, self.steps = now, 0.0, 0
+        return dt
+
+
+@dataclass
+class Run:
+    """What the helpers of one training invocation share."""
+
+    job: JobConfig
+    ctx: distributed.Context
+    model: Any  # recipes.models.resolve(...)
+    sizes: BatchSizes
+    engine: Any
+    batches: data.StepBatches
+    dataset: Any
+    positions: Optional[torch.Tensor]  # global positions for unpacked data; packed: per sequence
+    run_dir: str
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: Optional[float]
+    stop: Optional[signal.Signals]  # a signal every rank agreed to stop for
+
+
+def _facts(job: JobConfig, model) -> dict:
+    """What a checkpoint must share with this run to be resumed (the parallel shape need not)."""
+    return {"model": dataclasses.asdict(model.cfg), "seq_len": job.data.seq_len,
+            "global_batch_size": job.data.global_batch_size, "seed": job.trainer.seed,
+            "data_kind": job.data.kind.value}
+
+
+def _resume(job: JobConfig, model, ctx, sizes: BatchSizes, run_dir: str):
+    """Find and check the checkpoint to resume from, build the engine, load it.
+    Returns (engine, start step, checkpoint path or None, how it was loaded)."""
+    ckpt = checkpoint.find_resumable(run_dir, _facts(job, model), ctx.rank, ctx.world_size)
+    universal = False
+    if ckpt:
+        meta = checkpoint.read_meta(ckpt)
+        universal = checkpoint.needs_universal(ckpt, meta, ctx.world_size, job.deepspeed.zero_stage,
+                                               job.trainer.dtype.value)
+    ds_config = engine_lib.deepspeed_config(job.deepspeed, job.optim, job.trainer.dtype, sizes.micro,
+                                            sizes.grad_accum, ctx.world_size)
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     module = model.build(ctx.sp, ctx.device, ds_config)
     engine = engine_lib.build(module, ds_config, job.optim, job.trainer.max_steps)
     if job.trainer.compile:
         engine.compile()
-    start = 0
-    if ckpt:
-        checkpoint.load(engine, ckpt, ctx.rank)
-        start = checkpoint.read_meta(ckpt)["step"]
+    if not ckpt:
+        return engine, 0, None, ""
+    if universal:
+        checkpoint.to_universal(ckpt, ctx.rank)
+    checkpoint.load(engine, ckpt, ctx.rank, universal=universal)
+    how = (f"universal format: world {meta['world_size']} ZeRO-{meta['zero_stage']} -> world {ctx.world_size} "
+           f"ZeRO-{job.deepspeed.zero_stage}" if universal else
+           f"world {meta['world_size']} -> {ctx.world_size}" if meta["world_size"] != ctx.world_size else "")
+    return engine, meta["step"], ckpt, how
 
-    batches = data.StepBatches(dataset, job.data.global_batch_size, ctx.dp_rank, p.dp, p.micro)
-    # global positions for unpacked data; packed documents get theirs per sequence
-    positions = None if ringattn.layout_needs_documents(ctx.sp.layout) else \
-        ctx.sp.positions(job.data.seq_len, device=ctx.device)
-    tracker = tracking.NullTracker()
-    if ctx.is_logger:
-        OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
-        tracker = tracking.Tracker(job.logger, run_dir, resolved, resume_step=start)
-        n_params = model.shape.num_params()
-        log.info("run dir %s | world %d = dp %d x sp %d | micro %d x accum %d | %.2fM params | %s",
-                 run_dir, ctx.world_size, p.dp, ctx.sp.world_size, p.micro, p.grad_accum, n_params / 1e6,
-                 f"resumed from {ckpt} at step {start}" if ckpt else "fresh start")
 
-    # DeepSpeed reports the gradient norm except on its plain fp32 path (stage 0, no bf16)
-    own_grad_norm = not engine.zero_optimization() and not engine.bfloat16_enabled()
-    t = job.trainer
-    peak = peak_flops(t, ctx.device)
-    step_flops = model.shape.flops_per_step(job.data.global_batch_size, job.data.seq_len)
-    tokens_per_step = job.data.global_batch_size * job.data.seq_len
-    t_begin, t_last, steps_timed = time.time(), time.time(), 0
-    for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
-        micro_batches = [(ctx.sp.shard(x.to(ctx.device), cu_seqlens=cu), ctx.sp.shard(y.to(ctx.device), cu_seqlens=cu),
-                          None if cu is None else cu.to(ctx.device))
-                         for x, y, cu in batches.micro_batches(step - 1)]
-        local_valid = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in micro_batches)
-        (n_valid,) = _all_sum(local_valid, device=ctx.device)  # valid tokens of the global batch
-        scale = ctx.world_size / max(n_valid, 1.0)  # see the note in recipes/engine.py
-        lr, loss_sum = engine.get_lr()[0], 0.0
-        grad_norm = None
-        for i, (x, y, cu) in enumerate(micro_batches):
-            pos = positions if cu is None else ctx.sp.positions(job.data.seq_len, device=ctx.device, cu_seqlens=cu)
-            s = engine(x, pos, cu, labels=y).loss_sum  # token-loss sum over sequence tiles
-            engine.backward(s * scale, scale_wrt_gas=False)
-            if i == len(micro_batches) - 1 and own_grad_norm:
-                grad_norm = _grad_norm(engine.module)  # already reduced over the world by backward
-            engine.step()
-            loss_sum += s.item()
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
-        (loss_sum,) = _all_sum(loss_sum, device=ctx.device)
-        loss = loss_sum / max(n_valid, 1.0)
+def _train_step(r: Run, step: int, own_grad_norm: bool, stop: StopSignals) -> StepResult:
+    """One optimizer step over this rank's micro-batches; two small all-reduces (valid tokens,
+    then the loss sum together with the stop-signal slots)."""
+    ctx, engine, seq_len = r.ctx, r.engine, r.job.data.seq_len
+    micro_batches = [(ctx.sp.shard(x.to(ctx.device), cu_seqlens=cu), ctx.sp.shard(y.to(ctx.device), cu_seqlens=cu),
+                      None if cu is None else cu.to(ctx.device))
+                     for x, y, cu in r.batches.micro_batches(step - 1)]
+    local_valid = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in micro_batches)
+    (n_valid,) = _all_sum(local_valid, device=ctx.device)  # valid tokens of the global batch
+    scale = ctx.world_size / max(n_valid, 1.0)  # see the note in recipes/engine.py
+    lr, loss_sum, grad_norm = engine.get_lr()[0], 0.0, None
+    for i, (x, y, cu) in enumerate(micro_batches):
+        pos = r.positions if cu is None else ctx.sp.positions(seq_len, device=ctx.device, cu_seqlens=cu)
+        s = engine(x, pos, cu, labels=y).loss_sum  # token-loss sum over sequence tiles
+        engine.backward(s * scale, scale_wrt_gas=False)
+        if i == len(micro_batches) - 1 and own_grad_norm:
+            grad_norm = _grad_norm(engine.module)  # already reduced over the world by backward
+        engine.step()
+        loss_sum += s.item()
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    loss_sum, *signal_sums = _all_sum(loss_sum, *stop.flags(), device=ctx.device)
+    return StepResult(loss_sum / max(n_valid, 1.0), lr, None if grad_norm is None else float(grad_norm),
+                      stop.agreed(signal_sums))
 
-        if step % t.log_every == 0 or step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
-            now = time.time()
-            steps_timed_now = step - start
-            dt = (now - t_last) / max(1, steps_timed_now - steps_timed)
-            t_last, steps_timed = now, steps_timed_now
-            metrics = {"loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                       "tokens_per_s": tokens_per_step / dt, "seq_len": job.data.seq_len}
-            if peak:
-                metrics["mfu"] = step_flops / dt / (peak * ctx.world_size)
-            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
-                if getattr(dataset, "chance", None) is not None:
-                    metrics["accuracy"] = evaluate(engine, batches, ctx, job, positions)
-                    metrics["accuracy_chance"] = dataset.chance
-            if ctx.is_logger:
-                metrics["mem_gib"] = (torch.cuda.max_memory_allocated() if ctx.device.type == "cuda"
-                                     else _rss()) / 2**30
-                tracker.log(step, metrics)
-                eta = (now - t_begin) / (step - start) * (t.max_steps - step)
-                mfu = f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
-                acc = f" | acc {metrics['accuracy']:.3f} (chance {metrics['accuracy_chance']:.2f})" \
-                    if "accuracy" in metrics else ""
-                print(f"step {step}/{t.max_steps} | loss {loss:.4f}{acc} | lr {metrics['lr']:.2e} | "
-                      f"{metrics['tokens_per_s']:.0f} tok/s{mfu} | ETA {_fmt_time(eta)}", flush=True)
-        stopping = step == t.stop_at_step
-        if t.save_every and (step % t.save_every == 0 or step == t.max_steps or stopping):
-            meta = dict(expect, world_size=ctx.world_size, zero_stage=job.deepspeed.zero_stage,
-                        samples_seen=step * job.data.global_batch_size)
-            checkpoint.save(engine, run_dir, step, meta, ctx.rank)
-        if stopping:
-            break
-    if start < t.max_steps and step == t.max_steps:
-        model.save_final(engine, run_dir, ctx.rank)
-    tracker.close()
-    if ctx.is_logger:
-        log.info("done: step %d of %d, %s in this run", step if start < t.max_steps else start, t.max_steps,
-                 _fmt_time(time.time() - t_begin))
+
+def _log_step(r: Run, step: int, res: StepResult, clock: IntervalClock, tracker, progress: str) -> None:
+    """Metrics of a logging step (every rank: evaluation is a collective); printed and tracked
+    by the logging rank. Throughput covers the training time of the interval only."""
+    t, d = r.job.trainer, r.job.data
+    dt = clock.lap()
+    metrics = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
+               "tokens_per_s": d.global_batch_size * d.seq_len / dt, "seq_len": d.seq_len}
+    peak = peak_flops(t, r.ctx.device)
+    if peak:
+        metrics["mfu"] = r.model.shape.flops_per_step(d.global_batch_size, d.seq_len) / dt / (peak * r.ctx.world_size)
+    if ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps) and \
+            getattr(r.dataset, "chance", None) is not None:
+        with clock.excluded():
+            metrics["accuracy"] = evaluate(r.engine, r.batches, r.ctx, r.job, r.positions)
+        metrics["accuracy_chance"] = r.dataset.chance
+    if not r.ctx.is_logger:
+        return
+    metrics["mem_gib"] = (torch.cuda.max_memory_allocated() if r.ctx.device.type == "cuda" else _rss()) / 2**30
+    tracker.log(step, metrics)
+    mfu = f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+    acc = f" | acc {metrics['accuracy']:.3f} (chance {metrics['accuracy_chance']:.2f})" if "accuracy" in metrics else ""
+    print(f"step {step}/{t.max_steps} | loss {res.loss:.4f}{acc} | lr {res.lr:.2e} | "
+          f"{metrics['tokens_per_s']:.0f} tok/s{mfu} | {progress}", flush=True)
+
+
+def _save(r: Run, step: int) -> None:
+    j = r.job
+    meta = dict(_facts(j, r.model), world_size=r.ctx.world_size, dp=r.sizes.dp, sp=r.ctx.sp.world_size,
+                zero_stage=j.deepspeed.zero_stage, dtype=j.trainer.dtype.value,
+                samples_seen=step * j.data.global_batch_size)
+    checkpoint.save(r.engine, r.run_dir, step, meta, r.ctx.rank, r.ctx.world_size, keep=j.trainer.keep_checkpoints)
+
+
+def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
+    """Train to trainer.max_steps (or stop_at_step); returns the process exit status: 0, or
+    ``exit_status(signal)`` after a save on a signal."""
+    with StopSignals(job.trainer.save_on_signal) as stop:  # first: a signal during setup counts too
+        tokenizer, model = resolve_model(job)
+        sizes = batch_sizes(job, distributed.env_world_size(), model)
+        ctx = distributed.init(job.parallel)
+        run_dir = distributed.agree_on_run_dir(run_dir)
+        torch.manual_seed(job.trainer.seed)
+        dataset = data.build_dataset(job.data, job.trainer.seed, tokenizer)
+        engine, start, ckpt, how = _resume(job, model, ctx, sizes, run_dir)
+        batches = data.StepBatches(dataset, job.data.global_batch_size, ctx.dp_rank, sizes.dp, sizes.micro)
+        positions = None if ringattn.layout_needs_documents(ctx.sp.layout) else \
+            ctx.sp.positions(job.data.seq_len, device=ctx.device)
+        r = Run(job, ctx, model, sizes, engine, batches, dataset, positions, run_dir)
+        tracker = tracking.NullTracker()
+        if ctx.is_logger:
+            OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
+            tracker = tracking.Tracker(job.logger, run_dir, resolved, resume_step=start)
+            resumed = f"resumed from {ckpt} at step {start}" + (f" ({how})" if how else "")
+            log.info("run dir %s | world %d = dp %d x sp %d | micro %d x accum %d | %.2fM params | %s",
+                     run_dir, ctx.world_size, sizes.dp, ctx.sp.world_size, sizes.micro, sizes.grad_accum,
+                     model.shape.num_params() / 1e6, resumed if ckpt else "fresh start")
+        # DeepSpeed reports the gradient norm except on its plain fp32 path (stage 0, no bf16)
+        own_grad_norm = not engine.zero_optimization() and not engine.bfloat16_enabled()
+        t = job.trainer
+        clock, t_begin, step, res = IntervalClock(), time.time(), start, None
+        for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
+            res = _train_step(r, step, own_grad_norm, stop)
+            clock.step_done()
+            if step % t.log_every == 0 or step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
+                eta = (time.time() - t_begin) / (step - start) * (t.max_steps - step)
+                _log_step(r, step, res, clock, tracker, f"ETA {_fmt_time(eta)}")
+            stopping = step == t.stop_at_step or res.stop is not None
+            if res.stop is not None and ctx.is_logger:
+                log.warning("%s received: saving a checkpoint at step %d and exiting with status %d",
+                            res.stop.name, step, exit_status(res.stop))
+            if res.stop is not None or (t.save_every and (step % t.save_every == 0 or step == t.max_steps or stopping)):
+                with clock.excluded():
+                    _save(r, step)
+            if stopping:
+                break
+        if start < t.max_steps and step == t.max_steps and (res is None or res.stop is None):
+            model.save_final(engine, run_dir, ctx.rank)
+        tracker.close()
+        if ctx.is_logger:
+            log.info("done: step %d of %d, %s in this run", step, t.max_steps, _fmt_time(time.time() - t_begin))
+        return exit_status(res.stop) if res is not None and res.stop is not None else 0
 
 
 def dry_run(job: JobConfig) -> None:
     """Every check of a real start that needs no process group, then the memory estimate."""
     world = job.trainer.dry_run_world_size or distributed.env_world_size()
     _, model = resolve_model(job)
-    p = plan(job, world, model)
+    p = batch_sizes(job, world, model)
     ds, par = job.deepspeed, job.parallel
 
     def est(stage, **kw):
@@ -339,8 +471,9 @@ def main(cfg) -> None:
     if job.trainer.dry_run:
         return dry_run(job)
     run_dir = os.path.abspath(HydraConfig.get().runtime.output_dir)
+    status = 0
     try:
-        train(job, run_dir, resolved)
+        status = train(job, run_dir, resolved)
     except Exception as e:
         failure = distributed.comm_failure(e, job.parallel)
         if failure is None:
@@ -353,6 +486,8 @@ def main(cfg) -> None:
         os._exit(1)
     finally:
         distributed.shutdown()
+    if status:
+        sys.exit(status)  # saved on a signal (exit_status)
 
 
 def _strip_launcher_args() -> None:

@@ -1,4 +1,4 @@
-"""Fast unit tests of the recipe's parts: model, data, schedule, config plan."""
+"""Fast unit tests of the recipe's parts: model, data, schedule, batch sizes, signals, throughput clock."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recipes import data, engine, models
-from recipes.train import JobConfig, plan
+from recipes.train import JobConfig, batch_sizes
 from ringattn.models import Llama, LlamaConfig
 from ringattn.models.llama import apply_rope, rope_cos_sin
 
@@ -130,22 +130,22 @@ def test_lr_schedule_warmup_then_cosine():
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
 
 
-def test_plan_derives_micro_batch_and_accumulation():
+def test_batch_sizes_derive_micro_batch_and_accumulation():
     job = JobConfig()
     job.data = dataclasses.replace(job.data, global_batch_size=16, micro_batch_size=2, eval_batch_size=16)
     job.parallel = dataclasses.replace(job.parallel, sp_size=2)
     model = models.resolve(job.model, data.ByteTokenizer())
-    p = plan(job, 8, model)
-    assert (p.dp, p.micro, p.grad_accum) == (4, 2, 2)
-    ds = engine.deepspeed_config(job.deepspeed, job.optim, "fp32", p.micro, p.grad_accum, 8)
+    b = batch_sizes(job, 8, model)
+    assert (b.dp, b.micro, b.grad_accum) == (4, 2, 2)
+    ds = engine.deepspeed_config(job.deepspeed, job.optim, "fp32", b.micro, b.grad_accum, 8)
     assert ds["train_batch_size"] == 2 * 2 * 8 and ds["optimizer"]["params"]["lr"] == job.optim.lr
     assert not ds["bf16"]["enabled"]
     from recipes.choices import Dtype
 
-    assert engine.deepspeed_config(job.deepspeed, job.optim, Dtype.bf16, p.micro, p.grad_accum, 8)["bf16"]["enabled"]
+    assert engine.deepspeed_config(job.deepspeed, job.optim, Dtype.bf16, b.micro, b.grad_accum, 8)["bf16"]["enabled"]
     job.data = dataclasses.replace(job.data, seq_len=ringattn.layout_divisor("zigzag", 2) * 10 + 2)
     with pytest.raises(ValueError, match="multiple of 4"):
-        plan(job, 8, model)
+        batch_sizes(job, 8, model)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -235,3 +235,72 @@ def test_logger_none_and_wandb_compose():
             job = OmegaConf.to_object(compose("train", overrides=[f"logger={choice}"]))
             assert job.logger.backend is backend, choice
         assert OmegaConf.to_object(compose("train")).logger.backend is Backend.none
+
+
+# ---- preemption parts: the throughput clock, signals, checkpoint integrity (no processes) ----
+
+def test_interval_clock_excludes_eval_and_checkpoint_time():
+    from recipes.train import IntervalClock
+
+    now = [100.0]
+    clock = IntervalClock(lambda: now[0])
+    for _ in range(4):  # 4 steps of 0.5 s, with an 8 s evaluation and a 3 s save in between
+        now[0] += 0.5
+        clock.step_done()
+        if clock.steps == 2:
+            with clock.excluded():
+                now[0] += 8.0
+            with clock.excluded():
+                now[0] += 3.0
+    assert clock.lap() == pytest.approx(0.5)  # not (2 + 11) / 4
+    now[0] += 1.0
+    clock.step_done()
+    assert clock.lap() == pytest.approx(1.0), "a lap starts a new interval with nothing excluded"
+
+
+def test_stop_signals_record_the_first_signal_and_agree_through_sums():
+    import os
+    import signal
+
+    from recipes.train import StopSignals, exit_status
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals(["SIGTERM", "SIGUSR1"]) as stop:
+        assert stop.flags() == [0.0, 0.0] and stop.agreed([0.0, 0.0]) is None
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled in this thread before kill() returns
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal does not replace the first
+        assert stop.received == signal.SIGUSR1 and stop.flags() == [0.0, 1.0]
+        # summed over ranks: one rank had SIGUSR1, two had SIGTERM -> the first configured one
+        assert stop.agreed([2.0, 1.0]) == signal.SIGTERM and stop.agreed([0.0, 1.0]) == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) == before, "the previous handlers come back"
+    assert (exit_status(signal.SIGTERM), exit_status(signal.SIGUSR1)) == (143, 138)
+    assert StopSignals([]).flags() == []
+
+
+def test_save_on_signal_names_are_checked():
+    from recipes.train import TrainerConfig
+
+    assert TrainerConfig(save_on_signal=[]).save_on_signal == []
+    with pytest.raises(ValueError, match="trainer.save_on_signal: 'SIGKILL' is not a signal this process can catch"):
+        TrainerConfig(save_on_signal=["SIGKILL"])
+    with pytest.raises(ValueError, match="trainer.keep_checkpoints=-1: must be >= 0"):
+        TrainerConfig(keep_checkpoints=-1)
+
+
+def test_checkpoint_problems_name_truncated_altered_and_missing_files(tmp_path):
+    from recipes import checkpoint
+
+    for name, body in (("a.pt", b"x" * 1000), ("b.pt", b"y" * 10), ("meta.json", b"{}")):
+        (tmp_path / name).write_bytes(body)
+    names = checkpoint._files(str(tmp_path))
+    shares = [checkpoint._digest_share(str(tmp_path), names, r, 2) for r in range(2)]  # two "ranks"
+    checkpoint._write_json(str(tmp_path / checkpoint.MANIFEST), {"files": {**shares[0], **shares[1]}})
+    found = lambda: sum((checkpoint.problems(str(tmp_path), r, 2) for r in range(2)), [])  # noqa: E731
+    assert found() == []
+    (tmp_path / "a.pt").write_bytes(b"x" * 500)
+    (tmp_path / "b.pt").write_bytes(b"z" * 10)
+    (tmp_path / "meta.json").unlink()
+    assert sorted(found()) == ["a.pt has 500 bytes, the manifest says 1000", "b.pt does not match its checksum",
+                               "meta.json is missing"]
+    (tmp_path / checkpoint.MANIFEST).unlink()
+    assert found()[0].startswith("manifest.json unreadable")

@@ -77,7 +77,7 @@ def run(cfg: MemoryBenchmarkConfig) -> dict:
         raise ValueError(f"seqlens={list(job.seqlens)}: give at least two lengths, ascending")
     _, model = train.resolve_model(job)
     for seq_len in job.seqlens:  # every length passes the recipe's own checks first
-        train.plan(dataclasses.replace(job, data=dataclasses.replace(job.data, seq_len=seq_len)), world, model)
+        train.batch_sizes(dataclasses.replace(job, data=dataclasses.replace(job.data, seq_len=seq_len)), world, model)
     ctx = distributed.init(job.parallel)
     torch.manual_seed(job.trainer.seed)
     vocab = model.shape.vocab_size
