@@ -16,8 +16,8 @@ import pytest
 from tests.test_launch import LAUNCH, finish, start, wait_for
 from tests.train_launch import FAST, metrics, tail, train_ok
 
-STEPS, SAVE_EVERY = 40, 10
-# sp=2, ZeRO-2 (optimizer state partitioned over the 2 ranks), fp32; 40 short steps so that a
+STEPS, SAVE_EVERY = 24, 8
+# sp=2, ZeRO-2 (optimizer state partitioned over the 2 ranks), fp32; 24 short steps so that a
 # signal sent after the first logged step lands mid-run
 RUN = FAST + ["data.seq_len=64", f"trainer.max_steps={STEPS}", "trainer.seed=3"]
 SP2 = RUN + ["parallel.sp_size=2", "deepspeed.zero_stage=2"]
@@ -31,11 +31,11 @@ def _assert_losses_equal(ref: dict, got: dict, steps, rel: float):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """The uninterrupted world-2 run: checkpoints every 10 steps, the newest 2 kept (30, 40)."""
+    """The uninterrupted world-2 run: checkpoints every 8 steps, the newest 2 kept (16, 24)."""
     d = tmp_path_factory.mktemp("straight")
     train_ok(d, 2, SP2 + [f"trainer.save_every={SAVE_EVERY}"])
     assert sorted(metrics(d)) == list(range(1, STEPS + 1))
-    assert sorted(p.name for p in (d / "checkpoints").glob("step_*")) == ["step_00000030", "step_00000040"], \
+    assert sorted(p.name for p in (d / "checkpoints").glob("step_*")) == ["step_00000016", "step_00000024"], \
         "trainer.keep_checkpoints=2 keeps the newest two"
     return d
 
@@ -74,7 +74,7 @@ def test_sigterm_to_torchrun_agent_saves_the_step_in_flight_and_the_rerun_matche
 
 
 # Resumed at another shape, a run does the same math with another summation order: fp32 rounding
-# differences of ~1e-7 relative per step, compounding over the 10 steps after the resume.
+# differences of ~1e-7 relative per step, compounding over the 8 steps after the resume.
 RESHAPE_REL = 1e-5
 
 
@@ -85,39 +85,39 @@ def _copy_checkpoints(src, dst, steps):
 
 @pytest.mark.slow
 def test_truncated_latest_falls_back_and_world_2_zero_2_resumes_at_world_1_zero_1(straight, tmp_path):
-    """Checkpoints 30 and 40 of the world-2 ZeRO-2 run; 40's optimizer shard of rank 1 is cut in half.
-    One process at ZeRO-1 resumes: it warns that step 40 is corrupt, falls back to 30 (converted to
-    the universal format: another world and ZeRO stage) and trains 31..40.
+    """Checkpoints 16 and 24 of the world-2 ZeRO-2 run; 24's optimizer shard of rank 1 is cut in half.
+    One process at ZeRO-1 resumes: it warns that step 24 is corrupt, falls back to 16 (converted to
+    the universal format: another world and ZeRO stage) and trains 17..24.
 
-    The comparison: the losses of steps 31..40 against the uninterrupted world-2 run, i.e. the run
+    The comparison: the losses of steps 17..24 against the uninterrupted world-2 run, i.e. the run
     that wrote the checkpoint, continuing from exactly the checkpoint's weights, Adam moments,
     schedule and data position with no save or load in between. Any world size and ZeRO stage
     computes the same fp32 math up to summation order (tests/test_train.py::test_equivalence), so
     a faithful resume matches to rounding (RESHAPE_REL; measured <= 2e-7), while the losses move
     by 1e-2..1e-1 relative per step: a lost moment, schedule step or data position cannot hide."""
-    _copy_checkpoints(straight, tmp_path, (30, 40))
-    shard = tmp_path / "checkpoints" / "step_00000040" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    _copy_checkpoints(straight, tmp_path, (16, 24))
+    shard = tmp_path / "checkpoints" / "step_00000024" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = train_ok(tmp_path, 1, RUN + ["deepspeed.zero_stage=1"])
     out = proc.stdout + proc.stderr
-    assert "checkpoint" in out and "step_00000040 is incomplete or corrupt" in out and \
+    assert "checkpoint" in out and "step_00000024 is incomplete or corrupt" in out and \
         "zero_pp_rank_1_mp_rank_00_optim_states.pt has" in out and "falling back" in out, tail(proc)
-    assert "at step 30 (universal format: world 2 ZeRO-2 -> world 1 ZeRO-1)" in out, tail(proc)
+    assert "at step 16 (universal format: world 2 ZeRO-2 -> world 1 ZeRO-1)" in out, tail(proc)
     got = metrics(tmp_path)
-    assert sorted(got) == list(range(31, STEPS + 1)), "only the resumed steps were logged in this dir"
-    _assert_losses_equal(metrics(straight), got, range(31, STEPS + 1), rel=RESHAPE_REL)
+    assert sorted(got) == list(range(17, STEPS + 1)), "only the resumed steps were logged in this dir"
+    _assert_losses_equal(metrics(straight), got, range(17, STEPS + 1), rel=RESHAPE_REL)
 
 
 @pytest.mark.slow
 def test_world_2_checkpoint_resumes_at_world_4_dp2_sp2(straight, tmp_path):
-    """Step 30 of the world-2 (dp=1 x sp=2) ZeRO-2 run resumed by 4 processes, dp=2 x sp=2, ZeRO-2:
+    """Step 16 of the world-2 (dp=1 x sp=2) ZeRO-2 run resumed by 4 processes, dp=2 x sp=2, ZeRO-2:
     the optimizer state is re-partitioned over 4 ranks, each dp rank takes half of every global
-    batch of the same samples. Compared as in the world-1 test (docstring there): steps 31..40
+    batch of the same samples. Compared as in the world-1 test (docstring there): steps 17..24
     against the uninterrupted run that wrote the checkpoint."""
-    _copy_checkpoints(straight, tmp_path, (30,))
+    _copy_checkpoints(straight, tmp_path, (16,))
     proc = train_ok(tmp_path, 4, SP2)
     assert "world 4 = dp 2 x sp 2" in proc.stdout + proc.stderr, tail(proc)
-    assert "at step 30 (universal format: world 2 ZeRO-2 -> world 4 ZeRO-2)" in proc.stdout + proc.stderr, tail(proc)
+    assert "at step 16 (universal format: world 2 ZeRO-2 -> world 4 ZeRO-2)" in proc.stdout + proc.stderr, tail(proc)
     got = metrics(tmp_path)
-    assert sorted(got) == list(range(31, STEPS + 1))
-    _assert_losses_equal(metrics(straight), got, range(31, STEPS + 1), rel=RESHAPE_REL)
+    assert sorted(got) == list(range(17, STEPS + 1))
+    _assert_losses_equal(metrics(straight), got, range(17, STEPS + 1), rel=RESHAPE_REL)
