@@ -151,18 +151,26 @@ def test_two_nodes_match_single_node_and_share_one_run_dir(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
-def test_slurm_tasks_started_apart_share_one_run_dir(tmp_path, launcher):
+def test_slurm_tasks_started_apart_share_one_run_dir_and_requeue_on_usr1(tmp_path, launcher):
     """launch/slurm.sbatch under a stand-in srun that starts its 2 tasks 3 s apart -- the ranks
     themselves (LAUNCHER=srun) or one torchrun agent per "node" with a c10d rendezvous: all use
-    outputs/slurm-$SLURM_JOB_ID, and only rank 0 writes there."""
+    outputs/slurm-$SLURM_JOB_ID, and only rank 0 writes there. Then SLURM's time-limit signal
+    (USR1 to the batch script, --signal=B:USR1@N): the script forwards it through srun (the
+    stand-in forwards like srun does) to the ranks or the agents, which forward it to theirs; the
+    ranks save the step in flight and the script runs `scontrol requeue`."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(
-        "#!/usr/bin/env bash\n# stand-in: SLURM_NTASKS copies of the command, STAGGER seconds apart\n"
+        "#!/usr/bin/env bash\n# stand-in: SLURM_NTASKS copies of the command, 3 s apart; forwards signals to them\n"
         'while [[ "$1" == -* ]]; do shift; done\npids=()\n'
+        'for s in USR1 TERM; do trap "kill -s $s \\${pids[*]} 2>/dev/null" $s; done\n'
         'for ((i=0; i<SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); sleep 3; done\n'
-        'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc\n')
-    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
+        'rc=0; for p in "${pids[@]}"; do\n'
+        '  while true; do wait "$p" && r=0 || r=$?; kill -0 "$p" 2>/dev/null || break; done\n'
+        '  [[ $r == 0 ]] || rc=$r\ndone; exit $rc\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\nif [[ "$1" == requeue ]]; then echo "$@" >> {tmp_path / "requeued"}; '
+        'else echo localhost; fi\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     cwd = tmp_path / "job"
@@ -170,16 +178,24 @@ def test_slurm_tasks_started_apart_share_one_run_dir(tmp_path, launcher):
                SLURM_NNODES="2", NPROC_PER_NODE="1", SLURM_SUBMIT_DIR=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                PATH=f"{bin_dir}:{os.environ['PATH']}", **_audit_env(tmp_path, cwd))
     env["AUDIT_UNDER"] = str(cwd)  # writes of ranks > 0 anywhere under the job's folder are recorded
-    rc, out = finish(start(["bash", LAUNCH / "slurm.sbatch", *SP2, "trainer.max_steps=3",
-                            "trainer.save_every=3"], cwd, env), 240)
-    assert rc == 0, out[-3000:]
+    job = start(["bash", LAUNCH / "slurm.sbatch", *SP2, "trainer.max_steps=40"], cwd, env)
+    logged = cwd / "outputs" / "slurm-4242" / "metrics.jsonl"
+    wait_for(lambda: logged.exists() and logged.read_text().strip(), job, 180, "the first logged step")
+    os.kill(job.pid, signal.SIGUSR1)  # what --signal=B:USR1@300 does before the time limit
+    rc, out = finish(job, 240)
+    # the ranks exit 128+SIGUSR1; torchrun, told to stop itself, exits 1; the script passes it on
+    assert rc == (138 if launcher == "srun" else 1), out[-3000:]
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"], out[-3000:]
     run_dir = only_run_dir(cwd)
     assert run_dir.name == "slurm-4242"
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    saved = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")]
+    assert len(saved) == 1 and sorted(metrics(run_dir)) == list(range(1, saved[0] + 1)) and saved[0] < 40, \
+        (saved, out[-3000:])
+    assert f"SIGUSR1 received: saving a checkpoint at step {saved[0]}" in out, out[-3000:]
     # rank 1 writes its own checkpoint shards (through torch.save's C++ writer: not audited)
     writes = [w for w in _writes_by_ranks_above_0(tmp_path, run_dir) if "/checkpoints/" not in w.split()[2]]
     assert writes == [], writes
-    assert sorted(metrics(run_dir)) == [1, 2, 3]
     # the audit itself does see a Python write from a rank > 0
     probe = run_dir / "probe.txt"
     subprocess.run([sys.executable, "-c", f"open({str(probe)!r}, 'w')"], env=clean_env(dict(env, RANK="1")),
