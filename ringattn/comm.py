@@ -26,6 +26,17 @@ def group_rank(group=None) -> int:
     return dist.get_rank(group)
 
 
+def group_device(group=None) -> torch.device | None:
+    """The device ``group``'s collectives take: NCCL, the current CUDA device (NCCL refuses
+    host tensors); any other backend (gloo, test backends), the host. None without
+    torch.distributed (no group, no collective)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class Pending:
     def __init__(self, works, received):
         self._works, self._received = works, received

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .comm import group_size
+from .comm import group_device, group_size
 from .headsplit import split_heads
 
 
@@ -36,18 +36,17 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 
 
 def check_same_on_all_ranks(fields: dict[str, int], group=None,
-                            cu_seqlens: torch.Tensor | None = None, device=None) -> None:
+                            cu_seqlens: torch.Tensor | None = None) -> None:
     """All ranks of ``group`` must hold equally shaped shards (``fields``: name -> size, e.g.
     batch and local length) and the same ``cu_seqlens`` (one tiny all-gather, one host sync).
 
     Without this, a rank with a different local length would deadlock the ring or read
-    garbage; with it, every rank raises the same ValueError. ``device``: where the gathered
-    tensor lives for non-gloo backends (NCCL needs the rank's GPU).
+    garbage; with it, every rank raises the same ValueError. The gathered tensor lives on the
+    group's device (``comm.group_device``: NCCL, the current GPU), whatever the data's.
     """
     if group_size(group) == 1:
         return
-    if device is None or dist.get_backend(group) == "gloo":
-        device = torch.device("cpu")
+    device = group_device(group)
     docs = [0, 0]
     if cu_seqlens is not None:  # a cheap fingerprint: count and position-weighted sum
         cu = cu_seqlens.to("cpu", torch.int64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import sharding
-from .comm import group_rank, group_size
+from .comm import group_device, group_rank, group_size
 from .hybrid import hybrid_attention
 from .layouts import get_layout
 from .masking import document_positions
@@ -73,9 +73,18 @@ class SequenceParallel:
     def rank(self) -> int:
         return 0 if self._single else group_rank(self.group)
 
+    @property
+    def device(self) -> torch.device:
+        """The group's device (NCCL: the current GPU; gloo: the host); one process: torch's
+        default device. Where ``positions`` puts its result unless told otherwise."""
+        dev = None if self._single else group_device(self.group)
+        return dev if dev is not None else torch.get_default_device()
+
     def prepare(self, shape, cu_seqlens=None, device=None) -> AttentionPlan:
         """This step's ``AttentionPlan`` for local shards of ``shape`` = (batch, local_seqlen)
-        (e.g. ``tokens.shape``) and packed-document boundaries ``cu_seqlens``.
+        (e.g. ``tokens.shape``) and packed-document boundaries ``cu_seqlens``. ``device``:
+        the data's (``tokens.device``); None: the group's if it needs one (NCCL: the current
+        GPU), else the first attention call's.
 
         Call it once per step on every rank of the group, then pass it to every
         ``attention`` call of the step: one tiny all-gather checks that all ranks hold equal
@@ -140,7 +149,9 @@ class SequenceParallel:
 
     def positions(self, seqlen: int, device=None, cu_seqlens=None):
         """RoPE positions of this rank's tokens: global positions, or, for packed
-        documents (``cu_seqlens``), positions within each token's document."""
+        documents (``cu_seqlens``), positions within each token's document. On ``device``
+        (default: the group's, ``self.device``); data preparation, once per step."""
+        device = self.device if device is None else device
         if self._single:
             pos = torch.arange(seqlen) if cu_seqlens is None else document_positions(cu_seqlens)
             return pos.to(device)

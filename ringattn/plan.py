@@ -30,7 +30,7 @@ from dataclasses import replace
 
 import torch
 
-from .comm import group_rank, group_size
+from .comm import group_device, group_rank, group_size
 from .headsplit import HeadSplit
 from .inputs import check_qkv, check_same_on_all_ranks, check_sinks, check_ulysses_heads
 from .kernels import get_backend
@@ -50,6 +50,16 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def _groups_device(groups) -> torch.device | None:
+    """The device the groups' collectives take if one needs a device (NCCL: the current
+    GPU), else None (the data decides: gloo is happy with any host or device tensor)."""
+    for g in groups:
+        device = group_device(g)
+        if device is not None and device.type != "cpu":
+            return device
+    return None
+
+
 class AttentionPlan:
     """What every attention call over one step's shards shares (see the module doc).
 
@@ -58,6 +68,7 @@ class AttentionPlan:
     positions, each split contiguously over ``ulysses_size`` ranks). ``batch``,
     ``local_len``: the (batch, local_seqlen) of every rank's shard. ``cu_seqlens``: the
     validated document boundaries as given (compared by identity in ``check``).
+    ``device``: where its masks and index tensors live (``prepare`` resolves it).
     Make one with ``AttentionPlan.prepare`` (or ``SequenceParallel.prepare``).
     """
 
@@ -70,7 +81,9 @@ class AttentionPlan:
         self.cu_seqlens = cu_seqlens
         # the host copy: the step's one host sync for documents (checked in prepare)
         self._cu_host = cu_seqlens.to("cpu") if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
-        self.device = torch.device("cpu") if device is None else torch.device(device)
+        # where masks and indices live: given, else the first attention call's q device (never
+        # a silent host default: host masks would be copied to the GPU on every call)
+        self.device = None if device is None else torch.device(device)
         self._cache: dict = {}
 
     @property
@@ -88,6 +101,8 @@ class AttentionPlan:
         (None = the world, as in torch.distributed). ``agree_over``: the groups whose ranks
         must hold equal shapes and ``cu_seqlens`` (default: the strategy's groups); one
         all-gather each. ``heads``: more named sizes to agree on (standalone calls).
+        ``device``: the data's device; None: the groups' (NCCL: the current GPU), else the
+        first attention call's q device. The plan then refuses q on any other device.
         Local checks all run before any communication.
         """
         if strategy not in ("local", *STRATEGIES):
@@ -97,6 +112,8 @@ class AttentionPlan:
         r = group_size(ring_group) if strategy in ("ring", "hybrid") else 1
         u = group_size(ulysses_group) if strategy in ("ulysses", "hybrid") else 1
         batch, local_len = int(shape[0]), int(shape[1])
+        if device is None:
+            device = _groups_device([g for g, n in ((ring_group, r), (ulysses_group, u)) if n > 1])
         plan = AttentionPlan(strategy, layout, batch, local_len, ring_size=r,
                              ring_rank=group_rank(ring_group) if r > 1 else 0, ulysses_size=u,
                              cu_seqlens=cu_seqlens, device=device)
@@ -109,7 +126,7 @@ class AttentionPlan:
                           "hybrid": [ulysses_group, ring_group]}[strategy]
         fields = {"batch": batch, "q_len": local_len, **(heads or {})}
         for group in agree_over:
-            check_same_on_all_ranks(fields, group, plan._cu_host, plan.device)
+            check_same_on_all_ranks(fields, group, plan._cu_host)
         return plan
 
     def check(self, who: str, q: torch.Tensor, strategy: str, layout: str, ring_size: int,
@@ -121,6 +138,13 @@ class AttentionPlan:
                 f"{who}: the plan was prepared for (strategy, layout, ring_size, ulysses_size) = "
                 f"{made}, but this call is {(strategy, layout, ring_size, ulysses_size)}; "
                 "prepare it with the SequenceParallel that runs the attention"
+            )
+        if self.device is None or (self.device.index is None and self.device.type == q.device.type):
+            self.device = q.device  # the plan's device is the data's
+        elif q.device != self.device:
+            raise ValueError(
+                f"{who}: q is on {q.device}, but the plan was prepared for {self.device}; "
+                "prepare it with device=tokens.device (the data's device)"
             )
         if tuple(q.shape[:2]) != (self.batch, self.local_len):
             raise ValueError(

@@ -96,6 +96,12 @@ def _sp_info(model):
     return sp.group, sp.world_size, sp.rank, divisor, sp.backend
 
 
+def _one_document(n: int) -> torch.Tensor:
+    """cu_seqlens of one document of ``n`` tokens, on the host: document boundaries are host
+    metadata (the step's plan reads them there; a device copy would cost a host sync)."""
+    return torch.tensor([0, n], dtype=torch.int32)
+
+
 @torch.no_grad()
 def prefill(model: Llama, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the model over ``prompt`` (batch, n; n a multiple of the layout's divisor), the
@@ -105,9 +111,7 @@ def prefill(model: Llama, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
     n = prompt.shape[1]
     sp = model.sp if p > 1 else None
     # a layout that places tokens by document (doc_zigzag) sees the prompt as one document
-    docs = None
-    if sp and layout_needs_documents(sp.layout):
-        docs = torch.tensor([0, n], dtype=torch.int32, device=prompt.device)
+    docs = _one_document(n) if sp and layout_needs_documents(sp.layout) else None
     tokens = sp.shard(prompt, cu_seqlens=docs) if sp else prompt
     positions = (sp.positions(n, device=prompt.device, cu_seqlens=docs) if sp
                  else torch.arange(n, device=prompt.device))

@@ -124,7 +124,7 @@ def _autocast(*tensors):
     computed in fp32) and a v in the autocast dtype; cast all three to it, as autocast
     does for the SDPA call of transformers' own attention."""
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) for t in tensors)

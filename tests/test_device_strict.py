@@ -1,0 +1,173 @@
+"""Device-strict runs: the attention path, the models and generation keep every tensor on the
+data's device and never wait for the host, for every strategy x layout x mask feature at
+P = 2 and 4 -- proven on CPU with meta tensors and a fake process group (the design and why:
+tests/device_strict.py). One process plays one rank of P per case; across the matrix every
+rank of each P is played (rank = case index mod P), so each (strategy, layout, feature) runs
+once per P rather than P times: the hot path's code is the same on every rank, and the rank
+only changes which block pairs (and so which masks) a case meets, which the rotation covers.
+
+Models are built on the meta device with one layer (the path is the same in every layer)
+and activation checkpointing on, so the recompute runs inside the strict region too.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import ringattn
+from ringattn.layouts import LAYOUTS
+from ringattn.parallel import STRATEGIES
+from tests.device_strict import DeviceStrict, DeviceStrictError, fake_world
+
+META = torch.device("meta")
+WORLDS = (2, 4)
+SEQLEN = 64
+DOCS = [0, 20, 45, 64]  # short packed documents: block pairs that documents cut irregularly
+FEATURES = ("plain", "documents", "window", "sinks", "softcap")
+
+
+def _cases(features):
+    """(P, rank, strategy, layout, feature), rank rotating over each P's ranks."""
+    cases = []
+    for world in WORLDS:
+        combos = itertools.product(STRATEGIES, sorted(LAYOUTS), features)
+        cases += [(world, i % world, *c) for i, c in enumerate(combos)]
+    return cases
+
+
+def _sp(strategy, layout):
+    return ringattn.SequenceParallel(strategy, layout,
+                                     ulysses_size=2 if strategy == "hybrid" else None)
+
+
+def _cu(feature, layout):
+    """Host int32 cu_seqlens (documents, or one document where the layout needs them)."""
+    if feature == "documents":
+        return torch.tensor(DOCS, dtype=torch.int32)
+    return torch.tensor([0, SEQLEN], dtype=torch.int32) if LAYOUTS[layout].needs_documents else None
+
+
+def _step(model, sp, world, cu):
+    """One training step's forward + backward of ``model`` on meta tokens, strictly."""
+    tokens = torch.zeros(1, SEQLEN // world, dtype=torch.long, device=META)
+    positions = sp.positions(SEQLEN, device=META, cu_seqlens=cu)  # data preparation
+    with DeviceStrict(META) as strict:
+        model(tokens, positions, cu_seqlens=cu, labels=tokens).loss_sum.backward()
+    assert strict.ops > 100, "the strict region saw the step's ops"
+
+
+def _failures(run, cases):
+    failed = []
+    for case in cases:
+        world, rank = case[:2]
+        with fake_world(rank, world):
+            try:
+                run(*case)
+            except Exception as e:  # noqa: BLE001 - collect every failing case, then report
+                failed.append(f"P={world} rank={rank} {case[2:]}: {type(e).__name__}: {e}")
+    return failed
+
+
+def test_llama_training_step_and_generation_are_device_strict():
+    """ringattn.models.Llama: forward + backward (checkpoint recompute included) with plain
+    causal attention, packed documents, and sinks + softcap (Llama has no sliding window:
+    windows run in the HF matrix); and greedy generation (prefill over the group, decode over
+    the sharded cache) on meta. Catches e.g. a CPU ``torch.arange`` on the hot path, a
+    ``torch.tensor`` without a device, a ``.tolist()`` of a device tensor."""
+    from ringattn.models.generation import generate
+    from ringattn.models.llama import Llama, LlamaConfig
+
+    def run(world, rank, strategy, layout, feature):
+        sp = _sp(strategy, layout)
+        cfg = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=61,
+                          activation_checkpointing=True,
+                          attention_sinks=feature == "sinks_softcap",
+                          logit_softcap=2.0 if feature == "sinks_softcap" else None)
+        with META:
+            model = Llama(cfg, sp)
+        if feature == "generate":
+            prompt = torch.zeros(2, 16, dtype=torch.long, device=META)
+            with DeviceStrict(META):
+                out = generate(model, prompt, 3)
+            assert out.device == META and out.shape == (2, 19)
+        else:
+            _step(model, sp, world, _cu(feature, layout))
+
+    failed = _failures(run, _cases(("plain", "documents", "sinks_softcap", "generate")))
+    assert not failed, "\n".join(failed)
+
+
+def _hf_models():
+    """One tiny HF model per feature, on meta, one layer: Llama (plain, documents), Mistral
+    (sliding window), Gemma 2 (softcap; its final-logit softcap needs the untiled loss).
+    Sinks run in the Llama matrix only: the one HF architecture with sinks (GPT-OSS) routes
+    its mixture of experts with a data-dependent ``nonzero`` in transformers -- a host sync
+    on any device, outside ringattn -- so it cannot pass a strict run."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_hf import tiny_config
+
+    arch = {"plain": "llama", "documents": "llama", "window": "mistral", "softcap": "gemma2"}
+    built = {}
+    for name in set(arch.values()):
+        config = tiny_config(name)
+        config.num_hidden_layers = 1
+        if hasattr(config, "layer_types"):
+            config.layer_types = config.layer_types[:1]
+        with META:
+            built[name] = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return {feature: built[a] for feature, a in arch.items()}
+
+
+def test_hf_training_step_is_device_strict():
+    """ringattn.models.hf.HFCausalLM over transformers models: forward + backward on meta for
+    every strategy x layout x feature but sinks (see ``_hf_models`` for which architecture
+    carries each, and why not sinks). Without activation checkpointing: the Llama matrix runs
+    the recompute, which is the same forward again."""
+    pytest.importorskip("transformers")
+    from ringattn.models.hf import HFCausalLM
+
+    models = _hf_models()
+
+    def run(world, rank, strategy, layout, feature):
+        sp = _sp(strategy, layout)
+        model = HFCausalLM(models[feature], sp, tiled_loss=feature != "softcap")
+        model.train()
+        _step(model, sp, world, _cu(feature, layout))
+
+    failed = _failures(run, _cases(tuple(f for f in FEATURES if f != "sinks")))
+    assert not failed, "\n".join(failed)
+
+
+# ---- the checker itself: it fails on what it must catch --------------------------------
+
+
+def _ring_step(extra=None):
+    """Ring attention forward + backward on meta at P = 2, rank 1, with ``extra(q)`` run
+    inside the strict region."""
+    with fake_world(1, 2):
+        sp = _sp("ring", "zigzag")
+        q, k, v = (torch.empty(1, 16, h, 8, device=META, requires_grad=True) for h in (4, 2, 2))
+        plan = sp.prepare(q.shape, device=META)
+        with DeviceStrict(META):
+            out = sp.attention(q, k, v, causal=True, plan=plan)
+            if extra is not None:
+                out = extra(out)
+            out.sum().backward()
+
+
+def test_checker_passes_the_clean_path_and_fails_on_a_planted_cpu_tensor():
+    _ring_step()  # the clean path passes
+    with pytest.raises(DeviceStrictError, match="on cpu, not on the data's device meta"):
+        _ring_step(lambda out: out * torch.arange(out.shape[-1]).to(META))  # made on the host
+    with pytest.raises(DeviceStrictError, match="on cpu"):
+        _ring_step(lambda out: out * torch.tensor(2.0))  # a 0-dim host scalar tensor
+
+
+def test_checker_fails_on_a_planted_host_sync():
+    with pytest.raises(DeviceStrictError, match="host sync"):
+        _ring_step(lambda out: out * float(out.sum()))
+    with pytest.raises(DeviceStrictError, match="host sync"):
+        _ring_step(lambda out: out[: out.sum().long().tolist()])
