@@ -27,16 +27,22 @@ class PartialAttention:
         self.lse = torch.full((b, h, s), float("-inf"), dtype=dtype, device=like.device)
 
     def add(self, block_out: torch.Tensor, block_lse: torch.Tensor, rows: slice = slice(None)):
-        """Merge a block's result for query rows ``rows`` (a slice of the q_len dimension)."""
+        """Merge a block's result for query rows ``rows`` (a slice of the q_len dimension).
+
+        A row with block lse = -inf saw no key of this block: it adds exactly nothing,
+        whatever ``block_out`` holds there (fused kernels promise nothing for rows their
+        mask hides entirely: NaN, garbage). Selected with ``where``, never multiplied by a
+        zero share: 0 * NaN is NaN. A row no block sees stays out = 0, lse = -inf."""
         out, lse = self.out[:, rows], self.lse[:, :, rows]
         block_lse = block_lse.to(lse.dtype)
-        new_lse = torch.logaddexp(lse, block_lse)
-        # sigmoid(L_b - L) is the new block's share; a row new to both (-inf, -inf) gives
-        # NaN there, and takes the block's values unchanged (they are 0 / -inf too).
+        new_lse = torch.logaddexp(lse, block_lse)  # = lse where block_lse = -inf
+        # sigmoid(L_b - L) is the new block's share; a row new to us (L = -inf) takes it whole
         share = torch.sigmoid(block_lse - lse)
         share = torch.where(torch.isneginf(lse), torch.ones_like(share), share)
         share = share.transpose(1, 2).unsqueeze(-1)  # (b, q_len, heads, 1)
-        out.add_(share * (block_out.to(out.dtype) - out))
+        hidden = torch.isneginf(block_lse).transpose(1, 2).unsqueeze(-1)
+        step = share * (block_out.to(out.dtype) - out)
+        out.add_(torch.where(hidden, torch.zeros_like(step), step))
         lse.copy_(new_lse)
 
     def add_sinks(self, sinks: torch.Tensor) -> None:

@@ -121,6 +121,11 @@ class DeviceStrict(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default and not _in_plan():
             raise DeviceStrictError(f"host sync: {func} (.item()/.tolist()/bool/int of a tensor) "
                                     f"on the hot path at {_where()}")
+        for t in tree_leaves((args, kwargs)):  # a host tensor read on the device: a copy per call
+            if isinstance(t, torch.Tensor) and t.device != self.device and not _in_plan():
+                raise DeviceStrictError(
+                    f"{func} reads a {tuple(t.shape)} tensor on {t.device}, not on the data's "
+                    f"device {self.device} (a host-to-device copy on the hot path), at {_where()}")
         try:
             out = func(*args, **kwargs)
         except NotImplementedError as e:  # e.g. .tolist()/.cpu() of a meta tensor
