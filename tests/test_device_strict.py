@@ -171,3 +171,38 @@ def test_checker_fails_on_a_planted_host_sync():
         _ring_step(lambda out: out * float(out.sum()))
     with pytest.raises(DeviceStrictError, match="host sync"):
         _ring_step(lambda out: out[: out.sum().long().tolist()])
+
+
+# ---- the plan's device ------------------------------------------------------------------
+
+
+def test_plan_prepared_without_a_device_keeps_its_masks_on_the_data_device():
+    """``sp.prepare(shape, cu_seqlens)`` as the README calls it (no device): the plan takes its
+    device from the data (the first attention call's q), so the document masks are moved to
+    the device once, not copied from the host in every kernel call; a plan used with q on
+    another device is refused with a clear error."""
+    with fake_world(0, 2):
+        sp = _sp("ring", "striped")
+        cu = torch.tensor(DOCS, dtype=torch.int32)
+        plan = sp.prepare((1, SEQLEN // 2), cu)
+        q, k, v = (torch.empty(1, SEQLEN // 2, h, 8, device=META, requires_grad=True)
+                   for h in (4, 2, 2))
+        with DeviceStrict(META):
+            sp.attention(q, k, v, causal=True, plan=plan).sum().backward()
+        assert plan.device == META
+        masks = [t.mask for tasks in plan.ring_steps(True) for t in tasks if t.mask is not None]
+        assert masks and all(m.device == META for m in masks)
+        with pytest.raises(ValueError, match="q is on cpu, but the plan was prepared for meta"):
+            sp.attention(*(torch.zeros(t.shape) for t in (q, k, v)), causal=True, plan=plan)
+
+
+def test_positions_default_to_the_group_device():
+    """``sp.positions(seqlen)`` without a device: the group's (NCCL: the current GPU, see
+    tests/test_gpu.py; gloo and the fake group: the host), never silently the host."""
+    with fake_world(1, 2):
+        sp = _sp("ring", "zigzag")
+        assert sp.device == torch.device("cpu")
+        assert sp.positions(SEQLEN).device == sp.device
+    with META:  # one process: torch's default device
+        single = ringattn.SequenceParallel.single()
+        assert single.positions(8).device == META
