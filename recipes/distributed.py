@@ -126,10 +126,35 @@ def _elastic_store(timeout: datetime.timedelta) -> dict:
     return {"store": dist.PrefixStore(f"ringattn/attempt_{attempt}", store), "rank": rank, "world_size": world}
 
 
+# NCCL's watchdog thread handles a collective that outlives its timeout according to
+# TORCH_NCCL_ASYNC_ERROR_HANDLING. Torch's default (3) and torchrun's (its agent sets 1) tear
+# the process down from that thread: the main thread never sees an exception, so
+# ``comm_failure``'s message naming parallel.collective_timeout_s would never print. 2
+# ("clean up only") aborts the communicators and keeps the process: the failed collective
+# raises DistBackendError in the main thread (at its wait or the next collective), which the
+# recipe reports and exits on, so torchrun --max-restarts still restarts the job.
+NCCL_ERROR_HANDLING = "2"
+
+
+def nccl_error_handling(environ=os.environ) -> Optional[str]:
+    """Set TORCH_NCCL_ASYNC_ERROR_HANDLING in ``environ`` (read when the NCCL group is
+    created) -> a note if it replaced another value (e.g. torchrun's 1), else None."""
+    before = environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = NCCL_ERROR_HANDLING
+    if before in (None, NCCL_ERROR_HANDLING):
+        return None
+    return (f"TORCH_NCCL_ASYNC_ERROR_HANDLING={before} -> {NCCL_ERROR_HANDLING}: a collective "
+            "timeout now raises in the main thread (reported with parallel.collective_timeout_s) "
+            "instead of the watchdog tearing the process down")
+
+
 def init_world(timeout: datetime.timedelta) -> torch.device:
     """The default process group (gloo on CPU, nccl on GPU) and this rank's device."""
     if torch.cuda.is_available():
         backend = "nccl"
+        note = nccl_error_handling()
+        if note and os.environ.get("RANK", "0") == "0":
+            print(note, flush=True)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -174,7 +199,8 @@ _COMM_ERROR_HINTS = ("gloo", "nccl", "connection closed", "connection reset", "t
 def comm_failure(exc: BaseException, cfg: ParallelConfig) -> Optional[str]:
     """A clear one-line report if ``exc`` is a failed collective (a peer died or hung), else None.
     Gloo raises plain RuntimeErrors ("Connection closed by peer", "Timed out waiting"); NCCL and
-    the rendezvous store raise torch.distributed.DistError."""
+    the rendezvous store raise torch.distributed.DistError (NCCL's watchdog timeout reaches the
+    main thread as a DistBackendError only with ``nccl_error_handling``'s setting)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return None
     text = str(exc).strip()
