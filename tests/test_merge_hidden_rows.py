@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ringattn.blocks import attend_blocks
+from ringattn.kernels.base import accumulation_dtype
 from ringattn.kernels.math import MathBackend
 from ringattn.merge import PartialAttention
 from ringattn.plan import AttentionPlan
@@ -47,31 +48,49 @@ def test_a_block_that_hides_a_row_adds_nothing_even_if_it_wrote_nan():
     assert torch.isneginf(fresh.lse).all()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ring_over_short_documents_striped_with_a_kernel_writing_nan_in_hidden_rows(world):
-    """Every rank's ring steps (the plan's exact schedule) on one process: short packed
-    documents under the striped layout leave rows of many blocks fully hidden. fp64 inputs:
-    the result must match the float64 reference to rounding (1e-10)."""
+def virtual_ring(kernel, layout, world, cu, q, k, v):
+    """Every rank's ring steps (``AttentionPlan.ring_steps``: the exact schedule, masks on
+    q's device) run in one process on full tensors -> [(out, lse, hidden rows) per rank]:
+    rank r's shard attends the shard of rank (r - step) mod P at each step."""
+    held = [held_indices(layout, q.shape[1], world, r, cu_seqlens=cu).to(q.device)
+            for r in range(world)]
+    results = []
+    for rank in range(world):
+        plan = AttentionPlan("ring", layout, 1, q.shape[1] // world, ring_size=world,
+                             ring_rank=rank, cu_seqlens=cu, device=q.device)
+        mine = q[:, held[rank]]
+        acc, hidden = PartialAttention(mine, accumulation_dtype(q.dtype)), 0
+        for step, tasks in enumerate(plan.ring_steps(causal=True)):
+            src = held[(rank - step) % world]
+            for t in tasks:
+                if t.mask is not None:
+                    assert t.mask.device == q.device, "the plan's masks live on the data's device"
+                    hidden += int((~t.mask.any(dim=1)).sum())
+            attend_blocks(kernel, tasks, mine, k[:, src], v[:, src], 1 / math.sqrt(q.shape[-1]), acc)
+        results.append((held[rank], acc.out, acc.lse, hidden))
+    return results
+
+
+def documents_case(device, dtype, seqlen=32):
+    """Short packed documents (3, 2, 7, 1, 8, 11 tokens), GQA 2 -> 1, and the float64 reference."""
     torch.manual_seed(0)
-    seqlen, heads, kv_heads, dim = 32, 2, 1, 8
-    cu = torch.tensor([0, 3, 5, 12, 13, 21, 32], dtype=torch.int32)
-    q = torch.randn(1, seqlen, heads, dim, dtype=torch.float64)
-    k, v = (torch.randn(1, seqlen, kv_heads, dim, dtype=torch.float64) for _ in range(2))
+    cu = torch.tensor([0, 3, 5, 12, 13, 21, seqlen], dtype=torch.int32)
+    q = torch.randn(1, seqlen, 2, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, seqlen, 1, 8, dtype=torch.float64) for _ in range(2))
     doc = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())
     ref_out, ref_lse, *_ = reference_attention(q, k, v, torch.zeros_like(q), causal=True,
                                                mask=doc[:, None] == doc[None, :])
-    kernel, scale = NaNOnHiddenRows(), 1 / math.sqrt(dim)
-    held = [held_indices("striped", seqlen, world, r) for r in range(world)]
-    hidden_rows = 0
-    for rank in range(world):
-        plan = AttentionPlan("ring", "striped", 1, seqlen // world, ring_size=world,
-                             ring_rank=rank, cu_seqlens=cu, device="cpu")
-        acc = PartialAttention(q[:, held[rank]], torch.float64)
-        for step, tasks in enumerate(plan.ring_steps(causal=True)):
-            src = held[(rank - step) % world]
-            hidden_rows += sum(int((~t.mask.any(dim=1)).sum()) for t in tasks if t.mask is not None)
-            attend_blocks(kernel, tasks, q[:, held[rank]], k[:, src], v[:, src], scale, acc)
-        assert not acc.out.isnan().any(), f"rank {rank}: NaN leaked into the merged output"
-        assert rel_err(acc.out, ref_out[:, held[rank]]) < 1e-10
-        assert rel_err(acc.lse, ref_lse[:, :, held[rank]]) < 1e-10
-    assert hidden_rows > 0, "the case must have blocks that hide rows entirely"
+    return cu, [t.to(device, dtype) for t in (q, k, v)], ref_out, ref_lse
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_over_short_documents_striped_with_a_kernel_writing_nan_in_hidden_rows(world):
+    """Short packed documents under the striped layout leave rows of many blocks fully
+    hidden. fp64 inputs: the result must match the float64 reference to rounding (1e-10)."""
+    cu, (q, k, v), ref_out, ref_lse = documents_case("cpu", torch.float64)
+    results = virtual_ring(NaNOnHiddenRows(), "striped", world, cu, q, k, v)
+    for rank, (held, out, lse, _) in enumerate(results):
+        assert not out.isnan().any(), f"rank {rank}: NaN leaked into the merged output"
+        assert rel_err(out, ref_out[:, held]) < 1e-10
+        assert rel_err(lse, ref_lse[:, :, held]) < 1e-10
+    assert sum(r[3] for r in results) > 0, "the case must have blocks that hide rows entirely"
