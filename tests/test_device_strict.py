@@ -18,7 +18,7 @@ import torch
 
 import ringattn
 from ringattn.layouts import LAYOUTS
-from ringattn.parallel import STRATEGIES
+from ringattn.plan import STRATEGIES
 from tests.device_strict import DeviceStrict, DeviceStrictError, fake_world
 
 META = torch.device("meta")

@@ -204,3 +204,30 @@ def test_gpu_tests_skip_with_a_reason_on_cpu():
     assert all(m.kwargs["reason"].startswith("needs a CUDA device") for m in marks)
     assert all(bool(m.args[0]) == (not CUDA) for m in marks)
 
+
+
+@needs_cuda
+def test_checkpoint_saves_and_restores_the_cuda_rng():
+    """recipes.checkpoint's RNG state carries torch.cuda's generator on a GPU."""
+    pytest.importorskip("numpy")
+    from recipes.checkpoint import _rng_state, _set_rng_state
+
+    state = _rng_state()
+    assert "cuda" in state
+    first = torch.rand(4, device="cuda")
+    _set_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), first)
+
+
+@needs_cuda
+def test_mfu_peak_comes_from_the_gpu_name():
+    """recipes.train.peak_flops reads the GPU's name for the bf16 peak (None for an unknown
+    GPU: MFU is then not shown rather than wrong)."""
+    pytest.importorskip("deepspeed", reason="recipes.train needs deepspeed (not on the GPU machine "
+                                            "unless its wheel is carried)")
+    from recipes.choices import Dtype
+    from recipes.train import TrainerConfig, peak_flops
+
+    name = torch.cuda.get_device_name()
+    peak = peak_flops(TrainerConfig(dtype=Dtype.bf16), torch.device("cuda"))
+    assert (peak is None) == all(k not in name for k in ("H200", "H100", "A100", "L40S", "A10G"))
