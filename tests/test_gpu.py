@@ -1,4 +1,4 @@
-"""The CUDA path on a real GPU: the checks scripts/device_check.sh runs on one lent GPU.
+"""The CUDA path on a real GPU: the checks scripts/device_check.sh runs on one GPU.
 
 Each test that needs CUDA is skipped without it, with that reason; where the same logic runs
 on any device the test is parametrized over ("cpu", "cuda"), so its Python runs on CPU too.
