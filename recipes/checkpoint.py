@@ -13,10 +13,10 @@ one with a warning naming the bad one. Nothing is ever rewritten by a load.
 Reshape (``needs_universal``): ZeRO partitions the optimizer state over the ranks (the recipe
 gives DeepSpeed every rank as a replica, so over the whole world), and DeepSpeed's own loader
 refuses another partitioning. A checkpoint of partitioned state resumed at another world size
-or ZeRO stage is converted once to DeepSpeed's *universal* format (one fp32 / exp_avg /
+or ZeRO stage (1 <-> 2; 3 stays 3) is converted once to DeepSpeed's *universal* format (one fp32 / exp_avg /
 exp_avg_sq / step file per parameter: ``deepspeed.checkpoint.ds_to_universal``) into
 ``step_N/universal`` and loaded with ``"checkpoint": {"load_universal": true}``, which
-re-partitions it for the new world. Unpartitioned state (ZeRO-0, fp32) loads at any world as is.
+re-partitions it for the new world. Unpartitioned state (ZeRO-0) loads at any world as is.
 """
 from __future__ import annotations
 
@@ -233,23 +233,29 @@ def _fsync_dir(path: str) -> None:
 
 # ---- load, on the same or another parallel shape ----
 
-def _partitioned(meta: dict) -> bool:
-    """Is the optimizer state split over ranks? ZeRO >= 1, or bf16 (DeepSpeed's bf16 optimizer
-    partitions its fp32 master weights even at stage 0)."""
-    return meta["zero_stage"] >= 1 or meta.get("dtype") == "bf16"
+def _has_optimizer_shards(path: str) -> bool:
+    """Was the optimizer state saved split over ranks (ZeRO >= 1: one ``*_optim_states.pt`` per
+    rank) rather than whole inside the model-states file (ZeRO-0, fp32 or bf16)?"""
+    return any(n.endswith("_optim_states.pt") for n in os.listdir(path))
 
 
-def needs_universal(path: str, meta: dict, world_size: int, zero_stage: int, dtype: str) -> bool:
+def needs_universal(path: str, meta: dict, world_size: int, zero_stage: int) -> bool:
     """True if this checkpoint must be loaded through the universal format here; a clear error
     if it cannot be loaded at all in this configuration."""
-    now = dict(meta, world_size=world_size, zero_stage=zero_stage, dtype=dtype)
-    if _partitioned(meta) != _partitioned(now):
+    saved_stage = meta["zero_stage"]
+    if _has_optimizer_shards(path) != (zero_stage >= 1):
         raise CheckpointError(
-            f"checkpoint {path} was saved with deepspeed.zero_stage={meta['zero_stage']}, trainer.dtype="
-            f"{meta.get('dtype', 'fp32')}; resuming it with zero_stage={zero_stage}, dtype={dtype} would move "
-            "between partitioned and unpartitioned optimizer state, which DeepSpeed cannot convert: keep the "
-            "checkpoint's zero_stage (any world size and other stages >= 1 work)")
-    return _partitioned(meta) and (meta["world_size"] != world_size or meta["zero_stage"] != zero_stage)
+            f"checkpoint {path} was saved with deepspeed.zero_stage={saved_stage}; resuming it with "
+            f"zero_stage={zero_stage} would move between whole and partitioned optimizer state, which "
+            "DeepSpeed cannot convert: keep zero_stage 0, or >= 1 (any world size works)")
+    if zero_stage == 0 or (meta["world_size"] == world_size and saved_stage == zero_stage):
+        return False
+    if (saved_stage == 3) != (zero_stage == 3):
+        raise CheckpointError(
+            f"checkpoint {path} was saved with deepspeed.zero_stage={saved_stage}; DeepSpeed's universal "
+            f"loader cannot take it to zero_stage={zero_stage} (ZeRO-3 and ZeRO-1/2 keep different "
+            "layouts): keep ZeRO-3, or stay within 1 and 2 (any world size works)")
+    return True
 
 
 def to_universal(path: str, rank: int) -> str:

@@ -301,8 +301,7 @@ def _resume(job: JobConfig, model, ctx, sizes: BatchSizes, run_dir: str):
     universal = False
     if ckpt:
         meta = checkpoint.read_meta(ckpt)
-        universal = checkpoint.needs_universal(ckpt, meta, ctx.world_size, job.deepspeed.zero_stage,
-                                               job.trainer.dtype.value)
+        universal = checkpoint.needs_universal(ckpt, meta, ctx.world_size, job.deepspeed.zero_stage)
     ds_config = engine_lib.deepspeed_config(job.deepspeed, job.optim, job.trainer.dtype, sizes.micro,
                                             sizes.grad_accum, ctx.world_size)
     if universal:
@@ -410,6 +409,8 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
         clock, t_begin, step, res = IntervalClock(), time.time(), start, None
         for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
             res = _train_step(r, step, own_grad_norm, stop)
+            if step == t.max_steps:
+                res.stop = None  # a signal during the last step: the run is complete, finish normally
             clock.step_done()
             if step % t.log_every == 0 or step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
                 eta = (time.time() - t_begin) / (step - start) * (t.max_steps - step)

@@ -304,3 +304,25 @@ def test_checkpoint_problems_name_truncated_altered_and_missing_files(tmp_path):
                                "meta.json is missing"]
     (tmp_path / checkpoint.MANIFEST).unlink()
     assert found()[0].startswith("manifest.json unreadable")
+
+
+def test_which_checkpoints_load_through_the_universal_format(tmp_path):
+    from recipes import checkpoint
+
+    whole, shards = tmp_path / "whole", tmp_path / "shards"
+    for d, names in ((whole, ["mp_rank_00_model_states.pt"]),
+                     (shards, ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])):
+        d.mkdir()
+        for n in names:
+            (d / n).write_bytes(b"")
+    need = lambda d, saved, world, stage: checkpoint.needs_universal(  # noqa: E731
+        str(d), {"world_size": saved[0], "zero_stage": saved[1]}, world, stage)
+    assert not need(whole, (2, 0), 4, 0)  # whole optimizer state: any world as is
+    assert not need(shards, (2, 2), 2, 2)  # the same shape: DeepSpeed's own loader
+    assert need(shards, (2, 2), 1, 2) and need(shards, (2, 2), 4, 1) and need(shards, (2, 3), 4, 3)
+    for d, saved, stage, message in ((whole, (2, 0), 2, "between whole and partitioned"),
+                                     (shards, (2, 2), 0, "between whole and partitioned"),
+                                     (shards, (2, 3), 2, "cannot take it to zero_stage=2"),
+                                     (shards, (2, 1), 3, "cannot take it to zero_stage=3")):
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            need(d, saved, 2, stage)
