@@ -102,9 +102,10 @@ def test_llama_training_step_and_generation_are_device_strict():
 def _hf_models():
     """One tiny HF model per feature, on meta, one layer: Llama (plain, documents), Mistral
     (sliding window), Gemma 2 (softcap; its final-logit softcap needs the untiled loss).
-    Sinks run in the Llama matrix only: the one HF architecture with sinks (GPT-OSS) routes
-    its mixture of experts with a data-dependent ``nonzero`` in transformers -- a host sync
-    on any device, outside ringattn -- so it cannot pass a strict run."""
+    Sinks go through the adapter's attention function alone (``_hf_sinks_step``): the one
+    HF architecture with sinks (GPT-OSS) routes its mixture of experts with a data-dependent
+    ``nonzero`` in transformers -- a host sync on any device, outside ringattn -- so the
+    whole model cannot pass a strict run."""
     from transformers import AutoModelForCausalLM
 
     from tests.test_hf import tiny_config
@@ -121,10 +122,27 @@ def _hf_models():
     return {feature: built[a] for feature, a in arch.items()}
 
 
+def _hf_sinks_step(sp, world, cu):
+    """GPT-OSS's attention call as transformers makes it (q/k/v (b, h, s, d), sinks
+    ``s_aux``) through ``ringattn_attention_forward``, forward + backward, strictly."""
+    from torch import nn
+
+    from ringattn.models.hf import PLAN_KWARG, SP_KWARG, ringattn_attention_forward
+
+    s = SEQLEN // world
+    q, k, v = (torch.empty(1, h, s, 8, device=META, requires_grad=True) for h in (4, 2, 2))
+    sinks = torch.zeros(4, device=META, requires_grad=True)
+    plan = sp.prepare((1, s), cu, device=META)
+    with DeviceStrict(META):
+        out, _ = ringattn_attention_forward(nn.Module(), q, k, v, None, scaling=0.35, s_aux=sinks,
+                                            sliding_window=5, **{SP_KWARG: sp, PLAN_KWARG: plan})
+        out.sum().backward()
+
+
 def test_hf_training_step_is_device_strict():
     """ringattn.models.hf.HFCausalLM over transformers models: forward + backward on meta for
-    every strategy x layout x feature but sinks (see ``_hf_models`` for which architecture
-    carries each, and why not sinks). Each combination at one P, alternating 2 and 4 (the
+    every strategy x layout x feature (see ``_hf_models`` for which architecture carries each,
+    and why sinks run through the adapter's attention function alone). Each combination at one P, alternating 2 and 4 (the
     ranks rotating too): the attention path of every combination at both P is the Llama
     matrix's; this one proves the transformers adapter around it. Without activation
     checkpointing: the Llama matrix runs the recompute, the same forward again."""
@@ -135,11 +153,13 @@ def test_hf_training_step_is_device_strict():
 
     def run(world, rank, strategy, layout, feature):
         sp = _sp(strategy, layout)
+        if feature == "sinks":
+            return _hf_sinks_step(sp, world, _cu(feature, layout))
         model = HFCausalLM(models[feature], sp, tiled_loss=feature != "softcap")
         model.train()
         _step(model, sp, world, _cu(feature, layout))
 
-    failed = _failures(run, _cases(tuple(f for f in FEATURES if f != "sinks"), every_world=False))
+    failed = _failures(run, _cases(FEATURES, every_world=False))
     assert not failed, "\n".join(failed)
 
 
