@@ -14,6 +14,7 @@ import torch
 
 from .layouts import get_layout
 from .masking import AttentionMask, rank_steps
+from .rangemask import RangeMask
 
 
 def rank_work(cu_seqlens, layout: str, world_size: int, *, causal: bool = True,
@@ -23,14 +24,19 @@ def rank_work(cu_seqlens, layout: str, world_size: int, *, causal: bool = True,
     ``cu_seqlens``: int32 document boundaries of the full packed sequence (one sequence).
     """
     seqlen = int(cu_seqlens[-1])
-    mask = AttentionMask.build(seqlen, causal, cu_seqlens, window_size)
+    return mask_work(AttentionMask.build(seqlen, causal, cu_seqlens, window_size), layout,
+                     world_size)
+
+
+def mask_work(mask: AttentionMask | RangeMask, layout: str, world_size: int) -> torch.Tensor:
+    """(P,) int64: visible query-key pairs of each rank's queries under ``layout`` for any
+    mask: a ``RangeMask`` (``doc_zigzag`` places tokens by its segments, ``mask.cu_seqlens``)
+    or an ``AttentionMask``. Per-rank positions only; nothing per query-key pair."""
     lay = get_layout(layout)
-    lay.check_seqlen(seqlen, world_size)
-    pos = torch.arange(seqlen)
-    lo, hi = mask.key_interval(pos)
-    seen = (hi - lo + 1).clamp_min(0)  # the full sequence: keys are every position
-    return torch.stack([seen[lay.indices(seqlen, world_size, r, mask.cu_seqlens)].sum()
-                        for r in range(world_size)])
+    lay.check_seqlen(mask.seqlen, world_size)
+    keys = torch.arange(mask.seqlen)  # the full sequence: keys are every position
+    return torch.stack([mask.visible(lay.indices(mask.seqlen, world_size, r, mask.cu_seqlens),
+                                     keys).sum() for r in range(world_size)])
 
 
 def imbalance(work: torch.Tensor) -> float:

@@ -22,14 +22,14 @@ from .ulysses import heads_to_ranks, rank_sinks, sequence_to_ranks
 def hybrid_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag",
                      ring_group=None, ulysses_group=None, backend="auto", return_lse=False,
                      cu_seqlens=None, window_size=(-1, -1), dropout_p=0.0, sinks=None,
-                     softcap=None, plan=None):
+                     softcap=None, plan=None, mask=None):
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
     ``ulysses_group``: the u consecutive ranks of this ring position; ``ring_group``: the r
     ranks at the same Ulysses index of every ring position. Shards follow the two-level
     layout of ``ringattn.sharding`` (``shard(..., ulysses_size=u)``); otherwise the
-    contract is ``ulysses_attention``'s. Documents and windows (``cu_seqlens``,
-    ``window_size``) pass to the ring, whose shards are exactly the layout's, as do
+    contract is ``ulysses_attention``'s. Documents, windows and range masks (``cu_seqlens``,
+    ``window_size``, ``mask``) pass to the ring, whose shards are exactly the layout's, as do
     ``softcap`` and this rank's heads' ``sinks``. Without a ``plan``, the shards are checked
     across both groups (two all-gathers).
     """
@@ -38,10 +38,10 @@ def hybrid_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigza
                                   dropout_p=dropout_p, backend=backend,
                                   softmax_scale=softmax_scale, plan=plan, sinks=sinks,
                                   softcap=softcap, ring_group=ring_group,
-                                  ulysses_group=ulysses_group)
+                                  ulysses_group=ulysses_group, mask=mask)
     kv_index = plan.kv_index(split, group_rank(ulysses_group))
     qh, kh, vh = heads_to_ranks(q, k, v, ulysses_group, split, kv_index)
-    out, lse = run_ring(qh, kh, vh, steps=plan.ring_steps(causal, window_size), scale=scale,
+    out, lse = run_ring(qh, kh, vh, steps=plan.ring_steps(causal, window_size, mask), scale=scale,
                         group=ring_group, backend=backend,
                         sinks=rank_sinks(sinks, ulysses_group, split), softcap=softcap)
     out, lse = sequence_to_ranks(out, lse if return_lse else None, ulysses_group, split)

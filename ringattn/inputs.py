@@ -36,13 +36,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 
 
 def check_same_on_all_ranks(fields: dict[str, int], group=None,
-                            cu_seqlens: torch.Tensor | None = None) -> None:
+                            cu_seqlens: torch.Tensor | None = None,
+                            mask_fingerprint: list[int] = ()) -> None:
     """All ranks of ``group`` must hold equally shaped shards (``fields``: name -> size, e.g.
     batch and local length) and the same ``cu_seqlens`` (one tiny all-gather, one host sync).
 
     Without this, a rank with a different local length would deadlock the ring or read
     garbage; with it, every rank raises the same ValueError. The gathered tensor lives on the
     group's device (``comm.group_device``: NCCL, the current GPU), whatever the data's.
+    ``mask_fingerprint``: integers of the step's range masks (``RangeMask.fingerprint``),
+    compared too.
     """
     if group_size(group) == 1:
         return
@@ -52,7 +55,8 @@ def check_same_on_all_ranks(fields: dict[str, int], group=None,
         cu = cu_seqlens.to("cpu", torch.int64)
         docs = [cu.numel(), int((cu * torch.arange(1, cu.numel() + 1)).sum())]
     n = len(fields)
-    mine = torch.tensor([*fields.values(), *docs], dtype=torch.int64, device=device)
+    mine = torch.tensor([*fields.values(), *docs, *mask_fingerprint], dtype=torch.int64,
+                        device=device)
     every = [torch.empty_like(mine) for _ in range(group_size(group))]
     dist.all_gather(every, mine, group=group)
     rows = torch.stack(every).tolist()
@@ -64,7 +68,10 @@ def check_same_on_all_ranks(fields: dict[str, int], group=None,
             f"local shards differ across the {len(shapes)} ranks of the sequence-parallel group; "
             f"every rank must hold the same local length and heads {names}: {listing}"
         )
-    if len({tuple(r[n:]) for r in rows}) > 1:
+    if len({tuple(r[n + 2:]) for r in rows}) > 1:
+        raise ValueError("the RangeMask differs across the ranks of the sequence-parallel group; "
+                         "pass the same full-sequence mask on every rank")
+    if len({tuple(r[n:n + 2]) for r in rows}) > 1:
         raise ValueError("cu_seqlens differs across the ranks of the sequence-parallel group; "
                          "pass the same full-sequence cu_seqlens on every rank")
 

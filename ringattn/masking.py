@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .layouts import BlockTask, Layout
+from .rangemask import RangeMask
 
 # Rows per tile when an irregular block is cut up: large enough to keep kernels efficient,
 # small enough that a tile's bounding box hugs a window band or a document boundary.
@@ -62,6 +63,7 @@ class AttentionMask:
 
     seqlen: int
     causal: bool
+    is_range = False  # not a ``RangeMask``
     window: tuple[int, int] = (-1, -1)
     doc_start: torch.Tensor | None = None  # (seqlen,) first position of each token's document
     doc_end: torch.Tensor | None = None    # (seqlen,) last position of each token's document
@@ -185,7 +187,7 @@ class AttentionMask:
         return tasks
 
 
-def rank_steps(layout: Layout, mask: AttentionMask, world_size: int, rank: int) -> list[list[BlockTask]]:
+def rank_steps(layout: Layout, mask: AttentionMask | RangeMask, world_size: int, rank: int) -> list[list[BlockTask]]:
     """The kernel calls of each of the P ring steps for ``rank`` (step i: the K/V of rank
     (rank - i) mod P). Pure: no communication, so ``AttentionPlan``, ``balance`` and benchmarks use it as is."""
     cu = mask.cu_seqlens
@@ -193,6 +195,8 @@ def rank_steps(layout: Layout, mask: AttentionMask, world_size: int, rank: int) 
     local_len = mask.seqlen // world_size
     srcs = [(rank - step) % world_size for step in range(world_size)]
     q_pos = layout.indices(mask.seqlen, world_size, rank, cu)
+    if isinstance(mask, RangeMask):  # any layout: the mask's slices give the blocks
+        return [mask.tasks(q_pos, layout.indices(mask.seqlen, world_size, src, cu)) for src in srcs]
     if layout.needs_documents:
         return [mask.document_tasks(q_pos, layout.indices(mask.seqlen, world_size, src, cu))
                 for src in srcs]

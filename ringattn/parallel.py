@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import sharding
+from .allgather import allgather_attention
 from .comm import group_device, group_rank, group_size
 from .hybrid import hybrid_attention
 from .layouts import get_layout
@@ -17,7 +18,8 @@ from .ulysses import local_attention, ulysses_attention
 class SequenceParallel:
     """Holds the sequence-parallel group and layout; shards data and runs attention.
 
-    strategy: "ring" (K/V pass around the ring), "ulysses" (all-to-all heads <-> sequence,
+    strategy: "ring" (K/V pass around the ring), "allgather" (K/V all-gathered once per
+    call, Llama 3 style; any mask, memory of the full K/V per rank), "ulysses" (all-to-all heads <-> sequence,
     needs heads >= P; uneven head counts are split unevenly) or "hybrid" (Ulysses over ``ulysses_size`` consecutive ranks
     inside each of ``ring_size`` ring positions; give either size, or a mesh from
     ``ringattn.init_mesh(..., ulysses=u)``). layout: "zigzag" | "striped" | "contiguous"
@@ -80,9 +82,10 @@ class SequenceParallel:
         dev = None if self._single else group_device(self.group)
         return dev if dev is not None else torch.get_default_device()
 
-    def prepare(self, shape, cu_seqlens=None, device=None) -> AttentionPlan:
+    def prepare(self, shape, cu_seqlens=None, device=None, mask=None) -> AttentionPlan:
         """This step's ``AttentionPlan`` for local shards of ``shape`` = (batch, local_seqlen)
-        (e.g. ``tokens.shape``) and packed-document boundaries ``cu_seqlens``. ``device``:
+        (e.g. ``tokens.shape``) and packed-document boundaries ``cu_seqlens``, or the step's
+        ``RangeMask`` (or a list of them: every mask the step's calls pass as ``mask=``). ``device``:
         the data's (``tokens.device``); None: the group's if it needs one (NCCL: the current
         GPU), else the first attention call's.
 
@@ -93,17 +96,17 @@ class SequenceParallel:
         """
         if self.world_size == 1:
             return AttentionPlan.prepare("local", "contiguous", shape, cu_seqlens=cu_seqlens,
-                                         device=device)
+                                         device=device, mask=mask)
         hybrid = self.strategy == "hybrid"
         return AttentionPlan.prepare(self.strategy, self.layout, shape, cu_seqlens=cu_seqlens,
                                      device=device,
                                      ring_group=self.ring_group if hybrid else self.group,
                                      ulysses_group=self.ulysses_group if hybrid else self.group,
-                                     agree_over=[self.group])
+                                     agree_over=[self.group], mask=mask)
 
-    def attention(self, q, k, v, *, causal: bool = True, softmax_scale=None, cu_seqlens=None,
-                  window_size=(-1, -1), return_lse=False, sinks=None, softcap=None,
-                  plan: AttentionPlan | None = None):
+    def attention(self, q, k, v, *, causal: bool | None = None, softmax_scale=None,
+                  cu_seqlens=None, window_size=(-1, -1), return_lse=False, sinks=None,
+                  softcap=None, plan: AttentionPlan | None = None, mask=None):
         """q (b, s_local, h, d), k/v (b, s_local, h_kv, d) -> (b, s_local, h, d) [, lse].
 
         ``plan``: this step's ``prepare(...)`` (carries cu_seqlens; no collective or host
@@ -111,8 +114,12 @@ class SequenceParallel:
         document boundaries of the full packed sequence (batch 1), without a plan;
         ``window_size``: (left, right) sliding window, -1 = unbounded; ``sinks``: (h,)
         per-head attention-sink logits (GPT-OSS); ``softcap``: logit softcapping (Gemma 2).
+        ``mask``: a ``RangeMask`` given to ``prepare`` (the whole rule: ``causal`` then
+        defaults to False, and True is refused); ``causal`` defaults to True without one.
         """
-        kw = dict(causal=causal, softmax_scale=softmax_scale, backend=self.backend,
+        if causal is None:
+            causal = mask is None
+        kw = dict(mask=mask, causal=causal, softmax_scale=softmax_scale, backend=self.backend,
                   return_lse=return_lse, cu_seqlens=cu_seqlens, window_size=window_size,
                   sinks=sinks, softcap=softcap, plan=plan)
         if self.world_size == 1:
@@ -120,6 +127,8 @@ class SequenceParallel:
         kw["layout"] = self.layout
         if self.strategy == "ring":
             return ring_attention(q, k, v, group=self.group, **kw)
+        if self.strategy == "allgather":
+            return allgather_attention(q, k, v, group=self.group, **kw)
         if self.strategy == "ulysses":
             return ulysses_attention(q, k, v, group=self.group, **kw)
         return hybrid_attention(q, k, v, ring_group=self.ring_group,
@@ -171,7 +180,7 @@ def _resolve_sizes(strategy, p, ring_size, ulysses_size, mesh_ulysses):
     for name, value in (("ring_size", ring_size), ("ulysses_size", ulysses_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"SequenceParallel: {name} must be a positive int; got {value!r}")
-    if strategy == "ring":
+    if strategy in ("ring", "allgather"):
         ring_size = p if ring_size is None else ring_size
         ulysses_size = 1 if ulysses_size is None else ulysses_size
     elif strategy == "ulysses":

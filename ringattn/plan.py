@@ -36,11 +36,12 @@ from .inputs import check_qkv, check_same_on_all_ranks, check_sinks, check_ulyss
 from .kernels import get_backend
 from .layouts import ALL, BlockTask, get_layout
 from .masking import AttentionMask, check_window, rank_steps
+from .rangemask import RangeMask
 from .sharding import check_seqlen
 
 # The public strategies (``SequenceParallel``, the recipes' ``parallel.strategy``). A plan
 # also takes "local": one process, no communication (``local_attention``).
-STRATEGIES = ("ring", "ulysses", "hybrid")
+STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -63,19 +64,21 @@ def _groups_device(groups) -> torch.device | None:
 class AttentionPlan:
     """What every attention call over one step's shards shares (see the module doc).
 
-    ``strategy``: "local" (one process), "ring" (layout over ``ring_size`` ranks), "ulysses"
-    (layout over ``ulysses_size`` ranks) or "hybrid" (layout over ``ring_size`` ring
-    positions, each split contiguously over ``ulysses_size`` ranks). ``batch``,
-    ``local_len``: the (batch, local_seqlen) of every rank's shard. ``cu_seqlens``: the
-    validated document boundaries as given (compared by identity in ``check``).
+    ``strategy``: "local" (one process), "ring" or "allgather" (layout over ``ring_size``
+    ranks), "ulysses" (layout over ``ulysses_size`` ranks) or "hybrid" (layout over
+    ``ring_size`` ring positions, each split contiguously over ``ulysses_size`` ranks).
+    ``batch``, ``local_len``: the (batch, local_seqlen) of every rank's shard.
+    ``cu_seqlens``: the validated document boundaries as given (compared by identity in
+    ``check``). ``masks``: the ``RangeMask``s this step's calls may use (``mask=``).
     ``device``: where its masks and index tensors live (``prepare`` resolves it).
     Make one with ``AttentionPlan.prepare`` (or ``SequenceParallel.prepare``).
     """
 
     def __init__(self, strategy: str, layout: str, batch: int, local_len: int, *,
                  ring_size: int = 1, ring_rank: int = 0, ulysses_size: int = 1,
-                 cu_seqlens: torch.Tensor | None = None, device=None):
+                 cu_seqlens: torch.Tensor | None = None, device=None, masks=()):
         self.strategy, self.layout = strategy, layout
+        self.masks = tuple(masks)
         self.batch, self.local_len = batch, local_len
         self.ring_size, self.ring_rank, self.ulysses_size = ring_size, ring_rank, ulysses_size
         self.cu_seqlens = cu_seqlens
@@ -94,7 +97,7 @@ class AttentionPlan:
     @staticmethod
     def prepare(strategy: str, layout: str, shape, *, cu_seqlens=None, device=None,
                 ring_group=None, ulysses_group=None, agree_over=None,
-                heads: dict[str, int] | None = None) -> "AttentionPlan":
+                heads: dict[str, int] | None = None, mask=None) -> "AttentionPlan":
         """Check and plan ``shape`` = (batch, local_seqlen, ...) shards for ``strategy``.
 
         Groups: ``ring_group`` for "ring"/"hybrid", ``ulysses_group`` for "ulysses"/"hybrid"
@@ -109,28 +112,52 @@ class AttentionPlan:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of "
                              f"{['local', *STRATEGIES]}")
         get_layout(layout)
-        r = group_size(ring_group) if strategy in ("ring", "hybrid") else 1
+        r = group_size(ring_group) if strategy in ("ring", "hybrid", "allgather") else 1
         u = group_size(ulysses_group) if strategy in ("ulysses", "hybrid") else 1
+        masks = _range_masks(mask)
+        if masks and cu_seqlens is not None:
+            raise ValueError("pass documents either as cu_seqlens or inside the RangeMask "
+                             "(RangeMask.documents(cu_seqlens), prefix_lm(...), ...), not both")
         batch, local_len = int(shape[0]), int(shape[1])
         if device is None:
             device = _groups_device([g for g, n in ((ring_group, r), (ulysses_group, u)) if n > 1])
         plan = AttentionPlan(strategy, layout, batch, local_len, ring_size=r,
                              ring_rank=group_rank(ring_group) if r > 1 else 0, ulysses_size=u,
-                             cu_seqlens=cu_seqlens, device=device)
+                             cu_seqlens=cu_seqlens, device=device, masks=masks)
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"cu_seqlens (packed documents) needs batch size 1; got {batch}")
+        for m in masks:
+            m.check_seqlen(plan.seqlen)
+        placement = plan._cu_host
+        if masks and get_layout(layout).needs_documents:
+            placement = masks[0].cu_seqlens
+            if any(not torch.equal(m.cu_seqlens, placement) for m in masks[1:]):
+                raise ValueError(f"layout {layout!r} places tokens by one mask's segments; the "
+                                 "given RangeMasks have different segments (use zigzag)")
         # the layout splits the length (and has the documents it needs); cu_seqlens is valid
-        check_seqlen(layout, plan.seqlen, r * u, u if strategy == "hybrid" else 1, plan._cu_host)
+        check_seqlen(layout, plan.seqlen, r * u, u if strategy == "hybrid" else 1, placement)
         if agree_over is None:
             agree_over = {"local": [], "ring": [ring_group], "ulysses": [ulysses_group],
-                          "hybrid": [ulysses_group, ring_group]}[strategy]
+                          "hybrid": [ulysses_group, ring_group], "allgather": [ring_group]}[strategy]
         fields = {"batch": batch, "q_len": local_len, **(heads or {})}
+        prints = RangeMask.fingerprint(masks)
         for group in agree_over:
-            check_same_on_all_ranks(fields, group, plan._cu_host)
+            check_same_on_all_ranks(fields, group, plan._cu_host, prints)
+        if plan.device is not None:  # plan each mask's tasks now, once (else at first use)
+            for m in masks:
+                plan.tasks_for(m)
         return plan
 
+    def tasks_for(self, mask: RangeMask):
+        """This strategy's tasks for ``mask`` (planned once, cached)."""
+        if self.strategy == "allgather":
+            return self.allgather_tasks(False, mask=mask)
+        if self.ring_size > 1:
+            return self.ring_steps(False, mask=mask)
+        return self.local_tasks(False, mask=mask)
+
     def check(self, who: str, q: torch.Tensor, strategy: str, layout: str, ring_size: int,
-              ulysses_size: int, cu_seqlens) -> None:
+              ulysses_size: int, cu_seqlens, mask=None) -> None:
         """ValueError unless this plan was made for q's shards and this call (no sync)."""
         made = (self.strategy, self.layout, self.ring_size, self.ulysses_size)
         if made != (strategy, layout, ring_size, ulysses_size):
@@ -154,27 +181,38 @@ class AttentionPlan:
         if cu_seqlens is not None and cu_seqlens is not self.cu_seqlens:
             raise ValueError(f"{who}: cu_seqlens comes from the plan; pass it to prepare(), "
                              "not to the attention call")
+        if mask is not None and mask not in self.masks:
+            raise ValueError(f"{who}: this RangeMask was not given to prepare(); prepare the "
+                             "step's plan with mask=(every RangeMask its calls use)")
 
-    def mask(self, causal: bool, window_size=(-1, -1)) -> AttentionMask:
+    def mask(self, causal: bool, window_size=(-1, -1), mask: RangeMask | None = None):
+        """The visibility rule of a call: its ``RangeMask``, or (causal, window_size) over
+        the plan's documents as an ``AttentionMask``."""
+        if mask is not None:
+            return mask
         key = ("mask", bool(causal), check_window(window_size))
         if key not in self._cache:
             self._cache[key] = AttentionMask.build(self.seqlen, bool(causal), self._cu_host, key[2])
         return self._cache[key]
 
+    @staticmethod
+    def _key(kind, causal, window_size, mask):
+        return (kind, mask) if mask is not None else (kind, bool(causal), check_window(window_size))
+
     def _on_device(self, tasks: list[BlockTask]) -> list[BlockTask]:
         return [t if t.mask is None else replace(t, mask=_to_device(t.mask, self.device))
                 for t in tasks]
 
-    def ring_steps(self, causal: bool, window_size=(-1, -1)) -> list[list[BlockTask]]:
+    def ring_steps(self, causal: bool, window_size=(-1, -1), mask=None) -> list[list[BlockTask]]:
         """The kernel calls of each ring step for this rank, as many steps as any rank needs.
 
         The ring is ``ring_size`` ranks each holding ``local_len * ulysses_size`` tokens
         (hybrid: the Ulysses all-to-all has gathered the ring position's shard).
         """
-        key = ("ring", bool(causal), check_window(window_size))
+        key = self._key("ring", causal, window_size, mask)
         if key in self._cache:
             return self._cache[key]
-        mask, lay = self.mask(causal, window_size), get_layout(self.layout)
+        mask, lay = self.mask(causal, window_size, mask), get_layout(self.layout)
         p, rank = self.ring_size, self.ring_rank
         steps = rank_steps(lay, mask, p, rank)
         if not mask.is_plain:
@@ -191,25 +229,46 @@ class AttentionPlan:
         self._cache[key] = steps
         return steps
 
-    def local_tasks(self, causal: bool, window_size=(-1, -1)) -> list[BlockTask]:
+    def local_tasks(self, causal: bool, window_size=(-1, -1), mask=None) -> list[BlockTask]:
         """The kernel calls of attention over the whole sequence in position order."""
-        key = ("local", bool(causal), check_window(window_size))
+        key = self._key("local", causal, window_size, mask)
         if key not in self._cache:
-            mask = self.mask(causal, window_size)
-            tasks = [BlockTask(ALL, ALL, mask.causal)]
-            if not mask.is_plain:
-                pos = torch.arange(mask.seqlen)  # one causal triangle per document
-                tasks = self._on_device(mask.document_tasks(pos, pos))
+            rule = self.mask(causal, window_size, mask)
+            pos = torch.arange(self.seqlen)
+            if mask is not None:
+                tasks = self._on_device(mask.tasks(pos, pos))
+            elif rule.is_plain:
+                tasks = [BlockTask(ALL, ALL, rule.causal)]
+            else:  # one causal triangle per document
+                tasks = self._on_device(rule.document_tasks(pos, pos))
             self._cache[key] = tasks
         return self._cache[key]
 
-    def gathered_order(self, causal: bool, window_size=(-1, -1)):
+    def allgather_tasks(self, causal: bool, window_size=(-1, -1), mask=None) -> list[BlockTask]:
+        """The kernel calls of this rank's queries against the all-gathered K/V, which hold
+        every rank's shard in rank order: the ring's block tasks of every source rank, with
+        key rows moved to that rank's place (no permutation into position order needed, and
+        each layout keeps its own block structure, e.g. striped's triangles)."""
+        key = self._key("allgather", causal, window_size, mask)
+        if key not in self._cache:
+            rule, lay = self.mask(causal, window_size, mask), get_layout(self.layout)
+            p, rank, n = self.ring_size, self.ring_rank, self.local_len
+            tasks = []
+            for step, step_tasks in enumerate(rank_steps(lay, rule, p, rank)):
+                offset = ((rank - step) % p) * n
+                for t in step_tasks:
+                    a, b, _ = t.k_rows.indices(n)
+                    tasks.append(replace(t, k_rows=slice(a + offset, b + offset)))
+            self._cache[key] = self._on_device(tasks)
+        return self._cache[key]
+
+    def gathered_order(self, causal: bool, window_size=(-1, -1), mask=None):
         """(held, order) for Ulysses, or None: held[i] is the position of gathered token i
         (rank-major), ``order`` = argsort(held) sorts them into position order; both on the
         device. None where order does not matter (plain non-causal) or already is positions
         (contiguous, or one rank)."""
-        mask = self.mask(causal, window_size)
-        if not ((mask.causal or not mask.is_plain) and self.ulysses_size > 1
+        mask = self.mask(causal, window_size, mask)
+        if not ((mask.is_range or mask.causal or not mask.is_plain) and self.ulysses_size > 1
                 and self.layout != "contiguous"):
             return None
         if "order" not in self._cache:
@@ -231,7 +290,7 @@ class AttentionPlan:
 
 def prologue(who: str, q, k, v, *, strategy: str, layout: str, causal: bool, window_size,
              cu_seqlens, dropout_p: float, backend: str, softmax_scale, plan, sinks=None,
-             softcap=None, ring_group=None, ulysses_group=None):
+             softcap=None, ring_group=None, ulysses_group=None, mask=None):
     """The validation prologue every strategy shares -> (plan, softmax scale, Ulysses
     ``HeadSplit`` or None).
 
@@ -247,8 +306,9 @@ def prologue(who: str, q, k, v, *, strategy: str, layout: str, causal: bool, win
         )
     get_layout(layout)
     check_window(window_size)
+    check_range_mask(who, mask, causal, window_size, cu_seqlens)
     u = group_size(ulysses_group) if strategy in ("ulysses", "hybrid") else 1
-    r = group_size(ring_group) if strategy in ("ring", "hybrid") else 1
+    r = group_size(ring_group) if strategy in ("ring", "hybrid", "allgather") else 1
     split = check_ulysses_heads(q.shape[2], k.shape[2], u) if strategy in ("ulysses", "hybrid") else None
     get_backend(backend, q, softcap=softcap)  # fail early, before any communication
     if plan is None:
@@ -256,12 +316,38 @@ def prologue(who: str, q, k, v, *, strategy: str, layout: str, causal: bool, win
                  "kv_heads": k.shape[2]}
         plan = AttentionPlan.prepare(strategy, layout, q.shape, cu_seqlens=cu_seqlens,
                                      device=q.device, ring_group=ring_group,
-                                     ulysses_group=ulysses_group, heads=heads)
+                                     ulysses_group=ulysses_group, heads=heads, mask=mask)
     else:
-        plan.check(who, q, strategy, layout, r, u, cu_seqlens)
-    plan.mask(causal, window_size)  # validates the rule once per plan
+        plan.check(who, q, strategy, layout, r, u, cu_seqlens, mask)
+    plan.mask(causal, window_size, mask)  # validates the rule once per plan
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return plan, scale, split
 
 
-__all__ = ["AttentionPlan", "prologue"]
+def _range_masks(mask) -> tuple[RangeMask, ...]:
+    masks = () if mask is None else (mask,) if isinstance(mask, RangeMask) else tuple(mask)
+    for m in masks:
+        if not isinstance(m, RangeMask):
+            raise ValueError(f"mask must be a ringattn.RangeMask (or a list of them); got "
+                             f"{type(m).__name__}")
+    return masks
+
+
+def check_range_mask(who: str, mask, causal, window_size, cu_seqlens) -> None:
+    """A ``RangeMask`` is the whole visibility rule of a call: refuse it beside the others."""
+    if mask is None:
+        return
+    if not isinstance(mask, RangeMask):
+        raise ValueError(f"{who}: mask must be a ringattn.RangeMask; got {type(mask).__name__}")
+    if causal:
+        raise ValueError(f"{who}: mask= (a RangeMask) says which keys each query sees; pass "
+                         "causal=False and use slices of kind 'causal' (RangeMask.causal(s), "
+                         "RangeMask.documents(cu_seqlens), ...)")
+    if check_window(window_size) != (-1, -1):
+        raise ValueError(f"{who}: window_size cannot be combined with a RangeMask")
+    if cu_seqlens is not None:
+        raise ValueError(f"{who}: pass documents either as cu_seqlens or inside the RangeMask "
+                         "(RangeMask.documents(cu_seqlens), prefix_lm(...), ...), not both")
+
+
+__all__ = ["AttentionPlan", "prologue", "check_range_mask"]

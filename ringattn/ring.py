@@ -105,7 +105,7 @@ def run_ring(q, k, v, *, steps, scale, group, backend, sinks=None, softcap=None)
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
                    backend="auto", return_lse=False, cu_seqlens=None, window_size=(-1, -1),
-                   dropout_p=0.0, sinks=None, softcap=None, plan=None):
+                   dropout_p=0.0, sinks=None, softcap=None, plan=None, mask=None):
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
     q: (batch, local_seqlen, heads, head_dim); k, v: (batch, local_seqlen, kv_heads, head_dim),
@@ -117,6 +117,9 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     join every row's softmax with no value (GPT-OSS), any float dtype, fp32 math; their
     gradient is this rank's rows' share (the gradient reduction sums the ranks).
     ``softcap``: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2).
+    ``mask``: a ``ringattn.RangeMask`` over the full sequence, the whole visibility rule
+    (then causal=False, no window_size, no cu_seqlens); queries it hides entirely get
+    out 0 and lse -inf.
     Returns out shaped like q (q's dtype), and with ``return_lse`` also the fp32
     log-sum-exp (batch, heads, local_seqlen), sinks included.
 
@@ -126,7 +129,8 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     plan, scale, _ = prologue("ring attention", q, k, v, strategy="ring", layout=layout,
                               causal=causal, window_size=window_size, cu_seqlens=cu_seqlens,
                               dropout_p=dropout_p, backend=backend, softmax_scale=softmax_scale,
-                              plan=plan, sinks=sinks, softcap=softcap, ring_group=group)
-    out, lse = run_ring(q, k, v, steps=plan.ring_steps(causal, window_size), scale=scale,
+                              plan=plan, sinks=sinks, softcap=softcap, ring_group=group,
+                              mask=mask)
+    out, lse = run_ring(q, k, v, steps=plan.ring_steps(causal, window_size, mask), scale=scale,
                         group=group, backend=backend, sinks=sinks, softcap=softcap)
     return (out, lse) if return_lse else out

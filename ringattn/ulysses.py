@@ -86,7 +86,7 @@ class _LocalAttention(torch.autograd.Function):
 
 def local_attention(q, k, v, *, causal=False, softmax_scale=None, backend="auto",
                     return_lse=False, cu_seqlens=None, window_size=(-1, -1), dropout_p=0.0,
-                    sinks=None, softcap=None, plan=None):
+                    sinks=None, softcap=None, plan=None, mask=None):
     """Attention of whole sequences in one process, no communication: the library's
     block-classified path (documents and windows cost their visible blocks, never a dense
     s x s mask). Same arguments as ``ring_attention``; ``plan`` from a one-process
@@ -94,9 +94,9 @@ def local_attention(q, k, v, *, causal=False, softmax_scale=None, backend="auto"
     plan, scale, _ = prologue("local attention", q, k, v, strategy="local", layout="contiguous",
                               causal=causal, window_size=window_size, cu_seqlens=cu_seqlens,
                               dropout_p=dropout_p, backend=backend, softmax_scale=softmax_scale,
-                              plan=plan, sinks=sinks, softcap=softcap)
-    out, lse = _LocalAttention.apply(q, k, v, sinks, scale, plan.local_tasks(causal, window_size),
-                                     backend, softcap)
+                              plan=plan, sinks=sinks, softcap=softcap, mask=mask)
+    out, lse = _LocalAttention.apply(q, k, v, sinks, scale,
+                                     plan.local_tasks(causal, window_size, mask), backend, softcap)
     return (out, lse) if return_lse else out
 
 
@@ -134,26 +134,26 @@ def rank_sinks(sinks, group, split: HeadSplit):
 
 def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
                       backend="auto", return_lse=False, cu_seqlens=None, window_size=(-1, -1),
-                      dropout_p=0.0, sinks=None, softcap=None, plan=None):
+                      dropout_p=0.0, sinks=None, softcap=None, plan=None, mask=None):
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
     Same contract as ``ring_attention`` (shapes, layout, return_lse, cu_seqlens,
-    window_size, sinks, softcap, plan), for any head count >= u, where u is the size of
+    window_size, sinks, softcap, plan, mask), for any head count >= u, where u is the size of
     ``group`` (default: the world); see ``ringattn.headsplit``.
     """
     plan, scale, split = prologue("Ulysses attention", q, k, v, strategy="ulysses",
                                   layout=layout, causal=causal, window_size=window_size,
                                   cu_seqlens=cu_seqlens, dropout_p=dropout_p, backend=backend,
                                   softmax_scale=softmax_scale, plan=plan, sinks=sinks,
-                                  softcap=softcap, ulysses_group=group)
+                                  softcap=softcap, ulysses_group=group, mask=mask)
     rank = group_rank(group)
     qh, kh, vh = heads_to_ranks(q, k, v, group, split, plan.kv_index(split, rank))
-    order = plan.gathered_order(causal, window_size)
+    order = plan.gathered_order(causal, window_size, mask)
     if order is not None:  # rank-major order -> position order
         held, order = order
         qh, kh, vh = (t.index_select(1, order) for t in (qh, kh, vh))
     out, lse = _LocalAttention.apply(qh, kh, vh, rank_sinks(sinks, group, split), scale,
-                                     plan.local_tasks(causal, window_size), backend, softcap)
+                                     plan.local_tasks(causal, window_size, mask), backend, softcap)
     lse = lse if return_lse else None  # skip its all-to-all when nobody wants it
     if order is not None:  # position order -> rank-major order
         out = out.index_select(1, held)

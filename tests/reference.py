@@ -14,7 +14,8 @@ def reference_attention(q, k, v, dout, *, causal, scale=None, mask=None, softcap
     """Full tensors (b, s, h, d) / (b, s, h_kv, d) -> float64 out, lse (b, h, s), dq, dk, dv
     (and dsinks when ``sinks`` is given).
 
-    ``mask``: optional bool (s, s), True = visible; combined with ``causal``.
+    ``mask``: optional bool (s, s), True = visible; combined with ``causal``. Rows that see
+    nothing get out 0, lse -inf and zero gradients.
     ``softcap``: scores -> c * tanh(scores / c) before masking (Gemma 2).
     ``sinks``: (h,) per-head logits joining every row's softmax with no value (GPT-OSS),
     written as GPT-OSS's eager attention does: one more softmax column, dropped after.
@@ -40,7 +41,10 @@ def reference_attention(q, k, v, dout, *, causal, scale=None, mask=None, softcap
     if sinks is not None:
         s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.softmax(s, dim=-1)[..., :sk]
+    # A row that sees no key (and no sink) attends to nothing: out 0, lse -inf, no gradient
+    # (flash-attn's convention). Softmax it over zeros, then zero it: no NaN to leak.
+    hidden = torch.isneginf(s).all(dim=-1, keepdim=True)
+    p = (torch.softmax(s.masked_fill(hidden, 0.0), dim=-1) * ~hidden)[..., :sk]
     out = torch.einsum("bhqk,bkhd->bqhd", p, vr)
     grads = torch.autograd.grad(out, leaves, dout.double())
     return (out.detach(), lse.detach(), *grads)

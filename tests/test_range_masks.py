@@ -1,0 +1,266 @@
+"""Range masks (``ringattn.RangeMask``) under every strategy and layout, and their balance.
+
+The reference is float64 attention with a dense (S, S) mask built here, in the test only,
+straight from the slices as given (q range x k range, and key <= query for "causal"),
+independently of ringattn's normalisation. Tolerance: fp32 inputs within 1e-5 of the
+reference's max-abs (as test_ring_attention: fp32 accumulation over <= 48 keys per row).
+Rows a mask hides entirely must give out 0, lse -inf and zero gradients.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import ringattn
+from ringattn import RangeMask, rangemask
+from ringattn.balance import imbalance, mask_work
+from ringattn.layouts import get_layout
+from tests.distributed import run_distributed
+from tests.reference import reference_attention, rel_err
+
+FP32_TOL = 1e-5
+SEQLEN = 48  # splits under zigzag at P = 4 and hybrid 2 x 2
+LAYOUTS = ("contiguous", "zigzag", "striped", "doc_zigzag")
+STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
+
+
+def dense_of(mask: RangeMask) -> torch.Tensor:
+    """bool (S, S), True = visible: the union of the slices as given."""
+    s = mask.seqlen
+    out = torch.zeros(s, s, dtype=torch.bool)
+    below = torch.ones(s, s, dtype=torch.bool).tril()
+    for (qa, qb), (ka, kb), kind in zip(*mask.given):
+        box = torch.zeros(s, s, dtype=torch.bool)
+        box[qa:qb, ka:kb] = True
+        out |= box & below if kind == "causal" else box
+    return out
+
+
+def random_mask(seed: int, seqlen: int, slices: int) -> RangeMask:
+    rng = random.Random(seed)
+    q, k, kinds = [], [], []
+    for _ in range(slices):
+        a = rng.randrange(seqlen)
+        c = rng.randrange(seqlen)
+        q.append((a, rng.randint(a + 1, seqlen)))
+        k.append((c, rng.randint(c + 1, seqlen)))
+        kinds.append(rng.choice(["full", "causal"]))
+    return RangeMask(q, k, kinds, seqlen)
+
+
+def masks() -> dict[str, RangeMask]:
+    cu = torch.tensor([0, 5, 20, 21, 48], dtype=torch.int32)
+    return {
+        "causal": RangeMask.causal(SEQLEN),
+        "documents": RangeMask.documents(cu),
+        "bidirectional_documents": RangeMask.bidirectional_documents(cu),
+        "prefix_lm": RangeMask.prefix_lm(torch.tensor([0, 20, 30, 48]), [7, 0, 18]),
+        "shared_prefix": RangeMask.shared_prefix(10, [9, 1, 20, 8]),
+        "chunked": RangeMask.chunked(SEQLEN, 7),
+        "chunked_documents": RangeMask.chunked(SEQLEN, 5, torch.tensor([0, 20, 48])),
+        # rows 10..29 and 40..47 see nothing: under contiguous at P = 4 rank 1 has no work
+        "hidden_rows": RangeMask([(0, 10), (30, 40)], [(0, 48), (20, 25)], ["causal", "full"]),
+        "random_a": random_mask(1, SEQLEN, 12),
+        "random_b": random_mask(2, SEQLEN, 5),
+    }
+
+
+# --- single-process: normalisation, tasks, validation, balance -----------------------------
+
+def _covered(tasks, n_q, n_k) -> torch.Tensor:
+    """How often each (q row, k row) pair is computed by ``tasks``."""
+    hits = torch.zeros(n_q, n_k, dtype=torch.int64)
+    for t in tasks:
+        rows, cols = range(*t.q_rows.indices(n_q)), range(*t.k_rows.indices(n_k))
+        box = torch.ones(len(rows), len(cols), dtype=torch.int64)
+        if t.causal:
+            box = box.tril()
+        if t.mask is not None:
+            box = box * t.mask
+        hits[rows.start:rows.stop, cols.start:cols.stop] += box
+    return hits
+
+
+@pytest.mark.parametrize("max_runs", [rangemask.MAX_RUNS, 0])  # 0: the masked-tile path
+def test_tasks_compute_each_visible_pair_exactly_once(monkeypatch, max_runs):
+    monkeypatch.setattr(rangemask, "MAX_RUNS", max_runs)
+    cases = [*masks().values(), *(random_mask(s, 32, 1 + s % 9) for s in range(12))]
+    for mask in cases:
+        want = dense_of(mask)
+        pos = torch.arange(mask.seqlen)
+        for layout in LAYOUTS:
+            lay = get_layout(layout)
+            for p in (2, 4):
+                if mask.seqlen % (2 * p):
+                    continue
+                held = [lay.indices(mask.seqlen, p, r, mask.cu_seqlens) for r in range(p)]
+                for qp in held:
+                    for kp in (*held, pos):
+                        sub = want[qp][:, kp]
+                        assert torch.equal(_covered(mask.tasks(qp, kp), len(qp), len(kp)),
+                                           sub.long()), (mask.given, layout, p)
+                        assert torch.equal(mask.visible(qp, kp), sub.sum(1))
+                        assert torch.equal(mask.dense(qp, kp), sub)
+
+
+def test_normalised_slices_are_few_and_disjoint():
+    # a causal diagonal over one range is one unmasked kernel call per rank block
+    pos = torch.arange(16)
+    assert [(t.causal, t.mask) for t in RangeMask.causal(16).tasks(pos, pos)] == [(True, None)]
+    # overlapping full and causal slices: full wins, and it is still one slice
+    m = RangeMask([(0, 8), (0, 8)], [(0, 8), (0, 8)], ["causal", "full"])
+    assert m.slices == ((0, 8, 0, 8, False),)
+    # a million tokens of 1000 documents stays 1000 slices
+    docs = RangeMask.documents(torch.arange(0, 1_000_001, 1000))
+    assert len(docs.slices) == 1000 and docs.seqlen == 1_000_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (([(0, 4)], [(0, 4)], ["sideways"]), "kinds\\[0\\] = 'sideways'"),
+    (([(0, 4)], [(3, 3)], ["full"]), "k_ranges\\[0\\] = \\[3, 3\\) is empty"),
+    (([(-1, 4)], [(0, 4)], ["full"]), "q_ranges\\[0\\] = \\[-1, 4\\) starts before 0"),
+    (([(0, 4), (1, 2)], [(0, 4)], ["full"]), "one entry per slice"),
+    (([(0, 4, 5)], [(0, 4)], ["full"]), "shape \\(n, 2\\)"),
+    (([(0.5, 4)], [(0, 4)], ["full"]), "must hold integers"),
+    (([], [], []), "no slices"),
+])
+def test_bad_range_masks_name_the_problem(args, message):
+    with pytest.raises(ValueError, match=message):
+        RangeMask(*args)
+
+
+def test_bad_constructor_arguments_and_seqlen():
+    with pytest.raises(ValueError, match="beyond seqlen=4"):
+        RangeMask([(0, 8)], [(0, 8)], ["full"], seqlen=4)
+    with pytest.raises(ValueError, match="prefix_lens\\[0\\] = 9"):
+        RangeMask.prefix_lm(torch.tensor([0, 5]), [9])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        RangeMask.documents(torch.tensor([0, 5, 5]))
+    with pytest.raises(ValueError, match="response length"):
+        RangeMask.shared_prefix(4, [3, 0])
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        RangeMask.chunked(8, 0)
+
+
+def test_constructors_draw_their_pictures():
+    pic = lambda m: ["".join("x" if v else "." for v in row) for row in dense_of(m).tolist()]  # noqa: E731
+    assert pic(RangeMask.shared_prefix(2, [2, 1])) == ["x....", "xx...", "xxx..", "xxxx.", "xx..x"]
+    assert pic(RangeMask.prefix_lm(torch.tensor([0, 4]), [2])) == ["xx..", "xx..", "xxx.", "xxxx"]
+    assert pic(RangeMask.chunked(4, 2)) == ["x...", "xx..", "..x.", "..xx"]
+    assert pic(RangeMask.bidirectional_documents(torch.tensor([0, 1, 3]))) == ["x..", ".xx", ".xx"]
+    # normalisation keeps the picture
+    for m in masks().values():
+        pos = torch.arange(m.seqlen)
+        assert torch.equal(m.dense(pos, pos), dense_of(m))
+
+
+def _shared_prompt_batch(p):
+    gen = torch.Generator().manual_seed(0)
+    responses = torch.randint(100, 2000, (12,), generator=gen).tolist()
+    responses[-1] += -(3000 + sum(responses)) % (2 * p)
+    return RangeMask.shared_prefix(3000, responses)
+
+
+def _prefix_lm_batch(p):
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(500, 6000, (10,), generator=gen)
+    lengths[-1] += -int(lengths.sum()) % (2 * p)
+    prefixes = [int(torch.randint(0, int(n), (1,), generator=gen)) for n in lengths]
+    return RangeMask.prefix_lm(torch.cat([torch.zeros(1), lengths.cumsum(0)]).long(), prefixes)
+
+
+def test_doc_zigzag_balances_shared_prompt_and_prefix_lm_at_p8():
+    for mask in (_shared_prompt_batch(8), _prefix_lm_batch(8)):
+        work = mask_work(mask, "doc_zigzag", 8)
+        assert imbalance(work) <= 1.05, (mask, work)
+        # the work adds up to the mask's visible pairs whatever the layout
+        assert int(work.sum()) == int(mask_work(mask, "contiguous", 8).sum())
+    # the plain zigzag does not balance them (why doc_zigzag follows the mask's segments)
+    assert imbalance(mask_work(_prefix_lm_batch(8), "zigzag", 8)) > 1.2
+
+
+# --- every strategy x layout x mask on real process groups -----------------------------
+
+def _inputs(seed, heads=(4, 2), dim=8):
+    gen = torch.Generator().manual_seed(seed)
+    h, hk = heads
+    q = torch.randn(1, SEQLEN, h, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, SEQLEN, hk, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, SEQLEN, hk, dim, generator=gen, dtype=torch.float64)
+    dout = torch.randn(1, SEQLEN, h, dim, generator=gen, dtype=torch.float64)
+    return q, k, v, dout
+
+
+def _errors(sp, mask, inputs, ref, placement, use_plan):
+    q, k, v, dout = inputs
+    ql, kl, vl = (sp.shard(t, cu_seqlens=placement).float().requires_grad_() for t in (q, k, v))
+    plan = sp.prepare(ql.shape, mask=mask) if use_plan else None
+    out, lse = sp.attention(ql, kl, vl, mask=mask, return_lse=True, plan=plan)
+    out.backward(sp.shard(dout, cu_seqlens=placement).float())
+    want_lse = sp.shard(ref[1], dim=2, cu_seqlens=placement)
+    hidden = torch.isneginf(want_lse)
+    errs = {"lse_hidden": 0.0 if torch.equal(torch.isneginf(lse), hidden) else 1.0,
+            "lse": rel_err(lse.masked_fill(hidden, 0), want_lse.masked_fill(hidden, 0))}
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad),
+                               (ref[0], *ref[2:5])):
+        errs[name] = rel_err(got, sp.shard(want, cu_seqlens=placement))
+    return errs
+
+
+def _matrix(rank, world):
+    doors = {}
+    for strategy in STRATEGIES:
+        for layout in LAYOUTS:
+            sizes = {"ulysses_size": 2 if world == 4 else world} if strategy == "hybrid" else {}
+            doors[(strategy, layout)] = ringattn.SequenceParallel(strategy, layout, **sizes)
+    failures, checked = [], 0
+    for i, (name, mask) in enumerate(masks().items()):
+        inputs = _inputs(i)
+        ref = reference_attention(*inputs, causal=False, mask=dense_of(mask))
+        for (strategy, layout), sp in doors.items():
+            if world == 1 and (strategy, layout) != ("ring", "contiguous"):
+                continue  # one process: every door is the same local attention
+            placement = mask.cu_seqlens if layout == "doc_zigzag" else None
+            errs = _errors(sp, mask, inputs, ref, placement, use_plan=i % 2 == 0)
+            checked += 1
+            bad = {n: e for n, e in errs.items() if not e <= FP32_TOL}
+            if bad:
+                failures.append((name, strategy, layout, bad))
+    return failures, checked
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_range_masks_match_reference_every_strategy_and_layout(world):
+    results = run_distributed(_matrix, world, timeout=600)
+    for rank, (failures, checked) in enumerate(results):
+        assert checked >= (len(masks()) if world == 1 else len(masks()) * 16)
+        assert not failures, f"rank {rank}: {len(failures)} cases beyond {FP32_TOL}: {failures[:4]}"
+
+
+def _refusals(rank, world):
+    sp = ringattn.SequenceParallel("ring", "zigzag")
+    mask, other = RangeMask.causal(16), RangeMask.chunked(16, 4)
+    x = torch.randn(1, 16 // world, 2, 8)
+    plan = sp.prepare(x.shape, mask=mask)
+    errors = []
+    for call in (lambda: sp.attention(x, x, x, mask=mask, causal=True, plan=plan),
+                 lambda: sp.attention(x, x, x, mask=other, plan=plan),
+                 lambda: ringattn.ring_attention(x, x, x, mask=mask, window_size=(2, 0)),
+                 lambda: sp.prepare(x.shape, mask=mask, cu_seqlens=torch.tensor([0, 16], dtype=torch.int32)),
+                 lambda: sp.prepare(x.shape, mask=RangeMask.causal(32))):
+        try:
+            call()
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
+def test_unclear_combinations_are_refused():
+    errors = run_distributed(_refusals, 2, timeout=120)[0]
+    for got, want in zip(errors, ("pass causal=False", "not given to prepare",
+                                  "window_size cannot be combined", "not both",
+                                  "built for a sequence of 32 tokens")):
+        assert got is not None and want in got, (got, want)
