@@ -27,9 +27,10 @@ from recipes.choices import Layout, Strategy, at_least
 @dataclass
 class ParallelConfig:
     sp_size: int = 1  # ranks that share one sequence; dp = world / sp
-    # ring | ulysses | hybrid (as in ringattn.SequenceParallel), or null: follows from
-    # ulysses_size. Named: ring needs ulysses_size=1, ulysses sets ulysses_size=sp_size when it
-    # is left at 1, hybrid needs 1 < ulysses_size < sp_size.
+    # ring | ulysses | hybrid | allgather (as in ringattn.SequenceParallel), or null: follows
+    # from ulysses_size. Named: ring and allgather (K/V gathered once per layer) need
+    # ulysses_size=1, ulysses sets ulysses_size=sp_size when it is left at 1, hybrid needs
+    # 1 < ulysses_size < sp_size.
     strategy: Optional[Strategy] = None
     # all-to-all (Ulysses) degree inside the SP group: 1 = ring, sp_size = Ulysses, in
     # between = hybrid (Ulysses inside, ring across)
@@ -50,6 +51,11 @@ class ParallelConfig:
                              f"parallel.sp_size={self.sp_size}")
         derived = ("ring" if self.ulysses_size == 1 else
                    "ulysses" if self.ulysses_size == self.sp_size else "hybrid")
+        if self.strategy is not None and self.strategy == "allgather":
+            if self.ulysses_size != 1:
+                raise ValueError(f"parallel.strategy=allgather gathers K/V instead of an all-to-all: "
+                                 f"it needs parallel.ulysses_size=1 (got {self.ulysses_size})")
+            derived = "allgather"
         if self.strategy is not None and self.strategy != derived:
             raise ValueError(f"parallel.strategy={self.strategy} does not match parallel.ulysses_size="
                              f"{self.ulysses_size} with parallel.sp_size={self.sp_size} (that is {derived}; "

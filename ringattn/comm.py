@@ -80,21 +80,33 @@ class _GatherSequence(torch.autograd.Function):
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
         parts = [torch.empty_like(x) for _ in range(group_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        _count_sent(x, len(parts))
+        with profile.timed("wait_s", x.device):
+            dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=dim)
 
     @staticmethod
     def backward(ctx, grad):
         size, rank = group_size(ctx.group), group_rank(ctx.group)
         chunks = [c.contiguous() for c in grad.chunk(size, dim=ctx.dim)]
+        _count_sent(chunks[rank], size)
         if dist.get_backend(ctx.group) == "gloo":
             # gloo has no reduce-scatter: sum the whole gradient, keep our chunk.
             full = grad.contiguous()
             dist.all_reduce(full, group=ctx.group)
             return full.chunk(size, dim=ctx.dim)[rank].contiguous(), None, None
         mine = torch.empty_like(chunks[rank])
-        dist.reduce_scatter(mine, chunks, group=ctx.group)
+        with profile.timed("wait_s", grad.device):
+            dist.reduce_scatter(mine, chunks, group=ctx.group)
         return mine, None, None
+
+
+def _count_sent(shard: torch.Tensor, size: int) -> None:
+    """An all-gather or reduce-scatter of ``shard``-sized pieces: each rank sends P - 1 of
+    them (the ring algorithm's bytes, whatever the backend runs)."""
+    prof = profile.active()
+    if prof is not None:
+        prof.bytes_sent += (size - 1) * shard.numel() * shard.element_size()
 
 
 def gather_sequence(x_local: torch.Tensor, dim: int, group=None) -> torch.Tensor:

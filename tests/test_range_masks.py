@@ -228,7 +228,42 @@ def _matrix(rank, world):
             bad = {n: e for n, e in errs.items() if not e <= FP32_TOL}
             if bad:
                 failures.append((name, strategy, layout, bad))
+    if world > 1:
+        failures += _allgather_without_range_masks(world)
     return failures, checked
+
+
+def _allgather_without_range_masks(world):
+    """The all-gather strategy with the other rules: causal, documents, windows, sinks, softcap."""
+    cu = torch.tensor([0, 5, 20, 21, 48], dtype=torch.int32)
+    doc = torch.repeat_interleave(torch.arange(4), (cu[1:] - cu[:-1]).long())
+    pos = torch.arange(SEQLEN)
+    same_doc = doc[:, None] == doc[None, :]
+    window = (pos[None, :] >= pos[:, None] - 6) & (pos[None, :] <= pos[:, None] + 2)
+    failures = []
+    for layout in LAYOUTS:
+        sp = ringattn.SequenceParallel("allgather", layout)
+        for i, (causal, docs, win, extras) in enumerate([
+                (True, False, (-1, -1), {}), (False, True, (-1, -1), {}), (True, True, (6, 2), {}),
+                (True, False, (-1, -1), {"softcap": 3.0, "sinks": torch.linspace(-1, 1, 4, dtype=torch.float64)})]):
+            if layout == "doc_zigzag" and not docs:
+                continue
+            q, k, v, dout = _inputs(100 + i)
+            dense = (same_doc if docs else torch.ones_like(same_doc)) & (window if win[0] >= 0 else True)
+            ref = reference_attention(q, k, v, dout, causal=causal, mask=dense, **extras)
+            place = cu if docs else None
+            ql, kl, vl = (sp.shard(t, cu_seqlens=place).float().requires_grad_() for t in (q, k, v))
+            kw = {n: (x.float() if n == "sinks" else x) for n, x in extras.items()}
+            out, lse = sp.attention(ql, kl, vl, causal=causal, cu_seqlens=place, window_size=win,
+                                    return_lse=True, **kw)
+            out.backward(sp.shard(dout, cu_seqlens=place).float())
+            got = (out, lse, ql.grad, kl.grad, vl.grad)
+            errs = {n: rel_err(g, sp.shard(w, dim=2 if n == "lse" else 1, cu_seqlens=place))
+                    for n, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
+            bad = {n: e for n, e in errs.items() if not e <= FP32_TOL}
+            if bad:
+                failures.append(("allgather", layout, causal, docs, win, list(extras), bad))
+    return failures
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

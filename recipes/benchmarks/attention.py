@@ -1,10 +1,11 @@
-"""Attention benchmark: ring, Ulysses and hybrid attention per layout vs. one process.
+"""Attention benchmark: ring, Ulysses, hybrid and all-gather attention per layout vs. one process.
 
     # one process (P = 1), then two ranks:
     python -m recipes.benchmarks.attention
     torchrun --standalone --nproc-per-node 2 -m recipes.benchmarks.attention seqlens=[8192]
 
-Per strategy (ring / ulysses / hybrid ring_size x ulysses_size; one the head counts or
+Per strategy (ring / ulysses / hybrid ring_size x ulysses_size / allgather: K/V gathered
+once, Llama 3 style; one the head counts or
 world size cannot split is skipped with the reason; uneven head counts such as heads=28
 kv_heads=4 run Ulysses' uneven split) and layout it reports forward and
 forward+backward time (max over ranks), achieved FLOP/s (``recipes.flops``: forward 4*b*s^2*h*d,
@@ -173,7 +174,7 @@ _MESHES: dict = {}  # Ulysses size -> the mesh over the whole world (built once,
 def _front_door(cfg, strategy, layout, device):
     """The SequenceParallel for ``strategy``, or None (with the reason) if it cannot run."""
     world = dist.get_world_size()
-    u = {"ring": 1, "ulysses": world, "hybrid": cfg.ulysses_size}[strategy]
+    u = {"ring": 1, "allgather": 1, "ulysses": world, "hybrid": cfg.ulysses_size}[strategy]
     if world % u:
         return None, f"ulysses_size {u} does not divide {world} ranks"
     if u > 1:
@@ -326,7 +327,7 @@ def _print_row(row):
     if not _printed_header:
         print(_HEADER)
         _printed_header = True
-    shape = {"ring": "", "ulysses": "", "hybrid": f" {row['ring_size']}x{row['ulysses_size']}"}[row["strategy"]]
+    shape = {"ring": "", "allgather": "", "ulysses": "", "hybrid": f" {row['ring_size']}x{row['ulysses_size']}"}[row["strategy"]]
     print(f"{row['strategy'] + shape:<13}{row['layout']:<11}{row['world']:>3}{row['seqlen']:>8}{row['fwd_s'] * 1e3:>9.1f}"
           f"{row['fwd_bwd_s'] * 1e3:>9.1f}{row['fwd_bwd_tflops']:>10.3f}{row['work_balance']:>9.2f}"
           f"{row['ring_steps']:>6}{row['mask_skipped'] * 100:>7.1f}{row['comm_wait_share'] * 100:>8.1f}{row['sent_mib_per_rank']:>10.1f}{row['peak_mib_per_rank']:>10.1f}"

@@ -42,7 +42,7 @@ class SequenceParallelism:
     """DP x SP for the processes of an ``accelerate.Accelerator``.
 
     sp_size: ranks that share one sequence (dp = world / sp_size). strategy: "ring",
-    "ulysses" or "hybrid" (``ulysses_size`` ranks of all-to-all inside each ring position).
+    "allgather" (K/V all-gathered once per layer), "ulysses" or "hybrid" (``ulysses_size`` ranks of all-to-all inside each ring position).
     layout: "zigzag" | "striped" | "contiguous" | "doc_zigzag" (packed documents only).
     ``self.sp`` is the ``SequenceParallel``.
     backward_divides_by_accumulation: whether ``accelerator.backward`` divides the loss by
@@ -61,7 +61,7 @@ class SequenceParallelism:
         self.accelerator = accelerator
         self.backward_divides_by_accumulation = backward_divides_by_accumulation
         self.sp_size, self.dp_size = sp_size, world // sp_size
-        uly = {"ring": 1, "ulysses": sp_size}.get(strategy, ulysses_size)
+        uly = {"ring": 1, "allgather": 1, "ulysses": sp_size}.get(strategy, ulysses_size)
         if world == 1:
             self.mesh, self.dp_group, self.dp_rank = None, None, 0
             self.sp = SequenceParallel(strategy, layout, backend=backend)

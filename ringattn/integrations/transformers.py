@@ -41,7 +41,7 @@ class SequenceParallelMixin:
 
     Keyword arguments (the rest go to the Trainer), named as in ``SequenceParallelism`` and
     ``ringattn.SequenceParallel``: sp_size (ranks sharing one sequence), strategy ("ring" |
-    "ulysses" | "hybrid"), layout ("zigzag" | "striped" | "contiguous" | "doc_zigzag"),
+    "allgather" | "ulysses" | "hybrid"), layout ("zigzag" | "striped" | "contiguous" | "doc_zigzag"),
     ulysses_size (hybrid), backend (kernel backend).
     """
 
