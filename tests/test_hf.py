@@ -64,9 +64,11 @@ def _more_configs(tf, common):
         "granite": lambda: tf.GraniteConfig(**common, attention_multiplier=0.3),
         "cohere2": lambda: tf.Cohere2Config(**common, sliding_window=5, layer_types=alternating,
                                             pad_token_id=0),
+        # a chunked layer (4-token chunks: RangeMask.chunked) and a NoPE full layer
+        "llama4": lambda: tf.Llama4TextConfig(**common, head_dim=8, attention_chunk_size=4,
+                                              pad_token_id=0, no_rope_layers=[1, 0],
+                                              layer_types=["chunked_attention", "full_attention"]),
         # refused by HFCausalLM: token mixing that sp.attention does not do
-        "llama4_chunked": lambda: tf.Llama4TextConfig(**common, head_dim=8, attention_chunk_size=4,
-                                                      pad_token_id=0),
         "minimax": lambda: tf.MiniMaxConfig(**common, head_dim=8,
                                             layer_types=["full_attention", "linear_attention"]),
         "lfm2": lambda: tf.Lfm2Config(**common, pad_token_id=0, layer_types=["conv", "full_attention"]),

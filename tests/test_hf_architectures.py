@@ -5,7 +5,8 @@ Matches (logits, loss, gradients summed over ranks within 1e-4 relative, fp32; t
 of ``tests/test_hf.py``): ring at sp=2 (zigzag) and sp=4 (striped) for every family;
 GPT-OSS (attention sinks, MoE, sliding layers) and Gemma 2 (logit softcapping, sliding
 layers) also under Ulysses and hybrid. Refused: token mixing ``sp.attention`` does not do
-(chunked attention, linear attention, convolutions, Mamba hybrids). Negative controls
+(linear attention, convolutions, Mamba hybrids); Llama 4's chunked attention matches
+through ``RangeMask.chunked``. Negative controls
 show that the sinks and the softcap of the tiny configs change the result.
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ from tests.distributed import run_distributed
 from tests.test_hf import TOL, VOCAB, _check, _equivalence_cases, tiny_model
 
 MATCH = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma2", "gemma3", "mixtral",
-         "qwen3_moe", "olmo2", "phi3", "granite", "cohere2")
-REFUSE = {"llama4_chunked": "chunked_attention", "minimax": "linear_attention",
+         "qwen3_moe", "olmo2", "phi3", "granite", "cohere2", "llama4")
+REFUSE = {"minimax": "linear_attention",
           "lfm2": "'conv'", "falcon_h1": "'hybrid'"}
 FEATURED = ("gpt_oss", "gemma2")  # every strategy
 
@@ -26,6 +27,9 @@ FEATURED = ("gpt_oss", "gemma2")  # every strategy
 def _cases_p2():
     cases = [(a, "ring", "zigzag", 1) for a in MATCH if a not in ("llama", "qwen2", "qwen3", "mistral")]
     cases += [(a, s, "zigzag", 2 if s == "hybrid" else 1) for a in FEATURED for s in ("ulysses", "hybrid")]
+    # Llama 4's chunked layers: the all-gather strategy, and packed documents (chunks restart
+    # at each document, as when the reference runs each document alone)
+    cases += [("llama4", "allgather", "striped", 1), ("llama4", "ring_docs", "zigzag", 1)]
     return cases  # llama/qwen2/qwen3/mistral at sp=2 zigzag: tests/test_hf.py
 
 
@@ -66,6 +70,18 @@ def test_sinks_and_softcap_of_the_tiny_configs_matter():
             got = model(input_ids=tokens).logits
         rel = ((got - want).abs().max() / want.abs().max()).item()
         assert rel > 100 * TOL, (arch, rel)
+
+
+def test_llama4_chunks_of_the_tiny_config_matter():
+    """Without its chunks (every layer full attention) the tiny Llama 4's eager logits move by
+    far more than the matrix's tolerance: its match above is not vacuous."""
+    tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama4")
+    with torch.no_grad():
+        chunked = model(input_ids=tokens).logits
+        model.config.layer_types = ["full_attention"] * len(model.config.layer_types)
+        full = model(input_ids=tokens).logits
+    assert (chunked - full).abs().max() / full.abs().max() > 100 * TOL
 
 
 def test_unknown_attention_keyword_is_refused_naming_it_and_the_model_class():

@@ -168,7 +168,7 @@ def _bad_configs(rank, world):
     q8, k2 = torch.randn(1, 8, 8, 16), torch.randn(1, 8, 2, 16)
     q1 = torch.randn(1, 8, 1, 16)
     cases = [
-        ("unknown strategy", lambda: ringattn.SequenceParallel("allgather")),
+        ("unknown strategy", lambda: ringattn.SequenceParallel("all_to_all_gather")),
         ("must equal the sequence-parallel size 2", lambda: ringattn.SequenceParallel("hybrid", ring_size=3)),
         ("ulysses_size=4", lambda: ringattn.SequenceParallel("hybrid", ulysses_size=4)),
         ("needs ring_size or ulysses_size", lambda: ringattn.SequenceParallel("hybrid")),

@@ -19,7 +19,11 @@ is kept, nothing repeated). A layer's ``sliding_window`` w (Mistral, Qwen2/3 wit
 ``use_sliding_window``) becomes ``window_size=(w - 1, 0)``: transformers' mask lets query i
 see keys j with i - w < j <= i. Since no mask function is registered for ``"ringattn"``,
 transformers builds no (b, 1, s, s) mask at all. Gemma 2's ``softcap`` and GPT-OSS's
-attention sinks (``s_aux``) go to ``sp.attention(softcap=..., sinks=...)``. The adapter is
+attention sinks (``s_aux``) go to ``sp.attention(softcap=..., sinks=...)``. Llama 4's
+chunked layers (``layer_types[i] == "chunked_attention"``, ``attention_chunk_size`` c) get a
+``ringattn.RangeMask.chunked`` (causal inside chunks of c tokens of the full sequence; with
+packed documents the chunks restart at every document), prepared with the step's plan and
+chosen per layer from ``config.layer_types[module.layer_idx]``. The adapter is
 strict: a keyword argument it neither understands nor knows to be harmless raises a
 ValueError naming it and the model class, so a new architecture's extra attention input
 can never be ignored silently.
@@ -46,6 +50,7 @@ ATTN_IMPLEMENTATION = "ringattn"
 SP_KWARG = "ringattn_sp"
 PLAN_KWARG = "ringattn_plan"
 CU_SEQLENS_KWARG = "ringattn_cu_seqlens"  # without a plan: checked per call
+MASKS_KWARG = "ringattn_masks"  # {layer type: RangeMask}, e.g. Llama 4's chunked layers
 
 
 # Keyword arguments transformers' attention modules pass that carry nothing the attention
@@ -57,7 +62,7 @@ KNOWN_HARMLESS = {
     "output_router_logits": "a MoE router flag travelling with the layer kwargs",
 }
 # Keyword arguments this function understands (and acts on).
-UNDERSTOOD = {SP_KWARG, PLAN_KWARG, CU_SEQLENS_KWARG, "is_causal", "sliding_window", "softcap", "s_aux"}
+UNDERSTOOD = {SP_KWARG, PLAN_KWARG, CU_SEQLENS_KWARG, MASKS_KWARG, "is_causal", "sliding_window", "softcap", "s_aux"}
 
 
 def check_attention_kwargs(module: nn.Module, kwargs: dict) -> None:
@@ -107,12 +112,15 @@ def ringattn_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         window_size = (int(window) - 1, 0) if causal else (int(window), int(window))
     kw = dict(causal=causal, softmax_scale=scaling, window_size=window_size,
               plan=kwargs.get(PLAN_KWARG))
+    mask = _layer_mask(module, kwargs.get(MASKS_KWARG))
+    if mask is not None:  # the mask is the layer's whole rule (documents included)
+        kw.update(mask=mask, causal=False)
     if kwargs.get("softcap") is not None:
         kw["softcap"] = float(kwargs["softcap"])
     if kwargs.get("s_aux") is not None:
         kw["sinks"] = kwargs["s_aux"]
     cu = kwargs.get(CU_SEQLENS_KWARG)
-    if cu is not None and kw["plan"] is None:
+    if cu is not None and kw["plan"] is None and mask is None:
         kw["cu_seqlens"] = cu
     q, k, v = _autocast(query, key, value)
     out = sp.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)
@@ -130,7 +138,19 @@ def _autocast(*tensors):
     return tuple(t.to(dtype) for t in tensors)
 
 
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+def _layer_mask(module: nn.Module, masks):
+    """The ``RangeMask`` of this attention module's layer type, or None (causal/window)."""
+    if not masks:
+        return None
+    layer_types = getattr(module.config, "layer_types", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_types is None or layer_idx is None:
+        raise ValueError(f"{type(module).__name__}: range masks per layer type need the "
+                         "config's layer_types and the module's layer_idx")
+    return masks.get(layer_types[layer_idx])
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 def check_supported(model: nn.Module) -> None:
@@ -144,9 +164,6 @@ def check_supported(model: nn.Module) -> None:
     if other:
         raise ValueError(f"{name}: layer types {other} are not supported by ringattn sequence "
                          f"parallelism (only {list(ATTENTION_LAYER_TYPES)})")
-    if getattr(config, "attention_chunk_size", None):
-        raise ValueError(f"{name}: chunked attention (attention_chunk_size="
-                         f"{config.attention_chunk_size}) is not supported by ringattn")
     if getattr(config, "use_bidirectional_attention", None):
         raise ValueError(f"{name}: use_bidirectional_attention is not supported by ringattn")
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv1d)]
@@ -288,8 +305,12 @@ class HFCausalLM(nn.Module):
         self._keep_rope_fp32()
         position_ids = positions.reshape(1, -1).expand(tokens.shape[0], -1)
         # Once per forward: every layer's attention (and recompute) reuses this plan.
-        plan = self.sp.prepare(tokens.shape, cu_seqlens=cu_seqlens, device=tokens.device)
-        kw = {SP_KWARG: self.sp, PLAN_KWARG: plan}
+        masks = self._layer_masks(tokens.shape[1] * self.sp.world_size, cu_seqlens)
+        if masks:  # the documents travel inside the masks (a plan takes one or the other)
+            plan = self.sp.prepare(tokens.shape, device=tokens.device, mask=list(masks.values()))
+        else:
+            plan = self.sp.prepare(tokens.shape, cu_seqlens=cu_seqlens, device=tokens.device)
+        kw = {SP_KWARG: self.sp, PLAN_KWARG: plan, MASKS_KWARG: masks}
         offload = self.offload_activations and self.training and self.hf.is_gradient_checkpointing
         with tiling.activation_offload(tokens.device) if offload else contextlib.nullcontext():
             if labels is None or not self.tiled_loss:
@@ -302,6 +323,31 @@ class HFCausalLM(nn.Module):
             return tiling.logits_loss(logits, labels)
         # the head weight is read here, in this module's forward (ZeRO-3 gathers it for this call)
         return tiling.token_loss(out.last_hidden_state, self._head_weight(), labels, self.loss_tile_tokens)
+
+    def _layer_masks(self, seqlen: int, cu_seqlens) -> dict:
+        """{layer type: RangeMask} for layer types a (causal, window) rule cannot express:
+        Llama 4's chunked layers; then the full layers carry the documents as a RangeMask
+        too. Empty for every other model."""
+        config = self.hf.config
+        if "chunked_attention" not in (getattr(config, "layer_types", None) or ()):
+            return {}
+        from ..rangemask import RangeMask
+
+        if self.sp.layout == "doc_zigzag" and self.sp.world_size > 1:
+            raise ValueError(f"{type(self.hf).__name__}: chunked attention under layout "
+                             "'doc_zigzag' would need one placement for two masks; use zigzag")
+        tuning = getattr(config, "attn_temperature_tuning", False)
+        if tuning and self.sp.world_size > 1 and seqlen >= config.floor_scale:
+            # transformers scales NoPE queries by their *local* index (arange of the shard),
+            # which equals the global position only on one process
+            raise ValueError(f"{type(self.hf).__name__}: attn_temperature_tuning with sequences "
+                             f">= floor_scale ({config.floor_scale}) tokens uses local positions "
+                             "under sequence parallelism; set attn_temperature_tuning=False")
+        masks = {"chunked_attention": RangeMask.chunked(seqlen, config.attention_chunk_size,
+                                                        cu_seqlens)}
+        if cu_seqlens is not None:
+            masks["full_attention"] = RangeMask.documents(cu_seqlens)
+        return masks
 
     def save_pretrained(self, path: str, state_dict=None, **kwargs) -> None:
         """A Hugging Face model directory (config with the RoPE θ in use). transformers does not
