@@ -1,5 +1,6 @@
-"""Data for the training recipe: a synthetic long-range passkey task (default) and local
-text files packed into sequences.
+"""Data for the training recipe: a synthetic long-range passkey task (default), local
+text files packed into sequences, and a shared-prompt task (one prompt, several responses
+packed after it, under ``ringattn.RangeMask.shared_prefix``).
 
 Every sample is a pure function of (seed, index), so the samples of step k are the same
 whatever dp / sp / gradient accumulation are. Labels are shifted on the *full* sequence
@@ -24,6 +25,7 @@ IGNORE_INDEX = -100
 class Kind(Choice):
     passkey = "passkey"  # the synthetic long-range task
     text = "text"  # local text files
+    shared_prompt = "shared_prompt"  # one prompt + several responses per sequence (a RangeMask)
 
 
 @dataclass
@@ -50,9 +52,12 @@ class DataConfig:
     # packed text: attend only within each document (RoPE positions restart per document);
     # ring attention takes document boundaries for one sequence at a time, so micro-batch 1
     document_masking: bool = True
+    # shared_prompt task: responses packed after each prompt (each sees the prompt and
+    # itself only); the prompt takes half of seq_len, the responses share the rest
+    responses: int = 4
 
     def __post_init__(self):
-        for name in ("seq_len", "global_batch_size", "passkey_digits", "eval_batch_size"):
+        for name in ("seq_len", "global_batch_size", "passkey_digits", "eval_batch_size", "responses"):
             at_least(f"data.{name}", getattr(self, name))
         at_least("data.micro_batch_size", self.micro_batch_size, allow_none=True)
         if not 0.0 <= self.needle_min_frac <= self.needle_max_frac <= 1.0:  # equal: a fixed depth
@@ -209,6 +214,73 @@ class PackedText:
         return tokens, labels, cu.to(torch.int32)
 
 
+class SharedPromptTask:
+    """One prompt, several responses, packed into one sequence of ``seq_len`` tokens.
+
+    The prompt (the first half) is random lowercase filler holding a needle ``#`` + n digits;
+    each response is ``?`` + the same digits + filler, of a length drawn per sample. Under
+    ``RangeMask.shared_prefix`` a response sees the prompt and itself, never another
+    response, so each must find the needle in the prompt: loss on every response's answer
+    digits. Positions are the packed ones (0 .. seq_len - 1). Sample i is a pure function of
+    (seed, i); returns (tokens, labels, mask).
+    """
+
+    chance = None  # no accuracy evaluation (the eval path runs without per-sample masks)
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        n, r = cfg.passkey_digits, cfg.responses
+        self.prompt = cfg.seq_len // 2
+        self.shortest = n + 2  # "?" + the answer + one filler token
+        if self.prompt < n + 1 or cfg.seq_len - self.prompt < r * self.shortest:
+            raise ValueError(f"data.seq_len={cfg.seq_len} is too short for a prompt with a "
+                             f"{n}-digit needle and {r} responses of >= {self.shortest} tokens")
+
+    def sample(self, index: int):
+        import ringattn
+
+        rng = np.random.Generator(np.random.PCG64([self.seed, index]))
+        n, r, length = self.cfg.passkey_digits, self.cfg.responses, self.cfg.seq_len
+        rest = length - self.prompt
+        cuts = np.sort(rng.choice(np.arange(1, rest - r * self.shortest + r), r - 1, replace=False)) \
+            if r > 1 else np.array([], dtype=np.int64)
+        lengths = np.diff(np.concatenate([[0], cuts, [rest - r * self.shortest + r]])) - 1 + self.shortest
+        seq = PasskeyTask.FILLER[rng.integers(0, len(PasskeyTask.FILLER), size=length)]
+        key = PasskeyTask.DIGITS[rng.integers(0, 10, size=n)]
+        at = int(rng.integers(0, self.prompt - n))
+        seq[at] = PasskeyTask.KEY
+        seq[at + 1:at + 1 + n] = key
+        labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+        start = self.prompt
+        for m in lengths.tolist():
+            seq[start] = PasskeyTask.QUERY
+            seq[start + 1:start + 1 + n] = key
+            labels[start:start + n] = torch.from_numpy(key.copy())  # "?" predicts digit 1, ...
+            start += m
+        mask = ringattn.RangeMask.shared_prefix(self.prompt, lengths.tolist())
+        return torch.from_numpy(seq.copy()), labels, mask
+
+
+def shard_batch(sp, batch, device):
+    """A micro-batch (tokens, labels, cu_seqlens | RangeMask | None) -> this rank's
+    (tokens, labels, positions or None, the model's attention keywords). With a RangeMask,
+    ``doc_zigzag`` places tokens by its segments and positions are the packed ones."""
+    import ringattn
+
+    tokens, labels, rule = batch
+    if isinstance(rule, ringattn.RangeMask):
+        place = rule.cu_seqlens
+        pos = sp.shard(torch.arange(tokens.shape[1]), dim=0, cu_seqlens=place).to(device) \
+            if ringattn.layout_needs_documents(sp.layout) else None
+        kw = {"mask": rule}
+    else:
+        place = rule
+        pos = None if rule is None else sp.positions(tokens.shape[1], device=device, cu_seqlens=rule)
+        kw = {} if rule is None else {"cu_seqlens": rule.to(device)}
+    return (sp.shard(tokens.to(device), cu_seqlens=place), sp.shard(labels.to(device), cu_seqlens=place),
+            pos, kw)
+
+
 def check_files(cfg: DataConfig) -> None:
     if cfg.tokenizer is not None and not os.path.exists(cfg.tokenizer):
         raise FileNotFoundError(f"data.tokenizer={cfg.tokenizer}: no such local tokenizer directory or file")
@@ -224,6 +296,8 @@ def check_files(cfg: DataConfig) -> None:
 
 
 def build_dataset(cfg: DataConfig, seed: int, tokenizer):
+    if cfg.kind == Kind.shared_prompt:
+        return SharedPromptTask(cfg, seed)
     return PasskeyTask(cfg, seed) if cfg.kind == Kind.passkey else PackedText(cfg, seed, tokenizer)
 
 
@@ -240,13 +314,14 @@ class StepBatches:
         self.ds, self.G, self.dp_rank, self.dp_size, self.micro = dataset, global_batch, dp_rank, dp_size, micro
 
     def _stack(self, indices):
-        """(tokens, labels, cu_seqlens or None); cu_seqlens only for one packed sequence."""
+        """(tokens, labels, cu_seqlens | RangeMask | None); the third only for one packed sequence."""
         samples = [self.ds.sample(i) for i in indices]
         toks, labs = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
         if len(samples[0]) == 2:
             return toks, labs, None
         if len(samples) != 1:
-            raise ValueError("document masking needs one sequence per forward (data.micro_batch_size=1)")
+            raise ValueError("document masking and range masks need one sequence per forward "
+                             "(data.micro_batch_size=1)")
         return toks, labs, samples[0][2]
 
     def micro_batches(self, step: int):

@@ -128,14 +128,15 @@ def batch_sizes(job: JobConfig, world_size: int, model) -> BatchSizes:
         raise ValueError(f"data.global_batch_size={d.global_batch_size} is not divisible by dp={dp} "
                          f"(world {world_size} / sp {job.parallel.sp_size})")
     per_rank = d.global_batch_size // dp
-    packed_docs = d.kind == data.Kind.text and d.document_masking
+    packed_docs = (d.kind == data.Kind.text and d.document_masking) or d.kind == data.Kind.shared_prompt
     micro = d.micro_batch_size or (1 if packed_docs else per_rank)
     if ringattn.layout_needs_documents(job.parallel.layout.value) and not packed_docs:
         raise ValueError(f"parallel.layout={job.parallel.layout.value} places tokens by document: it needs packed "
                          "documents (data=text with data.document_masking=true)")
     if packed_docs and micro != 1:
-        raise ValueError(f"data.document_masking needs data.micro_batch_size=1 (got {micro}): ring attention "
-                         "takes the document boundaries of one packed sequence at a time")
+        raise ValueError(f"data.document_masking (and data=shared_prompt) needs data.micro_batch_size=1 "
+                         f"(got {micro}): attention takes the documents (the mask) of one packed "
+                         "sequence at a time")
     if per_rank % micro:
         raise ValueError(f"data.micro_batch_size={micro} does not divide the {per_rank} sequences per "
                          f"data-parallel rank (global_batch_size {d.global_batch_size} / dp {dp})")
@@ -324,17 +325,14 @@ def _resume(job: JobConfig, model, ctx, sizes: BatchSizes, run_dir: str):
 def _train_step(r: Run, step: int, own_grad_norm: bool, stop: StopSignals) -> StepResult:
     """One optimizer step over this rank's micro-batches; two small all-reduces (valid tokens,
     then the loss sum together with the stop-signal slots)."""
-    ctx, engine, seq_len = r.ctx, r.engine, r.job.data.seq_len
-    micro_batches = [(ctx.sp.shard(x.to(ctx.device), cu_seqlens=cu), ctx.sp.shard(y.to(ctx.device), cu_seqlens=cu),
-                      None if cu is None else cu.to(ctx.device))
-                     for x, y, cu in r.batches.micro_batches(step - 1)]
-    local_valid = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in micro_batches)
+    ctx, engine = r.ctx, r.engine
+    micro_batches = [data.shard_batch(ctx.sp, batch, ctx.device) for batch in r.batches.micro_batches(step - 1)]
+    local_valid = sum(int((y != IGNORE_INDEX).sum()) for _, y, _, _ in micro_batches)
     (n_valid,) = _all_sum(local_valid, device=ctx.device)  # valid tokens of the global batch
     scale = ctx.world_size / max(n_valid, 1.0)  # see the note in recipes/engine.py
     lr, loss_sum, grad_norm = engine.get_lr()[0], 0.0, None
-    for i, (x, y, cu) in enumerate(micro_batches):
-        pos = r.positions if cu is None else ctx.sp.positions(seq_len, device=ctx.device, cu_seqlens=cu)
-        s = engine(x, pos, cu, labels=y).loss_sum  # token-loss sum over sequence tiles
+    for i, (x, y, pos, attend) in enumerate(micro_batches):  # attend: cu_seqlens= or mask=
+        s = engine(x, r.positions if pos is None else pos, labels=y, **attend).loss_sum  # token-loss sum
         engine.backward(s * scale, scale_wrt_gas=False)
         if i == len(micro_batches) - 1 and own_grad_norm:
             grad_norm = _grad_norm(engine.module)  # already reduced over the world by backward

@@ -76,7 +76,7 @@ def check_replicated(q: torch.Tensor, kv_heads: int, group=None) -> None:
 
 def decode_attention(q, k_cache, v_cache, *, group=None, softmax_scale=None, return_lse=False,
                      backend: str = "auto", check_q: bool = False, softcap: float | None = None,
-                     sinks: torch.Tensor | None = None):
+                     sinks: torch.Tensor | None = None, mask=None):
     """Exact attention of the new queries over a KV cache sharded across ``group``.
 
     q: (batch, t, heads, head_dim), the same on every rank of ``group`` (the caller's
@@ -90,8 +90,14 @@ def decode_attention(q, k_cache, v_cache, *, group=None, softmax_scale=None, ret
     the kernel (Gemma 2); ``sinks``: (heads,) logits joining every softmax with no value
     (GPT-OSS), folded in once after the combine. Communication: two all-reduces of
     O(batch * t * heads * head_dim), independent of the cache length. Inference only: the
-    collectives are not differentiable.
+    collectives are not differentiable. ``mask``: refused (a ``RangeMask`` shapes the prefill,
+    which runs through ``SequenceParallel.attention(mask=...)``; new tokens see the cache).
     """
+    if mask is not None:
+        raise ValueError("decode_attention takes no mask: every new query sees every cached key "
+                         "(the cache is in any order). Apply a RangeMask (prefix-LM, shared "
+                         "prompt) in the prefill through SequenceParallel.attention(mask=...), and "
+                         "keep keys a new token must not see out of the cache it attends")
     _check(q, k_cache, v_cache)
     p = group_size(group)
     if check_q:

@@ -74,7 +74,7 @@ def _gather_queries(q, positions, query_positions, group):
 def attention_mass(q, k, positions, query_positions, *, spans=(), top_k: int = 0,
                    distance_buckets: list[int] | None = None, causal: bool = True, group=None,
                    softmax_scale=None, softcap: float | None = None,
-                   sinks: torch.Tensor | None = None) -> AttentionMass:
+                   sinks: torch.Tensor | None = None, mask=None) -> AttentionMass:
     """Attention mass of chosen queries of one layer, exact, inside the SP group.
 
     q: (batch, s_local, heads, head_dim), k: (batch, s_local, kv_heads, head_dim): this rank's
@@ -84,6 +84,8 @@ def attention_mass(q, k, positions, query_positions, *, spans=(), top_k: int = 0
     most attended positions to report (0: none). distance_buckets: edges for the distance
     histogram (default ``log_buckets(n)``). causal: query i sees keys j <= i. softcap /
     sinks (heads,): as the model's attention uses them (a sink takes mass no key gets).
+    mask: the ``RangeMask`` the model's attention used (then the whole rule: causal=False);
+    a query it hides entirely has no mass anywhere (all zeros).
     Communication: four all-reduces and one all-gather, none of which grows with s_local.
     Memory: (queries x s_local) per head.
     """
@@ -113,6 +115,12 @@ def attention_mass(q, k, positions, query_positions, *, spans=(), top_k: int = 0
     scores = torch.einsum("bnhd,bshd->bhns", qsel, kk) * scale  # (b, h, nq, s_local)
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        if causal:
+            raise ValueError("attention_mass: mask= (a RangeMask) is the whole rule; pass causal=False")
+        order = torch.argsort(qpos).cpu()  # the mask takes increasing positions
+        seen = mask.dense(qpos.cpu()[order], positions.cpu())[torch.argsort(order)]
+        scores = scores.masked_fill(~seen.to(device), float("-inf"))
     if causal:
         scores = scores.masked_fill(positions[None, :] > qpos[:, None], float("-inf"))
     # the final lse of each row over every rank's keys: max, then sum of exp(. - max)
@@ -124,6 +132,7 @@ def attention_mass(q, k, positions, query_positions, *, spans=(), top_k: int = 0
     if sinks is not None:
         lse = torch.logaddexp(lse, sinks.detach().to(lse).view(1, -1, 1))
     p = torch.exp(scores - lse[..., None])  # exact probabilities of this rank's keys
+    p = p.masked_fill(torch.isneginf(lse)[..., None], 0.0)  # a query that sees nothing
 
     in_span = torch.stack([(positions >= lo) & (positions < hi) for lo, hi in spans], dim=1) \
         if len(spans) else torch.zeros(s, 0, dtype=torch.bool, device=device)

@@ -299,3 +299,59 @@ def test_unclear_combinations_are_refused():
                                   "window_size cannot be combined", "not both",
                                   "built for a sequence of 32 tokens")):
         assert got is not None and want in got, (got, want)
+
+
+# --- the recipe: a shared-prompt task trains the same at sp=2 as on one process ---------
+
+@pytest.mark.slow
+def test_recipe_shared_prompt_task_sp2_equals_sp1(tmp_path):
+    from tests.train_launch import (assert_losses_close, assert_weights_close, final_weights,
+                                    metrics, train_ok)
+
+    run = ["data=shared_prompt", "data.seq_len=32", "data.responses=3", "trainer.max_steps=4",
+           "trainer.save_every=0", "trainer.seed=3"]
+    train_ok(tmp_path / "sp1", 1, run)
+    train_ok(tmp_path / "sp2", 2, run + ["parallel.sp_size=2", "parallel.layout=doc_zigzag"])
+    ref, got = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")
+    assert sorted(ref) == [1, 2, 3, 4]
+    assert_losses_close(ref, got, [1, 2, 3, 4])
+    assert_weights_close(final_weights(tmp_path / "sp1"), final_weights(tmp_path / "sp2"))
+
+
+def test_shared_prompt_samples_need_the_prompt():
+    """Every response's answer is the prompt's needle, and the mask hides other responses."""
+    from recipes.data import DataConfig, Kind, SharedPromptTask
+
+    task = SharedPromptTask(DataConfig(kind=Kind.shared_prompt, seq_len=64, responses=4,
+                                       passkey_digits=2), seed=0)
+    tokens, labels, mask = task.sample(5)
+    assert mask.seqlen == 64 and len(mask.slices) == 1 + 2 * 4
+    needle = int((tokens[:32] == ord("#")).nonzero()[0])
+    key = tokens[needle + 1:needle + 3]
+    answers = labels[labels != -100].view(4, 2)
+    assert (answers == key).all()
+    seen = mask.dense(torch.arange(64), torch.arange(64))
+    starts = (tokens[32:] == ord("?")).nonzero().flatten() + 32
+    assert not seen[starts[1], starts[0]] and seen[starts[1], needle]
+
+
+def test_attention_mass_and_decode_with_range_masks():
+    """Diagnostics take the model's RangeMask (exact against a dense float64 softmax, hidden
+    queries have no mass); decode attention refuses one, saying where it belongs."""
+    mask = RangeMask([(0, 6), (6, 10), (12, 16)], [(0, 6), (0, 3), (6, 16)],
+                     ["causal", "full", "causal"])  # queries 10, 11 see nothing
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 16, 2, 8, generator=gen), torch.randn(1, 16, 2, 8, generator=gen)
+    queries, spans = [15, 4, 10, 7], [(0, 3), (3, 6), (6, 16)]
+    m = ringattn.attention_mass(q, k, torch.arange(16), queries, spans=spans, causal=False,
+                                mask=mask)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 8 ** 0.5
+    s = s.masked_fill(~dense_of(mask), float("-inf"))[:, :, queries]
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    want = torch.stack([p[..., a:b].sum(-1) for a, b in spans], -1)
+    assert (m.span_mass - want).abs().max() <= 1e-9  # float64 both ways
+    assert m.span_mass[:, :, 2].abs().max() == 0  # query 10 is hidden
+    with pytest.raises(ValueError, match="whole rule; pass causal=False"):
+        ringattn.attention_mass(q, k, torch.arange(16), queries, mask=mask)
+    with pytest.raises(ValueError, match="decode_attention takes no mask"):
+        ringattn.decode_attention(q[:, :1], k, k, mask=mask)

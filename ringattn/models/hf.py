@@ -143,10 +143,12 @@ def _layer_mask(module: nn.Module, masks):
     if not masks:
         return None
     layer_types = getattr(module.config, "layer_types", None)
+    if layer_types is None:  # one kind of layer
+        return masks.get("full_attention")
     layer_idx = getattr(module, "layer_idx", None)
-    if layer_types is None or layer_idx is None:
+    if layer_idx is None:
         raise ValueError(f"{type(module).__name__}: range masks per layer type need the "
-                         "config's layer_types and the module's layer_idx")
+                         "module's layer_idx")
     return masks.get(layer_types[layer_idx])
 
 
@@ -298,14 +300,17 @@ class HFCausalLM(nn.Module):
                              "model.tiled_loss=false")
         return head.weight
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None, labels=None):
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None, labels=None,
+                mask=None):
         """Logits (b, s_local, vocab); with ``labels`` (b, s_local), -100 = ignored, a
         ``tiling.TokenLoss``: the base model gives the hidden states and the head is applied
-        per sequence tile (full logits never exist) unless ``tiled_loss=False``."""
+        per sequence tile (full logits never exist) unless ``tiled_loss=False``. ``mask``: a
+        ``ringattn.RangeMask`` of the full sequence for every layer (models whose layers are
+        all full attention), instead of causal attention over ``cu_seqlens``."""
         self._keep_rope_fp32()
         position_ids = positions.reshape(1, -1).expand(tokens.shape[0], -1)
         # Once per forward: every layer's attention (and recompute) reuses this plan.
-        masks = self._layer_masks(tokens.shape[1] * self.sp.world_size, cu_seqlens)
+        masks = self._layer_masks(tokens.shape[1] * self.sp.world_size, cu_seqlens, mask)
         if masks:  # the documents travel inside the masks (a plan takes one or the other)
             plan = self.sp.prepare(tokens.shape, device=tokens.device, mask=list(masks.values()))
         else:
@@ -324,12 +329,21 @@ class HFCausalLM(nn.Module):
         # the head weight is read here, in this module's forward (ZeRO-3 gathers it for this call)
         return tiling.token_loss(out.last_hidden_state, self._head_weight(), labels, self.loss_tile_tokens)
 
-    def _layer_masks(self, seqlen: int, cu_seqlens) -> dict:
+    def _layer_masks(self, seqlen: int, cu_seqlens, mask=None) -> dict:
         """{layer type: RangeMask} for layer types a (causal, window) rule cannot express:
-        Llama 4's chunked layers; then the full layers carry the documents as a RangeMask
-        too. Empty for every other model."""
+        Llama 4's chunked layers (then the full layers carry the documents as a RangeMask
+        too), or the caller's ``mask`` on every layer. Empty otherwise."""
         config = self.hf.config
-        if "chunked_attention" not in (getattr(config, "layer_types", None) or ()):
+        types = set(getattr(config, "layer_types", None) or ("full_attention",))
+        if mask is not None:
+            if types != {"full_attention"} or getattr(config, "sliding_window", None) and \
+                    getattr(config, "use_sliding_window", True):
+                raise ValueError(f"{type(self.hf).__name__}: a RangeMask applies to every layer; "
+                                 f"this model's layers are {sorted(types)} (or windowed): refused")
+            if cu_seqlens is not None:
+                raise ValueError("pass documents either as cu_seqlens or inside the RangeMask, not both")
+            return {"full_attention": mask}
+        if "chunked_attention" not in types:
             return {}
         from ..rangemask import RangeMask
 
