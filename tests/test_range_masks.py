@@ -355,3 +355,23 @@ def test_attention_mass_and_decode_with_range_masks():
         ringattn.attention_mass(q, k, torch.arange(16), queries, mask=mask)
     with pytest.raises(ValueError, match="decode_attention takes no mask"):
         ringattn.decode_attention(q[:, :1], k, k, mask=mask)
+
+
+def test_ring_skips_empty_blocks_and_stops_early():
+    """Planned without communication (an AttentionPlan built directly for rank r of 4)."""
+    from ringattn.plan import AttentionPlan
+
+    def steps(mask, layout, rank):
+        plan = AttentionPlan("ring", layout, 1, mask.seqlen // 4, ring_size=4, ring_rank=rank)
+        return plan.ring_steps(False, mask=mask)
+
+    chunks = RangeMask.chunked(32, 8)  # each chunk is one contiguous shard: no step but the first
+    assert all(len(steps(chunks, "contiguous", r)) == 1 for r in range(4))
+    # the longest need sets the ring length (rank 3 needs rank 1's keys of document [12, 32)),
+    # and blocks nobody sees are skipped (rank 0 needs nothing from ranks 3 and 2)
+    docs = RangeMask.documents(torch.tensor([0, 12, 32]))
+    assert {len(steps(docs, "contiguous", r)) for r in range(4)} == {3}
+    assert steps(docs, "contiguous", 0)[1:] == [[], []] and steps(docs, "contiguous", 3)[2] != []
+    # rows 8..23 hidden: rank 1 and 2 of contiguous have nothing to compute
+    hidden = RangeMask([(0, 8), (24, 32)], [(0, 32), (0, 4)], ["causal", "full"])
+    assert all(tasks == [] for r in (1, 2) for tasks in steps(hidden, "contiguous", r))
