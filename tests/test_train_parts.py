@@ -180,7 +180,7 @@ def test_typed_choices_and_ranges_fail_naming_the_field():
     cfg.parallel.layout = "striped"
     assert cfg.trainer.dtype is Dtype.bf16 and cfg.parallel.layout is Layout.striped
     assert set(Layout.__members__) == set(ringattn.layouts.LAYOUTS)  # the library's registry
-    for key, bad, allowed in (("trainer.dtype", "fp16", "[fp32, bf16]"), ("data.kind", "books", "[passkey, text]"),
+    for key, bad, allowed in (("trainer.dtype", "fp16", "[fp32, bf16]"), ("data.kind", "books", "[passkey, text, shared_prompt]"),
                               ("logger.backend", "tensorboard", "[none, wandb]"), ("parallel.layout", "ring", "zigzag")):
         with pytest.raises(ValidationError, match=rf"(?s)Invalid value '{bad}', expected one of .*{key}") as e:
             OmegaConf.update(cfg, key, bad)
@@ -216,8 +216,10 @@ def test_parallel_strategy_named_or_derived():
     named = ParallelConfig(sp_size=4, strategy="ulysses")  # ulysses_size left at 1: all of sp
     assert named.strategy == "ulysses" and named.ulysses_size == 4
     assert ParallelConfig(sp_size=4, strategy="hybrid", ulysses_size=2).ulysses_size == 2
+    assert ParallelConfig(sp_size=4, strategy="allgather").strategy == "allgather"
     for kw, message in (({"strategy": "ring", "ulysses_size": 2}, "strategy=ring does not match"),
-                        ({"strategy": "hybrid"}, "strategy=hybrid does not match")):
+                        ({"strategy": "hybrid"}, "strategy=hybrid does not match"),
+                        ({"strategy": "allgather", "ulysses_size": 2}, "needs parallel.ulysses_size=1")):
         with pytest.raises(ValueError, match=message):
             ParallelConfig(sp_size=4, **kw)
 
