@@ -125,6 +125,17 @@ def problems(path: str, rank: int, world: int) -> List[str]:
     return mine
 
 
+def latest_complete(run_dir: str) -> Optional[str]:
+    """The newest checkpoint of ``run_dir`` whose manifest checks out, read by one process alone
+    (evaluation, export); a corrupt newer one is skipped with a warning naming it. None: none."""
+    for path in saved(run_dir):
+        bad = problems(path, 0, 1)
+        if not bad:
+            return path
+        log.warning("checkpoint %s is incomplete or corrupt (%s): skipping it", path, "; ".join(bad))
+    return None
+
+
 def find_resumable(run_dir: str, expect: dict, rank: int, world: int) -> Optional[str]:
     """The newest complete checkpoint of ``run_dir`` compatible with ``expect`` (None: none was
     ever saved). A collective, on every rank; the same answer everywhere.

@@ -169,7 +169,7 @@ def load_weights(job: NeedleJob, model) -> str:
     """Our Llama (or an HF run without hf_model/): the latest complete DeepSpeed checkpoint."""
     path = os.path.abspath(job.checkpoint)
     if not _is_step_dir(path):
-        path = ckpt_lib.latest(path)
+        path = ckpt_lib.latest_complete(path)
         if path is None:
             raise FileNotFoundError(f"checkpoint={job.checkpoint}: no complete checkpoint in it "
                                     "(train with trainer.save_every=K: the default writes none)")
