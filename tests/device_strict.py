@@ -41,7 +41,7 @@ BACKEND = "ringattn_meta_fake"
 HOST_WORK = {
     os.path.join("ringattn", "plan.py"): frozenset({
         "prepare", "__init__", "mask", "ring_steps", "local_tasks", "allgather_tasks",
-        "gathered_order", "kv_index", "_on_device"}),
+        "gathered_order", "kv_index", "_on_device", "tasks_for"}),
     os.path.join("ringattn", "sharding.py"): frozenset({"positions", "held_indices"}),
     os.path.join("ringattn", "parallel.py"): frozenset({"positions"}),
     # a prompt's document boundaries for generation's prefill: host metadata, like cu_seqlens
