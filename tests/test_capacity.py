@@ -31,6 +31,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow  # the recipe's training step under a launcher, per configuration
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_estimate_matches_measured_peak(tmp_path, name):
     nproc, over = CONFIGS[name]

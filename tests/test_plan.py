@@ -313,6 +313,7 @@ def _compiled_vs_eager(rank, world):
     return losses
 
 
+@pytest.mark.slow  # two recipe training runs (compiled and eager) at sp=2
 def test_torch_compile_matches_eager_for_three_steps_at_sp2():
     """aot_eager (Dynamo + AOTAutograd, graph breaks at the attention Function): inductor
     also works but compiles C++ for ~85 s per rank on this 2-core CPU machine (measured),

@@ -293,6 +293,7 @@ def test_llama_built_partitioned_under_zero3():
             assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # recipe training runs at sp=1 and sp=2
 @pytest.mark.parametrize("kind", ["llama", "hf"])
 def test_recipe_tiled_equals_untiled_sp1_sp2(tmp_path, kind):
     """recipes.train, 3 steps: tiled loss + tiled MLP (several tiles per micro-batch) at sp=1
