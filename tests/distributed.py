@@ -96,6 +96,18 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
     return [values[r] for r in range(world_size)]
 
 
+QUICK_WORLD = 2  # the quick tier (-m "not slow") runs multi-process tests at this many ranks
+
+
+def worlds(*sizes):
+    """pytest params for a world-size parametrization: sizes above ``QUICK_WORLD`` are marked
+    ``slow`` (the full suite runs them; the quick tier keeps P <= 2 of the same test)."""
+    import pytest
+
+    return [pytest.param(w, id=str(w), marks=[pytest.mark.slow] if w > QUICK_WORLD else [])
+            for w in sizes]
+
+
 def world_and_backend(worlds):
     """pytest params (world, backend): gloo always; nccl where >= world GPUs exist (so one
     GPU already runs world 1 on CUDA), skipped with the reason otherwise."""
@@ -104,7 +116,8 @@ def world_and_backend(worlds):
     gpus = torch.cuda.device_count()
     params = []
     for w in worlds:
-        params.append(pytest.param(w, "gloo", id=f"{w}-gloo"))
+        params.append(pytest.param(w, "gloo", id=f"{w}-gloo",
+                                   marks=[pytest.mark.slow] if w > QUICK_WORLD else []))
         params.append(pytest.param(w, "nccl", id=f"{w}-nccl", marks=pytest.mark.skipif(
             gpus < w, reason=f"NCCL with {w} ranks needs {w} GPUs; this machine has {gpus}")))
     return params

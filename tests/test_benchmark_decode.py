@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.train_launch import REPO, clean_env
 
 SMALL = ["cache=64", "tokens=2", "dim=32", "n_heads=4", "n_kv_heads=2"]
@@ -23,6 +25,7 @@ def _bench(tmp_path, nproc):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # the benchmark end to end, one process and two under torchrun
 def test_decode_benchmark_cache_per_rank_and_bytes(tmp_path):
     one, two = _bench(tmp_path, 1), _bench(tmp_path, 2)
     # 2 layers x (K and V) x 64 tokens x 2 kv heads x head_dim 8 x 4 bytes

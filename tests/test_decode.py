@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ringattn
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed, worlds
 from tests.reference import reference_attention, rel_err
 
 TOL = 1e-5
@@ -66,7 +66,7 @@ def _errors(rank, world):
     return errs
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", worlds(2, 3, 4))
 def test_decode_attention_matches_float64(world):
     for per_rank in run_distributed(_errors, world):
         for lengths, e_out, e_lse in per_rank:

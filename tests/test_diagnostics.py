@@ -12,7 +12,7 @@ import torch
 
 import ringattn
 from ringattn.diagnostics import log_buckets
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed, worlds
 from tests.reference import layout_indices
 
 TOL = 1e-9
@@ -92,7 +92,7 @@ def test_attention_mass_single_process():
     _check([_run(0, 1, ["contiguous"], features=True)], features=True)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", worlds(2, 4))
 def test_attention_mass_matches_dense_reference(world):
     results = run_distributed(_both, world, LAYOUTS)
     _check([plain for plain, _ in results])

@@ -12,7 +12,7 @@ import torch
 
 import ringattn
 from ringattn import profile
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed, worlds
 from tests.reference import layout_indices, reference_attention, rel_err
 
 LAYOUTS = ("contiguous", "zigzag", "striped", "doc_zigzag")  # doc_zigzag: document cases only
@@ -100,7 +100,7 @@ def _matrix(rank, world):
     return failures
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", worlds(1, 2, 3, 4))
 def test_documents_and_windows_match_reference(world):
     for rank, failures in enumerate(run_distributed(_matrix, world, timeout=600)):
         assert not failures, f"rank {rank}: {len(failures)} cases beyond {FP32_TOL}: {failures[:4]}"
@@ -139,6 +139,7 @@ def _early_stop_cases(rank, world):
     }
 
 
+@pytest.mark.slow  # 4 ranks
 def test_ring_stops_early_and_skips_masked_blocks():
     results = run_distributed(_early_stop_cases, 4, timeout=180)
     for rank, res in enumerate(results):

@@ -13,7 +13,7 @@ import torch
 
 import ringattn
 from ringattn.models import KVCache, Llama, LlamaConfig, generate
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed, worlds
 from tests.reference import rel_err
 
 TOL = 1e-4
@@ -69,7 +69,7 @@ def _world(rank, world):
     return results
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", worlds(2, 4))
 def test_generation_equals_full_forward(world):
     per_rank = run_distributed(_world, world, timeout=300)
     for rank_results in per_rank:

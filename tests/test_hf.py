@@ -207,6 +207,7 @@ def test_equivalence_p2():
         _check(r)
 
 
+@pytest.mark.slow  # 4 ranks; the quick tier runs the same code at 2
 def test_equivalence_p4():
     cases = [(a, "ring", lay, 1) for a in ARCHS for lay in LAYOUTS]
     cases += [("llama", "ulysses", "zigzag", 1), ("qwen2", "hybrid", "zigzag", 2), ("qwen3", "ring_docs", "zigzag", 1)]

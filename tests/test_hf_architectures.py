@@ -38,6 +38,7 @@ def test_matrix_sp2_zigzag():
         _check(r)
 
 
+@pytest.mark.slow  # 4 ranks; the quick tier runs the same code at 2
 def test_matrix_sp4_striped_and_featured_strategies():
     cases = [(a, "ring", "striped", 1) for a in MATCH if a not in ("llama", "qwen2", "qwen3", "mistral")]
     cases += [("gpt_oss", "ulysses", "zigzag", 1), ("gemma2", "ulysses", "contiguous", 1),

@@ -141,6 +141,7 @@ def _dp_sp_groups(rank, world):
             spm.count_targets(batches).item(), spm.grad_scale, refused)
 
 
+@pytest.mark.slow  # 4 ranks (dp 2 x sp 2)
 def test_dp_sp_groups_read_batches_and_count_targets():
     """World 4 = dp 2 x sp 2: SP groups are consecutive ranks; both ranks of an SP group read
     the same batches, the two DP groups read disjoint halves of the data; the target count

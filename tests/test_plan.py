@@ -198,6 +198,7 @@ def test_collectives_per_step_do_not_depend_on_depth_ring_ulysses(world2):
             _check_depth_independent(res[strategy], strategy, rank)
 
 
+@pytest.mark.slow  # 4 ranks (hybrid); the quick tier counts ring and Ulysses at 2
 def test_collectives_per_step_do_not_depend_on_depth_hybrid(world4):
     for rank, res in enumerate(world4):
         _check_depth_independent(res["hybrid"], "hybrid", rank)
@@ -216,6 +217,7 @@ def test_no_host_sync_with_a_plan_ring_ulysses(world2):
             _check_no_syncs(found, control, f"rank {rank} {strategy}")
 
 
+@pytest.mark.slow  # 4 ranks (hybrid); the quick tier checks ring and Ulysses at 2
 def test_no_host_sync_with_a_plan_hybrid(world4):
     for rank, res in enumerate(world4):
         _check_no_syncs(*res["syncs"], f"rank {rank} hybrid")

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import ringattn
 from ringattn.headsplit import split_heads
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed, worlds
 from tests.reference import reference_attention, rel_err
 from tests.test_documents_windows import cu_of, dense_mask
 from tests.test_ring_attention import FP32_TOL, _inputs
@@ -99,7 +99,7 @@ def _matrix_and_uneven(rank, world):
     return _matrix(rank, world) + (_uneven(rank, world, UNEVEN) if world > 1 else [])
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", worlds(1, 2, 4))
 def test_sinks_softcap_and_uneven_heads_match_reference(world):
     """Sinks, softcap, both (window, documents) under every strategy; and Ulysses/hybrid with
     uneven heads: 5 -> 1 (MQA) at u = 2 and 4, 6 -> 3 (kv neither divides nor is a multiple
@@ -160,6 +160,7 @@ def _uneven(rank, world, cases):
     return failures
 
 
+@pytest.mark.slow  # 8 ranks; the quick tier checks the split without processes
 def test_ulysses_28_over_4_heads_at_u8():
     """The Qwen2.5-7B head shape at u = 8 (8 gloo processes, tiny tensors)."""
     for rank, failures in enumerate(run_distributed(_uneven, 8, [(28, 4, True, "zigzag")],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -101,6 +102,7 @@ def _bf16(rank, world, cfgs):
     return [[_errors(sp, cfg, dtype=torch.bfloat16, err=rms_err) for cfg in cfgs] for sp in doors]
 
 
+@pytest.mark.slow  # 4 ranks; the quick tier keeps the 2x2 hybrid matrix
 def test_bf16_ulysses_and_hybrid_within_2x_single_device_error():
     # Same criterion as the ring's: RMS error over the whole sequence <= 2x that of
     # single-device fused SDPA in bf16 (a per-step bf16 rounding would exceed it).
@@ -131,6 +133,7 @@ def _documents_windows(rank, world):
     return failures
 
 
+@pytest.mark.slow  # 4 ranks; the quick tier keeps the 2x2 hybrid matrix
 def test_documents_and_windows_under_ulysses_and_hybrid():
     for rank, failures in enumerate(run_distributed(_documents_windows, 4, timeout=300)):
         assert not failures, f"rank {rank}: {failures[:3]}"
@@ -154,6 +157,7 @@ def _dp_sp(rank, world):
     return results
 
 
+@pytest.mark.slow  # 4 ranks; the quick tier keeps the 2x2 hybrid matrix
 def test_dp2_x_sp2_mesh_each_replica_matches_its_own_reference():
     for rank, results in enumerate(run_distributed(_dp_sp, 4, timeout=180)):
         assert len(results) == 4
@@ -217,6 +221,7 @@ def _roundtrip(rank, world):
     return out
 
 
+@pytest.mark.slow  # 4 ranks; the quick tier keeps the 2x2 hybrid matrix
 def test_front_door_shard_unshard_positions_roundtrip_per_strategy():
     for rank, checks in enumerate(run_distributed(_roundtrip, 4, timeout=120)):
         assert set(checks) == {"ring", "ulysses", "hybrid-mesh", "hybrid-group", "hybrid-striped"}
