@@ -275,6 +275,7 @@ def _recipe(module, run_dir, nproc, overrides, timeout=240):
     return proc
 
 
+@pytest.mark.slow  # the recipe end to end
 def test_recipe_finetunes_hf_model_sp2_zero3_and_saves_it(tmp_path):
     """model=hf through recipes.train: sp=2 under ZeRO-3 (partitioned load) gives the losses of
     one process, and writes a transformers-loadable model with the new RoPE theta."""
@@ -300,6 +301,7 @@ def test_recipe_finetunes_hf_model_sp2_zero3_and_saves_it(tmp_path):
     assert max(_rel(sa[k], s0[k]) for k in sa) > 1e-4, "the saved model should be the trained one"
 
 
+@pytest.mark.slow  # the recipe and the evaluation end to end
 def test_needle_eval_end_to_end_hf_sp2(tmp_path):
     """The needle evaluation of a tiny HF model over sp=2 writes its table and heat map."""
     path = _save_tiny("llama", tmp_path / "base")

@@ -33,6 +33,7 @@ def _cases_p2():
     return cases  # llama/qwen2/qwen3/mistral at sp=2 zigzag: tests/test_hf.py
 
 
+@pytest.mark.slow  # every architecture; the quick tier checks the adapter on Llama (tests/test_hf.py)
 def test_matrix_sp2_zigzag():
     for r in run_distributed(_equivalence_cases, 2, _cases_p2(), timeout=400):
         _check(r)

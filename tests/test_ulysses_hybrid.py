@@ -91,6 +91,7 @@ def test_world2_ring_ulysses_hybrid_match_reference():
         assert not failures, f"rank {rank}: {len(failures)} configs beyond {FP32_TOL}: {failures[:5]}"
 
 
+@pytest.mark.slow  # 4 ranks; the quick tier runs the strategies at 2 (hybrid 1 x 2)
 def test_world4_ring_ulysses_hybrid_2x2_match_reference():
     for rank, failures in enumerate(run_distributed(_matrix, 4, timeout=300)):
         assert not failures, f"rank {rank}: {len(failures)} configs beyond {FP32_TOL}: {failures[:5]}"
