@@ -99,25 +99,28 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
 QUICK_WORLD = 2  # the quick tier (-m "not slow") runs multi-process tests at this many ranks
 
 
-def worlds(*sizes):
-    """pytest params for a world-size parametrization: sizes above ``QUICK_WORLD`` are marked
-    ``slow`` (the full suite runs them; the quick tier keeps P <= 2 of the same test)."""
+def worlds(*sizes, quick=None):
+    """pytest params for a world-size parametrization: sizes outside ``quick`` (default: those
+    <= ``QUICK_WORLD``) are marked ``slow`` (the full suite runs them; the quick tier keeps the
+    small ones of the same test)."""
     import pytest
 
-    return [pytest.param(w, id=str(w), marks=[pytest.mark.slow] if w > QUICK_WORLD else [])
-            for w in sizes]
+    quick = {w for w in sizes if w <= QUICK_WORLD} if quick is None else set(quick)
+    return [pytest.param(w, id=str(w), marks=[] if w in quick else [pytest.mark.slow]) for w in sizes]
 
 
-def world_and_backend(worlds):
+def world_and_backend(worlds, quick=None):
     """pytest params (world, backend): gloo always; nccl where >= world GPUs exist (so one
-    GPU already runs world 1 on CUDA), skipped with the reason otherwise."""
+    GPU already runs world 1 on CUDA), skipped with the reason otherwise. gloo worlds outside
+    ``quick`` (default: <= ``QUICK_WORLD``) are slow."""
     import pytest
 
     gpus = torch.cuda.device_count()
+    quick = {w for w in worlds if w <= QUICK_WORLD} if quick is None else set(quick)
     params = []
     for w in worlds:
         params.append(pytest.param(w, "gloo", id=f"{w}-gloo",
-                                   marks=[pytest.mark.slow] if w > QUICK_WORLD else []))
+                                   marks=[] if w in quick else [pytest.mark.slow]))
         params.append(pytest.param(w, "nccl", id=f"{w}-nccl", marks=pytest.mark.skipif(
             gpus < w, reason=f"NCCL with {w} ranks needs {w} GPUs; this machine has {gpus}")))
     return params

@@ -17,7 +17,7 @@ import ringattn
 from ringattn import RangeMask, rangemask
 from ringattn.balance import imbalance, mask_work
 from ringattn.layouts import get_layout
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed, worlds
 from tests.reference import reference_attention, rel_err
 
 FP32_TOL = 1e-5
@@ -266,7 +266,7 @@ def _allgather_without_range_masks(world):
     return failures
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", worlds(1, 2, 4))
 def test_range_masks_match_reference_every_strategy_and_layout(world):
     results = run_distributed(_matrix, world, timeout=600)
     for rank, (failures, checked) in enumerate(results):
