@@ -14,19 +14,31 @@ from .merge import PartialAttention
 
 
 def _kernel_for(kernel, task, q, softcap):
-    """The strategy's kernel, or for a masked block the fastest one that takes a mask
-    (and the softcap, if any)."""
-    if task.mask is None or kernel.supports_mask:
+    """The strategy's kernel if it can express the block (dense mask, window band, packed
+    sequences: its feature flags), else the fastest one that can (and takes the softcap)."""
+    needs = dict(mask=task.mask is not None, window=task.window is not None,
+                 varlen=task.segments is not None)
+    if ((not needs["mask"] or kernel.supports_mask) and (not needs["window"] or kernel.supports_window)
+            and (not needs["varlen"] or kernel.supports_varlen)):
         return kernel
-    return get_backend("auto", q, mask=True, softcap=softcap)
+    return get_backend("auto", q, softcap=softcap, **needs)
+
+
+def _block(task):
+    """The kernel keywords that describe ``task``'s visible part."""
+    return dict(causal=task.causal, mask=task.mask, window=task.window, segments=task.segments,
+                cu_seqlens=task.cu_seqlens)
 
 
 def attend_blocks(kernel, tasks, q, k, v, scale, acc: PartialAttention, softcap=None) -> None:
     """Run ``tasks`` (q rows x k/v rows) and merge each block's (out, lse) into ``acc``."""
+    prof = profile.active()
     for t in tasks:
-        o, lse = _kernel_for(kernel, t, q, softcap).forward(
-            q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], causal=t.causal, scale=scale,
-            mask=t.mask, softcap=softcap)
+        chosen = _kernel_for(kernel, t, q, softcap)
+        if prof is not None:
+            prof.count_block(chosen.name, t.kind)
+        o, lse = chosen.forward(q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], scale=scale,
+                                softcap=softcap, **_block(t))
         if t.mask is not None:
             # Rows this block hides entirely contribute nothing (fused kernels
             # report lse = 0 there, which the merge would weigh).
@@ -39,7 +51,7 @@ def block_grads(kernel, tasks, dout, q, k, v, out, lse, scale, softcap=None):
     (with sinks: the out' and lse' that include them)."""
     return [(t, _kernel_for(kernel, t, q, softcap).backward(
         dout[:, t.q_rows], q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], out[:, t.q_rows],
-        lse[:, :, t.q_rows], causal=t.causal, scale=scale, mask=t.mask, softcap=softcap))
+        lse[:, :, t.q_rows], scale=scale, softcap=softcap, **_block(t)))
         for t in tasks]
 
 

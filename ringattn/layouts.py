@@ -28,26 +28,66 @@ ALL = slice(None)
 class BlockTask:
     """Attend q[:, q_rows] to k/v[:, k_rows]; ``causal`` = top-left aligned triangle.
 
-    ``mask``: optional bool (q rows, k rows), True = visible, for blocks that documents or
-    windows cut irregularly (see ``ringattn.masking``).
+    Blocks that documents or windows cut carry a small description of what is visible,
+    exactly as flash-attn expresses it (see ``ringattn.masking``):
+    ``window``: (left, right), a band bottom-right aligned: of n rows and m keys, row i sees
+        key j iff i + (m - n) - left <= j <= i + (m - n) + right (-1 = unbounded);
+    ``segments``: (q_bounds, k_bounds), host int tuples relative to the block: independent
+        packed sequences (documents), rows q_bounds[s]:q_bounds[s+1] seeing only keys
+        k_bounds[s]:k_bounds[s+1], each under ``window`` aligned to its own lengths;
+        ``cu_seqlens`` holds them as int32 tensors on the data's device (set by the plan);
+    ``mask``: bool (q rows, k rows), True = visible, for anything else (a dense tile).
+    Every row of a ``window``/``segments`` task sees at least one key.
     """
 
     q_rows: slice
     k_rows: slice
     causal: bool
     mask: torch.Tensor | None = None
+    window: tuple[int, int] | None = None
+    segments: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def kind(self) -> str:
+        """What the kernel is asked to do: full, causal, window, varlen or mask."""
+        if self.mask is not None:
+            return "mask"
+        if self.segments is not None:
+            return "varlen"
+        if self.window is not None:
+            return "window"
+        return "causal" if self.causal else "full"
 
     def shape(self, q_len: int, k_len: int) -> tuple[int, int]:
         return len(range(*self.q_rows.indices(q_len))), len(range(*self.k_rows.indices(k_len)))
 
     def scores(self, q_len: int, k_len: int) -> int:
-        """Query-key pairs the kernel computes for this task (per batch row and head)."""
+        """Query-key pairs the kernel computes for this task (per batch row and head);
+        for masks, the bounding box the kernel runs on."""
         n, m = self.shape(q_len, k_len)
+        if self.segments is not None:
+            qb, kb = self.segments
+            return sum(band_pairs(qb[s + 1] - qb[s], kb[s + 1] - kb[s], self.window)
+                       for s in range(len(qb) - 1))
+        if self.window is not None:
+            return band_pairs(n, m, self.window)
         if self.causal:  # top-left triangle: row i sees min(i + 1, m) keys
             full_rows = max(0, n - m)
             k = n - full_rows
             return k * (k + 1) // 2 + full_rows * m
         return n * m
+
+
+def band_pairs(n: int, m: int, window: tuple[int, int] | None) -> int:
+    """Visible pairs of an n x m block under a bottom-right ``window`` (None: all)."""
+    if window is None:
+        return n * m
+    left, right = window
+    i = torch.arange(n) + (m - n)
+    lo = (i - left).clamp_min(0) if left >= 0 else torch.zeros_like(i)
+    hi = (i + right).clamp_max(m - 1) if right >= 0 else torch.full_like(i, m - 1)
+    return int((hi - lo + 1).clamp_min(0).sum())
 
 
 class Layout:

@@ -7,7 +7,10 @@ For one query that is an interval of positions [lo(i), hi(i)], so for a sorted s
 positions the number of visible keys is two ``searchsorted`` calls: block pairs are
 classified (empty / full / triangle / needs a mask) without building dense masks, and a
 dense boolean mask is built only for blocks that need one, trimmed to the bounding box of
-their visible part. Every query sees at least itself, so valid inputs have no empty rows.
+their visible part. Blocks whose visible part is a band per document (see
+``AttentionMask.document_tasks``) are described instead of masked: a flash-attn window,
+and several documents in one block a varlen task. Every query sees at least itself, so
+valid inputs have no empty rows.
 """
 from __future__ import annotations
 
@@ -112,51 +115,35 @@ class AttentionMask:
     def refine(self, task: BlockTask, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[BlockTask]:
         """Narrow a layout task to what this mask leaves visible.
 
-        Returns no task if nothing is visible; else tasks on the bounding boxes of the
-        visible part, unmasked where a box is a full rectangle or a causal triangle, else
-        carrying its boolean mask. Irregular blocks are cut into ``TILE_ROWS``-row tiles
-        first, so a window band or a document boundary costs about its own area rather
-        than the whole block.
+        Returns no task if nothing is visible, the task itself if the mask removes nothing,
+        else the tasks of ``document_tasks`` on the task's rows and keys.
         """
         rows0 = task.q_rows.indices(len(q_pos))[0]
         cols0 = task.k_rows.indices(len(k_pos))[0]
         qp, kp = q_pos[task.q_rows], k_pos[task.k_rows]
-        counts = self.visible(qp, kp)
-        total = int(counts.sum())
+        total = int(self.visible(qp, kp).sum())
         if total == 0:
             return []
         if total == task.scores(len(q_pos), len(k_pos)):
             return [task]  # the mask removes nothing from the layout's block
-        if len(qp) > TILE_ROWS:
-            return [tile for start in range(0, len(qp), TILE_ROWS)
-                    for tile in self.refine(
-                        BlockTask(slice(rows0 + start, rows0 + min(start + TILE_ROWS, len(qp))),
-                                  task.k_rows, False), q_pos, k_pos)]
-        visible = self.dense(qp, kp)
-        rows = torch.nonzero(counts > 0).flatten()
-        cols = torch.nonzero(visible.any(dim=0)).flatten()
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        box = visible[r0:r1, c0:c1]
-        q_rows, k_rows = slice(rows0 + r0, rows0 + r1), slice(cols0 + c0, cols0 + c1)
-        if bool(box.all()):
-            return [BlockTask(q_rows, k_rows, False)]
-        if box.shape[0] == box.shape[1] and torch.equal(box, torch.ones_like(box).tril()):
-            return [BlockTask(q_rows, k_rows, True)]
-        return [replace(BlockTask(q_rows, k_rows, False), mask=box)]
-
+        return [_shift(t, rows0, cols0) for t in self.document_tasks(qp, kp)]
 
     def document_tasks(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[BlockTask]:
         """Tasks for any increasing position sets, found document by document.
 
-        For each document the visible part of (its query rows x its key rows) becomes one
-        unmasked task when it is a rectangle or a top-left causal triangle (always so for
-        ``doc_zigzag`` without windows: each rank's rows of a document are one contiguous
-        run of its local rows); anything else is left to ``refine``. Rows of different
-        documents never share a task, so documents cost no masked tiles.
+        A document's rows are one run of local rows and its keys one run of local keys, and
+        each of its queries sees an interval of them. Where those intervals, in local
+        indices, form a band (always, for runs of evenly spaced positions: contiguous
+        chunks, striped shards), the document's visible part is exactly one flash-attn
+        window on its bounding box (full, a triangle, or a band: ``_band``); documents
+        next to each other (rows and keys) with the same window become one varlen task.
+        Other documents are cut into ``TILE_ROWS``-row tiles, each a band where it is one
+        and a dense mask on its bounding box otherwise, so a window band or a document
+        boundary costs about its own area rather than the whole block.
         """
         lo, hi = self.key_interval(q_pos)
         first = torch.searchsorted(k_pos, lo)
-        counts = (torch.searchsorted(k_pos, hi, right=True) - first).clamp_min(0)
+        last = torch.searchsorted(k_pos, hi, right=True) - 1
         if self.doc_start is None:
             q_doc, k_doc = torch.zeros_like(q_pos), torch.zeros_like(k_pos)
         else:
@@ -164,27 +151,105 @@ class AttentionMask:
         docs, sizes = torch.unique_consecutive(q_doc, return_counts=True)
         k_lo = torch.searchsorted(k_doc, docs).tolist()
         k_hi = torch.searchsorted(k_doc, docs, right=True).tolist()
-        tasks, a = [], 0
+        pieces, a = [], 0  # bands (r0, r1, c0, c1, window) and dense tasks, in row order
         for n, ka, kb in zip(sizes.tolist(), k_lo, k_hi):
-            b, a0 = a + n, a
-            a = b
+            a0, a = a, a + n
             if ka == kb:
                 continue
-            seen = torch.nonzero(counts[a0:b]).flatten()
-            if len(seen) == 0:
+            piece = _band(first[a0:a], last[a0:a], a0)
+            if piece is not None:
+                pieces.append(piece)
+            elif bool((last[a0:a] >= first[a0:a]).any()):
+                pieces += self._tiles(q_pos, k_pos, first, last, a0, a, ka, kb)
+        return _group(pieces)
+
+    def _tiles(self, q_pos, k_pos, first, last, a0, a1, ka, kb) -> list:
+        """Rows a0:a1 (keys ka:kb) in ``TILE_ROWS``-row tiles: a band, or a dense mask."""
+        out = []
+        for t0 in range(a0, a1, TILE_ROWS):
+            t1 = min(t0 + TILE_ROWS, a1)
+            piece = _band(first[t0:t1], last[t0:t1], t0)
+            if piece is not None:
+                out.append(piece)
                 continue
-            r0, r1 = a0 + int(seen[0]), a0 + int(seen[-1]) + 1
-            c, f = counts[r0:r1], first[r0:r1]
-            if len(seen) == r1 - r0 and bool((f == f[0]).all()):
-                f0, m = int(f[0]), int(c.max())
-                if bool((c == m).all()):
-                    tasks.append(BlockTask(slice(r0, r1), slice(f0, f0 + m), False))
-                    continue
-                if torch.equal(c, torch.arange(1, r1 - r0 + 1).clamp_max(m)):
-                    tasks.append(BlockTask(slice(r0, r1), slice(f0, f0 + m), True))
-                    continue
-            tasks += self.refine(BlockTask(slice(a0, b), slice(ka, kb), False), q_pos, k_pos)
-        return tasks
+            visible = self.dense(q_pos[t0:t1], k_pos[ka:kb])
+            rows = torch.nonzero(visible.any(dim=1)).flatten()
+            if len(rows) == 0:
+                continue
+            cols = torch.nonzero(visible.any(dim=0)).flatten()
+            r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+            out.append(BlockTask(slice(t0 + r0, t0 + r1), slice(ka + c0, ka + c1), False,
+                                 mask=visible[r0:r1, c0:c1]))
+        return out
+
+
+def _band(first: torch.Tensor, last: torch.Tensor, row0: int):
+    """(r0, r1, c0, c1, window) if rows row0.. seeing keys first..last (inclusive, local)
+    are, on their bounding box, exactly a bottom-right aligned flash-attn window; else None.
+
+    On the bounding box of a band lo <= j - i <= hi (both corners are then visible: row 0
+    sees key 0 and the last row the last key), the band is the window
+    left = (m - n) - lo >= 0, right = hi - (m - n) >= 0; a side that binds no row is -1.
+    """
+    seen = torch.nonzero(last >= first).flatten()
+    if len(seen) == 0:
+        return None
+    r0, r1 = int(seen[0]), int(seen[-1]) + 1
+    if len(seen) != r1 - r0:
+        return None  # rows that see nothing between rows that do: not a band
+    f, l_ = first[r0:r1], last[r0:r1]
+    c0, c1 = int(f.min()), int(l_.max()) + 1
+    n, m = r1 - r0, c1 - c0
+    i = torch.arange(n)
+    lo, hi = int((f - c0 - i).min()), int((l_ - c0 - i).max())
+    if not (torch.equal(f - c0, (i + lo).clamp_min(0)) and torch.equal(l_ - c0, (i + hi).clamp_max(m - 1))):
+        return None
+    left, right = (m - n) - lo, hi - (m - n)
+    assert left >= 0 and right >= 0, "a band's bounding box holds both of its corners"
+    window = (-1 if left >= m - 1 else left, -1 if right >= n - 1 else right)
+    return row0 + r0, row0 + r1, c0, c1, window
+
+
+def _task(r0, r1, c0, c1, window) -> BlockTask:
+    """One band as a task: full, a top-left causal square, or a window."""
+    if window == (-1, -1):
+        return BlockTask(slice(r0, r1), slice(c0, c1), False)
+    if window == (-1, 0) and r1 - r0 == c1 - c0:
+        return BlockTask(slice(r0, r1), slice(c0, c1), True)
+    return BlockTask(slice(r0, r1), slice(c0, c1), False, window=window)
+
+
+def _group(pieces: list) -> list[BlockTask]:
+    """Bands next to each other in rows and keys with the same window -> one varlen task."""
+    tasks, run = [], []
+
+    def flush():
+        if len(run) == 1:
+            tasks.append(_task(*run[0]))
+        elif run:
+            qb = tuple(p[0] - run[0][0] for p in run) + (run[-1][1] - run[0][0],)
+            kb = tuple(p[2] - run[0][2] for p in run) + (run[-1][3] - run[0][2],)
+            window = None if run[0][4] == (-1, -1) else run[0][4]
+            tasks.append(BlockTask(slice(run[0][0], run[-1][1]), slice(run[0][2], run[-1][3]),
+                                   False, window=window, segments=(qb, kb)))
+        run.clear()
+
+    for p in pieces:
+        if isinstance(p, BlockTask):
+            flush()
+            tasks.append(p)
+            continue
+        if run and not (run[-1][1] == p[0] and run[-1][3] == p[2] and run[-1][4] == p[4]):
+            flush()
+        run.append(p)
+    flush()
+    return tasks
+
+
+def _shift(task: BlockTask, rows0: int, cols0: int) -> BlockTask:
+    """``task`` of a sub-block starting at (rows0, cols0), in the block's indices."""
+    return replace(task, q_rows=slice(task.q_rows.start + rows0, task.q_rows.stop + rows0),
+                   k_rows=slice(task.k_rows.start + cols0, task.k_rows.stop + cols0))
 
 
 def rank_steps(layout: Layout, mask: AttentionMask | RangeMask, world_size: int, rank: int) -> list[list[BlockTask]]:

@@ -200,7 +200,11 @@ class AttentionPlan:
         return (kind, mask) if mask is not None else (kind, bool(causal), check_window(window_size))
 
     def _on_device(self, tasks: list[BlockTask]) -> list[BlockTask]:
-        return [t if t.mask is None else replace(t, mask=_to_device(t.mask, self.device))
+        """Masks and varlen bounds (int32, flash-attn's cu_seqlens) on the device, once."""
+        return [replace(t, mask=None if t.mask is None else _to_device(t.mask, self.device),
+                        cu_seqlens=None if t.segments is None else tuple(
+                            _to_device(torch.tensor(b, dtype=torch.int32), self.device)
+                            for b in t.segments))
                 for t in tasks]
 
     def ring_steps(self, causal: bool, window_size=(-1, -1), mask=None) -> list[list[BlockTask]]:

@@ -3,6 +3,7 @@
     with ringattn.profile.RingProfile() as prof:
         out = ringattn.ring_attention(q, k, v, causal=True)
     prof.kernel_calls, prof.ring_steps, prof.wait_s, prof.compute_s, prof.scores
+    prof.blocks   # {(backend, block kind): forward kernel calls}, e.g. ("flash_attn", "varlen")
 
 Off by default (nothing is recorded). Host regions are timed with the host clock. Device
 regions (CUDA) are timed with events recorded on the current -- compute -- stream around
@@ -46,6 +47,11 @@ class RingProfile:
     bytes_sent: int = 0
     events: Callable = field(default=cuda_events, repr=False, compare=False)
     _pending: list = field(default_factory=list, repr=False, compare=False)
+    # forward kernel calls per (backend, block kind: full/causal/window/varlen/mask)
+    blocks: dict = field(default_factory=dict)
+
+    def count_block(self, backend: str, kind: str) -> None:
+        self.blocks[backend, kind] = self.blocks.get((backend, kind), 0) + 1
 
     def __enter__(self):
         _ACTIVE.append(self)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from . import profile
 from .blocks import attend_blocks, backward_inputs, block_grads, record_step
 from .comm import group_rank, heads_to_sequence, sequence_to_heads
 from .headsplit import HeadSplit
@@ -54,8 +55,10 @@ class _LocalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, scale, tasks, backend, softcap):
         kernel = get_backend(backend, q, softcap=softcap)
         record_step(tasks, q, k)
-        if len(tasks) == 1 and tasks[0].mask is None and tasks[0].q_rows == tasks[0].k_rows == ALL:
+        if len(tasks) == 1 and tasks[0].kind in ("full", "causal") and tasks[0].q_rows == tasks[0].k_rows == ALL:
             # One call covers every row: no merge, no fp32 accumulator to hold.
+            if profile.active() is not None:
+                profile.active().count_block(kernel.name, tasks[0].kind)
             out, lse = kernel.forward(q, k, v, causal=tasks[0].causal, scale=scale, softcap=softcap)
         else:
             acc = PartialAttention(q, accumulation_dtype(q.dtype))

@@ -21,27 +21,34 @@ _AUTO_ORDER = ("flash_attn", "sdpa", "math")
 
 
 def missing_feature(backend: KernelBackend, q: torch.Tensor, *, mask: bool = False,
-                    softcap: float | None = None) -> str | None:
+                    softcap: float | None = None, window: bool = False,
+                    varlen: bool = False) -> str | None:
     """None if ``backend`` can run q with these features, else what it lacks."""
     why_not = backend.supports(q)
     if why_not is not None:
         return why_not
     if mask and not backend.supports_mask:
-        return "it takes no attention mask (documents / sliding windows)"
+        return "it takes no dense attention mask (irregular document / window blocks)"
+    if window and not backend.supports_window:
+        return "it takes no window band"
+    if varlen and not backend.supports_varlen:
+        return "it takes no packed sequences (varlen)"
     if softcap is not None and not backend.supports_softcap:
         return f"it has no logit softcapping (softcap={softcap})"
     return None
 
 
 def get_backend(name: str, q: torch.Tensor, *, mask: bool = False,
-                softcap: float | None = None) -> KernelBackend:
+                softcap: float | None = None, window: bool = False,
+                varlen: bool = False) -> KernelBackend:
+    features = dict(mask=mask, softcap=softcap, window=window, varlen=varlen)
     if name == "auto":
         for candidate in _AUTO_ORDER:
-            if missing_feature(BACKENDS[candidate], q, mask=mask, softcap=softcap) is None:
+            if missing_feature(BACKENDS[candidate], q, **features) is None:
                 return BACKENDS[candidate]
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
-    why_not = missing_feature(BACKENDS[name], q, mask=mask, softcap=softcap)
+    why_not = missing_feature(BACKENDS[name], q, **features)
     if why_not is not None:
         raise ValueError(f"backend {name!r} cannot run this input: {why_not}")
     return BACKENDS[name]

@@ -13,9 +13,16 @@ Shapes (flash-attn convention, sequence before heads):
     lse:  (batch, heads, q_len), float32 (float64 for float64 inputs)
 
 ``softcap=c`` (Gemma 2) replaces each scaled score x by c * tanh(x / c) before the softmax.
-Feature flags say what a backend can do: ``supports_mask`` (a bool mask per block) and
-``supports_softcap``. Attention sinks need no kernel support: they are one more term in
-the merge (``ringattn.merge``), applied once per row after every block is merged.
+``window=(left, right)``: a band, bottom-right aligned as in flash-attn: of n queries and m
+keys, query i sees key j iff i + (m - n) - left <= j <= i + (m - n) + right (-1 = unbounded).
+``segments=(q_bounds, k_bounds)`` (host int tuples, flash-attn's varlen): the block packs
+independent sequences; query rows q_bounds[s]:q_bounds[s+1] see only key rows
+k_bounds[s]:k_bounds[s+1], with ``window`` aligned to each sequence's own lengths (batch 1);
+``cu_seqlens``: the same bounds as int32 tensors on the data's device, made once per plan
+(kernels that need device copies make them when it is None).
+Feature flags say what a backend can do: ``supports_mask`` (a bool mask per block),
+``supports_window``, ``supports_varlen`` and ``supports_softcap``. Attention sinks need no
+kernel support: they are one more term in the merge (``ringattn.merge``), applied once per row after every block is merged.
 
 ``causal=True`` means top-left aligned: query i sees keys j <= i. Layouts only ask for
 causal on blocks whose query and key index sets line up that way (see ``ringattn.layouts``).
@@ -31,6 +38,8 @@ class KernelBackend(Protocol):
     name: str
     supports_mask: bool  # accepts ``mask``: bool (q_len, k_len), True = visible
     supports_softcap: bool  # accepts ``softcap``: float, scores -> c * tanh(scores / c)
+    supports_window: bool  # accepts ``window``: (left, right), bottom-right aligned band
+    supports_varlen: bool  # accepts ``segments``/``cu_seqlens``: packed independent sequences
 
     def supports(self, q: torch.Tensor) -> str | None:
         """None if this backend can run q's device/dtype/head_dim, else why not."""
@@ -38,6 +47,7 @@ class KernelBackend(Protocol):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
         mask: torch.Tensor | None = None, softcap: float | None = None,
+        window: tuple[int, int] | None = None, segments=None, cu_seqlens=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (out in q.dtype or float32, lse float32)."""
 
@@ -54,6 +64,9 @@ class KernelBackend(Protocol):
         scale: float,
         mask: torch.Tensor | None = None,
         softcap: float | None = None,
+        window: tuple[int, int] | None = None,
+        segments=None,
+        cu_seqlens=None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv) shaped like q, k, v (k/v summed over their query-head group)."""
 
@@ -74,3 +87,41 @@ def sum_kv_groups(dx: torch.Tensor, groups: int) -> torch.Tensor:
         return dx
     b, s, h, d = dx.shape
     return dx.view(b, s, h // groups, groups, d).sum(dim=3)
+
+
+def band(n: int, m: int, window: tuple[int, int], device, rows: slice | None = None,
+         cols: slice | None = None) -> torch.Tensor:
+    """bool (rows, cols) of the n x m block: the bottom-right aligned ``window`` band
+    (True = visible); ``rows``/``cols`` cut a tile out of it without building the rest."""
+    rows = rows or slice(0, n)
+    cols = cols or slice(0, m)
+    i = torch.arange(rows.start, rows.stop, device=device)[:, None] + (m - n)
+    j = torch.arange(cols.start, cols.stop, device=device)[None, :]
+    left, right = window
+    ok = torch.ones(len(range(rows.start, rows.stop)), len(range(cols.start, cols.stop)),
+                    dtype=torch.bool, device=device)
+    if left >= 0:
+        ok &= j >= i - left
+    if right >= 0:
+        ok &= j <= i + right
+    return ok
+
+
+def segment_bounds(segments) -> list[tuple[slice, slice]]:
+    """(q_bounds, k_bounds) -> [(query rows, key rows)] of each packed sequence."""
+    qb, kb = segments
+    return [(slice(qb[s], qb[s + 1]), slice(kb[s], kb[s + 1])) for s in range(len(qb) - 1)]
+
+
+def forward_segments(forward, q, k, v, segments, **kwargs):
+    """Varlen forward as one ``forward`` call per packed sequence (segments partition both
+    the query and the key rows) -> (out, lse) of the whole block."""
+    parts = [forward(q[:, rq], k[:, rk], v[:, rk], **kwargs) for rq, rk in segment_bounds(segments)]
+    return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
+
+
+def backward_segments(backward, dout, q, k, v, out, lse, segments, **kwargs):
+    """Varlen backward as one ``backward`` call per packed sequence -> (dq, dk, dv)."""
+    parts = [backward(dout[:, rq], q[:, rq], k[:, rk], v[:, rk], out[:, rq], lse[:, :, rq], **kwargs)
+             for rq, rk in segment_bounds(segments)]
+    return tuple(torch.cat([p[n] for p in parts], 1) for n in range(3))

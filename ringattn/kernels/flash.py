@@ -1,19 +1,33 @@
 """flash-attn 2.x adapter (optional extra ``ringattn[flash]``), imported lazily.
 
-Forward uses the public ``flash_attn_func(..., return_attn_probs=True)``, which returns
-the log-sum-exp. flash-attn has no public block backward, so backward calls
-``flash_attn_interface._flash_attn_backward`` (as every ring implementation does); its
-keyword names changed across 2.x releases, so we pass only the names it declares.
-flash-attn supports GQA natively: no K/V repeat. Its causal mask is bottom-right aligned
-for q_len != k_len; our layouts only request causal on square blocks, where both agree.
+Forward uses the public ``flash_attn_func`` / ``flash_attn_varlen_func`` with
+``return_attn_probs=True``, which return the log-sum-exp. flash-attn has no public block
+backward, so backward calls ``flash_attn_interface._flash_attn_backward`` /
+``_flash_attn_varlen_backward`` (as every ring implementation does). Their arguments changed
+across 2.x (``window_size`` pair up to 2.6; ``window_size_left``/``_right`` from 2.7, where
+they are ``torch.library`` custom ops whose Python signature is ``(*args, **kwargs)``), so
+arguments are bound by name to the op's schema (or the function's signature): a parameter
+ringattn cannot fill, or a setting the release cannot take, raises instead of being dropped.
+
+Blocks map onto flash-attn's own features: a ``window`` band is its ``window_size``
+(bottom-right aligned, as ours), packed documents its varlen (``cu_seqlens``), ``softcap``
+its softcap (>= 2.6), GQA native (no K/V repeat). A top-left causal block of n >= m rows is
+the band (-1, n - m); of n < m rows, the first n keys' triangle (later keys are hidden).
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
+import sys
 
 import torch
+
+from .base import segment_bounds
+
+_COMPILED = "flash_attn_2_cuda"  # flash-attn 2's compiled module
 
 
 def _flash():
@@ -25,51 +39,153 @@ def _flash():
         ) from e
 
 
+def kernel_device_types() -> tuple[str, ...]:
+    """The device types flash-attn's compiled module runs: CUDA, unless an already loaded
+    module says otherwise in ``device_types`` (the test suite's CPU stand-in says ("cpu",);
+    the real module has no such attribute)."""
+    module = sys.modules.get(_COMPILED)
+    return tuple(getattr(module, "device_types", ("cuda",))) if module is not None else ("cuda",)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(name: str) -> tuple[tuple[str, bool], ...]:
+    """((parameter, required), ...) of flash-attn's ``name``: from the custom op's schema
+    where flash-attn registers one (>= 2.7 on torch >= 2.4), else from its signature."""
+    fa = _flash()
+    try:
+        packet = getattr(torch.ops.flash_attn, name)
+    except AttributeError:
+        packet = None
+    if packet is not None:
+        return tuple((a.name, not a.has_default_value()) for a in packet.default._schema.arguments)
+    params = inspect.signature(getattr(fa, name)).parameters.values()
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise TypeError(f"flash-attn's {name} declares no parameter names and is not a "
+                        "registered op; this flash-attn release is not supported")
+    return tuple((p.name, p.default is p.empty) for p in params)
+
+
+def _call(name: str, values: dict, needed: list[tuple[str, ...]]):
+    """flash-attn's ``name`` with the ``values`` its parameters name. ``needed``: groups of
+    alternative names of which one must be taken (a setting this call depends on)."""
+    args = {}
+    for param, required in _parameters(name):
+        if param in values:
+            args[param] = values[param]
+        elif required:
+            raise TypeError(f"flash-attn's {name} needs {param!r}, which ringattn does not "
+                            "provide; this flash-attn release is not supported")
+    for group in needed:
+        if not any(n in args for n in group):
+            raise TypeError(f"flash-attn's {name} takes none of {list(group)}; this "
+                            "flash-attn release cannot run this block")
+    return getattr(_flash(), name)(**args)
+
+
+def _block_window(causal, window, n, m):
+    """(window or None, keys used): a top-left causal block as a bottom-right band."""
+    if not causal:
+        return window, m
+    assert window is None, "a block is causal or has a window, not both"
+    if n >= m:
+        return (-1, n - m), m
+    return (-1, 0), n  # keys n.. are hidden from every row
+
+
+def _cu(segments, cu_seqlens, device):
+    if cu_seqlens is not None:
+        return cu_seqlens
+    return tuple(torch.tensor(b, dtype=torch.int32, device=device) for b in segments)
+
+
 class FlashAttnBackend:
     name = "flash_attn"
-    # Irregular (document/window) blocks go to the fastest backend that takes a mask (and the
-    # softcap, if any): sdpa, or math (``blocks._kernel_for``).
+    # Blocks cut by documents and windows reach flash-attn as varlen sequences and bands;
+    # dense masks (shapes that are neither) go to sdpa or math (``blocks._kernel_for``).
     supports_mask = False
+    supports_window = True
+    supports_varlen = True
 
     @property
     def supports_softcap(self) -> bool:
-        """flash-attn >= 2.6 caps inside the kernel (``softcap``); older ones cannot."""
-        if importlib.util.find_spec("flash_attn") is None:
+        """flash-attn >= 2.6 caps inside the kernel (``softcap``); older ones cannot.
+        Read from the installed release, without importing it (which needs its kernels)."""
+        try:
+            release = importlib.metadata.version("flash_attn")
+        except importlib.metadata.PackageNotFoundError:
             return True  # ``supports`` already says it cannot run at all
-        return "softcap" in inspect.signature(_flash().flash_attn_func).parameters
+        return tuple(int(x) for x in release.split(".")[:2]) >= (2, 6)
 
-    def supports(self, q):
-        if q.device.type != "cuda":
+    def device_problem(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+        """None if flash-attn runs this device/dtype/head_dim, else why not."""
+        if device.type not in kernel_device_types():
             return "flash-attn runs on CUDA only"
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            return f"flash-attn needs fp16/bf16, got {q.dtype}"
-        if q.shape[-1] > 256 or q.shape[-1] % 8:
-            return f"flash-attn needs head_dim <= 256 and a multiple of 8, got {q.shape[-1]}"
+        if device.type == "cuda":
+            if dtype not in (torch.float16, torch.bfloat16):
+                return f"flash-attn needs fp16/bf16, got {dtype}"
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                return (f"flash-attn 2 needs an Ampere (sm80) or newer GPU; {device} has compute "
+                        f"capability sm{major}{minor}")
+        if head_dim > 256 or head_dim % 8:
+            return f"flash-attn needs head_dim <= 256 and a multiple of 8, got {head_dim}"
         if importlib.util.find_spec("flash_attn") is None:
             return "flash-attn is not installed (pip install 'ringattn[flash]')"
         return None
 
-    def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None):
-        assert mask is None, "flash_attn blocks take no mask (ring routes masked blocks to sdpa)"
-        assert not causal or q.shape[1] == k.shape[1], "causal blocks must be square"
-        out, lse, _ = _flash().flash_attn_func(
-            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True,
-            **({} if softcap is None else {"softcap": float(softcap)}),
-        )
+    def supports(self, q):
+        return self.device_problem(q.device, q.dtype, q.shape[-1])
+
+    def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None, window=None,
+                segments=None, cu_seqlens=None):
+        assert mask is None, "flash_attn blocks take no mask (blocks._kernel_for routes them)"
+        fa = _flash()
+        extra = {} if softcap is None else {"softcap": float(softcap)}
+        if segments is not None:
+            assert q.shape[0] == 1 and not causal, "varlen blocks: batch 1, causality in the window"
+            cu_q, cu_k = _cu(segments, cu_seqlens, q.device)
+            out, lse, _ = fa.flash_attn_varlen_func(
+                q[0], k[0], v[0], cu_q, cu_k, *_max_lengths(segments), dropout_p=0.0,
+                softmax_scale=scale, causal=False, window_size=window or (-1, -1),
+                return_attn_probs=True, **extra)
+            return out.unsqueeze(0), lse.unsqueeze(0)
+        window, keys = _block_window(causal, window, q.shape[1], k.shape[1])
+        out, lse, _ = fa.flash_attn_func(
+            q, k[:, :keys], v[:, :keys], dropout_p=0.0, softmax_scale=scale, causal=False,
+            window_size=window or (-1, -1), return_attn_probs=True, **extra)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None):
-        assert mask is None, "flash_attn blocks take no mask (ring routes masked blocks to sdpa)"
-        fa = _flash()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        kwargs = dict(
-            dout=dout.to(q.dtype).contiguous(), q=q.contiguous(), k=k.contiguous(),
-            v=v.contiguous(), out=out.to(q.dtype).contiguous(), softmax_lse=lse.contiguous(),
-            dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=causal,
-            window_size=(-1, -1), window_size_left=-1, window_size_right=-1,
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None,
+                 window=None, segments=None, cu_seqlens=None):
+        assert mask is None, "flash_attn blocks take no mask (blocks._kernel_for routes them)"
+        keys = k.shape[1]
+        if segments is None:
+            window, keys = _block_window(causal, window, q.shape[1], k.shape[1])
+        left, right = window or (-1, -1)
+        dq = torch.empty_like(q)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        values = dict(
+            dout=dout.to(q.dtype).contiguous(), q=q.contiguous(), k=k[:, :keys].contiguous(),
+            v=v[:, :keys].contiguous(), out=out.to(q.dtype).contiguous(),
+            softmax_lse=lse.contiguous(), dq=dq, dk=dk[:, :keys], dv=dv[:, :keys],
+            dropout_p=0.0, softmax_scale=scale, causal=False,
+            window_size=(left, right), window_size_left=left, window_size_right=right,
             softcap=0.0 if softcap is None else float(softcap),
             alibi_slopes=None, deterministic=False, rng_state=None,
         )
-        params = inspect.signature(fa._flash_attn_backward).parameters
-        fa._flash_attn_backward(**{n: kwargs[n] for n in params if n in kwargs})
+        needed = [("window_size", "window_size_left")] + ([("softcap",)] if softcap else [])
+        if segments is None:
+            _call("_flash_attn_backward", values, needed)
+            return dq, dk, dv
+        cu_q, cu_k = _cu(segments, cu_seqlens, q.device)
+        values.update({n: values[n][0] for n in ("dout", "q", "k", "v", "out", "softmax_lse",
+                                                 "dq", "dk", "dv")})
+        values.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, zero_tensors=False)
+        values["max_seqlen_q"], values["max_seqlen_k"] = _max_lengths(segments)
+        _call("_flash_attn_varlen_backward", values, needed)
         return dq, dk, dv
+
+
+def _max_lengths(segments) -> tuple[int, int]:
+    spans = segment_bounds(segments)
+    return (max(rq.stop - rq.start for rq, _ in spans), max(rk.stop - rk.start for _, rk in spans))

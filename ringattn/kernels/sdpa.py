@@ -7,12 +7,15 @@ pads the log-sum-exp to a multiple of 32 query rows, which we strip and re-add.
 These ops want (batch, heads, seq, head_dim) and equal head counts, so K/V heads are
 repeated here, after they arrived over the ring (only kv_heads travel), and their
 gradients summed back over each query-head group.
+
+Irregular blocks: a ``mask`` or a ``window`` band becomes an additive bias (built on the
+device, no host sync); packed sequences (``segments``) run one sequence at a time.
 """
 from __future__ import annotations
 
 import torch
 
-from .base import repeat_kv, sum_kv_groups
+from .base import backward_segments, band, forward_segments, repeat_kv, sum_kv_groups
 
 _CUDA_LSE_ALIGN = 32  # kAlignLSE in PyTorch's memory-efficient attention
 
@@ -21,12 +24,16 @@ def _bhsd(x):
     return x.transpose(1, 2)
 
 
-def _additive(mask, q):
-    """bool (q_len, k_len), True = visible -> additive bias in q's dtype (0 / -inf).
+def _additive(mask, q, k=None, window=None):
+    """bool (q_len, k_len), True = visible, and/or a ``window`` band of q against k ->
+    additive bias in q's dtype (0 / -inf), or None.
 
     CUDA efficient attention wants the bias row stride aligned to 16 elements, so the
     bias is a view into a padded buffer there.
     """
+    if window is not None:
+        wmask = band(q.shape[1], k.shape[1], window, q.device)
+        mask = wmask if mask is None else mask.to(q.device) & wmask
     if mask is None:
         return None
     sq, sk = mask.shape
@@ -39,6 +46,8 @@ class SdpaBackend:
     name = "sdpa"
     supports_mask = True
     supports_softcap = False  # the fused ops have no score hook; softcap goes to ``math``
+    supports_window = True  # as a bias
+    supports_varlen = True  # one call per sequence
 
     def supports(self, q):
         if q.device.type == "cpu":
@@ -53,11 +62,15 @@ class SdpaBackend:
             return None
         return f"device type {q.device.type!r} has no fused SDPA op with log-sum-exp"
 
-    def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None):
+    def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None, window=None,
+                segments=None, cu_seqlens=None):
         assert softcap is None, "sdpa has no softcap (get_backend routes softcap elsewhere)"
+        if segments is not None:
+            return forward_segments(self.forward, q, k, v, segments, causal=causal, scale=scale,
+                                    mask=mask, window=window)
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
-        bias = _additive(mask, q)
+        bias = _additive(mask, q, k, window)
         if q.device.type == "cpu":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qt, kt, vt, 0.0, causal, attn_mask=bias, scale=scale
@@ -70,12 +83,16 @@ class SdpaBackend:
             lse = lse[..., : q.shape[1]]
         return _bhsd(out), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None,
+                 window=None, segments=None, cu_seqlens=None):
         assert softcap is None, "sdpa has no softcap (get_backend routes softcap elsewhere)"
+        if segments is not None:
+            return backward_segments(self.backward, dout, q, k, v, out, lse, segments,
+                                     causal=causal, scale=scale, mask=mask, window=window)
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
         dout_t, out_t = _bhsd(dout.to(q.dtype)), _bhsd(out.to(q.dtype))
-        bias = _additive(mask, q)
+        bias = _additive(mask, q, k, window)
         if q.device.type == "cpu":
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dout_t, qt, kt, vt, out_t, lse.contiguous(), 0.0, causal, attn_mask=bias, scale=scale

@@ -1,0 +1,258 @@
+"""flash-attn's real Python package on the CPU stand-in, checked against float64.
+
+    python -m tests.flash_attn_checks [--worlds 2,4]   # prints one JSON summary line
+
+Run in its own process (tests/test_flash_attn_standin.py does, once per flash-attn release,
+with that release first on PYTHONPATH): loading the stand-in makes ``backend="auto"`` pick
+flash-attn on CPU, which no other test should see.
+
+1. The stand-in through flash-attn's own wrappers (flash_attn_func, flash_attn_varlen_func
+   and their autograd backward, which reach the compiled-module functions through
+   flash-attn's Python glue and, from 2.7, its torch.library ops) in float64 against
+   tests/reference.py: bottom-right causal for q_len != k_len, windows, softcap, GQA, varlen.
+2. ringattn's FlashAttnBackend block forward/backward (binding by the op's schema).
+3. backend="flash_attn" under ring, Ulysses and hybrid, every layout, with documents,
+   windows, sinks and softcap, fp32, against the float64 reference; with which kernel ran
+   each kind of block (``RingProfile.blocks``).
+Tolerances: float64 stand-in vs float64 reference 1e-10 relative (both exact up to
+rounding: different summation orders); fp32 kernels vs float64 1e-5 relative, as the rest of
+the suite (tests/test_ring_attention.py: fp32 rounding of O(100)-term sums is ~1e-6).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from tests.flash_attn_standin import load_flash_attn
+from tests.reference import layout_indices, reference_attention, rel_err
+
+FP64_TOL = 1e-10
+FP32_TOL = 1e-5
+DOCS = [5, 20, 1, 14, 8]  # 48 tokens: splits under every layout at P <= 4 (48 = 2 * 4 * 6)
+
+
+def _band(sq, sk, causal, window):
+    """bool (sq, sk): flash-attn's bottom-right aligned causal/window rule, written out."""
+    left, right = window
+    i = torch.arange(sq)[:, None] + (sk - sq)
+    j = torch.arange(sk)[None, :]
+    ok = torch.ones(sq, sk, dtype=torch.bool)
+    if causal:
+        right = 0
+    if left >= 0:
+        ok &= j >= i - left
+    if right >= 0:
+        ok &= j <= i + right
+    return ok
+
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def _errs(got, ref):
+    return max(rel_err(g, r) for g, r in zip(got, ref))
+
+
+def standin_errors() -> dict:
+    """{case: max relative error of out, lse, dq, dk, dv} through flash-attn's wrappers."""
+    fa = load_flash_attn()
+    gen = torch.Generator().manual_seed(0)
+    errors = {}
+    windows = [(-1, -1), (3, 0), (2, 4), (0, 0), (6, -1), (-1, 2)]
+    for n, ((sq, sk), causal, window) in enumerate(itertools.product(
+            [(7, 7), (5, 11)], (False, True), windows)):
+        softcap, (h, hk) = (None, 2.5)[n % 2], [(4, 2), (4, 4), (4, 1)][n % 3]
+        q, do = _randn(gen, 2, sq, h, 16), _randn(gen, 2, sq, h, 16)
+        k, v = _randn(gen, 2, sk, hk, 16), _randn(gen, 2, sk, hk, 16)
+        mask = _band(sq, sk, causal, window)
+        if not bool(mask.any(dim=1).all()):
+            continue  # rows that see nothing: checked below
+        ref = reference_attention(q, k, v, do, causal=False, mask=mask, softcap=softcap)
+        ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+        out, lse, _ = fa.flash_attn_func(ql, kl, vl, causal=causal, window_size=window,
+                                         return_attn_probs=True,
+                                         **({} if softcap is None else {"softcap": softcap}))
+        out.backward(do)
+        errors[f"dense sq={sq} sk={sk} causal={causal} window={window} softcap={softcap} "
+               f"heads={h}/{hk}"] = _errs((out, lse, ql.grad, kl.grad, vl.grad), ref)
+    # varlen: three sequences of different lengths, each with its own bottom-right band
+    cu_q, cu_k = [0, 3, 8, 12], [0, 5, 11, 15]
+    for causal, window, softcap in itertools.product((False, True), [(-1, -1), (2, 0), (1, 3)],
+                                                     (None, 2.5)):
+        mask = torch.zeros(cu_q[-1], cu_k[-1], dtype=torch.bool)
+        for s in range(3):
+            mask[cu_q[s]:cu_q[s + 1], cu_k[s]:cu_k[s + 1]] = _band(
+                cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s], causal, window)
+        q, do = _randn(gen, 1, cu_q[-1], 4, 16), _randn(gen, 1, cu_q[-1], 4, 16)
+        k, v = _randn(gen, 1, cu_k[-1], 2, 16), _randn(gen, 1, cu_k[-1], 2, 16)
+        ref = reference_attention(q, k, v, do, causal=False, mask=mask, softcap=softcap)
+        ql, kl, vl = (t[0].clone().requires_grad_() for t in (q, k, v))
+        out, lse, _ = fa.flash_attn_varlen_func(
+            ql, kl, vl, torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32),
+            5, 6, causal=causal, window_size=window, return_attn_probs=True,
+            **({} if softcap is None else {"softcap": softcap}))
+        out.backward(do[0])
+        assert lse.shape == (4, cu_q[-1]), lse.shape  # varlen lse: (heads, total_q)
+        got = (out[None], lse[None], ql.grad[None], kl.grad[None], vl.grad[None])
+        errors[f"varlen causal={causal} window={window} softcap={softcap}"] = _errs(got, ref)
+    return errors
+
+
+def empty_rows_convention() -> bool:
+    """Rows a bottom-right causal block hides entirely (q_len > k_len): out 0, lse +inf."""
+    fa = load_flash_attn()
+    q, k = torch.randn(1, 6, 2, 8), torch.randn(1, 4, 2, 8)
+    out, lse, _ = fa.flash_attn_func(q, k, k, causal=True, return_attn_probs=True)
+    return bool((out[:, :2] == 0).all() and torch.isposinf(lse[:, :, :2]).all()
+                and torch.isfinite(lse[:, :, 2:]).all())
+
+
+def backend_block_errors() -> dict:
+    """FlashAttnBackend's own block forward/backward (backward binds by the op's schema)
+    vs float64, as the ring drives it: backward with the final out and lse."""
+    from ringattn.kernels import BACKENDS
+
+    load_flash_attn()
+    fb = BACKENDS["flash_attn"]
+    gen = torch.Generator().manual_seed(1)
+    errors = {}
+    cases = [("full", 9, 9, False, None, None), ("causal", 9, 9, True, None, None),
+             ("causal n>m", 9, 6, True, None, None), ("causal n<m", 6, 9, True, None, None),
+             ("window", 9, 12, False, (4, 1), None), ("softcap", 9, 9, True, None, 3.0),
+             ("varlen", 10, 12, False, (-1, 0), None)]
+    for name, sq, sk, causal, window, softcap in cases:
+        q, do = _randn(gen, 1, sq, 4, 16), _randn(gen, 1, sq, 4, 16)
+        k, v = _randn(gen, 1, sk, 2, 16), _randn(gen, 1, sk, 2, 16)
+        segments = ((0, 4, 10), (0, 5, 12)) if name == "varlen" else None
+        if segments is not None:
+            mask = torch.zeros(sq, sk, dtype=torch.bool)
+            for s in range(2):
+                (qa, qb), (ka, kb) = segments[0][s:s + 2], segments[1][s:s + 2]
+                mask[qa:qb, ka:kb] = _band(qb - qa, kb - ka, False, window)
+        elif causal:  # ringattn's causal: top-left aligned
+            mask = torch.ones(sq, sk, dtype=torch.bool).tril()
+        else:
+            mask = _band(sq, sk, False, window or (-1, -1))
+        ref = reference_attention(q, k, v, do, causal=False, mask=mask, softcap=softcap)
+        kw = dict(causal=causal, scale=16 ** -0.5, softcap=softcap, window=window, segments=segments)
+        q32, k32, v32 = (t.float() for t in (q, k, v))
+        out, lse = fb.forward(q32, k32, v32, **kw)
+        grads = fb.backward(do.float(), q32, k32, v32, out, lse, **kw)
+        errors[name] = _errs((out, lse, *grads), ref)
+    return errors
+
+
+def missing_argument_message() -> str:
+    """Binding refuses to call flash-attn without an argument its backward requires."""
+    from ringattn.kernels import flash
+
+    load_flash_attn()
+    try:
+        flash._call("_flash_attn_backward", {"q": None}, [])
+    except TypeError as e:
+        return str(e)
+    return ""
+
+
+def _fronts(world):
+    import ringattn
+
+    doors = {("ring", lay): ringattn.SequenceParallel("ring", lay, backend="flash_attn")
+             for lay in ("contiguous", "zigzag", "striped", "doc_zigzag")}
+    doors.update({("ulysses", lay): ringattn.SequenceParallel("ulysses", lay, backend="flash_attn")
+                  for lay in ("contiguous", "zigzag", "striped", "doc_zigzag")})
+    # world 4: 2 ring positions x 2 Ulysses ranks; world 2: a ring of one, Ulysses over both
+    doors.update({("hybrid", lay): ringattn.SequenceParallel("hybrid", lay, ring_size=world // 2,
+                                                             backend="flash_attn")
+                  for lay in ("contiguous", "zigzag", "striped", "doc_zigzag")})
+    return doors
+
+
+def _doc_mask(doc_lengths, window, causal):
+    doc = torch.repeat_interleave(torch.arange(len(doc_lengths)), torch.tensor(doc_lengths))
+    pos = torch.arange(len(doc))
+    rel = pos[None, :] - pos[:, None]
+    ok = doc[:, None] == doc[None, :]
+    if window[0] >= 0:
+        ok &= rel >= -window[0]
+    if window[1] >= 0:
+        ok &= rel <= window[1]
+    if causal:
+        ok &= rel <= 0
+    return ok
+
+
+def backend_matrix(rank, world):
+    """backend="flash_attn" under every strategy and layout vs float64 -> (failures,
+    {(backend, block kind): forward calls}, cases run)."""
+    from ringattn import profile
+
+    load_flash_attn()
+    seqlen = sum(DOCS)
+    cu = torch.tensor([0, *torch.tensor(DOCS).cumsum(0).tolist()], dtype=torch.int32)
+    # (documents, window, causal, sinks, softcap)
+    masks = [(False, (-1, -1), True, False, None), (True, (-1, -1), True, False, None),
+             (False, (5, -1), True, True, None), (True, (4, 2), False, False, 4.0),
+             (True, (3, -1), True, True, 2.0)]
+    failures, runs = [], 0
+    prof = profile.RingProfile()
+    for i, (docs, window, causal, use_sinks, softcap) in enumerate(masks):
+        gen = torch.Generator().manual_seed(i)
+        q, do = _randn(gen, 1, seqlen, 4, 16), _randn(gen, 1, seqlen, 4, 16)
+        k, v = _randn(gen, 1, seqlen, 2, 16), _randn(gen, 1, seqlen, 2, 16)
+        sinks = _randn(gen, 4) if use_sinks else None
+        ref = reference_attention(q, k, v, do, causal=False, softcap=softcap, sinks=sinks,
+                                  mask=_doc_mask(DOCS if docs else [seqlen], window, causal))
+        for (strategy, layout), sp in _fronts(world).items():
+            if layout == "doc_zigzag" and not docs:
+                continue  # it places tokens by document
+            cu_ = cu if docs else None
+            held = _held(sp, layout, seqlen, world, rank, cu_)
+            ql, kl, vl = (t[:, held].float().requires_grad_() for t in (q, k, v))
+            s32 = None if sinks is None else sinks.float().requires_grad_()
+            with prof:
+                out, lse = sp.attention(ql, kl, vl, causal=causal, cu_seqlens=cu_, window_size=window,
+                                        sinks=s32, softcap=softcap, return_lse=True)
+            out.backward(do[:, held].float())
+            got = [out, lse, ql.grad, kl.grad, vl.grad]
+            want = [ref[0][:, held], ref[1][:, :, held], *(r[:, held] for r in ref[2:5])]
+            errs = {n: rel_err(g, w) for n, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
+            bad = {n: e for n, e in errs.items() if not e <= FP32_TOL}
+            if bad:
+                failures.append((strategy, layout, docs, window, causal, use_sinks, softcap, bad))
+            runs += 1
+    return failures, {f"{b}/{kind}": n for (b, kind), n in sorted(prof.blocks.items())}, runs
+
+
+def _held(sp, layout, seqlen, world, rank, cu):
+    lengths = DOCS if cu is not None else None
+    if sp.strategy != "hybrid":
+        return layout_indices(layout, seqlen, world, rank, lengths)
+    u = sp.ulysses_size
+    ring_shard = layout_indices(layout, seqlen, world // u, rank // u, lengths)
+    return ring_shard.chunk(u)[rank % u]
+
+
+def main():
+    from tests.distributed import run_distributed
+    import importlib.metadata
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worlds", default="2")
+    worlds = [int(w) for w in parser.parse_args().worlds.split(",")]
+    summary = {"release": importlib.metadata.version("flash_attn"), "standin": standin_errors(),
+               "empty_rows": empty_rows_convention(), "block": backend_block_errors(),
+               "missing": missing_argument_message(), "matrix": {}}
+    for world in worlds:
+        per_rank = run_distributed(backend_matrix, world, timeout=300)
+        summary["matrix"][world] = {"failures": [f for r in per_rank for f in r[0]],
+                                    "blocks": per_rank[0][1], "runs": per_rank[0][2]}
+    print(json.dumps(summary, default=str))
+
+
+if __name__ == "__main__":
+    main()
