@@ -90,3 +90,23 @@ def test_flash_attn_refuses_gpus_before_ampere(monkeypatch):
     assert "fp16/bf16" in backend.device_problem(cuda, torch.float32, 64)
     # no stand-in loaded in this process: CPU tensors are refused
     assert backend.device_problem(torch.device("cpu"), torch.float32, 64) == "flash-attn runs on CUDA only"
+
+
+def test_benchmark_reports_which_kernel_ran_each_block_kind():
+    """The attention benchmark's ``kernels`` column, from a profiled one-process run on CPU:
+    a window is one band block on sdpa, packed documents one varlen block, softcap on math."""
+    import ringattn
+    from recipes.benchmarks.attention import kernels_by_block
+    from ringattn import profile
+
+    q = torch.randn(1, 32, 2, 8)
+    cu = torch.tensor([0, 5, 20, 32], dtype=torch.int32)
+    runs = {"window": dict(window_size=(4, 0)), "documents": dict(cu_seqlens=cu),
+            "softcap window": dict(window_size=(4, 0), softcap=5.0)}
+    seen = {}
+    for name, kw in runs.items():
+        with profile.RingProfile() as prof:
+            ringattn.SequenceParallel.single().attention(q, q, q, causal=True, **kw)
+        seen[name] = kernels_by_block(prof)
+    assert seen == {"window": {"sdpa/window": 1}, "documents": {"sdpa/varlen": 1},
+                    "softcap window": {"math/window": 1}}, seen

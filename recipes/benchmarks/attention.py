@@ -11,7 +11,9 @@ kv_heads=4 run Ulysses' uneven split) and layout it reports forward and
 forward+backward time (max over ranks), achieved FLOP/s (``recipes.flops``: forward 4*b*s^2*h*d,
 causal half; backward 2x forward), per-rank work balance (max/mean of attention scores
 computed), the share of each pass spent waiting for communication, bytes sent per rank
-(ring passes and all-to-alls), peak memory per rank, and the single-process time of the
+(ring passes and all-to-alls), peak memory per rank, which kernel ran each kind of block
+(``kernels``: forward calls per backend/block kind, e.g. flash_attn/varlen for packed
+documents, sdpa/mask for irregular tiles), and the single-process time of the
 same shape, giving efficiency = (single-process time / P) / parallel time.
 
 Packed documents: ``doc_lengths=[...]``, or ``docs_lognormal_mean=4096`` (seeded log-normal
@@ -227,8 +229,15 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
         "ring_steps": int(_max_over_ranks(prof.ring_steps)),
         "comm_wait_share": _max_over_ranks(prof.wait_s / elapsed),
         "sent_mib_per_rank": _max_over_ranks(prof.bytes_sent / 2**20),
+        "kernels": kernels_by_block(prof),  # this rank's (rank 0's in the table and JSON)
         "peak_mib_per_rank": _max_over_ranks(mem.peak_bytes / 2**20),
     }
+
+
+def kernels_by_block(prof: profile.RingProfile) -> dict[str, int]:
+    """{"backend/block kind": forward kernel calls} of a profiled run: which kernel ran each
+    kind of block (full, causal, window, varlen, mask; see ``BlockTask.kind``)."""
+    return {f"{backend}/{kind}": n for (backend, kind), n in sorted(prof.blocks.items())}
 
 
 def bench_single(cfg, seqlen, device, dtype):
@@ -333,7 +342,8 @@ def _print_row(row):
           f"{row['ring_steps']:>6}{row['mask_skipped'] * 100:>7.1f}{row['comm_wait_share'] * 100:>8.1f}{row['sent_mib_per_rank']:>10.1f}{row['peak_mib_per_rank']:>10.1f}"
           f"{row.get('single_fwd_bwd_s', float('nan')) * 1e3:>15.1f}{row.get('efficiency_fwd_bwd', float('nan')):>9.2f}"
           + (f"  planned balance {row['planned_balance']:.3f}, masked {row['masked_share']:.1%}, "
-             f"{row['kernel_calls_per_rank']} calls" if "planned_balance" in row else ""),
+             f"{row['kernel_calls_per_rank']} calls" if "planned_balance" in row else "")
+          + "  kernels " + ", ".join(f"{k} {n}" for k, n in row["kernels"].items()),
           flush=True)
 
 
