@@ -141,9 +141,29 @@ def _pad8(x):
     return x if d % 8 == 0 else torch.nn.functional.pad(x, [0, 8 - d % 8])
 
 
+def _into(grads, buffers, likes):
+    """Gradients written into the given dq/dk/dv buffers (new ones where None), as the C++."""
+    written = []
+    for g, buf, like in zip(grads, buffers, likes):
+        buf = torch.empty_like(like) if buf is None else buf
+        buf.copy_(g)
+        written.append(buf)
+    return written
+
+
 def make_module(release: tuple[int, int]) -> types.ModuleType:
     """The stand-in ``flash_attn_2_cuda`` for a flash-attn release (major, minor)."""
     padded_returns = release < (2, 7)  # 2.6: C++ pads head_dim and returns the padded tensors
+
+    def fwd_returns(out, out_, lse, q, k, v):
+        """fwd/varlen_fwd's return list; ``out_``, when given, is written in place."""
+        if out_ is not None:
+            out_.copy_(out)
+            out = out_
+        p = torch.empty(0, dtype=q.dtype, device=q.device)
+        if padded_returns:
+            return [out, _pad8(q), _pad8(k), _pad8(v), _pad8(out), lse, p, _rng_state(q.device)]
+        return [out, lse, p, _rng_state(q.device)]
 
     def fwd(q, k, v, out_, alibi_slopes, p_dropout, softmax_scale, is_causal, window_size_left,
             window_size_right, softcap, return_softmax, gen_):
@@ -156,13 +176,7 @@ def make_module(release: tuple[int, int]) -> types.ModuleType:
                            for i in range(b)))
         out = torch.stack(outs).to(q.dtype)
         lse = torch.stack(lses)
-        if out_ is not None:
-            out_.copy_(out)
-            out = out_
-        p = torch.empty(0, dtype=q.dtype, device=q.device)
-        if padded_returns:
-            return [out, _pad8(q), _pad8(k), _pad8(v), _pad8(out), lse, p, _rng_state(q.device)]
-        return [out, lse, p, _rng_state(q.device)]
+        return fwd_returns(out, out_, lse, q, k, v)
 
     def bwd(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, alibi_slopes, p_dropout,
             softmax_scale, is_causal, window_size_left, window_size_right, softcap,
@@ -176,11 +190,7 @@ def make_module(release: tuple[int, int]) -> types.ModuleType:
         res = [_backward_one(dout[i], q[i], k[i], v[i], out[i], softmax_lse[i], softmax_scale,
                              softcap, visible) for i in range(b)]
         grads = [torch.stack([r[n] for r in res]) for n in range(3)]
-        written = []
-        for g, buf, like in zip(grads, (dq_, dk_, dv_), (q, k, v)):
-            buf = torch.empty_like(like) if buf is None else buf
-            buf.copy_(g)
-            written.append(buf)
+        written = _into(grads, (dq_, dk_, dv_), (q, k, v))
         rounded = -(-sq // 128) * 128
         softmax_d = torch.zeros(b, h, rounded, dtype=torch.float32, device=q.device)
         softmax_d[:, :, :sq] = torch.stack([r[3] for r in res])
@@ -215,13 +225,7 @@ def make_module(release: tuple[int, int]) -> types.ModuleType:
             visible = _visible(sq, sk, window_size_left, 0 if causal else window_size_right, q.device)
             o, l_ = _forward_one(q[qa:qb], k[ka:kb], v[ka:kb], softmax_scale, softcap, visible)
             out[qa:qb], lse[:, qa:qb] = o.to(q.dtype), l_
-        if out_ is not None:
-            out_.copy_(out)
-            out = out_
-        p = torch.empty(0, dtype=q.dtype, device=q.device)
-        if padded_returns:
-            return [out, _pad8(q), _pad8(k), _pad8(v), _pad8(out), lse, p, _rng_state(q.device)]
-        return [out, lse, p, _rng_state(q.device)]
+        return fwd_returns(out, out_, lse, q, k, v)
 
     def varlen_bwd(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, cu_seqlens_q, cu_seqlens_k,
                    alibi_slopes, max_seqlen_q, max_seqlen_k, p_dropout, softmax_scale,
@@ -249,11 +253,7 @@ def make_module(release: tuple[int, int]) -> types.ModuleType:
             grads[1][ka:kb] += dk
             grads[2][ka:kb] += dv
             softmax_d[:, qa:qb] = delta
-        written = []
-        for g, buf, like in zip(grads, (dq_, dk_, dv_), (q, k, v)):
-            buf = torch.empty_like(like) if buf is None else buf
-            buf.copy_(g)
-            written.append(buf)
+        written = _into(grads, (dq_, dk_, dv_), (q, k, v))
         return [*written, softmax_d]
 
     module = types.ModuleType(MODULE, "CPU stand-in for flash-attn's compiled kernels (tests only)")
