@@ -77,11 +77,12 @@ def test_virtual_ring_with_the_sdpa_kernel_hidden_rows_and_device_masks(device, 
     entirely, where the fused kernel may write anything), fp32 against float64. Tolerance
     1e-4: fp32 accumulation over <= 32 keys (~1e-6) with headroom for the kernel's exp."""
     cu, (q, k, v), ref_out, ref_lse = documents_case(device, torch.float32)
-    results = virtual_ring(BACKENDS["sdpa"], "striped", world, cu, q, k, v)
-    for rank, (held, out, lse, _) in enumerate(results):
-        assert out.device.type == device and not out.isnan().any(), f"rank {rank}: NaN"
-        assert rel_err(out.cpu(), ref_out[:, held.cpu()]) < 1e-4
-        assert rel_err(lse.cpu(), ref_lse[:, :, held.cpu()]) < 1e-4
+    for dense in (False, True):  # the schedule (varlen bands), then dense masked blocks
+        results = virtual_ring(BACKENDS["sdpa"], "striped", world, cu, q, k, v, dense=dense)
+        for rank, (held, out, lse, _) in enumerate(results):
+            assert out.device.type == device and not out.isnan().any(), f"rank {rank}: NaN"
+            assert rel_err(out.cpu(), ref_out[:, held.cpu()]) < 1e-4
+            assert rel_err(lse.cpu(), ref_lse[:, :, held.cpu()]) < 1e-4
     assert sum(r[3] for r in results) > 0
 
 

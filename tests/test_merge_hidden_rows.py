@@ -13,6 +13,7 @@ import torch
 from ringattn.blocks import attend_blocks
 from ringattn.kernels.base import accumulation_dtype
 from ringattn.kernels.math import MathBackend
+from ringattn.layouts import ALL, BlockTask
 from ringattn.merge import PartialAttention
 from ringattn.plan import AttentionPlan
 from ringattn.sharding import held_indices
@@ -24,8 +25,9 @@ class NaNOnHiddenRows(MathBackend):
 
     name = "nan_on_hidden_rows"
 
-    def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None):
-        out, lse = super().forward(q, k, v, causal=causal, scale=scale, mask=mask, softcap=softcap)
+    def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None, **block):
+        out, lse = super().forward(q, k, v, causal=causal, scale=scale, mask=mask, softcap=softcap,
+                                   **block)
         if mask is not None:
             hidden = ~mask.any(dim=1)  # (q rows,)
             out = out.masked_fill(hidden.view(1, -1, 1, 1), float("nan"))
@@ -48,10 +50,13 @@ def test_a_block_that_hides_a_row_adds_nothing_even_if_it_wrote_nan():
     assert torch.isneginf(fresh.lse).all()
 
 
-def virtual_ring(kernel, layout, world, cu, q, k, v):
+def virtual_ring(kernel, layout, world, cu, q, k, v, dense=False):
     """Every rank's ring steps (``AttentionPlan.ring_steps``: the exact schedule, masks on
     q's device) run in one process on full tensors -> [(out, lse, hidden rows) per rank]:
-    rank r's shard attends the shard of rank (r - step) mod P at each step."""
+    rank r's shard attends the shard of rank (r - step) mod P at each step. ``dense``: each
+    step one block of the whole shards with its dense mask instead (the schedule describes
+    documents as bands and varlen sequences, which hide no row; a dense block hides every
+    row of a document the other shard does not hold)."""
     held = [held_indices(layout, q.shape[1], world, r, cu_seqlens=cu).to(q.device)
             for r in range(world)]
     results = []
@@ -62,7 +67,12 @@ def virtual_ring(kernel, layout, world, cu, q, k, v):
         acc, hidden = PartialAttention(mine, accumulation_dtype(q.dtype)), 0
         for step, tasks in enumerate(plan.ring_steps(causal=True)):
             src = held[(rank - step) % world]
+            if dense:
+                rule = plan.mask(causal=True)
+                tasks = [BlockTask(ALL, ALL, False, mask=rule.dense(held[rank].cpu(), src.cpu()).to(q.device))]
             for t in tasks:
+                if t.cu_seqlens is not None:
+                    assert all(c.device == q.device for c in t.cu_seqlens), "varlen bounds too"
                 if t.mask is not None:
                     assert t.mask.device == q.device, "the plan's masks live on the data's device"
                     hidden += int((~t.mask.any(dim=1)).sum())
@@ -88,7 +98,7 @@ def test_ring_over_short_documents_striped_with_a_kernel_writing_nan_in_hidden_r
     """Short packed documents under the striped layout leave rows of many blocks fully
     hidden. fp64 inputs: the result must match the float64 reference to rounding (1e-10)."""
     cu, (q, k, v), ref_out, ref_lse = documents_case("cpu", torch.float64)
-    results = virtual_ring(NaNOnHiddenRows(), "striped", world, cu, q, k, v)
+    results = virtual_ring(NaNOnHiddenRows(), "striped", world, cu, q, k, v, dense=True)
     for rank, (held, out, lse, _) in enumerate(results):
         assert not out.isnan().any(), f"rank {rank}: NaN leaked into the merged output"
         assert rel_err(out, ref_out[:, held]) < 1e-10
