@@ -55,7 +55,8 @@ class _LocalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, scale, tasks, backend, softcap):
         kernel = get_backend(backend, q, softcap=softcap)
         record_step(tasks, q, k)
-        if len(tasks) == 1 and tasks[0].kind in ("full", "causal") and tasks[0].q_rows == tasks[0].k_rows == ALL:
+        if (len(tasks) == 1 and tasks[0].kind in ("full", "causal")
+                and tasks[0].q_rows == tasks[0].k_rows == ALL):
             # One call covers every row: no merge, no fp32 accumulator to hold.
             if profile.active() is not None:
                 profile.active().count_block(kernel.name, tasks[0].kind)

@@ -129,7 +129,8 @@ def _check_inputs(q, k, v, p_dropout, alibi_slopes, head_size_multiple_of_8):
     _check(d <= 256, "FlashAttention forward only supports head dimension at most 256")
     if head_size_multiple_of_8:
         _check(d % 8 == 0, "query, key, value, and out_ must have a head_size that is a multiple of 8")
-    _check(q.shape[-2] % k.shape[-2] == 0, "Number of heads in key/value must divide number of heads in query")
+    _check(q.shape[-2] % k.shape[-2] == 0,
+           "Number of heads in key/value must divide number of heads in query")
 
 
 def _rng_state(device):

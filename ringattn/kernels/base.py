@@ -22,7 +22,8 @@ k_bounds[s]:k_bounds[s+1], with ``window`` aligned to each sequence's own length
 (kernels that need device copies make them when it is None).
 Feature flags say what a backend can do: ``supports_mask`` (a bool mask per block),
 ``supports_window``, ``supports_varlen`` and ``supports_softcap``. Attention sinks need no
-kernel support: they are one more term in the merge (``ringattn.merge``), applied once per row after every block is merged.
+kernel support: they are one more term in the merge (``ringattn.merge``), applied once per
+row after every block is merged.
 
 ``causal=True`` means top-left aligned: query i sees keys j <= i. Layouts only ask for
 causal on blocks whose query and key index sets line up that way (see ``ringattn.layouts``).
