@@ -212,8 +212,10 @@ def test_plan_prepared_without_a_device_keeps_its_masks_on_the_data_device():
         with DeviceStrict(META):
             sp.attention(q, k, v, causal=True, plan=plan).sum().backward()
         assert plan.device == META
-        masks = [t.mask for tasks in plan.ring_steps(True) for t in tasks if t.mask is not None]
-        assert masks and all(m.device == META for m in masks)
+        # documents are varlen tasks (their int32 bounds) or masked tiles: both on the device
+        moved = [x for tasks in plan.ring_steps(True) for t in tasks
+                 for x in (() if t.mask is None else (t.mask,)) + (t.cu_seqlens or ())]
+        assert moved and all(x.device == META for x in moved)
         with pytest.raises(ValueError, match="q is on cpu, but the plan was prepared for meta"):
             sp.attention(*(torch.zeros(t.shape) for t in (q, k, v)), causal=True, plan=plan)
 
