@@ -6,9 +6,9 @@ into .cache/flash-attn-2.6.3, both without their CUDA build. Each release runs
 ``tests.flash_attn_checks`` in its own process (that release first on the path): the
 stand-in against float64, ringattn's flash backend block by block, and backend="flash_attn"
 under ring, Ulysses and hybrid with every layout, documents, windows, sinks and softcap,
-fp32 against float64 (tolerances in tests/flash_attn_checks.py). 2.8.3 runs them at P = 4
-(2 x 2 hybrid), 2.6.3 at P = 2 (hybrid: a ring of one inside): one launch per release keeps
-the cost down while every strategy runs on both.
+fp32 against float64 (tolerances in tests/flash_attn_checks.py). 2.8.3 runs them at P = 2
+and (slow tier) P = 4 (2 x 2 hybrid), 2.6.3 at P = 2 (hybrid: a ring of one inside): one
+launch per release and P keeps the cost down while every strategy runs on both.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from ringattn.kernels.flash import FlashAttnBackend
+from tests.distributed import worlds
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_RELEASE = ROOT / ".cache" / "flash-attn-2.6.3"  # .ci/run installs it there
@@ -67,8 +68,9 @@ def _check(summary, release, world):
 
 @pytest.mark.skipif(_installed() != "2.8.3",
                     reason="flash-attn 2.8.3 is not installed (bash .ci/run installs it)")
-def test_flash_attn_2_8_on_cpu_standin():
-    _check(_run_checks(None, "4"), "2.8.3", 4)
+@pytest.mark.parametrize("world", worlds(2, 4))
+def test_flash_attn_2_8_on_cpu_standin(world):
+    _check(_run_checks(None, str(world)), "2.8.3", world)
 
 
 @pytest.mark.skipif(_installed(OLD_RELEASE) != "2.6.3",
