@@ -137,7 +137,8 @@ class AttentionMask:
         chunks, striped shards), the document's visible part is exactly one flash-attn
         window on its bounding box (full, a triangle, or a band: ``_band``); documents
         next to each other (rows and keys) with the same window become one varlen task.
-        Other documents are cut into ``TILE_ROWS``-row tiles, each a band where it is one
+        A document whose rows jump (a zigzag rank's two chunks of it) is tried run by run.
+        What is still no band is cut into ``TILE_ROWS``-row tiles, each a band where it is one
         and a dense mask on its bounding box otherwise, so a window band or a document
         boundary costs about its own area rather than the whole block.
         """
@@ -156,11 +157,13 @@ class AttentionMask:
             a0, a = a, a + n
             if ka == kb:
                 continue
-            piece = _band(first[a0:a], last[a0:a], a0)
-            if piece is not None:
-                pieces.append(piece)
-            elif bool((last[a0:a] >= first[a0:a]).any()):
-                pieces += self._tiles(q_pos, k_pos, first, last, a0, a, ka, kb)
+            whole = _band(first[a0:a], last[a0:a], a0)
+            for r0, r1 in [(a0, a)] if whole is not None else _even_runs(q_pos, a0, a):
+                piece = whole or _band(first[r0:r1], last[r0:r1], r0)
+                if piece is not None:
+                    pieces.append(piece)
+                elif bool((last[r0:r1] >= first[r0:r1]).any()):
+                    pieces += self._tiles(q_pos, k_pos, first, last, r0, r1, ka, kb)
         return _group(pieces)
 
     def _tiles(self, q_pos, k_pos, first, last, a0, a1, ka, kb) -> list:
@@ -181,6 +184,17 @@ class AttentionMask:
             out.append(BlockTask(slice(t0 + r0, t0 + r1), slice(ka + c0, ka + c1), False,
                                  mask=visible[r0:r1, c0:c1]))
         return out
+
+
+def _even_runs(q_pos: torch.Tensor, a0: int, a1: int) -> list[tuple[int, int]]:
+    """Rows a0:a1 (one document) cut where their positions jump by more than their smallest
+    step (a zigzag rank's two chunks of a document): runs of evenly spaced positions."""
+    if a1 - a0 < 3:
+        return [(a0, a1)]
+    step = q_pos[a0 + 1:a1] - q_pos[a0:a1 - 1]
+    cuts = (torch.nonzero(step > step.min()).flatten() + a0 + 1).tolist()
+    bounds = [a0, *cuts, a1]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _band(first: torch.Tensor, last: torch.Tensor, row0: int):
