@@ -53,3 +53,48 @@ def test_kernel_benchmark_times_what_runs_and_names_what_cannot():
 
     with pytest.raises(ValidationError, match="Invalid value 'fastest', expected one of"):
         OmegaConf.merge(OmegaConf.structured(KernelBenchConfig), {"kernels": ["fastest"]})
+
+
+def test_attention_benchmark_range_mask_batches(tmp_path):
+    """range_mask= builds the RangeMask on the whole sequence, runs it in the parallel path and
+    the one-process baseline, and reports its computed balance; nonsense combinations are refused."""
+    from omegaconf import OmegaConf, ValidationError
+
+    from recipes import distributed
+    from recipes.benchmarks.attention import BenchmarkConfig, RangeMaskKind, _range_mask, run
+    from recipes.choices import Layout, Strategy
+    from ringattn import RangeMask, balance
+
+    shared, prefix_lm = RangeMaskKind.shared_prefix, RangeMaskKind.prefix_lm
+    for clash, over in (("causal=true", dict(causal=True)), ("window", dict(window=[8, 0])),
+                        ("doc_lengths", dict(doc_lengths=[100, 156])),
+                        ("docs_lognormal_mean", dict(docs_lognormal_mean=64))):
+        with pytest.raises(ValueError, match=f"range_mask=shared_prefix is the whole attention rule; drop {clash}"):
+            BenchmarkConfig(range_mask=shared, **over)
+    with pytest.raises(ValidationError, match="Invalid value 'causal', expected one of"):
+        OmegaConf.merge(OmegaConf.structured(BenchmarkConfig), {"range_mask": "causal"})
+    assert BenchmarkConfig().causal is True and BenchmarkConfig(range_mask=shared).causal is False
+
+    cfg = BenchmarkConfig(range_mask=shared, prompt_len=64, response_lens=[100, 92])
+    assert _range_mask(cfg, 256) == RangeMask.shared_prefix(64, [100, 92])
+    with pytest.raises(ValueError, match="response_lens sum to 192, not 200"):
+        _range_mask(cfg, 264)
+    # prefix_lm: the prefix is capped at each (here drawn) document
+    cfg = BenchmarkConfig(range_mask=prefix_lm, prompt_len=40, mask_mean_len=48, docs_seed=3)
+    cu = balance.lognormal_documents(256, mean=48, seed=3)
+    assert _range_mask(cfg, 256) == RangeMask.prefix_lm(cu, cu.diff().clamp(max=40))
+
+    s, h = 256, 2
+    cfg = BenchmarkConfig(seqlens=[s], heads=h, kv_heads=h, head_dim=16, range_mask=shared, prompt_len=64,
+                          mask_mean_len=48, strategies=[Strategy.ring], layouts=[Layout.doc_zigzag],
+                          warmup=0, iters=1, output=str(tmp_path / "out.json"))
+    try:
+        (row,) = run(cfg)  # one process: the library's local path on both sides
+    finally:
+        distributed.shutdown()
+    mask = _range_mask(cfg, s)
+    assert row["mask_balance"] == balance.imbalance(balance.mask_work(mask, "doc_zigzag", 1)) == 1.0
+    # the scores computed are exactly the mask's visible pairs (a dense s x s run would skip 0 %)
+    visible = int(balance.mask_work(mask, "doc_zigzag", 1).sum()) * h
+    assert row["mask_skipped"] == pytest.approx(1 - visible / (h * s * s), abs=1e-12)
+    assert row["mask_skipped"] > 0.3 and row["efficiency_fwd_bwd"] > 0

@@ -25,6 +25,20 @@ and the share of planned work on masked tiles (``ringattn.balance.scheduled_work
 
     torchrun --standalone --nproc-per-node 2 -m recipes.benchmarks.attention seqlens=[16384] \
         docs_lognormal_mean=512 strategies=[ring] layouts=[contiguous,zigzag,striped,doc_zigzag]
+
+Range masks (``ringattn.RangeMask``, built on the full sequence): ``range_mask=shared_prefix``
+(a causal prompt of ``prompt_len`` tokens, then responses that see it and themselves) or
+``range_mask=prefix_lm`` (packed documents, each with a bidirectional prefix of
+``prompt_len`` tokens, capped at the document). ``response_lens`` gives the responses
+(shared_prefix) or documents (prefix_lm); empty: a seeded log-normal draw of mean
+``mask_mean_len`` (``docs_sigma``, ``docs_seed``). The mask replaces causal, window and
+documents (refused with it); doc_zigzag places tokens by its segments (``mask.cu_seqlens``),
+the plan is prepared with ``mask=``, the single-process baseline runs the same mask (so
+``single / P`` is again the balanced ideal), and rows add the computed balance
+``ringattn.balance.mask_work`` (``mask_balance``).
+
+    torchrun --standalone --nproc-per-node 2 -m recipes.benchmarks.attention seqlens=[16384] \
+        range_mask=shared_prefix prompt_len=4096 strategies=[ring] layouts=[contiguous,zigzag,doc_zigzag]
 On CPU each rank (and the single-process baseline) uses ``threads_per_rank`` threads, so
 P ranks stand for P devices. Results go to a table on stdout and to ``output`` (JSON).
 """
@@ -53,8 +67,15 @@ from ringattn.masking import AttentionMask
 from ringattn.ulysses import local_attention
 from recipes import distributed
 from recipes.flops import attention_flops
-from recipes.choices import AttnDtype, Layout, Strategy
+from recipes.choices import AttnDtype, Choice, Layout, Strategy
 from recipes.memory import PeakMemory
+
+
+class RangeMaskKind(Choice):
+    """Which ``ringattn.RangeMask`` batch the benchmark builds (see the module doc)."""
+
+    shared_prefix = "shared_prefix"
+    prefix_lm = "prefix_lm"
 
 
 @dataclass
@@ -65,7 +86,7 @@ class BenchmarkConfig:
     kv_heads: int = 8
     head_dim: int = 64
     dtype: AttnDtype = AttnDtype.fp32
-    causal: bool = True
+    causal: Optional[bool] = None  # None: True, or False under range_mask (the mask is the rule)
     layouts: list[Layout] = field(default_factory=lambda: [Layout.zigzag, Layout.striped, Layout.contiguous])
     # ring: K/V around all P ranks; ulysses: all-to-all over all P (needs heads >= P);
     # hybrid: Ulysses over ulysses_size consecutive ranks x ring over P / ulysses_size.
@@ -78,6 +99,11 @@ class BenchmarkConfig:
     docs_sigma: float = 1.0  # log-space standard deviation of the log-normal lengths
     docs_seed: int = 0
     window: list[int] = field(default_factory=lambda: [-1, -1])
+    # a range-mask batch instead of causal/window/documents (module doc)
+    range_mask: Optional[RangeMaskKind] = None
+    prompt_len: int = 1024  # shared_prefix: the prompt; prefix_lm: each document's prefix
+    response_lens: list[int] = field(default_factory=list)  # responses / documents; empty: drawn
+    mask_mean_len: int = 1024  # mean length of the drawn responses / documents
     softcap: Optional[float] = None  # logit softcapping (kernel: one that supports it)
     sinks: bool = False  # per-head attention sinks (GPT-OSS); not in the 1-process baseline
     warmup: int = 1
@@ -92,6 +118,17 @@ class BenchmarkConfig:
         # floating-point exception (no Python error) when heads is not a multiple of kv_heads
         if self.heads % self.kv_heads:
             raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        if self.range_mask is not None:
+            clash = [name for name, on in (("causal=true", self.causal), ("window", list(self.window) != [-1, -1]),
+                                           ("doc_lengths", bool(self.doc_lengths)),
+                                           ("docs_lognormal_mean", self.docs_lognormal_mean is not None),
+                                           ("sinks", self.sinks)) if on]
+            if clash:
+                raise ValueError(f"range_mask={self.range_mask} is the whole attention rule; drop "
+                                 f"{', '.join(clash)}")
+            if self.prompt_len < 1:
+                raise ValueError(f"prompt_len must be >= 1; got {self.prompt_len}")
+        self.causal = self.range_mask is None if self.causal is None else self.causal
 
 
 ConfigStore.instance().store(name="benchmark_attention_schema", node=BenchmarkConfig)
@@ -156,7 +193,32 @@ def _fwd_bwd(attend, q, k, v):
     return fwd, fwd_bwd
 
 
+def _range_mask(cfg, seqlen) -> Optional[ringattn.RangeMask]:
+    """The configured range mask over the whole ``seqlen`` sequence, or None."""
+    if cfg.range_mask is None:
+        return None
+    rest = seqlen - cfg.prompt_len if cfg.range_mask == "shared_prefix" else seqlen
+    if rest < 1:
+        raise ValueError(f"prompt_len={cfg.prompt_len} leaves no room for a response in seqlen {seqlen}")
+    if cfg.response_lens:
+        if sum(cfg.response_lens) != rest:
+            raise ValueError(f"response_lens sum to {sum(cfg.response_lens)}, not {rest} "
+                             f"(seqlen{' - prompt_len' if rest != seqlen else ''})")
+        lens = list(cfg.response_lens)
+    else:
+        lens = balance.lognormal_documents(rest, mean=cfg.mask_mean_len, sigma=cfg.docs_sigma,
+                                           seed=cfg.docs_seed).diff().tolist()
+    if cfg.range_mask == "shared_prefix":
+        return ringattn.RangeMask.shared_prefix(cfg.prompt_len, lens)
+    cu = torch.tensor([0, *lens]).cumsum(0)
+    return ringattn.RangeMask.prefix_lm(cu, [min(cfg.prompt_len, n) for n in lens])
+
+
 def _cu_seqlens(cfg, seqlen, device):
+    """Document boundaries: packed documents', or a range mask's segments (for placement)."""
+    mask = _range_mask(cfg, seqlen)
+    if mask is not None:
+        return mask.cu_seqlens.to(device)
     if cfg.docs_lognormal_mean is not None:
         if cfg.doc_lengths:
             raise ValueError("give doc_lengths or docs_lognormal_mean, not both")
@@ -196,13 +258,14 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
     if sp is None:
         return {"strategy": strategy, "layout": layout, "world": world, "seqlen": seqlen,
                 "skipped": why_not}
-    cu = _cu_seqlens(cfg, seqlen, device)
+    cu, mask = _cu_seqlens(cfg, seqlen, device), _range_mask(cfg, seqlen)
     q, k, v = (sp.shard(t, cu_seqlens=cu) for t in _inputs(cfg, seqlen, device, dtype))
     sinks = torch.linspace(-1.0, 1.0, cfg.heads, device=device) if cfg.sinks else None
-    plan = sp.prepare(q.shape[:2], cu_seqlens=cu, device=device)  # once, as a model's step does
+    # once, as a model's step does; a range mask carries its own segments
+    plan = sp.prepare(q.shape[:2], cu_seqlens=None if mask is not None else cu, device=device, mask=mask)
     attend = lambda q, k, v: sp.attention(  # noqa: E731
         q, k, v, causal=cfg.causal, window_size=tuple(cfg.window), sinks=sinks,
-        softcap=cfg.softcap, plan=plan)
+        softcap=cfg.softcap, plan=plan, mask=mask)
     fwd, fwd_bwd = _fwd_bwd(attend, q, k, v)
     t_fwd, t_fwd_bwd = _time(fwd, cfg, device), _time(fwd_bwd, cfg, device)
     with profile.RingProfile() as prof, PeakMemory(device) as mem:
@@ -213,7 +276,9 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
     work = prof.scores
     dense = cfg.batch * cfg.heads * (seqlen * (seqlen + 1) // 2 if cfg.causal else seqlen**2)
     planned = {}
-    if cu is not None and strategy == "ring":  # the ring's block schedule for every rank (no communication)
+    if mask is not None:  # the computed balance of the mask's visible pairs (no communication)
+        planned = {"mask_balance": balance.imbalance(balance.mask_work(mask, layout, world))}
+    elif cu is not None and strategy == "ring":  # the ring's block schedule for every rank (no communication)
         pw = balance.scheduled_work(cu.cpu(), layout, world, causal=cfg.causal, window_size=tuple(cfg.window))
         planned = {"planned_balance": balance.imbalance(pw.kernel), "needed_balance": balance.imbalance(pw.needed),
                    "masked_share": pw.masked_share, "kernel_calls_per_rank": int(pw.calls.max())}
@@ -247,7 +312,9 @@ def bench_single(cfg, seqlen, device, dtype):
     scale = 1.0 / math.sqrt(cfg.head_dim)
     # With documents/windows the baseline is the library's one-process path (per-document
     # blocks, masks only where a window cuts them); without them the plain (causal) kernel.
-    rule = AttentionMask.build(seqlen, cfg.causal, _cu_seqlens(cfg, seqlen, "cpu"), tuple(cfg.window))
+    range_mask = _range_mask(cfg, seqlen)
+    rule = range_mask or AttentionMask.build(seqlen, cfg.causal, _cu_seqlens(cfg, seqlen, "cpu"),
+                                             tuple(cfg.window))
     mask, causal = None, cfg.causal
 
     class _Single(torch.autograd.Function):
@@ -268,10 +335,11 @@ def bench_single(cfg, seqlen, device, dtype):
     if not rule.is_plain:
         # planned once, outside the timed calls, as a model's step does
         plan = ringattn.SequenceParallel.single(cfg.backend).prepare(
-            q.shape[:2], cu_seqlens=_cu_seqlens(cfg, seqlen, "cpu"), device=device)
+            q.shape[:2], cu_seqlens=None if range_mask else _cu_seqlens(cfg, seqlen, "cpu"),
+            device=device, mask=range_mask)
         single = lambda q, k, v: local_attention(  # noqa: E731
             q, k, v, causal=cfg.causal, window_size=tuple(cfg.window), softmax_scale=scale,
-            backend=cfg.backend, softcap=cfg.softcap, plan=plan)
+            backend=cfg.backend, softcap=cfg.softcap, plan=plan, mask=range_mask)
     fwd, fwd_bwd = _fwd_bwd(single, q, k, v)
     t_fwd, t_fwd_bwd = _time(fwd, cfg, device, False), _time(fwd_bwd, cfg, device, False)
     with PeakMemory(device) as mem:
@@ -343,6 +411,8 @@ def _print_row(row):
           f"{row.get('single_fwd_bwd_s', float('nan')) * 1e3:>15.1f}{row.get('efficiency_fwd_bwd', float('nan')):>9.2f}"
           + (f"  planned balance {row['planned_balance']:.3f}, masked {row['masked_share']:.1%}, "
              f"{row['kernel_calls_per_rank']} calls" if "planned_balance" in row else "")
+          + (f"  x the ideal {1 / row['efficiency_fwd_bwd']:.2f}, computed balance {row['mask_balance']:.3f}"
+             if "mask_balance" in row and "efficiency_fwd_bwd" in row else "")
           + "  kernels " + ", ".join(f"{k} {n}" for k, n in row["kernels"].items()),
           flush=True)
 
