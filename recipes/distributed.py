@@ -49,20 +49,26 @@ class ParallelConfig:
         if self.sp_size % self.ulysses_size:
             raise ValueError(f"parallel.ulysses_size={self.ulysses_size} does not divide "
                              f"parallel.sp_size={self.sp_size}")
-        derived = ("ring" if self.ulysses_size == 1 else
-                   "ulysses" if self.ulysses_size == self.sp_size else "hybrid")
-        if self.strategy is not None and self.strategy == "allgather":
-            if self.ulysses_size != 1:
-                raise ValueError(f"parallel.strategy=allgather gathers K/V instead of an all-to-all: "
-                                 f"it needs parallel.ulysses_size=1 (got {self.ulysses_size})")
-            derived = "allgather"
+        derived = self.resolved_strategy
+        if self.strategy == "allgather" and self.ulysses_size != 1:
+            raise ValueError(f"parallel.strategy=allgather gathers K/V instead of an all-to-all: "
+                             f"it needs parallel.ulysses_size=1 (got {self.ulysses_size})")
         if self.strategy is not None and self.strategy != derived:
             raise ValueError(f"parallel.strategy={self.strategy} does not match parallel.ulysses_size="
                              f"{self.ulysses_size} with parallel.sp_size={self.sp_size} (that is {derived}; "
                              "ring: ulysses_size=1, ulysses: ulysses_size=sp_size, hybrid: in between)")
-        self.strategy = Strategy(derived)
         if self.collective_timeout_s <= 0:
             raise ValueError(f"parallel.collective_timeout_s={self.collective_timeout_s}: must be > 0")
+
+    @property
+    def resolved_strategy(self) -> str:
+        """The strategy this config runs: ``strategy`` where named, else what ``ulysses_size``
+        says. Computed, never stored back into ``strategy``: Hydra builds the config from its
+        defaults first, and a stored "ring" would then contradict ``parallel.ulysses_size=2``."""
+        if self.strategy == "allgather":
+            return "allgather"
+        return ("ring" if self.ulysses_size == 1 else
+                "ulysses" if self.ulysses_size == self.sp_size else "hybrid")
 
 
 def validate(cfg: ParallelConfig, world_size: int) -> None:
@@ -189,7 +195,7 @@ def init(cfg: ParallelConfig) -> Context:
     world = dist.get_world_size()
     validate(cfg, world)
     mesh = ringattn.init_mesh(sp=cfg.sp_size, ulysses=cfg.ulysses_size, device_type=device.type, timeout=timeout)
-    sp = ringattn.SequenceParallel(cfg.strategy.value, cfg.layout.value, mesh=mesh)
+    sp = ringattn.SequenceParallel(cfg.resolved_strategy, cfg.layout.value, mesh=mesh)
     return Context(dist.get_rank(), world, device, mesh, sp)
 
 

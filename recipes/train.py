@@ -445,7 +445,7 @@ def dry_run(job: JobConfig) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     e = est(ds.zero_stage, offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param)
-    print(estimate.report(e, world_size=world, dp=p.dp, sp_size=par.sp_size, strategy=par.strategy,
+    print(estimate.report(e, world_size=world, dp=p.dp, sp_size=par.sp_size, strategy=par.resolved_strategy,
                           layout=par.layout, micro=p.micro, grad_accum=p.grad_accum, zero_stage=ds.zero_stage,
                           dtype=job.trainer.dtype), flush=True)
     stages = " | ".join(f"{z}: {est(z, offload_optimizer=False, offload_param=False).total / estimate.GiB:.2f}"

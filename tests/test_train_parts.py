@@ -210,13 +210,18 @@ def test_parallel_strategy_named_or_derived():
     """``parallel.strategy`` names the library's strategy; left null it follows from ulysses_size."""
     from recipes.distributed import ParallelConfig
 
-    assert ParallelConfig(sp_size=4).strategy == "ring"
-    assert ParallelConfig(sp_size=4, ulysses_size=4).strategy == "ulysses"
-    assert ParallelConfig(sp_size=4, ulysses_size=2).strategy == "hybrid"
+    assert ParallelConfig(sp_size=4).resolved_strategy == "ring"
+    assert ParallelConfig(sp_size=4, ulysses_size=4).resolved_strategy == "ulysses"
+    assert ParallelConfig(sp_size=4, ulysses_size=2).resolved_strategy == "hybrid"
     named = ParallelConfig(sp_size=4, strategy="ulysses")  # ulysses_size left at 1: all of sp
-    assert named.strategy == "ulysses" and named.ulysses_size == 4
+    assert named.resolved_strategy == "ulysses" and named.ulysses_size == 4
     assert ParallelConfig(sp_size=4, strategy="hybrid", ulysses_size=2).ulysses_size == 2
-    assert ParallelConfig(sp_size=4, strategy="allgather").strategy == "allgather"
+    assert ParallelConfig(sp_size=4, strategy="allgather").resolved_strategy == "allgather"
+    # Hydra builds the defaults first (an instance), then merges overrides: nothing the first
+    # instance derived may contradict them.
+    from omegaconf import OmegaConf
+    merged = OmegaConf.merge(OmegaConf.structured(ParallelConfig()), {"sp_size": 2, "ulysses_size": 2})
+    assert OmegaConf.to_object(merged).resolved_strategy == "ulysses"
     for kw, message in (({"strategy": "ring", "ulysses_size": 2}, "strategy=ring does not match"),
                         ({"strategy": "hybrid"}, "strategy=hybrid does not match"),
                         ({"strategy": "allgather", "ulysses_size": 2}, "needs parallel.ulysses_size=1")):
