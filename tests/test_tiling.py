@@ -77,6 +77,17 @@ def test_tiled_loss_bf16_weight_grad_accumulated_in_fp32(tile):
     assert (err <= ulp + 1e-6 * ref.abs().max()).all(), (err / ulp).max()
 
 
+def test_matmul_fp32_cuda_call_contract_on_meta():
+    """The CUDA branch's call, checked where it can run: the meta device has the same overload
+    (shape and dtype rules). With a torch that lacks it, CUDA must take the upcast path."""
+    a = torch.empty(64, 96, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(96, 32, dtype=torch.bfloat16, device="meta")
+    if not tiling._MM_OUT_DTYPE:
+        pytest.skip("this torch has no aten::mm.dtype: CUDA takes the upcast path tested above")
+    got = torch.mm(a, b, out_dtype=torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (64, 32)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fp32-output half-precision GEMM "
                     "(torch.mm out_dtype) exists only there; the CPU upcast path is tested above")
 def test_matmul_fp32_cuda_equals_exact_upcast():

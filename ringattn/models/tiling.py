@@ -66,6 +66,11 @@ def _tile_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(h, weight).float()
 
 
+# torch.mm(..., out_dtype=) (the aten::mm.dtype overload) is newer than the oldest torch we
+# support (2.4): without it, CUDA takes the upcast path too.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` accumulated and returned in fp32, for model-dtype (bf16/fp16/fp32) inputs.
 
@@ -76,7 +81,7 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
+    if a.is_cuda and _MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
