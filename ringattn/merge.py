@@ -29,12 +29,19 @@ class PartialAttention:
     def add(self, block_out: torch.Tensor, block_lse: torch.Tensor, rows: slice = slice(None)):
         """Merge a block's result for query rows ``rows`` (a slice of the q_len dimension).
 
-        A row with block lse = -inf saw no key of this block: it adds exactly nothing,
-        whatever ``block_out`` holds there (fused kernels promise nothing for rows their
-        mask hides entirely: NaN, garbage). Selected with ``where``, never multiplied by a
-        zero share: 0 * NaN is NaN. A row no block sees stays out = 0, lse = -inf."""
+        A row whose block lse is not finite saw no key of this block: it adds exactly
+        nothing, whatever ``block_out`` holds there. Kernels disagree on how they say so:
+        -inf (math, sdpa), +inf (flash-attn: its softmax writes INFINITY for a row whose
+        max is -inf, and its forward exits early with out 0, lse +inf for a row that sees
+        no key), and fused kernels promise nothing at all for such rows (NaN, garbage). A
+        finite lse with a NaN out cannot be told from a real result; no kernel writes one.
+        Selected with ``where``, never multiplied by a zero share: 0 * NaN is NaN. A row no
+        block sees stays out = 0, lse = -inf."""
         out, lse = self.out[:, rows], self.lse[:, :, rows]
         block_lse = block_lse.to(lse.dtype)
+        # every "no key here" spelling becomes -inf, which logaddexp and sigmoid absorb
+        block_lse = torch.where(torch.isfinite(block_lse), block_lse,
+                                torch.full_like(block_lse, float("-inf")))
         new_lse = torch.logaddexp(lse, block_lse)  # = lse where block_lse = -inf
         # sigmoid(L_b - L) is the new block's share; a row new to us (L = -inf) takes it whole
         share = torch.sigmoid(block_lse - lse)

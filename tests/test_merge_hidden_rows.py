@@ -1,7 +1,9 @@
 """Rows a block's mask hides entirely add exactly nothing to the merge, whatever the kernel
 wrote there: fused GPU kernels promise nothing for such rows (NaN, garbage), and 0 * NaN is
 NaN. Proven on CPU with a kernel that writes NaN (out) and 0 (lse, as fused kernels report)
-into every row its mask hides entirely, through the ring's exact per-rank schedule.
+into every row its mask hides entirely, through the ring's exact per-rank schedule; and with
+kernels whose own block description hides rows and that write lse +inf (flash-attn's
+empty row), -inf or NaN there.
 """
 from __future__ import annotations
 
@@ -50,13 +52,36 @@ def test_a_block_that_hides_a_row_adds_nothing_even_if_it_wrote_nan():
     assert torch.isneginf(fresh.lse).all()
 
 
+class WritesOnHiddenRows(MathBackend):
+    """A kernel whose own block description hides rows, as flash-attn's varlen call does for
+    a segment with no key: the block's dense ``visible`` (q rows, k rows) is the kernel's,
+    not the task's, so ``attend_blocks`` hands its (out, lse) to the merge untouched. Rows
+    it hides get out = ``out_fill`` and lse = ``lse_fill``."""
+
+    name = "writes_on_hidden_rows"
+
+    def __init__(self, visible, out_fill, lse_fill):
+        self.visible, self.out_fill, self.lse_fill = visible, out_fill, lse_fill
+
+    def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None, **block):
+        assert mask is None
+        out, lse = super().forward(q, k, v, causal=causal, scale=scale, mask=self.visible,
+                                   softcap=softcap, **block)
+        hidden = ~self.visible.any(dim=1)
+        out = out.masked_fill(hidden.view(1, -1, 1, 1), self.out_fill)
+        lse = lse.masked_fill(hidden.view(1, 1, -1), self.lse_fill)
+        return out, lse
+
+
 def virtual_ring(kernel, layout, world, cu, q, k, v, dense=False):
     """Every rank's ring steps (``AttentionPlan.ring_steps``: the exact schedule, masks on
     q's device) run in one process on full tensors -> [(out, lse, hidden rows) per rank]:
     rank r's shard attends the shard of rank (r - step) mod P at each step. ``dense``: each
     step one block of the whole shards with its dense mask instead (the schedule describes
     documents as bands and varlen sequences, which hide no row; a dense block hides every
-    row of a document the other shard does not hold)."""
+    row of a document the other shard does not hold). ``dense="kernel"``: that mask is the
+    kernel's own (``kernel`` is then a factory of a kernel from the step's mask), so no
+    caller masks the lse of the rows it hides."""
     held = [held_indices(layout, q.shape[1], world, r, cu_seqlens=cu).to(q.device)
             for r in range(world)]
     results = []
@@ -67,16 +92,22 @@ def virtual_ring(kernel, layout, world, cu, q, k, v, dense=False):
         acc, hidden = PartialAttention(mine, accumulation_dtype(q.dtype)), 0
         for step, tasks in enumerate(plan.ring_steps(causal=True)):
             src = held[(rank - step) % world]
+            step_kernel = kernel
             if dense:
                 rule = plan.mask(causal=True)
-                tasks = [BlockTask(ALL, ALL, False, mask=rule.dense(held[rank].cpu(), src.cpu()).to(q.device))]
+                visible = rule.dense(held[rank].cpu(), src.cpu()).to(q.device)
+                tasks = [BlockTask(ALL, ALL, False, mask=visible)]
+                if dense == "kernel":
+                    step_kernel, tasks = kernel(visible), [BlockTask(ALL, ALL, False)]
+                    hidden += int((~visible.any(dim=1)).sum())
             for t in tasks:
                 if t.cu_seqlens is not None:
                     assert all(c.device == q.device for c in t.cu_seqlens), "varlen bounds too"
                 if t.mask is not None:
                     assert t.mask.device == q.device, "the plan's masks live on the data's device"
                     hidden += int((~t.mask.any(dim=1)).sum())
-            attend_blocks(kernel, tasks, mine, k[:, src], v[:, src], 1 / math.sqrt(q.shape[-1]), acc)
+            attend_blocks(step_kernel, tasks, mine, k[:, src], v[:, src], 1 / math.sqrt(q.shape[-1]),
+                          acc)
         results.append((held[rank], acc.out, acc.lse, hidden))
     return results
 
@@ -101,6 +132,23 @@ def test_ring_over_short_documents_striped_with_a_kernel_writing_nan_in_hidden_r
     results = virtual_ring(NaNOnHiddenRows(), "striped", world, cu, q, k, v, dense=True)
     for rank, (held, out, lse, _) in enumerate(results):
         assert not out.isnan().any(), f"rank {rank}: NaN leaked into the merged output"
+        assert rel_err(out, ref_out[:, held]) < 1e-10
+        assert rel_err(lse, ref_lse[:, :, held]) < 1e-10
+    assert sum(r[3] for r in results) > 0, "the case must have blocks that hide rows entirely"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("lse_fill", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("out_fill", [0.0, float("nan"), 1e30])
+def test_ring_with_a_kernel_writing_non_finite_lse_in_rows_it_hides(world, lse_fill, out_fill):
+    """A block row whose lse is +inf (flash-attn's row that sees no key: out 0, lse
+    +INFINITY), -inf or NaN adds nothing to the merge, whatever its out holds; nothing
+    outside the merge masks it. fp64: the ring equals the float64 reference to 1e-10."""
+    cu, (q, k, v), ref_out, ref_lse = documents_case("cpu", torch.float64)
+    results = virtual_ring(lambda visible: WritesOnHiddenRows(visible, out_fill, lse_fill),
+                           "striped", world, cu, q, k, v, dense="kernel")
+    for rank, (held, out, lse, _) in enumerate(results):
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), f"rank {rank}"
         assert rel_err(out, ref_out[:, held]) < 1e-10
         assert rel_err(lse, ref_lse[:, :, held]) < 1e-10
     assert sum(r[3] for r in results) > 0, "the case must have blocks that hide rows entirely"
