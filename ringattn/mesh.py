@@ -11,6 +11,8 @@ ulysses=1 the ring is the whole sp dim.
 from __future__ import annotations
 
 import datetime
+import inspect
+import math
 import os
 
 import torch
@@ -56,19 +58,67 @@ def init_mesh(*, dp: int | None = None, sp: int | None = None, ulysses: int = 1,
     if sp % ulysses:
         raise ValueError(f"init_mesh: ulysses ({ulysses}) must divide sp ({sp})")
     device_type = device_type or _default_device_type()
-    override = _timeout_options(device_type, timeout)
     names = ("dp", "ring", "ulysses")
-    mesh = init_device_mesh(device_type, (dp, sp // ulysses, ulysses), mesh_dim_names=names,
-                            backend_override=None if override is None else dict.fromkeys(names, override))
+    shape = (dp, sp // ulysses, ulysses)
+    if not _has_backend_override():
+        return _mesh_from_own_groups(device_type, shape, names, timeout)
+    # One options object per group: torch writes into the options a group is created with
+    # (NCCL: the group's name, its ranks, the split source and colour) and the group keeps a
+    # reference to them, so options shared by two groups end up describing the last one.
+    override = {name: _timeout_options(device_type, timeout) for name in names}
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names,
+                            backend_override=None if timeout is None else override)
     # A private but stable call (torchtitan builds its meshes the same way); the flattened
     # mesh is cached on the root, so later calls return the same groups.
-    mesh["ring", "ulysses"]._flatten("sp", backend_override=override)
+    mesh["ring", "ulysses"]._flatten("sp", backend_override=_timeout_options(device_type, timeout))
+    return mesh
+
+
+def _has_backend_override() -> bool:
+    """Whether this torch's ``init_device_mesh`` takes per-dimension backends and options
+    (torch >= 2.9); before it, a mesh's groups got torch's default timeout for new groups."""
+    return "backend_override" in inspect.signature(init_device_mesh).parameters
+
+
+# SP groups built by ``_mesh_from_own_groups``, by the global ranks of the SP sub-mesh they
+# span: without ``backend_override`` a flattened dim cannot be given a timeout, so the "sp"
+# group is made here and looked up by ``mesh_sp_groups`` instead of ``_flatten("sp")``.
+_OWN_SP_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def _mesh_from_own_groups(device_type: str, shape: tuple[int, int, int], names: tuple[str, ...],
+                          timeout: datetime.timedelta | None) -> DeviceMesh:
+    """The same (dp, ring, ulysses) mesh for a torch without ``backend_override``: every group
+    (each dim's, and the flattened sp one) created with ``new_group`` and the timeout, then
+    assembled with the public ``DeviceMesh.from_group``. Every rank creates every group, in
+    the same order, as ``new_group`` requires."""
+    ranks = torch.arange(math.prod(shape), device="cpu").view(shape)
+    me = dist.get_rank()
+    backend = "nccl" if device_type == "cuda" else "gloo"
+
+    def groups_along(grid: torch.Tensor, dims: tuple[int, ...]):
+        """this rank's group among those spanning ``dims`` of ``grid``"""
+        rest = [d for d in range(grid.ndim) if d not in dims]
+        rows = grid.permute(*rest, *dims).reshape(-1, math.prod(grid.shape[d] for d in dims))
+        mine = None
+        for row in rows.tolist():
+            group = dist.new_group(row, timeout=timeout, backend=backend,
+                                   pg_options=_timeout_options(device_type, timeout))
+            if me in row:
+                mine = group
+        return mine
+
+    dim_groups = [groups_along(ranks, (d,)) for d in range(len(shape))]
+    sp_group = groups_along(ranks, (1, 2))
+    mesh = DeviceMesh.from_group(dim_groups, device_type, mesh=ranks, mesh_dim_names=names)
+    sp_ranks = tuple(ranks[ranks.eq(me).nonzero()[0, 0]].flatten().tolist())
+    _OWN_SP_GROUPS[sp_ranks] = sp_group
     return mesh
 
 
 def _timeout_options(device_type: str, timeout: datetime.timedelta | None):
-    """(backend, options) that give every group of a mesh ``timeout``: DeviceMesh creates its
-    groups with torch's default timeout unless the options carry one."""
+    """A new (backend, options) pair that gives a group ``timeout`` (DeviceMesh creates its
+    groups with torch's default timeout unless the options carry one); None without a timeout."""
     if timeout is None:
         return None
     if device_type == "cuda":
@@ -101,7 +151,10 @@ def mesh_sp_groups(mesh: DeviceMesh):
     names = mesh.mesh_dim_names or ()
     if "ring" in names and "ulysses" in names:
         sub = mesh["ring", "ulysses"] if names != ("ring", "ulysses") else mesh
-        return sub._flatten("sp").get_group(), sub["ring"].get_group(), sub["ulysses"].get_group()
+        sp = _OWN_SP_GROUPS.get(tuple(sub.mesh.flatten().tolist()))
+        if sp is None:
+            sp = sub._flatten("sp").get_group()
+        return sp, sub["ring"].get_group(), sub["ulysses"].get_group()
     if "sp" in names and names != ("sp",):
         return mesh["sp"].get_group(), None, None
     return mesh.get_group(), None, None

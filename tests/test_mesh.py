@@ -54,3 +54,73 @@ def test_every_mesh_group_carries_the_timeout(world, backend):
     device_type = "cuda" if backend == "nccl" else "cpu"
     timeouts = run_distributed(_group_timeouts, world, device_type, backend=backend, timeout=120)[0]
     assert timeouts == dict.fromkeys(("dp", "ring", "ulysses", "sp"), 123.0)
+
+
+def _old_init_device_mesh(device_type, mesh_shape, *, mesh_dim_names=None):
+    """``init_device_mesh`` as torch < 2.9 presents it: no ``backend_override``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, mesh_shape, mesh_dim_names=mesh_dim_names)
+
+
+def _fallback_mesh(rank, world, timeout_s, ulysses):
+    """init_mesh on a torch whose init_device_mesh lacks backend_override: every group it hands
+    out (each dim's and the flattened sp group) carries the timeout and spans the right ranks."""
+    import ringattn.mesh as mesh_mod
+    from ringattn.mesh import mesh_sp_groups
+
+    mesh_mod.init_device_mesh = _old_init_device_mesh
+    assert not mesh_mod._has_backend_override()
+    mesh = ringattn.init_mesh(sp=world, ulysses=ulysses, timeout=datetime.timedelta(seconds=timeout_s))
+    sp, ring, uly = mesh_sp_groups(mesh)
+    groups = {"dp": mesh["dp"].get_group(), "ring": ring, "ulysses": uly, "sp": sp}
+    out = {}
+    for dim, group in groups.items():
+        total = torch.ones(1)
+        dist.all_reduce(total, group=group)
+        out[dim] = (group._get_backend(torch.device("cpu")).options._timeout.total_seconds(),
+                    dist.get_process_group_ranks(group), int(total))
+    return out
+
+
+@pytest.mark.parametrize("ulysses", [1, 2])
+def test_mesh_without_backend_override_keeps_the_timeout(ulysses):
+    """torch < 2.9 (presented by an init_device_mesh without backend_override): init_mesh builds
+    the groups itself; each has the timeout, its ranks, and works."""
+    got = run_distributed(_fallback_mesh, 2, 77.0, ulysses, timeout=120)
+    ring = [0] if ulysses == 2 else [0, 1]
+    uly = [0, 1] if ulysses == 2 else [0]
+    assert got[0] == {"dp": (77.0, [0], 1), "ring": (77.0, ring, len(ring)),
+                      "ulysses": (77.0, uly, len(uly)), "sp": (77.0, [0, 1], 2)}
+    assert got[1]["sp"] == (77.0, [0, 1], 2)
+
+
+def _recorded_options(rank, world):
+    """The options objects init_mesh hands torch for each mesh dim and for the flatten."""
+    import ringattn.mesh as mesh_mod
+    from torch.distributed.device_mesh import DeviceMesh
+
+    seen = []
+    real_init, real_flatten = mesh_mod.init_device_mesh, DeviceMesh._flatten
+
+    def init(*args, backend_override=None, **kw):
+        seen.extend(backend_override.values())
+        return real_init(*args, backend_override=backend_override, **kw)
+
+    def flatten(self, name=None, backend_override=None):
+        seen.append(backend_override)
+        return real_flatten(self, name, backend_override=backend_override)
+
+    mesh_mod.init_device_mesh, DeviceMesh._flatten = init, flatten
+    ringattn.init_mesh(sp=world, timeout=datetime.timedelta(seconds=55))
+    return [(id(opts), backend, opts._timeout.total_seconds()) for backend, opts in seen]
+
+
+def test_every_group_gets_its_own_options_object():
+    """torch writes into the options a group is created with (NCCL: its name, ranks, split colour)
+    and the group keeps them: one object shared by the dims and the flatten would end up
+    describing only the last group created."""
+    seen = run_distributed(_recorded_options, 1, timeout=60)[0]
+    assert len(seen) == 4, seen  # dp, ring, ulysses, sp
+    assert len({ident for ident, _, _ in seen}) == 4, "an options object is shared between groups"
+    assert {(backend, t) for _, backend, t in seen} == {("gloo", 55.0)}
