@@ -4,7 +4,9 @@ Save: every rank writes into ``.tmp-step_N`` (DeepSpeed model / optimizer / sche
 plus this rank's RNG); the ranks hash a share of the files each; rank 0 writes ``meta.json``
 (step, data position, shapes), then ``manifest.json`` (size and SHA-256 of every other file,
 written last) and renames the directory to ``step_N`` -- a single atomic rename, so a crash
-mid-save leaves only a ``.tmp-`` directory that is ignored. Only the newest ``keep`` are kept.
+mid-save leaves only a ``.tmp-`` directory that is ignored. Retention (``retain``) never deletes
+the checkpoint just written, renames corrupt ones aside instead of counting them, and counts a
+universal copy as one more checkpoint.
 
 Resume (``find_resumable``): the newest ``step_N`` whose files match its manifest, checked
 before anything big is built; a truncated or missing file makes it fall back to the previous
@@ -105,9 +107,9 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def problems(path: str, rank: int, world: int) -> List[str]:
-    """What is wrong with a committed checkpoint (empty: complete). A collective: every rank
-    checks the sizes and checksums of its share of the manifest's files."""
+def problems(path: str, rank: int, world: int, checksums: bool = True) -> List[str]:
+    """What is wrong with a committed checkpoint (empty: complete). Every rank checks the sizes
+    and checksums of its share of the manifest's files (``checksums=False``: sizes only)."""
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             manifest = json.load(f)["files"]
@@ -120,7 +122,7 @@ def problems(path: str, rank: int, world: int) -> List[str]:
             mine.append(f"{name} is missing")
         elif os.path.getsize(p) != want["bytes"]:
             mine.append(f"{name} has {os.path.getsize(p)} bytes, the manifest says {want['bytes']}")
-        elif _sha256(p) != want["sha256"]:
+        elif checksums and _sha256(p) != want["sha256"]:
             mine.append(f"{name} does not match its checksum")
     return mine
 
@@ -228,10 +230,69 @@ def save(engine, run_dir: str, step: int, meta: dict, rank: int, world: int, kee
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(r)
-        for old in saved(run_dir)[keep:] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
+        retain(run_dir, final, keep)
     dist.barrier()
     return os.path.join(r, tag)
+
+
+# ---- retention: run by rank 0 right after a save ----
+
+def _step_of(path: str) -> int:
+    return int(_STEP_RE.match(os.path.basename(path)).group(1))
+
+
+def _aside(path: str, prefix: str) -> str:
+    """Rename a checkpoint out of the ``step_N`` namespace (a resume no longer sees it); never
+    deletes. Returns the new path (a numbered suffix if that name is taken)."""
+    dst = os.path.join(os.path.dirname(path), prefix + os.path.basename(path))
+    n = 1
+    while os.path.exists(dst):
+        dst = os.path.join(os.path.dirname(path), f"{prefix}{os.path.basename(path)}.{n}")
+        n += 1
+    os.rename(path, dst)
+    return dst
+
+
+def retain(run_dir: str, written: str, keep: int) -> None:
+    """Retention after ``written`` was committed (rank 0 alone; the others wait at a barrier).
+
+    - ``written`` is never deleted: it is the one checkpoint known good right now.
+    - A ``step_N`` newer than it can only be one a resume skipped (corrupt or incomplete) or one
+      of a trajectory this run has just replaced; left in place, a later resume would pick it or
+      warn about it forever, and counting it could push ``written`` out. It is renamed aside to
+      ``corrupt-step_N`` (``superseded-step_N`` if its files check out): kept for inspection,
+      never resumed, never counted.
+    - An older checkpoint counts only if it is complete (every file of its manifest present with
+      its size: a stat, not a checksum, so retention stays cheap at any size; resume checks the
+      checksums); an incomplete one is renamed aside like a newer one.
+    - ``keep`` (0: all) counts copies on disk: a checkpoint's ``universal/`` conversion is as large
+      as the checkpoint, so it counts as one more. When the budget runs out, an older
+      checkpoint's universal copy goes first (it can be converted again), then the checkpoint."""
+    step = _step_of(written)
+    budget = keep - 1 if keep else None  # the one just written takes the first place
+    for path in saved(run_dir):
+        if path == written:
+            continue
+        bad = problems(path, 0, 1, checksums=False)
+        if _step_of(path) > step or bad:
+            prefix = "corrupt-" if bad else "superseded-"
+            dst = _aside(path, prefix)
+            why = "; ".join(bad) if bad else f"newer than step {step}, which this run continued from an earlier one"
+            log.warning("checkpoint %s renamed aside to %s (%s): it is never resumed or counted -- remove it "
+                        "when you no longer need it", path, os.path.basename(dst), why)
+            continue
+        if budget is None:
+            continue
+        copies = [os.path.join(path, d) for d in (UNIVERSAL, ".tmp-" + UNIVERSAL) if os.path.isdir(os.path.join(path, d))]
+        if budget <= 0:
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        budget -= 1
+        for copy in copies:
+            if budget > 0 and os.path.basename(copy) == UNIVERSAL:
+                budget -= 1
+            else:
+                shutil.rmtree(copy, ignore_errors=True)
 
 
 def _fsync_dir(path: str) -> None:

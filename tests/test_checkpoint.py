@@ -1,0 +1,110 @@
+"""Checkpoint housekeeping without processes: retention after a save (what is kept, deleted or
+renamed aside), on checkpoint directories made by hand with real manifests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recipes import checkpoint
+from tests.train_launch import metrics, tail, train_ok
+
+
+def _ckpt(run_dir: Path, step: int, universal: bool = False) -> Path:
+    """A committed checkpoint: two files and a manifest of their sizes and checksums."""
+    d = run_dir / checkpoint.DIRNAME / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    (d / "model.pt").write_bytes(b"m" * 100)
+    (d / "meta.json").write_text(f'{{"step": {step}}}')
+    names = checkpoint._files(str(d))
+    checkpoint._write_json(str(d / checkpoint.MANIFEST),
+                           {"step": step, "files": checkpoint._digest_share(str(d), names, 0, 1)})
+    if universal:
+        (d / checkpoint.UNIVERSAL).mkdir()
+        (d / checkpoint.UNIVERSAL / "fp32.pt").write_bytes(b"u" * 100)
+    return d
+
+
+def _truncate(d: Path) -> None:
+    (d / "model.pt").write_bytes(b"m" * 10)
+
+
+def _listing(run_dir: Path) -> list:
+    return sorted(p.name for p in (run_dir / checkpoint.DIRNAME).iterdir())
+
+
+def test_fallback_then_save_keeps_the_new_checkpoint_and_renames_the_corrupt_newer_one_aside(tmp_path):
+    """A resume fell back from a corrupt step_300 to step_200 and then saved step_250: with
+    keep=1 the one just written stays, 300 is renamed aside (not counted, not deleted), 200 goes."""
+    _ckpt(tmp_path, 200)
+    _truncate(_ckpt(tmp_path, 300))
+    written = _ckpt(tmp_path, 250)
+    checkpoint.retain(str(tmp_path), str(written), keep=1)
+    assert _listing(tmp_path) == ["corrupt-step_00000300", "step_00000250"]
+    assert checkpoint.latest_complete(str(tmp_path)) == str(written)
+
+
+def test_a_complete_newer_checkpoint_is_renamed_aside_as_superseded(tmp_path):
+    """A newer complete step_N (a replaced trajectory) would win the next resume over the one just
+    written: it is renamed aside too, under a name that does not call it corrupt."""
+    _ckpt(tmp_path, 300)
+    written = _ckpt(tmp_path, 250)
+    checkpoint.retain(str(tmp_path), str(written), keep=2)
+    assert _listing(tmp_path) == ["step_00000250", "superseded-step_00000300"]
+
+
+def test_only_complete_checkpoints_count_and_incomplete_older_ones_are_renamed_aside(tmp_path):
+    _ckpt(tmp_path, 100)
+    _truncate(_ckpt(tmp_path, 200))
+    written = _ckpt(tmp_path, 300)
+    checkpoint.retain(str(tmp_path), str(written), keep=2)
+    # 200 is incomplete: it does not take the second place, 100 does
+    assert _listing(tmp_path) == ["corrupt-step_00000200", "step_00000100", "step_00000300"]
+
+
+def test_a_universal_copy_counts_as_one_more_checkpoint_and_goes_first(tmp_path):
+    _ckpt(tmp_path, 100)
+    _ckpt(tmp_path, 200, universal=True)
+    written = _ckpt(tmp_path, 300)
+    checkpoint.retain(str(tmp_path), str(written), keep=2)
+    # 300 + 200 fill the two places; 200's universal copy would be a third: it goes, then 100
+    assert _listing(tmp_path) == ["step_00000200", "step_00000300"]
+    assert not (tmp_path / checkpoint.DIRNAME / "step_00000200" / checkpoint.UNIVERSAL).exists()
+
+    _ckpt(tmp_path, 400)
+    (tmp_path / checkpoint.DIRNAME / "step_00000300" / checkpoint.UNIVERSAL).mkdir()
+    checkpoint.retain(str(tmp_path), str(tmp_path / checkpoint.DIRNAME / "step_00000400"), keep=3)
+    # 400, 300 and 300's universal copy are three copies: 200 goes
+    assert _listing(tmp_path) == ["step_00000300", "step_00000400"]
+    assert (tmp_path / checkpoint.DIRNAME / "step_00000300" / checkpoint.UNIVERSAL).is_dir()
+
+
+def test_keep_0_deletes_nothing_but_still_renames_newer_corrupt_ones_aside(tmp_path):
+    for s in (100, 200):
+        _ckpt(tmp_path, s, universal=True)
+    _truncate(_ckpt(tmp_path, 400))
+    written = _ckpt(tmp_path, 300)
+    checkpoint.retain(str(tmp_path), str(written), keep=0)
+    assert _listing(tmp_path) == ["corrupt-step_00000400", "step_00000100", "step_00000200", "step_00000300"]
+    _truncate(_ckpt(tmp_path, 400))  # the same step corrupt again: the earlier one is not overwritten
+    checkpoint.retain(str(tmp_path), str(written), keep=0)
+    assert "corrupt-step_00000400.1" in _listing(tmp_path)
+
+
+@pytest.mark.slow
+def test_resume_past_a_corrupt_checkpoint_then_save_with_keep_1_stays_resumable(tmp_path):
+    """The recipe end to end, one process: checkpoints 2 and 4, then 4's model file is cut in
+    half. The next invocation falls back to 2, saves 3 (stop_at_step) with keep_checkpoints=1 and
+    stops; the one after that resumes from 3 -- before, retention deleted 3 and 2 by step number
+    and kept the corrupt 4, so nothing was left to resume."""
+    train_ok(tmp_path, 1, ["trainer.max_steps=4", "trainer.save_every=2"])
+    states = tmp_path / checkpoint.DIRNAME / "step_00000004" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    over = ["trainer.max_steps=6", "trainer.save_every=3", "trainer.keep_checkpoints=1"]
+    proc = train_ok(tmp_path, 1, over + ["trainer.stop_at_step=3"])
+    assert "falling back" in proc.stderr, tail(proc)
+    assert _listing(tmp_path) == ["corrupt-step_00000004", "step_00000003"], tail(proc)
+    proc = train_ok(tmp_path, 1, over)
+    assert "at step 3" in proc.stderr and "falling back" not in proc.stderr, tail(proc)
+    assert _listing(tmp_path) == ["corrupt-step_00000004", "step_00000006"]
+    assert sorted(metrics(tmp_path)) == list(range(1, 7))
