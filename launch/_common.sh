@@ -17,9 +17,54 @@ default_nproc() {
   python -c 'import torch; print(torch.cuda.device_count() or 1)'
 }
 
+# torchrun, as this python runs it. TORCHRUN replaces it (e.g. a wrapper your cluster provides).
+read -r -a TORCHRUN_CMD <<< "${TORCHRUN:-python -m torch.distributed.run}"
+
 # torchrun forwards the signals it handles to the ranks, then SIGKILLs any rank still running
 # SHUTDOWN_TIMEOUT seconds later. The recipe saves a checkpoint on SIGTERM and SIGUSR1
 # (trainer.save_on_signal; docs/preemption.md): forward SIGUSR1 too, and leave time for the
-# step in flight plus the save.
-TORCHRUN_SIGNAL_ARGS=(--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
-                      --shutdown-timeout="${SHUTDOWN_TIMEOUT:-300}")
+# step in flight plus the save. Both flags are recent (--signals-to-handle is not in torch 2.9's
+# torchrun, --shutdown-timeout not in 2.10's), and an older torchrun refuses to start when given
+# either, so ask this one which it has (one --help). Sets TORCHRUN_SIGNAL_ARGS and USR1_AS: the
+# signal to send torchrun when this script gets SIGUSR1 -- SIGTERM where torchrun cannot forward
+# SIGUSR1 (unhandled, it would end the agent at once and orphan the ranks; the ranks save on
+# SIGTERM the same way).
+torchrun_signal_args() {  # $1: default shutdown timeout (seconds)
+  local help
+  help="$("${TORCHRUN_CMD[@]}" --help 2>/dev/null)" || true
+  TORCHRUN_SIGNAL_ARGS=()
+  USR1_AS=USR1
+  if [[ "$help" == *--signals-to-handle* ]]; then
+    TORCHRUN_SIGNAL_ARGS+=(--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
+  else
+    USR1_AS=TERM
+    echo "launch: this torchrun has no --signals-to-handle: SIGUSR1 reaches the ranks as SIGTERM" >&2
+  fi
+  if [[ "$help" == *--shutdown-timeout* ]]; then
+    TORCHRUN_SIGNAL_ARGS+=(--shutdown-timeout="${SHUTDOWN_TIMEOUT:-$1}")
+  else
+    # no environment variable either: TORCH_ELASTIC_SHUTDOWN_TIMEOUT came with the flag
+    echo "launch: this torchrun has no --shutdown-timeout: after a signal the ranks get its fixed" \
+         "30 s to save, not SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-$1}" >&2
+  fi
+}
+
+# torchrun with the signal flags it supports, then "$@". Where SIGUSR1 must reach torchrun as
+# SIGTERM this shell stays torchrun's parent to translate it (and passes SIGTERM on); else it
+# becomes torchrun (exec), so a signal to this script's pid is a signal to torchrun.
+run_torchrun() {  # $1: default shutdown timeout, then torchrun's arguments
+  torchrun_signal_args "$1"
+  shift
+  if [[ "$USR1_AS" == USR1 ]]; then
+    exec "${TORCHRUN_CMD[@]}" "${TORCHRUN_SIGNAL_ARGS[@]}" "$@"
+  fi
+  "${TORCHRUN_CMD[@]}" "${TORCHRUN_SIGNAL_ARGS[@]}" "$@" &
+  local pid=$! rc=0
+  trap "kill -s TERM $pid 2>/dev/null || true" USR1 TERM
+  # a trapped signal ends `wait` early: wait again until torchrun has exited
+  while true; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  exit "$rc"
+}

@@ -7,7 +7,10 @@
 #
 # Arguments are Hydra overrides, passed through unchanged. Environment:
 #   SHUTDOWN_TIMEOUT  seconds the ranks get to save after SIGTERM / SIGUSR1 reaches torchrun
-#                     (default 300; then torchrun kills them)
+#                     (default 300; then torchrun kills them; a torchrun without
+#                     --shutdown-timeout gives them a fixed 30 s)
+#   TORCHRUN          the torchrun command (default: python -m torch.distributed.run); the
+#                     script asks it (--help) which signal flags it has
 #   MASTER_ADDR, MASTER_PORT  rendezvous endpoint, a host all nodes reach (port default 29500)
 #   NNODES                    nodes (default 1); "MIN:MAX" for an elastic range
 #   NPROC_PER_NODE            processes per node (default: GPUs, or 1 without GPUs)
@@ -22,7 +25,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 : "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host (e.g. node 0)}"
 : "${RUN_ID:?set RUN_ID to one value shared by all nodes (names the rendezvous and outputs/RUN_ID)}"
 
-exec python -m torch.distributed.run \
+run_torchrun 300 \
   --nnodes="${NNODES:-1}" \
   ${NODE_RANK:+--node-rank="${NODE_RANK}"} \
   --nproc-per-node="${NPROC_PER_NODE:-$(default_nproc)}" \
@@ -30,5 +33,4 @@ exec python -m torch.distributed.run \
   --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT:-29500}" \
   --rdzv-id="${RUN_ID}" \
   --max-restarts="${MAX_RESTARTS:-0}" \
-  "${TORCHRUN_SIGNAL_ARGS[@]}" \
   -m recipes.train "$@"

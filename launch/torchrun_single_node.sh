@@ -7,15 +7,17 @@
 #
 # Arguments are Hydra overrides, passed through unchanged. Environment:
 #   SHUTDOWN_TIMEOUT  seconds the ranks get to save after SIGTERM / SIGUSR1 reaches torchrun
-#                     (default 300; then torchrun kills them)
+#                     (default 300; then torchrun kills them; a torchrun without
+#                     --shutdown-timeout gives them a fixed 30 s)
+#   TORCHRUN          the torchrun command (default: python -m torch.distributed.run); the
+#                     script asks it (--help) which signal flags it has
 #   NPROC_PER_NODE  processes (default: GPUs, or 1 without GPUs)
 #   MAX_RESTARTS    torchrun restarts after a failure (default 0); a restart resumes from the
 #                   latest checkpoint in the same run dir (outputs/<TORCHELASTIC_RUN_ID>)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-exec python -m torch.distributed.run --standalone \
+run_torchrun 300 --standalone \
   --nproc-per-node="${NPROC_PER_NODE:-$(default_nproc)}" \
   --max-restarts="${MAX_RESTARTS:-0}" \
-  "${TORCHRUN_SIGNAL_ARGS[@]}" \
   -m recipes.train "$@"

@@ -149,8 +149,81 @@ def test_two_nodes_match_single_node_and_share_one_run_dir(tmp_path):
     assert_losses_close(ref, got, [1, 2, 3, 4])
 
 
+# torchrun as releases before --signals-to-handle and --shutdown-timeout present it: --help
+# lists neither, either flag is refused at argument parsing (as argparse does), and everything
+# else runs the real torchrun -- whose default signal set (TERM, INT, HUP, QUIT) is those
+# releases' fixed one: an unhandled SIGUSR1 ends the agent.
+OLD_TORCHRUN = f"""#!/usr/bin/env bash
+if [[ " $* " == *" --help "* ]]; then
+  {sys.executable} -m torch.distributed.run --help | grep -v -e signals.to.handle -e shutdown.timeout
+  exit 0
+fi
+for a in "$@"; do
+  case "$a" in --signals-to-handle*|--signals_to_handle*|--shutdown-timeout*|--shutdown_timeout*)
+    echo "torchrun: error: unrecognized arguments: $a" >&2; exit 2 ;;
+  esac
+done
+exec {sys.executable} -m torch.distributed.run "$@"
+"""
+
+
+def old_torchrun(tmp_path: Path) -> str:
+    stub = tmp_path / "old_torchrun"
+    stub.write_text(OLD_TORCHRUN)
+    stub.chmod(0o755)
+    return str(stub)
+
+
+def _recording_torchrun(tmp_path: Path, help_text: str) -> str:
+    """A torchrun that prints help_text for --help and otherwise records its arguments."""
+    stub = tmp_path / "torchrun_stub"
+    stub.write_text(f"#!/usr/bin/env bash\nif [[ \"$1\" == --help ]]; then echo '{help_text}'; exit 0; fi\n"
+                    f"printf '%s\\n' \"$@\" > {tmp_path / 'argv'}\n")
+    stub.chmod(0o755)
+    return str(stub)
+
+
+@pytest.mark.parametrize("flags", [(), ("--signals-to-handle",), ("--signals-to-handle", "--shutdown-timeout")])
+@pytest.mark.parametrize("script", ["torchrun_single_node.sh", "torchrun_multi_node.sh"])
+def test_launch_scripts_pass_only_the_signal_flags_torchrun_has(tmp_path, script, flags):
+    """The scripts ask torchrun (--help) which signal flags it has and pass only those: an older
+    torchrun refuses unknown flags, so passing them failed every launch at argument parsing."""
+    stub = _recording_torchrun(tmp_path, "usage: torchrun [-h] " + " ".join(f"[{f} X]" for f in flags))
+    env = dict(TORCHRUN=stub, NPROC_PER_NODE="2", SHUTDOWN_TIMEOUT="77", MASTER_ADDR="127.0.0.1", RUN_ID="r")
+    rc, out = finish(start([LAUNCH / script, "trainer.max_steps=1"], tmp_path, env), 60)
+    assert rc == 0, out
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[-3:] == ["-m", "recipes.train", "trainer.max_steps=1"], argv
+    signal_args = [a for a in argv if a.startswith(("--signals", "--shutdown"))]
+    expected = {"--signals-to-handle": "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                "--shutdown-timeout": "--shutdown-timeout=77"}
+    assert signal_args == [expected[f] for f in flags], argv
+    assert ("SIGUSR1 reaches the ranks as SIGTERM" in out) == ("--signals-to-handle" not in flags), out
+    assert ("fixed 30 s to save, not SHUTDOWN_TIMEOUT=77" in out) == ("--shutdown-timeout" not in flags), out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_usr1_through_a_torchrun_without_signal_flags_saves_a_checkpoint(tmp_path):
+    """A torchrun without --signals-to-handle would die of SIGUSR1 and orphan its ranks: the
+    script stays its parent and turns SIGUSR1 into SIGTERM, which torchrun forwards and on which
+    the ranks save the step in flight (within torchrun's fixed 30 s)."""
+    cmd = [LAUNCH / "torchrun_single_node.sh", *SP2, "trainer.max_steps=200", "trainer.save_every=0",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    job = start(cmd, tmp_path, {"NPROC_PER_NODE": "2", "TORCHRUN": old_torchrun(tmp_path)})
+    logged = tmp_path / "run" / "metrics.jsonl"
+    wait_for(lambda: logged.exists() and logged.read_text().strip(), job, 180, "the first logged step")
+    os.kill(job.pid, signal.SIGUSR1)
+    rc, out = finish(job, 120)
+    assert rc != 0, out[-3000:]  # torchrun, told to stop, exits 1
+    assert "SIGUSR1 reaches the ranks as SIGTERM" in out, out[-3000:]
+    assert "SIGTERM received: saving a checkpoint at step" in out, out[-3000:]
+    assert "forcefully exiting" not in out, out[-3000:]
+    saved = list((tmp_path / "run" / "checkpoints").glob("step_*/manifest.json"))
+    assert len(saved) == 1, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["srun", "torchrun", "old torchrun"])
 def test_slurm_tasks_started_apart_share_one_run_dir_and_requeue_on_usr1(tmp_path, launcher):
     """launch/slurm.sbatch under a stand-in srun that starts its 2 tasks 3 s apart -- the ranks
     themselves (LAUNCHER=srun) or one torchrun agent per "node" with a c10d rendezvous: all use
@@ -174,10 +247,13 @@ def test_slurm_tasks_started_apart_share_one_run_dir_and_requeue_on_usr1(tmp_pat
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     cwd = tmp_path / "job"
-    env = dict(LAUNCHER=launcher, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="2",
+    old = launcher == "old torchrun"  # no --signals-to-handle: USR1 reaches the agents as TERM
+    env = dict(LAUNCHER="torchrun" if old else launcher, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="2",
                SLURM_NNODES="2", NPROC_PER_NODE="1", SLURM_SUBMIT_DIR=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                PATH=f"{bin_dir}:{os.environ['PATH']}", **_audit_env(tmp_path, cwd))
     env["AUDIT_UNDER"] = str(cwd)  # writes of ranks > 0 anywhere under the job's folder are recorded
+    if old:
+        env["TORCHRUN"] = old_torchrun(tmp_path)
     job = start(["bash", LAUNCH / "slurm.sbatch", *SP2, "trainer.max_steps=40"], cwd, env)
     logged = cwd / "outputs" / "slurm-4242" / "metrics.jsonl"
     wait_for(lambda: logged.exists() and logged.read_text().strip(), job, 180, "the first logged step")
@@ -188,11 +264,15 @@ def test_slurm_tasks_started_apart_share_one_run_dir_and_requeue_on_usr1(tmp_pat
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"], out[-3000:]
     run_dir = only_run_dir(cwd)
     assert run_dir.name == "slurm-4242"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "stopped.json"]
     saved = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")]
     assert len(saved) == 1 and sorted(metrics(run_dir)) == list(range(1, saved[0] + 1)) and saved[0] < 40, \
         (saved, out[-3000:])
-    assert f"SIGUSR1 received: saving a checkpoint at step {saved[0]}" in out, out[-3000:]
+    got = "SIGTERM" if old else "SIGUSR1"
+    assert f"{got} received: saving a checkpoint at step {saved[0]}" in out, out[-3000:]
+    # the marker the script requeues on: stopped by the signal at the saved step, not finished
+    marker = json.loads((run_dir / "stopped.json").read_text())
+    assert (marker["stopped_by"], marker["step"], marker["finished"]) == (got, saved[0], False), marker
     # rank 1 writes its own checkpoint shards (through torch.save's C++ writer: not audited)
     writes = [w for w in _writes_by_ranks_above_0(tmp_path, run_dir) if "/checkpoints/" not in w.split()[2]]
     assert writes == [], writes
