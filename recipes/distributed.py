@@ -11,6 +11,7 @@ import datetime
 import gc
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -150,14 +151,26 @@ NCCL_ERROR_HANDLING = "2"
 
 def nccl_error_handling(environ=os.environ) -> Optional[str]:
     """Set TORCH_NCCL_ASYNC_ERROR_HANDLING in ``environ`` (read when the NCCL group is
-    created) -> a note if it replaced another value (e.g. torchrun's 1), else None."""
+    created) -> a note if it replaced torchrun's value, else None.
+
+    A value the user chose is kept, with a warning: only torchrun's 1 (its agent puts 1 into
+    every rank's environment when the variable is unset: under torchrun a 1 is taken as its
+    default) and an unset variable are replaced."""
     before = environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
-    environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = NCCL_ERROR_HANDLING
-    if before in (None, NCCL_ERROR_HANDLING):
+    torchruns = before == "1" and "TORCHELASTIC_RUN_ID" in environ
+    if before not in (None, NCCL_ERROR_HANDLING) and not torchruns:
+        warnings.warn(
+            f"TORCH_NCCL_ASYNC_ERROR_HANDLING={before} is set: kept. A collective that outlives "
+            "parallel.collective_timeout_s then ends this process from NCCL's watchdog thread, so "
+            "the message naming the failed rank and the timeout needs "
+            f"TORCH_NCCL_ASYNC_ERROR_HANDLING={NCCL_ERROR_HANDLING} (or the variable unset).", stacklevel=2)
         return None
-    return (f"TORCH_NCCL_ASYNC_ERROR_HANDLING={before} -> {NCCL_ERROR_HANDLING}: a collective "
-            "timeout now raises in the main thread (reported with parallel.collective_timeout_s) "
-            "instead of the watchdog tearing the process down")
+    environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = NCCL_ERROR_HANDLING
+    if before is None or before == NCCL_ERROR_HANDLING:
+        return None
+    return (f"TORCH_NCCL_ASYNC_ERROR_HANDLING={before} (torchrun's) -> {NCCL_ERROR_HANDLING}: a "
+            "collective timeout now raises in the main thread (reported with "
+            "parallel.collective_timeout_s) instead of the watchdog tearing the process down")
 
 
 def init_world(timeout: datetime.timedelta) -> torch.device:

@@ -12,17 +12,31 @@ from recipes.distributed import NCCL_ERROR_HANDLING, ParallelConfig, comm_failur
 from tests.device_strict import fake_world  # noqa: E402
 
 
-@pytest.mark.parametrize("before", [None, "1", "3", "2"])
+@pytest.mark.parametrize("before", [None, "1", "2"])
 def test_nccl_error_handling_is_clean_up_only(before):
-    """Torch's default (3) and torchrun's (1) tear the process down from the watchdog thread;
-    2 aborts the communicators and lets the error reach the main thread."""
-    env = {} if before is None else {"TORCH_NCCL_ASYNC_ERROR_HANDLING": before}
+    """Torch's default (3, the variable unset) and torchrun's (1: its agent sets it for every
+    rank) tear the process down from the watchdog thread; 2 aborts the communicators and lets
+    the error reach the main thread."""
+    env = {"TORCHELASTIC_RUN_ID": "job"}
+    if before is not None:
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = before
     note = nccl_error_handling(env)
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == NCCL_ERROR_HANDLING == "2"
     if before in (None, "2"):
         assert note is None
     else:
-        assert f"={before} -> 2" in note
+        assert f"={before} (torchrun's) -> 2" in note
+
+
+@pytest.mark.parametrize("before, torchrun", [("3", True), ("0", False), ("1", False)])
+def test_a_users_explicit_nccl_error_handling_is_kept_with_a_warning(before, torchrun):
+    """A value the user set (anything but torchrun's 1 under torchrun) is the user's choice: kept,
+    and the warning says what the clear timeout message needs."""
+    env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": before, **({"TORCHELASTIC_RUN_ID": "job"} if torchrun else {})}
+    with pytest.warns(UserWarning, match=rf"TORCH_NCCL_ASYNC_ERROR_HANDLING={before} is set: kept.*"
+                                         r"needs TORCH_NCCL_ASYNC_ERROR_HANDLING=2"):
+        assert nccl_error_handling(env) is None
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == before
 
 
 def test_the_watchdog_timeout_reaching_the_main_thread_gets_the_clear_message():
