@@ -56,6 +56,32 @@ def root(run_dir: str) -> str:
     return os.path.join(run_dir, DIRNAME)
 
 
+def path_of(run_dir: str, step: int) -> str:
+    return os.path.join(root(run_dir), f"step_{step:08d}")
+
+
+# ---- the "stopped, not finished" marker of a run dir ----
+
+# In the run dir while a run is stopped by a signal and not finished: written by rank 0 once the
+# checkpoint of that step is complete, removed when a run starts (so a finished run never has
+# it). launch/slurm.sbatch requeues a job only if it finds this file: under torchrun a
+# signal-save and a crash both exit 1, and a signal during the last step lets the run finish.
+STOPPED = "stopped.json"
+
+
+def mark_stopped(run_dir: str, step: int, signal_name: str, max_steps: int, resume: str) -> None:
+    _write_json(os.path.join(run_dir, STOPPED), {
+        "stopped_by": signal_name, "step": step, "max_steps": max_steps, "finished": False,
+        "checkpoint": path_of(run_dir, step), "resume": resume})
+
+
+def clear_stopped(run_dir: str) -> None:
+    try:
+        os.remove(os.path.join(run_dir, STOPPED))
+    except FileNotFoundError:
+        pass
+
+
 def saved(run_dir: str) -> List[str]:
     """Paths of the renamed (committed) ``step_N`` dirs, newest first; not yet verified."""
     r = root(run_dir)

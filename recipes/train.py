@@ -54,8 +54,9 @@ class TrainerConfig:
     # limit. []: the signals keep their default action (the process ends, unsaved).
     save_on_signal: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     dtype: Dtype = Dtype.fp32
-    # Stop this invocation after this step (e.g. to fit a job time limit); the LR schedule
-    # still spans max_steps and rerunning the command resumes. null: run to max_steps.
+    # Stop this invocation after this step (e.g. to fit a job time limit), with a checkpoint at
+    # that step whatever save_every; the LR schedule still spans max_steps and rerunning the
+    # command with the same hydra.run.dir resumes. null: run to max_steps.
     stop_at_step: Optional[int] = None
     # Peak dense TFLOP/s of one GPU for the MFU estimate; None: looked up for known GPUs (bf16).
     # MFU = model FLOPs per step (recipes/flops.py: backward = 2x forward, PaLM/torchtitan) / step time / peak
@@ -378,6 +379,10 @@ def _save(r: Run, step: int) -> None:
     checkpoint.save(r.engine, r.run_dir, step, meta, r.ctx.rank, r.ctx.world_size, keep=j.trainer.keep_checkpoints)
 
 
+def resume_hint(run_dir: str) -> str:
+    return f"rerun the same command with hydra.run.dir={run_dir} to resume"
+
+
 def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
     """Train to trainer.max_steps (or stop_at_step); returns the process exit status: 0, or
     ``exit_status(signal)`` after a save on a signal."""
@@ -394,6 +399,8 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
             ctx.sp.positions(job.data.seq_len, device=ctx.device)
         r = Run(job, ctx, model, sizes, engine, batches, dataset, positions, run_dir)
         tracker = tracking.NullTracker()
+        if ctx.rank == 0:
+            checkpoint.clear_stopped(run_dir)  # this run is not stopped (yet)
         if ctx.is_logger:
             OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
             tracker = tracking.Tracker(job.logger, run_dir, resolved, resume_step=start)
@@ -410,18 +417,27 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
             if step == t.max_steps:
                 res.stop = None  # a signal during the last step: the run is complete, finish normally
             clock.step_done()
+            stopping = step == t.stop_at_step or res.stop is not None
+            if stopping:
+                # Save first: the scheduler's grace time is for the checkpoint, and an evaluation
+                # that runs long or raises must not cost it. Evaluation and logging follow.
+                if res.stop is not None and ctx.is_logger:
+                    log.warning("%s received: saving a checkpoint at step %d and exiting with status %d",
+                                res.stop.name, step, exit_status(res.stop))
+                with clock.excluded():
+                    _save(r, step)
+                if res.stop is not None and ctx.rank == 0:
+                    checkpoint.mark_stopped(run_dir, step, res.stop.name, t.max_steps, resume_hint(run_dir))
+                if ctx.is_logger and step < t.max_steps:
+                    log.info("stopped at step %d of %d: %s", step, t.max_steps, resume_hint(run_dir))
             if step % t.log_every == 0 or step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
                 eta = (time.time() - t_begin) / (step - start) * (t.max_steps - step)
                 _log_step(r, step, res, clock, tracker, f"ETA {_fmt_time(eta)}")
-            stopping = step == t.stop_at_step or res.stop is not None
-            if res.stop is not None and ctx.is_logger:
-                log.warning("%s received: saving a checkpoint at step %d and exiting with status %d",
-                            res.stop.name, step, exit_status(res.stop))
-            if res.stop is not None or (t.save_every and (step % t.save_every == 0 or step == t.max_steps or stopping)):
-                with clock.excluded():
-                    _save(r, step)
             if stopping:
                 break
+            if t.save_every and (step % t.save_every == 0 or step == t.max_steps):
+                with clock.excluded():
+                    _save(r, step)
         if start < t.max_steps and step == t.max_steps and (res is None or res.stop is None):
             model.save_final(engine, run_dir, ctx.rank)
         tracker.close()

@@ -62,6 +62,9 @@ def test_sigterm_to_torchrun_agent_saves_the_step_in_flight_and_the_rerun_matche
     logged_steps = sorted(metrics(tmp_path / "run"))
     assert 2 <= saved_at < STEPS and logged_steps[-1] == saved_at, (saved_at, logged_steps)
     assert (ckpts[0] / "manifest.json").exists()
+    marker = json.loads((tmp_path / "run" / "stopped.json").read_text())
+    assert (marker["stopped_by"], marker["step"], marker["finished"]) == ("SIGTERM", saved_at, False), marker
+    assert f"hydra.run.dir={tmp_path / 'run'} to resume" in out, out[-3000:]
     # the ranks exit cleanly; the only traceback is torchrun's own (it re-raises the signal)
     assert out.count("Traceback") == out.count("SignalException: Process") <= 1, out[-3000:]
 
@@ -71,6 +74,7 @@ def test_sigterm_to_torchrun_agent_saves_the_step_in_flight_and_the_rerun_matche
     got = metrics(tmp_path / "run")
     assert sorted(got) == list(range(1, STEPS + 1))
     _assert_losses_equal(metrics(straight), got, range(1, STEPS + 1), rel=1e-6)
+    assert not (tmp_path / "run" / "stopped.json").exists(), "a finished run is not marked stopped"
 
 
 # Resumed at another shape, a run does the same math with another summation order: fp32 rounding
