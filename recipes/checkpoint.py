@@ -99,9 +99,22 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt (meta.json unreadable: {e})") from e
 
 
+def _differences(saved, now, key: str = "") -> dict:
+    """``key: (saved, now)`` for each fact of ``now`` the checkpoint recorded otherwise. A fact the
+    checkpoint did not record (written before it was a fact) is not compared; in a dict, only the
+    keys of ``now`` count (a checkpoint may record more, e.g. options that were facts once)."""
+    if isinstance(now, dict) and isinstance(saved, dict):
+        out = {}
+        for k, v in now.items():
+            if k in saved:
+                out.update(_differences(saved[k], v, f"{key}.{k}" if key else k))
+        return out
+    return {} if saved == now else {key: (saved, now)}
+
+
 def check_compatible(path: str, meta: dict, expect: dict) -> None:
     """``expect``: the facts of this run that a checkpoint must match to be resumed."""
-    diffs = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
+    diffs = _differences(meta, expect)
     if diffs:
         detail = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
         raise CheckpointError(f"checkpoint {path} is incompatible with this run ({detail}); "

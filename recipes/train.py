@@ -289,9 +289,20 @@ class StepResult:
     stop: Optional[signal.Signals]  # a signal every rank agreed to stop for
 
 
+# Model config fields (the same names in LlamaConfig and HFModelConfig) that change what is kept
+# in memory or written at the end, never what the weights mean or what a step computes: a resume
+# may change them -- turning on checkpointing or offload is how a run fits on fewer GPUs.
+# HFModelConfig.path only supplies the initial weights, which the checkpoint replaces.
+_NOT_FACTS = ("activation_checkpointing", "offload_activations", "tiled_loss", "loss_tile_tokens", "tiled_mlp",
+              "mlp_tile_tokens", "save_final", "path")
+
+
 def _facts(job: JobConfig, model) -> dict:
-    """What a checkpoint must share with this run to be resumed (the parallel shape need not)."""
-    return {"model": dataclasses.asdict(model.cfg), "seq_len": job.data.seq_len,
+    """What a checkpoint must share with this run to be resumed: what the weights and the data
+    mean (the model's options other than memory ones, its shapes, vocabulary and parameter count;
+    sequence length, global batch, seed, data kind). The parallel shape and memory options need not."""
+    return {"model": {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in _NOT_FACTS},
+            "shape": dataclasses.asdict(model.shape), "seq_len": job.data.seq_len,
             "global_batch_size": job.data.global_batch_size, "seed": job.trainer.seed,
             "data_kind": job.data.kind.value}
 

@@ -108,3 +108,51 @@ def test_resume_past_a_corrupt_checkpoint_then_save_with_keep_1_stays_resumable(
     assert "at step 3" in proc.stderr and "falling back" not in proc.stderr, tail(proc)
     assert _listing(tmp_path) == ["corrupt-step_00000004", "step_00000006"]
     assert sorted(metrics(tmp_path)) == list(range(1, 7))
+
+
+# ---- which changes a resume accepts ----
+
+def _facts(**model_options):
+    from recipes.data import DataConfig
+    from recipes.models import LlamaModel
+    from recipes.train import JobConfig, _facts
+    from ringattn.models import LlamaConfig
+
+    return _facts(JobConfig(data=DataConfig()), LlamaModel(LlamaConfig(vocab_size=64, **model_options)))
+
+
+def test_a_resume_accepts_memory_options_and_refuses_what_changes_the_weights_meaning(tmp_path):
+    """Checkpointing, offload and tiling change what is kept in memory, not the result: the
+    natural move when a run resumes on fewer GPUs. A width, head count or RoPE base does change it."""
+    saved = _facts()
+    for option in ({"activation_checkpointing": True}, {"activation_checkpointing": True, "offload_activations": True},
+                   {"tiled_loss": False},
+                   {"loss_tile_tokens": 16}, {"tiled_mlp": True, "mlp_tile_tokens": 8}):
+        checkpoint.check_compatible("ckpt", saved, _facts(**option))  # no error
+    for option, named in (({"dim": 64}, "model.dim"), ({"n_heads": 2}, "model.n_heads"),
+                          ({"rope_theta": 5e5}, "model.rope_theta"), ({"n_layers": 3}, "shape.params")):
+        with pytest.raises(checkpoint.CheckpointError, match=f"incompatible.*{named}"):
+            checkpoint.check_compatible("ckpt", saved, _facts(**option))
+
+
+def test_facts_a_checkpoint_did_not_record_are_not_compared():
+    """A checkpoint written before the shape was a fact, with every model option in its record:
+    the options that are no longer facts and the missing shape do not refuse it."""
+    now = _facts(activation_checkpointing=True)
+    older = {k: v for k, v in _facts().items() if k != "shape"}
+    older["model"] = dict(older["model"], activation_checkpointing=False, tiled_mlp=False)
+    checkpoint.check_compatible("ckpt", older, now)
+    with pytest.raises(checkpoint.CheckpointError, match="seed: checkpoint 1 vs now 0"):
+        checkpoint.check_compatible("ckpt", dict(older, seed=1), now)
+
+
+def test_the_options_a_resume_ignores_are_fields_of_the_model_configs():
+    """Renaming one of them would silently make it a fact again (or a typo never one)."""
+    import dataclasses
+
+    from recipes.models import HFModelConfig
+    from recipes.train import _NOT_FACTS
+    from ringattn.models import LlamaConfig
+
+    fields = {f.name for cls in (LlamaConfig, HFModelConfig) for f in dataclasses.fields(cls)}
+    assert set(_NOT_FACTS) <= fields, set(_NOT_FACTS) - fields
