@@ -73,8 +73,8 @@ def _failures(run, cases):
 def test_llama_training_step_and_generation_are_device_strict():
     """ringattn.models.Llama: forward + backward (checkpoint recompute included) with plain
     causal attention, packed documents, and sinks + softcap (Llama has no sliding window:
-    windows run in the HF matrix); and greedy generation (prefill over the group, decode over
-    the sharded cache) on meta. Catches e.g. a CPU ``torch.arange`` on the hot path, a
+    windows run in the HF matrix); and greedy and sampled generation (prefill over the group,
+    decode over the sharded cache, tokens drawn on the device) on meta. Catches e.g. a CPU ``torch.arange`` on the hot path, a
     ``torch.tensor`` without a device, a ``.tolist()`` of a device tensor."""
     from ringattn.models.generation import generate
     from ringattn.models.llama import Llama, LlamaConfig
@@ -87,15 +87,18 @@ def test_llama_training_step_and_generation_are_device_strict():
                           logit_softcap=2.0 if feature == "sinks_softcap" else None)
         with META:
             model = Llama(cfg, sp)
-        if feature == "generate":
+        if feature.startswith("generate"):
             prompt = torch.zeros(2, 8, dtype=torch.long, device=META)
+            # sampled: drawn on the device (the device's default generator: meta has no
+            # seedable one), no per-token host copy of the probabilities
+            sampling = dict(temperature=0.8, top_k=5) if feature == "generate_sampled" else {}
             with DeviceStrict(META):
-                out = generate(model, prompt, 2)
+                out = generate(model, prompt, 2, **sampling)
             assert out.device == META and out.shape == (2, 10)
         else:
             _step(model, sp, world, _cu(feature, layout))
 
-    failed = _failures(run, _cases(("plain", "documents", "sinks_softcap", "generate")))
+    failed = _failures(run, _cases(("plain", "documents", "sinks_softcap", "generate", "generate_sampled")))
     assert not failed, "\n".join(failed)
 
 

@@ -13,6 +13,7 @@ import torch
 
 import ringattn
 from ringattn.models import KVCache, Llama, LlamaConfig, generate
+from ringattn.models.generation import _sample
 from tests.distributed import run_distributed, worlds
 from tests.reference import rel_err
 
@@ -60,9 +61,13 @@ def _world(rank, world):
         for n in (16, 13, 3):
             err, tokens = _errors(model, _prompt(n))
             results.append((strategy, layout, n, "greedy", err, tokens))
-        gen = torch.Generator().manual_seed(7 + rank)  # different per rank: rank 0's draw wins
+        gen = torch.Generator().manual_seed(7)  # the same seed on every rank (the data's device)
         err, tokens = _errors(model, _prompt(16), temperature=1.0, top_k=8, generator=gen)
         results.append((strategy, layout, 16, "sampled", err, tokens))
+        # each rank's own draw (before rank 0's is broadcast) is rank 0's: same seed, same probabilities
+        own = _sample(torch.softmax(torch.randn(3, 40, generator=torch.Generator().manual_seed(2)), -1),
+                      torch.Generator().manual_seed(11))
+        results.append((strategy, layout, 0, "own draw", 0.0, own))
         if layout == "zigzag" and strategy == "ring":
             err, tokens = _errors(_model(sp, features=True), _prompt(13))
             results.append((strategy, layout, 13, "sinks+softcap", err, tokens))
@@ -88,6 +93,28 @@ def test_generation_single_process():
     assert err <= TOL
     err, _ = _errors(_model(features=True), _prompt(7))
     assert err <= TOL
+
+
+def test_device_sampling_draws_each_token_with_its_probability():
+    """The on-device sampler (exponential race) picks index i with probability p_i, never one
+    top-k removed, and a seeded generator repeats its draws. 40000 rows of one distribution
+    over 6 tokens (two of them 0): each frequency within 5 standard errors of p_i."""
+    probs = torch.tensor([0.5, 0.25, 0.0, 0.15, 0.1, 0.0]).expand(40000, 6)
+    draws = _sample(probs, torch.Generator().manual_seed(3))
+    freq = torch.bincount(draws.flatten(), minlength=6).double() / len(draws)
+    se = (probs[0] * (1 - probs[0]) / len(draws)).sqrt().double()
+    assert ((freq - probs[0].double()).abs() <= 5 * se + 1e-12).all(), freq
+    assert freq[2] == freq[5] == 0
+    assert torch.equal(draws, _sample(probs, torch.Generator().manual_seed(3)))
+    assert not torch.equal(draws, _sample(probs, torch.Generator().manual_seed(4)))
+
+
+def test_a_generator_off_the_models_device_is_refused():
+    with torch.device("meta"):
+        model = _model()
+    prompt = torch.zeros(1, 4, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="generator is on cpu, the prompt on meta"):
+        generate(model, prompt, 2, temperature=1.0, generator=torch.Generator())
 
 
 def test_kv_cache_owner_is_shortest_part():

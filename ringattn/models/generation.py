@@ -14,8 +14,9 @@
    the slowest rank -- as short as possible even when the prefill left the parts uneven
    (a prompt remainder, or a prompt shorter than the group), and every rank computes the
    same choice from host-side lengths, with no communication.
-The next token is chosen on group rank 0 and broadcast (one tiny collective per token), so
-every rank continues with the same token even under sampling.
+Sampling draws on the device from a generator seeded alike on every rank (no host copy per
+token); group rank 0's token is broadcast on the device (one tiny collective per token), so
+every rank continues with the same token even if the ranks' probabilities differ in a last bit.
 """
 from __future__ import annotations
 
@@ -161,9 +162,21 @@ def _cache_attention(cache: KVCache, layer: int, owns: bool, group, backend):
     return attend
 
 
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from ``probs`` (rows sum to 1), on their device, with no host sync:
+    the index of the smallest Exp(1)/p_i, i.e. the first of independent exponential clocks
+    with rates p_i to ring -- index i with probability p_i (the exponential race;
+    ``torch.multinomial`` would do, but on some devices and releases it checks its input
+    on the host). A zero noise sample (possible in principle) is raised to the smallest
+    positive float, so a p_i = 0 entry stays 0 instead of 0/0."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(-1, keepdim=True)
+
+
 def _choose(logits, temperature, top_k, generator, group, p):
-    """Next tokens (batch, 1): greedy at temperature 0, else sampled on group rank 0 and
-    broadcast, so every rank continues with the same token."""
+    """Next tokens (batch, 1): greedy at temperature 0, else sampled on the logits' device;
+    then group rank 0's choice is broadcast (on the device), so every rank continues with
+    the same token even if a last bit of the probabilities differed between ranks."""
     if temperature == 0:
         nxt = logits.argmax(-1, keepdim=True)
     else:
@@ -171,8 +184,7 @@ def _choose(logits, temperature, top_k, generator, group, p):
         if top_k is not None:
             kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+        nxt = _sample(torch.softmax(scaled, dim=-1), generator)
     if p > 1:
         dist.broadcast(nxt, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
     return nxt
@@ -189,7 +201,9 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
     Returns tokens (batch, n + max_new_tokens), the same on every rank, and with
     ``return_logits`` also the fp32 logits (batch, max_new_tokens, vocab) each new token was
     chosen from (equal to the full forward's at positions n-1 ... n+max_new_tokens-2).
-    ``generator``: the CPU generator sampling draws from (read on group rank 0 only).
+    ``generator``: the generator sampling draws from, on the model's device (e.g.
+    ``torch.Generator(device="cuda").manual_seed(s)``); seed it alike on every rank, so every
+    rank draws the same tokens (group rank 0's are used). None: the device's default generator.
     """
     if not isinstance(model, Llama):
         raise ValueError(
@@ -204,6 +218,11 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
         raise ValueError(f"generate: max_new_tokens must be a positive int; got {max_new_tokens!r}")
     if temperature < 0 or (top_k is not None and top_k < 1):
         raise ValueError(f"generate: temperature must be >= 0 and top_k >= 1; got {temperature}, {top_k}")
+    if generator is not None and generator.device.type != prompt.device.type:
+        raise ValueError(
+            f"generate: generator is on {generator.device}, the prompt on {prompt.device}: tokens "
+            f"are sampled on the model's device, so the generator must be there too (e.g. "
+            f"torch.Generator(device={prompt.device.type!r}).manual_seed(seed))")
     group, p, rank, divisor, _ = _sp_info(model)
     cache = KVCache(model.cfg.n_layers, p, rank)
     n = prompt.shape[1]
