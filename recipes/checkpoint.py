@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
@@ -177,29 +178,42 @@ def latest_complete(run_dir: str) -> Optional[str]:
     return None
 
 
-def find_resumable(run_dir: str, expect: dict, rank: int, world: int) -> Optional[str]:
+@dataclass
+class Found:
+    """The checkpoint a run resumes from, as rank 0 saw it and told every rank: ranks on a shared
+    file system (NFS caches directory listings per client) must not decide each for itself."""
+
+    path: str
+    meta: dict
+    files: List[str]  # the names in ``path``, listed by rank 0
+
+
+def find_resumable(run_dir: str, expect: dict, rank: int, world: int) -> Optional[Found]:
     """The newest complete checkpoint of ``run_dir`` compatible with ``expect`` (None: none was
-    ever saved). A collective, on every rank; the same answer everywhere.
+    ever saved). A collective, on every rank; the same answer everywhere: rank 0 alone lists the
+    checkpoint directory and reads ``meta.json``.
 
     An incomplete or corrupt one is skipped with a warning naming it (the previous one is used);
     an incompatible one (another model, batch, seed or data) is an error: it is the config that
     is wrong, not the file. If checkpoints exist and none is complete, that is an error too --
     starting over silently would overwrite a run's metrics."""
-    paths = _broadcast(saved(run_dir) if rank == 0 else None)
+    listing = _broadcast([(p, sorted(os.listdir(p))) for p in saved(run_dir)] if rank == 0 else None)
     rejected = []
-    for path in paths:
+    for path, files in listing:
         bad = sum(_gather(problems(path, rank, world), world), [])
         if not bad:
-            err = None
+            answer = None
             if rank == 0:
                 try:
-                    check_compatible(path, read_meta(path), expect)
+                    meta = read_meta(path)
+                    check_compatible(path, meta, expect)
+                    answer = (None, meta)
                 except CheckpointError as e:
-                    err = str(e)
-            err = _broadcast(err)
+                    answer = (str(e), None)
+            err, meta = _broadcast(answer)
             if err:
                 raise CheckpointError(err)
-            return path
+            return Found(path, meta, files)
         rejected.append(f"{os.path.basename(path)} ({'; '.join(bad)})")
         if rank == 0:
             log.warning("checkpoint %s is incomplete or corrupt (%s): it was left untouched; falling back to the "
@@ -250,7 +264,10 @@ def save(engine, run_dir: str, step: int, meta: dict, rank: int, world: int, kee
     tmp = os.path.join(r, tmp_tag)
     if rank == 0:
         os.makedirs(r, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
+        # Saves run one at a time: any .tmp-step_* here was left by a save that crashed.
+        for name in os.listdir(r):
+            if name.startswith(".tmp-step_"):
+                shutil.rmtree(os.path.join(r, name), ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(r, tag=tmp_tag, client_state={"step": step}, save_latest=False)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
@@ -259,8 +276,9 @@ def save(engine, run_dir: str, step: int, meta: dict, rank: int, world: int, kee
         os._exit(17)
     if rank == 0:
         _write_json(os.path.join(tmp, "meta.json"), dict(meta, step=step))
-    dist.barrier()
-    names = _files(tmp)  # every rank lists the same directory after the barrier
+    # rank 0's listing for every rank (another client's view of a shared file system may lag);
+    # the broadcast also orders meta.json before the hashing
+    names = _broadcast(_files(tmp) if rank == 0 else None)
     shares = _gather(_digest_share(tmp, names, rank, world), world)
     if rank == 0:
         _write_json(os.path.join(tmp, MANIFEST), {"step": step, "files": {k: v for s in shares for k, v in s.items()}})
@@ -334,6 +352,15 @@ def retain(run_dir: str, written: str, keep: int) -> None:
                 shutil.rmtree(copy, ignore_errors=True)
 
 
+def _write_json_text(path: str, text: str) -> None:
+    """A small text file, whole or not at all (as ``_write_json``)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -344,17 +371,19 @@ def _fsync_dir(path: str) -> None:
 
 # ---- load, on the same or another parallel shape ----
 
-def _has_optimizer_shards(path: str) -> bool:
+def _has_optimizer_shards(files: List[str]) -> bool:
     """Was the optimizer state saved split over ranks (ZeRO >= 1: one ``*_optim_states.pt`` per
     rank) rather than whole inside the model-states file (ZeRO-0, fp32 or bf16)?"""
-    return any(n.endswith("_optim_states.pt") for n in os.listdir(path))
+    return any(n.endswith("_optim_states.pt") for n in files)
 
 
-def needs_universal(path: str, meta: dict, world_size: int, zero_stage: int) -> bool:
+def needs_universal(path: str, meta: dict, world_size: int, zero_stage: int,
+                    files: Optional[List[str]] = None) -> bool:
     """True if this checkpoint must be loaded through the universal format here; a clear error
-    if it cannot be loaded at all in this configuration."""
+    if it cannot be loaded at all in this configuration. ``files``: the names in ``path`` as rank
+    0 listed them (``Found.files``), so every rank decides alike; None: list ``path`` here."""
     saved_stage = meta["zero_stage"]
-    if _has_optimizer_shards(path) != (zero_stage >= 1):
+    if _has_optimizer_shards(os.listdir(path) if files is None else files) != (zero_stage >= 1):
         raise CheckpointError(
             f"checkpoint {path} was saved with deepspeed.zero_stage={saved_stage}; resuming it with "
             f"zero_stage={zero_stage} would move between whole and partitioned optimizer state, which "
@@ -385,6 +414,9 @@ def to_universal(path: str, rank: int) -> str:
             keep_temp_folder=False, strict=True,
             inject_missing_state=True))  # our module declares no tensor-parallel layout: a plain one
         os.rename(tmp, out)
+        # ds_to_universal points <step dir>/latest_universal at the folder it wrote, which the
+        # rename just moved: point it at the final name.
+        _write_json_text(os.path.join(path, "latest_universal"), UNIVERSAL)
     dist.barrier()
     return out
 

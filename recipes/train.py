@@ -310,11 +310,10 @@ def _facts(job: JobConfig, model) -> dict:
 def _resume(job: JobConfig, model, ctx, sizes: BatchSizes, run_dir: str):
     """Find and check the checkpoint to resume from, build the engine, load it.
     Returns (engine, start step, checkpoint path or None, how it was loaded)."""
-    ckpt = checkpoint.find_resumable(run_dir, _facts(job, model), ctx.rank, ctx.world_size)
-    universal = False
-    if ckpt:
-        meta = checkpoint.read_meta(ckpt)
-        universal = checkpoint.needs_universal(ckpt, meta, ctx.world_size, job.deepspeed.zero_stage)
+    found = checkpoint.find_resumable(run_dir, _facts(job, model), ctx.rank, ctx.world_size)
+    ckpt, meta = (found.path, found.meta) if found else (None, None)
+    universal = bool(found) and checkpoint.needs_universal(ckpt, meta, ctx.world_size, job.deepspeed.zero_stage,
+                                                           files=found.files)
     ds_config = engine_lib.deepspeed_config(job.deepspeed, job.optim, job.trainer.dtype, sizes.micro,
                                             sizes.grad_accum, ctx.world_size)
     if universal:

@@ -2,6 +2,7 @@
 renamed aside), on checkpoint directories made by hand with real manifests."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,95 @@ def test_the_options_a_resume_ignores_are_fields_of_the_model_configs():
 
     fields = {f.name for cls in (LlamaConfig, HFModelConfig) for f in dataclasses.fields(cls)}
     assert set(_NOT_FACTS) <= fields, set(_NOT_FACTS) - fields
+
+
+# ---- housekeeping: one process plays rank 0 (and rank 1) with a stand-in for torch.distributed ----
+
+class _OneRank:
+    """torch.distributed for a world of one: barriers pass, a gather holds this rank's object."""
+
+    @staticmethod
+    def barrier():
+        pass
+
+    @staticmethod
+    def all_gather_object(out, obj):
+        out[0] = obj
+
+    @staticmethod
+    def broadcast_object_list(box, src):
+        pass
+
+
+class _Engine:
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        os.makedirs(os.path.join(save_dir, tag))
+        with open(os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(b"w" * 64)
+
+
+def test_a_save_removes_temporaries_left_by_crashed_saves(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "dist", _OneRank)
+    ck = tmp_path / checkpoint.DIRNAME
+    for stale in (".tmp-step_00000003", ".tmp-step_00000009"):  # two saves that crashed, at other steps
+        (ck / stale).mkdir(parents=True)
+        (ck / stale / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    checkpoint.save(_Engine(), str(tmp_path), 5, {"zero_stage": 0}, rank=0, world=1, keep=2)
+    assert _listing(tmp_path) == ["step_00000005"]
+    assert checkpoint.latest_complete(str(tmp_path)) == str(ck / "step_00000005")
+
+
+def test_ranks_above_0_take_rank_0s_listing_and_never_list_the_checkpoint_directory(tmp_path, monkeypatch):
+    """On a shared file system each client may see another listing (NFS caches them): rank 0
+    lists, reads meta.json, and every rank decides from what it broadcast."""
+    monkeypatch.setattr(checkpoint, "dist", _OneRank)
+    d = _ckpt(tmp_path, 8)
+    (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")  # not in the manifest: listed only
+    sent = []
+    monkeypatch.setattr(checkpoint, "_broadcast", lambda obj: sent.append(obj) or obj)
+    found0 = checkpoint.find_resumable(str(tmp_path), {"step": 8}, rank=0, world=1)
+    assert found0.path == str(d) and found0.meta == {"step": 8}
+
+    received = iter(sent)
+    monkeypatch.setattr(checkpoint, "_broadcast", lambda obj: next(received))
+    real_listdir, real_open = os.listdir, open
+
+    def listdir(path="."):
+        if str(tmp_path) in os.fspath(path):
+            raise AssertionError(f"rank 1 listed {path}")
+        return real_listdir(path)
+
+    def no_meta(path, *a, **kw):
+        assert not os.fspath(path).endswith("meta.json"), "rank 1 read meta.json itself"
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr("builtins.open", no_meta)
+    found1 = checkpoint.find_resumable(str(tmp_path), {"step": 8}, rank=1, world=1)
+    assert found1 == found0
+    # the universal decision uses the broadcast listing (optimizer shards: ZeRO >= 1)
+    assert checkpoint.needs_universal(found1.path, {"world_size": 2, "zero_stage": 2}, 1, 2, files=found1.files)
+
+
+def test_latest_universal_names_the_converted_folder_after_the_rename(tmp_path, monkeypatch):
+    """DeepSpeed's ds_to_universal (deepspeed/checkpoint/ds_to_universal.py, main(): "Update
+    latest to output folder", 0.19.8) writes <parent of its output>/latest_universal holding the
+    output folder's name -- the temporary one; stood in for here, the real conversion runs in
+    tests/test_preemption.py."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    def convert(args: argparse.Namespace):
+        os.makedirs(args.output_folder)
+        parent, name = os.path.split(args.output_folder)
+        with open(os.path.join(parent, "latest_universal"), "w") as f:
+            f.write(name)
+
+    monkeypatch.setattr(checkpoint, "dist", _OneRank)
+    monkeypatch.setattr(ds_to_universal, "main", convert)
+    d = _ckpt(tmp_path, 4)
+    out = checkpoint.to_universal(str(d), rank=0)
+    assert out == str(d / checkpoint.UNIVERSAL) and os.path.isdir(out)
+    assert (d / "latest_universal").read_text() == checkpoint.UNIVERSAL
+    assert (d / (d / "latest_universal").read_text()).is_dir()
