@@ -10,7 +10,9 @@ flash-attn on CPU, which no other test should see.
    and their autograd backward, which reach the compiled-module functions through
    flash-attn's Python glue and, from 2.7, its torch.library ops) in float64 against
    tests/reference.py: bottom-right causal for q_len != k_len, windows, softcap, GQA, varlen.
-2. ringattn's FlashAttnBackend block forward/backward (binding by the op's schema).
+2. ringattn's FlashAttnBackend block forward/backward (binding by the op's schema), and over
+   block shapes (tall, wide, one row, one key, zero-length varlen sequences) x windows in
+   float64 against what each block means (the stand-in applies flash-attn's real rule).
 3. backend="flash_attn" under ring, Ulysses and hybrid, every layout, with documents,
    windows, sinks and softcap, fp32, against the float64 reference; with which kernel ran
    each kind of block (``RingProfile.blocks``).
@@ -30,6 +32,7 @@ from tests.flash_attn_standin import load_flash_attn
 from tests.reference import layout_indices, reference_attention, rel_err
 
 FP64_TOL = 1e-10
+INF = float("inf")
 FP32_TOL = 1e-5
 DOCS = [5, 20, 1, 14, 8]  # 48 tokens: splits under every layout at P <= 4 (48 = 2 * 4 * 6)
 
@@ -146,6 +149,76 @@ def backend_block_errors() -> dict:
     return errors
 
 
+def _intended(n, m, causal, window):
+    """bool (n, m): what a block means (ringattn's convention, kernels/base.py), written out:
+    causal = top-left (j <= i); window = bottom-right band i + m - n - left <= j <=
+    i + m - n + right, -1 unbounded."""
+    i = torch.arange(n)[:, None]
+    j = torch.arange(m)[None, :]
+    if causal:
+        return j <= i
+    left, right = window
+    ok = torch.ones(n, m, dtype=torch.bool)
+    if left >= 0:
+        ok &= j >= i + m - n - left
+    if right >= 0:
+        ok &= j <= i + m - n + right
+    return ok
+
+
+BLOCK_SHAPES = [(1, 1), (1, 6), (6, 1), (9, 2), (12, 3), (2, 9), (7, 7), (10, 4), (4, 10), (16, 5)]
+BLOCK_WINDOWS = [None, (-1, -1), (0, -1), (2, -1), (5, -1), (-1, 0), (-1, 3), (-1, 7), (1, 1),
+                 (3, 6), (2, 9), (0, 0), (6, 4)]
+
+
+def backend_shape_errors() -> dict:
+    """FlashAttnBackend on the stand-in (flash-attn's real window rule) over block shapes
+    (tall, wide, one row, one key) x windows and causal, dense with batch 2 and varlen with
+    zero-length sequences, float64, against the block's meaning -> {case: max rel error}.
+    Rows the block hides entirely: out 0 and lse not finite (+inf, as flash-attn writes)."""
+    from ringattn.kernels import BACKENDS
+
+    load_flash_attn()
+    fb = BACKENDS["flash_attn"]
+    gen = torch.Generator().manual_seed(2)
+    errors = {}
+
+    def run(name, q, k, v, do, mask, **kw):
+        ref = reference_attention(q, k, v, do, causal=False, mask=mask)
+        try:
+            out, lse = fb.forward(q, k, v, scale=16 ** -0.5, **kw)
+            grads = fb.backward(do, q, k, v, ref[0], ref[1].masked_fill(torch.isneginf(ref[1]), INF),
+                                scale=16 ** -0.5, **kw)
+        except RuntimeError:  # flash-attn refused the call (a TORCH_CHECK or a failed reshape)
+            errors[name] = INF
+            return
+        seen = mask.any(dim=1)
+        lse_ok = bool((~torch.isfinite(lse[:, :, ~seen])).all())
+        pairs = [(g, r) for g, r in zip((out, lse[:, :, seen], *grads),
+                                        (ref[0], ref[1][:, :, seen], *ref[2:])) if r.numel()]
+        errors[name] = max(_errs(*zip(*pairs)), 0.0 if lse_ok else INF)
+
+    for (n, m), window in itertools.product(BLOCK_SHAPES, BLOCK_WINDOWS):
+        causal = window is None
+        q, do = _randn(gen, 2, n, 4, 16), _randn(gen, 2, n, 4, 16)
+        k, v = _randn(gen, 2, m, 2, 16), _randn(gen, 2, m, 2, 16)
+        run(f"dense n={n} m={m} causal={causal} window={window}", q, k, v, do,
+            _intended(n, m, causal, window or (-1, -1)), causal=causal, window=window)
+    lengths = [[(9, 2), (3, 3)], [(0, 4), (5, 2), (1, 0), (12, 3)], [(1, 6), (6, 1)],
+               [(2, 0), (0, 3)], [(1, 1), (0, 2), (1, 3)]]
+    for lens, window in itertools.product(lengths, BLOCK_WINDOWS[1:]):
+        qb = tuple(itertools.accumulate((a for a, _ in lens), initial=0))
+        kb = tuple(itertools.accumulate((b for _, b in lens), initial=0))
+        mask = torch.zeros(qb[-1], kb[-1], dtype=torch.bool)
+        for s, (a, b) in enumerate(lens):
+            mask[qb[s]:qb[s + 1], kb[s]:kb[s + 1]] = _intended(a, b, False, window)
+        q, do = _randn(gen, 1, qb[-1], 4, 16), _randn(gen, 1, qb[-1], 4, 16)
+        k, v = _randn(gen, 1, kb[-1], 2, 16), _randn(gen, 1, kb[-1], 2, 16)
+        run(f"varlen {lens} window={window}", q, k, v, do, mask, causal=False, window=window,
+            segments=(qb, kb))
+    return errors
+
+
 def missing_argument_message() -> str:
     """Binding refuses to call flash-attn without an argument its backward requires."""
     from ringattn.kernels import flash
@@ -246,6 +319,7 @@ def main():
     worlds = [int(w) for w in parser.parse_args().worlds.split(",")]
     summary = {"release": importlib.metadata.version("flash_attn"), "standin": standin_errors(),
                "empty_rows": empty_rows_convention(), "block": backend_block_errors(),
+               "shapes": backend_shape_errors(),
                "missing": missing_argument_message(), "matrix": {}}
     for world in worlds:
         per_rank = run_distributed(backend_matrix, world, timeout=300)

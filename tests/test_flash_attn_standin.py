@@ -6,7 +6,8 @@ into .cache/flash-attn-2.6.3, both without their CUDA build. Each release runs
 ``tests.flash_attn_checks`` in its own process (that release first on the path): the
 stand-in against float64, ringattn's flash backend block by block, and backend="flash_attn"
 under ring, Ulysses and hybrid with every layout, documents, windows, sinks and softcap,
-fp32 against float64 (tolerances in tests/flash_attn_checks.py). 2.8.3 runs them at P = 2
+fp32 against float64 (tolerances in tests/flash_attn_checks.py), and the backend over block
+shapes (tall, wide, one row, one key, zero-length varlen sequences) x windows in float64. 2.8.3 runs them at P = 2
 and (slow tier) P = 4 (2 x 2 hybrid), 2.6.3 at P = 2 (hybrid: a ring of one inside): one
 launch per release and P keeps the cost down while every strategy runs on both.
 """
@@ -52,6 +53,9 @@ def _check(summary, release, world):
     assert summary["empty_rows"], "hidden rows: out 0 and lse +inf, as the CUDA kernels"
     bad = {n: e for n, e in summary["block"].items() if not e <= 1e-5}
     assert not bad, bad
+    # block shapes x windows through FlashAttnBackend under flash-attn's real window rule
+    bad = {n: e for n, e in summary["shapes"].items() if not e <= 1e-10}
+    assert not bad and len(summary["shapes"]) >= 150, (len(summary["shapes"]), bad)
     assert "needs 'dout'" in summary["missing"], summary["missing"]
     matrix = summary["matrix"][str(world)]
     assert not matrix["failures"], matrix["failures"][:5]

@@ -13,6 +13,16 @@ Blocks map onto flash-attn's own features: a ``window`` band is its ``window_siz
 (bottom-right aligned, as ours), packed documents its varlen (``cu_seqlens``), ``softcap``
 its softcap (>= 2.6), GQA native (no K/V repeat). A top-left causal block of n >= m rows is
 the band (-1, n - m); of n < m rows, the first n keys' triangle (later keys are hidden).
+
+flash-attn does not apply a window as given (csrc/flash_attn/flash_api.cpp, 2.6.3 to 2.8.3):
+a side >= seqlen_k becomes -1 (unbounded), and set_params_fprop then closes a one-sided
+window's open side at seqlen_k (varlen: at max_seqlen_k, the argument). So (L, -1) on a block
+of n >= m + 2 rows hides keys from its first rows, and a right side in [m, n - 2] becomes
+unbounded. ``flash_window`` is that rule and ``expresses`` says whether a dense call keeps
+the band exact; a block it would change runs as one varlen call (its batch as sequences)
+whose max_seqlen_k is raised past every bound (``_max_lengths``), where neither the clamp nor
+the closing bites. max_seqlen_k is only an upper bound for the kernel's grid: key blocks past
+a sequence's own length exit at once.
 """
 from __future__ import annotations
 
@@ -92,6 +102,35 @@ def _block_window(causal, window, n, m):
     return (-1, 0), n  # keys n.. are hidden from every row
 
 
+def flash_window(window, seqlen_k) -> tuple[int, int]:
+    """The band flash-attn applies for ``window`` with causal=False, in our convention
+    (bottom-right aligned, -1 = unbounded): mha_fwd / mha_varlen_fwd clamp a side >= seqlen_k
+    to -1, then set_params_fprop sets `if (left < 0 && right >= 0) left = seqlen_k;` and
+    `if (left >= 0 && right < 0) right = seqlen_k;` (seqlen_k: max_seqlen_k under varlen)."""
+    left, right = (-1 if w >= seqlen_k else w for w in window)
+    if left < 0 and right >= 0:
+        left = seqlen_k
+    if left >= 0 and right < 0:
+        right = seqlen_k
+    return left, right
+
+
+def _cutting(n, m, window) -> tuple[int, int]:
+    """``window`` on an n x m block with -1 wherever that side hides no key: row i sees
+    j >= i + m - n - left, which cuts a key only if the last row's bound m - 1 - left > 0,
+    and j <= i + m - n + right, which cuts one only if row 0's bound m - n + right < m - 1."""
+    left, right = window
+    return (left if 0 <= left < m - 1 else -1), (right if 0 <= right < n - 1 else -1)
+
+
+def expresses(n, m, window, seqlen_k=None) -> bool:
+    """Whether flash-attn, given ``window`` (and causal=False) on a sequence of n queries and
+    m keys, shows each query exactly the keys the band means. seqlen_k: what the rule is
+    applied with (dense: m; varlen: max_seqlen_k)."""
+    applied = flash_window(window, m if seqlen_k is None else seqlen_k)
+    return _cutting(n, m, applied) == _cutting(n, m, window)
+
+
 def _cu(segments, cu_seqlens, device):
     if cu_seqlens is not None:
         return cu_seqlens
@@ -141,19 +180,27 @@ class FlashAttnBackend:
         assert mask is None, "flash_attn blocks take no mask (blocks._kernel_for routes them)"
         fa = _flash()
         extra = {} if softcap is None else {"softcap": float(softcap)}
-        if segments is not None:
-            assert q.shape[0] == 1 and not causal, "varlen blocks: batch 1, causality in the window"
-            cu_q, cu_k = _cu(segments, cu_seqlens, q.device)
-            out, lse, _ = fa.flash_attn_varlen_func(
-                q[0], k[0], v[0], cu_q, cu_k, *_max_lengths(segments), dropout_p=0.0,
-                softmax_scale=scale, causal=False, window_size=window or (-1, -1),
-                return_attn_probs=True, **extra)
-            return out.unsqueeze(0), lse.unsqueeze(0)
-        window, keys = _block_window(causal, window, q.shape[1], k.shape[1])
-        out, lse, _ = fa.flash_attn_func(
-            q, k[:, :keys], v[:, :keys], dropout_p=0.0, softmax_scale=scale, causal=False,
-            window_size=window or (-1, -1), return_attn_probs=True, **extra)
-        return out, lse
+        if segments is None:
+            window, keys = _block_window(causal, window, q.shape[1], k.shape[1])
+            k, v = k[:, :keys], v[:, :keys]
+            if window is None or expresses(q.shape[1], keys, window):
+                out, lse, _ = fa.flash_attn_func(
+                    q, k, v, dropout_p=0.0, softmax_scale=scale, causal=False,
+                    window_size=window or (-1, -1), return_attn_probs=True, **extra)
+                return out, lse
+            b, n, h, _ = q.shape
+            segments, cu_seqlens = _batch_as_sequences(b, n, keys, q.device)
+            out, lse = self.forward(_flat(q), _flat(k), _flat(v), causal=False, scale=scale,
+                                    softcap=softcap, window=window, segments=segments,
+                                    cu_seqlens=cu_seqlens)
+            return out.view(q.shape[:3] + out.shape[3:]), lse.view(h, b, n).transpose(0, 1)
+        assert q.shape[0] == 1 and not causal, "varlen blocks: batch 1, causality in the window"
+        cu_q, cu_k = _cu(segments, cu_seqlens, q.device)
+        window = window or (-1, -1)
+        out, lse, _ = fa.flash_attn_varlen_func(
+            q[0], k[0], v[0], cu_q, cu_k, *_max_lengths(segments, window), dropout_p=0.0,
+            softmax_scale=scale, causal=False, window_size=window, return_attn_probs=True, **extra)
+        return out.unsqueeze(0), lse.unsqueeze(0)
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None,
                  window=None, segments=None, cu_seqlens=None):
@@ -161,6 +208,18 @@ class FlashAttnBackend:
         keys = k.shape[1]
         if segments is None:
             window, keys = _block_window(causal, window, q.shape[1], k.shape[1])
+            if window is not None and not expresses(q.shape[1], keys, window):
+                b, n, h, _ = q.shape  # as forward: the batch as varlen sequences
+                segments, cu_seqlens = _batch_as_sequences(b, n, keys, q.device)
+                grads = self.backward(
+                    _flat(dout), _flat(q), _flat(k[:, :keys]), _flat(v[:, :keys]), _flat(out),
+                    lse.transpose(0, 1).reshape(1, h, b * n), causal=False, scale=scale,
+                    softcap=softcap, window=window, segments=segments, cu_seqlens=cu_seqlens)
+                dq = grads[0].view(q.shape)
+                dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+                dk[:, :keys], dv[:, :keys] = grads[1].view(b, keys, *k.shape[2:]), \
+                    grads[2].view(b, keys, *v.shape[2:])
+                return dq, dk, dv
         left, right = window or (-1, -1)
         dq = torch.empty_like(q)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
@@ -181,11 +240,34 @@ class FlashAttnBackend:
         values.update({n: values[n][0] for n in ("dout", "q", "k", "v", "out", "softmax_lse",
                                                  "dq", "dk", "dv")})
         values.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, zero_tensors=False)
-        values["max_seqlen_q"], values["max_seqlen_k"] = _max_lengths(segments)
+        values["max_seqlen_q"], values["max_seqlen_k"] = _max_lengths(segments, (left, right))
         _call("_flash_attn_varlen_backward", values, needed)
         return dq, dk, dv
 
 
-def _max_lengths(segments) -> tuple[int, int]:
+def _flat(x):
+    """(b, s, ...) -> (1, b * s, ...): a batch as packed sequences."""
+    return x.reshape(1, -1, *x.shape[2:])
+
+
+def _batch_as_sequences(b, n, m, device):
+    """Segments and cu_seqlens of b sequences of n queries and m keys each; the bounds are
+    made on ``device`` (arange: no host-to-device copy)."""
+    segments = tuple(tuple(s * i for i in range(b + 1)) for s in (n, m))
+    cu = tuple(torch.arange(b + 1, dtype=torch.int32, device=device) * s for s in (n, m))
+    return segments, cu
+
+
+def _max_lengths(segments, window) -> tuple[int, int]:
+    """(max_seqlen_q, max_seqlen_k) for flash_attn_varlen_func: upper bounds of the sequences'
+    lengths, raised so that flash-attn's window rule (``flash_window``) keeps every sequence's
+    band exact. max_seqlen_k > every window side: no side is clamped to -1; >= every
+    sequence's s_q - 1: a one-sided (L, -1) closed at max_seqlen_k still reaches the last key
+    from row 0 (j <= i + s_k - s_q + max_seqlen_k); >= s_k - 1: (-1, R) opened at max_seqlen_k
+    reaches key 0 from the last row. max_seqlen_q >= 2: with max_seqlen_q == 1, GQA and no
+    window, mha_varlen_fwd reshapes q to one row per sequence, which fails when a sequence
+    has no rows."""
     spans = segment_bounds(segments)
-    return (max(rq.stop - rq.start for rq, _ in spans), max(rk.stop - rk.start for _, rk in spans))
+    max_q = max(rq.stop - rq.start for rq, _ in spans)
+    max_k = max(rk.stop - rk.start for _, rk in spans)
+    return max(max_q, 2), max(max_k, max_q, window[0] + 1, window[1] + 1)
