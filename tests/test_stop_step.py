@@ -2,6 +2,7 @@
 the step's evaluation and logging; the recipe end to end in one process."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -28,3 +29,32 @@ def test_stop_at_step_saves_without_save_every_first_then_evaluates_and_the_reru
     assert not (tmp_path / STOPPED).exists(), "a planned stop is not an interrupted run"
     proc = train_ok(tmp_path, 1, over)
     assert "at step 2" in proc.stderr and sorted(metrics(tmp_path)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_the_override_printed_on_a_signal_stop_resumes_a_launch_script_run(tmp_path):
+    """launch/torchrun_single_node.sh without hydra.run.dir: the run dir is outputs/<torchrun's
+    run id>, new for every invocation, so rerunning the bare command starts over. On a signal
+    stop the recipe prints the override that resumes; rerunning with it continues the run."""
+    import os
+    import re
+    import signal
+
+    from tests.test_launch import LAUNCH, finish, only_run_dir, start, wait_for
+
+    cmd = [LAUNCH / "torchrun_single_node.sh", *FAST, "trainer.max_steps=400", "trainer.seed=3"]
+    env = {"NPROC_PER_NODE": "1", "SHUTDOWN_TIMEOUT": "60"}
+    agent = start(cmd, tmp_path, env)
+    wait_for(lambda: any(p.stat().st_size for p in tmp_path.glob("outputs/*/metrics.jsonl")), agent, 180,
+             "the first logged step")
+    os.kill(agent.pid, signal.SIGTERM)
+    rc, out = finish(agent, 120)
+    run_dir = only_run_dir(tmp_path)
+    hint = re.search(r"rerun the same command with (hydra\.run\.dir=\S+) to resume", out)
+    assert rc != 0 and hint, out[-3000:]
+    assert hint.group(1) == f"hydra.run.dir={run_dir}", hint.group(1)
+    saved = int(json.loads((run_dir / STOPPED).read_text())["step"])
+    rc, out = finish(start([*cmd, hint.group(1), f"trainer.stop_at_step={saved + 2}"], tmp_path, env), 180)
+    assert rc == 0, out[-3000:]
+    assert f"at step {saved}" in out and only_run_dir(tmp_path) == run_dir, out[-3000:]
+    assert sorted(metrics(run_dir))[-1] == saved + 2
