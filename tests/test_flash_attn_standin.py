@@ -116,3 +116,16 @@ def test_benchmark_reports_which_kernel_ran_each_block_kind():
         seen[name] = kernels_by_block(prof)
     assert seen == {"window": {"sdpa/window": 1}, "documents": {"sdpa/varlen": 1},
                     "softcap window": {"math/window": 1}}, seen
+
+
+@pytest.mark.parametrize("release,features", [("2.5.9", False), ("2.6.0", True), ("2.8.3", True)])
+def test_varlen_and_softcap_need_flash_attn_2_6(monkeypatch, release, features):
+    """mha_varlen_fwd returns lse (batch, heads, max_seqlen_q) up to 2.5.9 and (heads, total_q)
+    from 2.6.0, which the merge reads; softcap came in 2.6.0 too. Read from the installed
+    version (patched here), so get_backend routes varlen blocks elsewhere on older releases."""
+    import importlib.metadata as md
+
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda name: release if name == "flash_attn" else real(name))
+    backend = FlashAttnBackend()
+    assert backend.supports_varlen is features and backend.supports_softcap is features

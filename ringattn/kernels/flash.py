@@ -49,6 +49,16 @@ def _flash():
         ) from e
 
 
+def _release() -> tuple[int, int]:
+    """The installed flash-attn's (major, minor), read without importing it (which needs its
+    kernels); (99, 0) when it is not installed (``supports`` says then that it cannot run)."""
+    try:
+        release = importlib.metadata.version("flash_attn")
+    except importlib.metadata.PackageNotFoundError:
+        return (99, 0)
+    return tuple(int(x) for x in release.split(".")[:2])
+
+
 def kernel_device_types() -> tuple[str, ...]:
     """The device types flash-attn's compiled module runs: CUDA, unless an already loaded
     module says otherwise in ``device_types`` (the test suite's CPU stand-in says ("cpu",);
@@ -143,17 +153,17 @@ class FlashAttnBackend:
     # dense masks (shapes that are neither) go to sdpa or math (``blocks._kernel_for``).
     supports_mask = False
     supports_window = True
-    supports_varlen = True
 
     @property
     def supports_softcap(self) -> bool:
-        """flash-attn >= 2.6 caps inside the kernel (``softcap``); older ones cannot.
-        Read from the installed release, without importing it (which needs its kernels)."""
-        try:
-            release = importlib.metadata.version("flash_attn")
-        except importlib.metadata.PackageNotFoundError:
-            return True  # ``supports`` already says it cannot run at all
-        return tuple(int(x) for x in release.split(".")[:2]) >= (2, 6)
+        """flash-attn >= 2.6 caps inside the kernel (``softcap``); older ones cannot."""
+        return _release() >= (2, 6)
+
+    @property
+    def supports_varlen(self) -> bool:
+        """flash-attn >= 2.6.0 returns varlen lse as (heads, total_q), which the merge reads;
+        up to 2.5.9 mha_varlen_fwd returns (batch, heads, max_seqlen_q), padded."""
+        return _release() >= (2, 6)
 
     def device_problem(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
         """None if flash-attn runs this device/dtype/head_dim, else why not."""
