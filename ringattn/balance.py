@@ -1,10 +1,15 @@
 """Per-rank attention work of a layout, computed without communication (planning numbers).
 
 ``rank_work``: the query-key pairs each rank's queries must score (what any kernel has to
-do; the sum is the same for every layout). ``scheduled_work``: what the ring's block schedule
-actually computes per rank, and how much of it runs on masked tiles (kernels with an
-explicit boolean mask: slower, and the masked-out part of the tile is wasted work).
-Balance = max/mean over ranks: the ring runs at the pace of its slowest rank.
+do; the sum is the same for every layout), counted from positions. ``scheduled_work``: what
+the ring's block schedule actually computes per rank, and how much of it runs on masked
+tiles. ``step_work``: the pairs each rank computes at each ring step, from the plan's pieces.
+
+Two balance measures. ``imbalance`` (max/mean of per-rank totals) is what a rank carries
+over the whole ring; but the ring runs in lock-step, every step waiting for its slowest
+rank, so its time is the sum over steps of the slowest rank's work in that step:
+``lockstep_imbalance`` = sum_s max_r work[r, s] / mean_r sum_s work[r, s] >= ``imbalance``.
+The second is the one that predicts speed.
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from .layouts import get_layout
-from .masking import AttentionMask, rank_steps
+from .masking import AttentionMask, rank_pieces, rank_steps
 from .rangemask import RangeMask
+from .visibility import step_pairs
 
 
 def rank_work(cu_seqlens, layout: str, world_size: int, *, causal: bool = True,
@@ -43,6 +49,24 @@ def imbalance(work: torch.Tensor) -> float:
     """max / mean of per-rank work (1.0 = perfectly balanced)."""
     work = work.double()
     return float(work.max() / work.mean())
+
+
+def step_work(mask: AttentionMask | RangeMask, layout: str, world_size: int,
+              ranks=None) -> torch.Tensor:
+    """(len(ranks), P) int64: visible pairs rank r computes at ring step s (the K/V of rank
+    (r - s) mod P), for ``ranks`` (default: all). One plan's pieces per rank, no tasks."""
+    lay = get_layout(layout)
+    lay.check_seqlen(mask.seqlen, world_size)
+    ranks = range(world_size) if ranks is None else ranks
+    return torch.stack([step_pairs(rank_pieces(lay, mask, world_size, r), world_size)
+                        for r in ranks])
+
+
+def lockstep_imbalance(work: torch.Tensor) -> float:
+    """sum over steps of the slowest rank's work / mean per-rank total, for ``work`` (ranks,
+    steps) from ``step_work`` (1.0: every step balanced; the ring's real pace)."""
+    work = work.double()
+    return float(work.max(0).values.sum() / work.sum(1).mean())
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 
 def check_same_on_all_ranks(fields: dict[str, int], group=None,
                             cu_seqlens: torch.Tensor | None = None,
-                            mask_fingerprint: list[int] = ()) -> None:
+                            mask_fingerprint: list[int] = (), maxima: list[int] = ()) -> list[int]:
     """All ranks of ``group`` must hold equally shaped shards (``fields``: name -> size, e.g.
     batch and local length) and the same ``cu_seqlens`` (one tiny all-gather, one host sync).
 
@@ -45,21 +45,26 @@ def check_same_on_all_ranks(fields: dict[str, int], group=None,
     garbage; with it, every rank raises the same ValueError. The gathered tensor lives on the
     group's device (``comm.group_device``: NCCL, the current GPU), whatever the data's.
     ``mask_fingerprint``: integers of the step's range masks (``RangeMask.fingerprint``),
-    compared too.
+    compared too. ``maxima``: integers that may differ (each rank's ring length); returns
+    their maximum over the group, element-wise, from the same all-gather.
     """
+    maxima = list(maxima)
     if group_size(group) == 1:
-        return
+        return maxima
     device = group_device(group)
     docs = [0, 0]
     if cu_seqlens is not None:  # a cheap fingerprint: count and position-weighted sum
         cu = cu_seqlens.to("cpu", torch.int64)
         docs = [cu.numel(), int((cu * torch.arange(1, cu.numel() + 1)).sum())]
     n = len(fields)
-    mine = torch.tensor([*fields.values(), *docs, *mask_fingerprint], dtype=torch.int64,
-                        device=device)
+    mine = torch.tensor([*maxima, *fields.values(), *docs, *mask_fingerprint],
+                        dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(group_size(group))]
     dist.all_gather(every, mine, group=group)
     rows = torch.stack(every).tolist()
+    k = len(maxima)
+    maxima = [max(r[i] for r in rows) for i in range(k)]
+    rows = [r[k:] for r in rows]
     shapes = [tuple(r[:n]) for r in rows]
     if len(set(shapes)) > 1:
         names = f"({', '.join(fields)})"
@@ -74,6 +79,7 @@ def check_same_on_all_ranks(fields: dict[str, int], group=None,
     if len({tuple(r[n:n + 2]) for r in rows}) > 1:
         raise ValueError("cu_seqlens differs across the ranks of the sequence-parallel group; "
                          "pass the same full-sequence cu_seqlens on every rank")
+    return maxima
 
 
 def check_ulysses_heads(heads: int, kv_heads: int, ulysses_size: int):

@@ -37,7 +37,9 @@ class BlockTask:
         k_bounds[s]:k_bounds[s+1], each under ``window`` aligned to its own lengths;
         ``cu_seqlens`` holds them as int32 tensors on the data's device (set by the plan);
     ``mask``: bool (q rows, k rows), True = visible, for anything else (a dense tile).
-    Every row of a ``window``/``segments`` task sees at least one key.
+    Segments may be empty on one side: rows that see no key (out 0, lse -inf or, from
+    flash-attn, +inf: the merge ignores both) or keys that no row sees, so that one varlen
+    call can skip what lies between the pieces it computes (``ringattn.visibility``).
     """
 
     q_rows: slice
@@ -47,6 +49,7 @@ class BlockTask:
     window: tuple[int, int] | None = None
     segments: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None
+    pairs: int | None = None  # visible pairs, when the planner counted them
 
     @property
     def kind(self) -> str:
@@ -65,6 +68,8 @@ class BlockTask:
     def scores(self, q_len: int, k_len: int) -> int:
         """Query-key pairs the kernel computes for this task (per batch row and head);
         for masks, the bounding box the kernel runs on."""
+        if self.pairs is not None:
+            return self.pairs
         n, m = self.shape(q_len, k_len)
         if self.segments is not None:
             qb, kb = self.segments
@@ -108,6 +113,22 @@ class Layout:
         ``cu_seqlens`` is used only by layouts that ``needs_documents``."""
         raise NotImplementedError
 
+    def stride_of(self, world_size: int) -> int:
+        """Positions of consecutive local rows in one of ``runs`` differ by this."""
+        return 1
+
+    def runs(self, seqlen: int, world_size: int, rank: int, cu_seqlens=None):
+        """``rank``'s tokens as runs: (pos0, row0, length) int64 host tensors; local rows
+        row0 + t hold positions pos0 + stride * t (``ringattn.visibility``)."""
+        raise NotImplementedError
+
+    def all_runs(self, seqlen: int, world_size: int, cu_seqlens=None):
+        """Every rank's ``runs`` at once: (rank, pos0, row0, length) int64 host tensors."""
+        parts = [self.runs(seqlen, world_size, r, cu_seqlens) for r in range(world_size)]
+        rank = torch.repeat_interleave(torch.arange(world_size),
+                                       torch.tensor([len(p[0]) for p in parts]))
+        return (rank, *(torch.cat([p[i] for p in parts]) for i in range(3)))
+
     def block_tasks(self, q_rank: int, k_rank: int, world_size: int, local_len: int,
                     causal: bool) -> list[BlockTask]:
         if not causal:
@@ -137,6 +158,10 @@ class Contiguous(Layout):
         n = seqlen // world_size
         return torch.arange(rank * n, (rank + 1) * n)
 
+    def runs(self, seqlen, world_size, rank, cu_seqlens=None):
+        n = seqlen // world_size
+        return _runs([rank * n], [0], [n])
+
     def _causal_off_diagonal(self, q_rank, k_rank, local_len):
         # Earlier keys are fully visible, later keys fully masked.
         return [BlockTask(ALL, ALL, False)] if k_rank < q_rank else []
@@ -164,6 +189,10 @@ class Zigzag(Layout):
         second = torch.arange((2 * world_size - 1 - rank) * c, (2 * world_size - rank) * c)
         return torch.cat([first, second])
 
+    def runs(self, seqlen, world_size, rank, cu_seqlens=None):
+        c = seqlen // (2 * world_size)
+        return _runs([rank * c, (2 * world_size - 1 - rank) * c], [0, c], [c, c])
+
     def _causal_off_diagonal(self, q_rank, k_rank, local_len):
         half = local_len // 2
         if k_rank < q_rank:
@@ -181,8 +210,14 @@ class Striped(Layout):
 
     name = "striped"
 
+    def stride_of(self, world_size: int) -> int:
+        return world_size
+
     def indices(self, seqlen, world_size, rank, cu_seqlens=None):
         return torch.arange(rank, seqlen, world_size)
+
+    def runs(self, seqlen, world_size, rank, cu_seqlens=None):
+        return _runs([rank], [0], [seqlen // world_size])
 
     def _causal_off_diagonal(self, q_rank, k_rank, local_len):
         if k_rank < q_rank:
@@ -225,23 +260,49 @@ class DocZigzag(Layout):
         return sizes
 
     def indices(self, seqlen, world_size, rank, cu_seqlens=None):
+        seg_start, offsets, seg_len = self.runs(seqlen, world_size, rank, cu_seqlens)[:3]
+        total = int(seg_len.sum())
+        # positions of all runs: each run's start, repeated, plus a running offset
+        return torch.repeat_interleave(seg_start - offsets, seg_len, output_size=total) + torch.arange(total)
+
+    def runs(self, seqlen, world_size, rank, cu_seqlens=None):
+        """Two runs per document (its chunks r and 2P-1-r), empty ones dropped."""
         self.check_documents(cu_seqlens)
         cu = torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
         if int(cu[-1]) != seqlen:
             raise ValueError(f"cu_seqlens must end at the full packed sequence length {seqlen}; "
                              f"got {int(cu[-1])}")
         sizes = self.chunk_sizes(cu, world_size)
-        starts = cu[:-1, None] + torch.cumsum(sizes, 1) - sizes
         mine = [rank, 2 * world_size - 1 - rank]
-        seg_start, seg_len = starts[:, mine].flatten(), sizes[:, mine].flatten()
-        # positions of all segments: each segment's start, repeated, plus a running offset
-        offsets = torch.cumsum(seg_len, 0) - seg_len
-        total = int(seg_len.sum())
-        return torch.repeat_interleave(seg_start - offsets, seg_len, output_size=total) + torch.arange(total)
+        starts = cu[:-1, None] + torch.cumsum(sizes[:, :mine[1] + 1], 1)[:, mine] - sizes[:, mine]
+        seg_start, seg_len = starts.flatten(), sizes[:, mine].flatten()
+        keep = seg_len > 0
+        seg_start, seg_len = seg_start[keep], seg_len[keep]
+        return seg_start, torch.cumsum(seg_len, 0) - seg_len, seg_len
+
+    def all_runs(self, seqlen, world_size, cu_seqlens=None):
+        """Every rank's runs from one (documents, 2P) table: O(documents x P), no loop."""
+        self.check_documents(cu_seqlens)
+        cu = torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
+        p = world_size
+        sizes = self.chunk_sizes(cu, p)  # (docs, 2P)
+        starts = cu[:-1, None] + torch.cumsum(sizes, 1) - sizes
+        head, tail = torch.arange(p), 2 * p - 1 - torch.arange(p)
+        # (P, docs, 2): rank r's runs in its local order (document, then head before tail)
+        size = torch.stack([sizes[:, head], sizes[:, tail]], 2).permute(1, 0, 2).reshape(p, -1)
+        start = torch.stack([starts[:, head], starts[:, tail]], 2).permute(1, 0, 2).reshape(p, -1)
+        row0 = torch.cumsum(size, 1) - size
+        rank = torch.arange(p)[:, None].expand_as(size)
+        keep = size > 0
+        return rank[keep], start[keep], row0[keep], size[keep]
 
     def block_tasks(self, q_rank, k_rank, world_size, local_len, causal):
         raise ValueError("layout 'doc_zigzag' has no block structure without the documents; "
                          "use AttentionMask.document_tasks")
+
+
+def _runs(pos0, row0, length):
+    return tuple(torch.tensor(x, dtype=torch.int64) for x in (pos0, row0, length))
 
 
 LAYOUTS: dict[str, Layout] = {cls.name: cls() for cls in (Contiguous, Zigzag, Striped, DocZigzag)}

@@ -34,8 +34,9 @@ from .comm import group_device, group_rank, group_size
 from .headsplit import HeadSplit
 from .inputs import check_qkv, check_same_on_all_ranks, check_sinks, check_ulysses_heads
 from .kernels import get_backend
-from .layouts import ALL, BlockTask, get_layout
-from .masking import AttentionMask, check_window, rank_steps
+from .layouts import BlockTask, get_layout
+from .masking import AttentionMask, check_window, rank_pieces, rank_steps
+from .visibility import step_pairs
 from .rangemask import RangeMask
 from .sharding import check_seqlen
 
@@ -88,6 +89,8 @@ class AttentionPlan:
         # a silent host default: host masks would be copied to the GPU on every call)
         self.device = None if device is None else torch.device(device)
         self._cache: dict = {}
+        self._host: dict = {}  # rule -> this rank's tasks on the host (the plan's build)
+        self._ring_length: dict = {}  # rule -> ring steps every rank runs (ring strategies)
 
     @property
     def seqlen(self) -> int:
@@ -97,7 +100,7 @@ class AttentionPlan:
     @staticmethod
     def prepare(strategy: str, layout: str, shape, *, cu_seqlens=None, device=None,
                 ring_group=None, ulysses_group=None, agree_over=None,
-                heads: dict[str, int] | None = None, mask=None) -> "AttentionPlan":
+                heads: dict[str, int] | None = None, mask=None, rules=None) -> "AttentionPlan":
         """Check and plan ``shape`` = (batch, local_seqlen, ...) shards for ``strategy``.
 
         Groups: ``ring_group`` for "ring"/"hybrid", ``ulysses_group`` for "ulysses"/"hybrid"
@@ -106,6 +109,10 @@ class AttentionPlan:
         all-gather each. ``heads``: more named sizes to agree on (standalone calls).
         ``device``: the data's device; None: the groups' (NCCL: the current GPU), else the
         first attention call's q device. The plan then refuses q on any other device.
+        ``rules``: the (causal, window_size) pairs the step's calls use (default: causal
+        only); each is planned here, before any layer runs, and the ring length each needs
+        rides on the agreement all-gather. A rule not given is planned at its first call,
+        where the ring length costs a plan of every rank (slow at scale).
         Local checks all run before any communication.
         """
         if strategy not in ("local", *STRATEGIES):
@@ -141,12 +148,18 @@ class AttentionPlan:
                           "hybrid": [ulysses_group, ring_group], "allgather": [ring_group]}[strategy]
         fields = {"batch": batch, "q_len": local_len, **(heads or {})}
         prints = RangeMask.fingerprint(masks)
+        # every rule of the step, planned now on the host; its ring length: every rank's own
+        # need, maximised by the agreement all-gather the step makes anyway
+        declared = masks or tuple(dict.fromkeys(
+            (bool(c), check_window(w)) for c, w in (rules or [(True, (-1, -1))])))
+        needs = [plan._build(plan._rule_key(r)) for r in declared]
         for group in agree_over:
-            check_same_on_all_ranks(fields, group, plan._cu_host, prints)
-        if plan.device is not None:  # plan each mask's tasks now, once (else at first use)
-            for m in masks:
-                plan.tasks_for(m)
+            needs = check_same_on_all_ranks(fields, group, plan._cu_host, prints, needs)
+        for rule, need in zip(declared, needs):
+            plan._ring_length[plan._rule_key(rule)] = need
         return plan
+
+    builds = 0  # plans built, all plans together (tests count them: once per rule per step)
 
     def tasks_for(self, mask: RangeMask):
         """This strategy's tasks for ``mask`` (planned once, cached)."""
@@ -155,6 +168,40 @@ class AttentionPlan:
         if self.ring_size > 1:
             return self.ring_steps(False, mask=mask)
         return self.local_tasks(False, mask=mask)
+
+    @staticmethod
+    def _rule_key(rule):
+        """A rule as given to ``prepare``: a RangeMask, or (causal, window)."""
+        return rule if isinstance(rule, RangeMask) else (bool(rule[0]), check_window(rule[1]))
+
+    def _build(self, rule) -> int:
+        """Plan ``rule`` for this rank on the host (once) -> the ring steps this rank needs
+        (1 when the strategy has no ring)."""
+        if rule in self._host:
+            return self._host[rule][1]
+        AttentionPlan.builds += 1
+        mask = rule if isinstance(rule, RangeMask) else self.mask(*rule)
+        if self.strategy in ("local", "ulysses"):  # the whole sequence, in position order
+            tasks, need = rank_steps(get_layout("contiguous"), mask, 1, 0)[0], 1
+        else:
+            tasks = rank_steps(get_layout(self.layout), mask, self.ring_size, self.ring_rank)
+            need = next((s + 1 for s in range(len(tasks) - 1, 0, -1) if tasks[s]), 1)
+        self._host[rule] = tasks, need
+        return need
+
+    def _ring_length_of(self, rule) -> int:
+        """Steps every ring rank runs for ``rule``: agreed in prepare, else (a rule nobody
+        declared) the longest need of every rank, each planned here."""
+        if rule not in self._ring_length:
+            lay, p = get_layout(self.layout), self.ring_size
+            mask = rule if isinstance(rule, RangeMask) else self.mask(*rule)
+            if mask.is_plain and not lay.needs_documents:
+                self._ring_length[rule] = p
+            else:
+                self._ring_length[rule] = max(
+                    max((s + 1 for s, n in enumerate(step_pairs(rank_pieces(lay, mask, p, r), p).tolist())
+                         if n), default=1) for r in range(p))
+        return self._ring_length[rule]
 
     def check(self, who: str, q: torch.Tensor, strategy: str, layout: str, ring_size: int,
               ulysses_size: int, cu_seqlens, mask=None) -> None:
@@ -167,6 +214,8 @@ class AttentionPlan:
                 "prepare it with the SequenceParallel that runs the attention"
             )
         if self.device is None or (self.device.index is None and self.device.type == q.device.type):
+            if self.device != q.device:  # tasks moved before the device was known: again
+                self._cache = {k: v for k, v in self._cache.items() if k[0] == "mask"}
             self.device = q.device  # the plan's device is the data's
         elif q.device != self.device:
             raise ValueError(
@@ -199,13 +248,41 @@ class AttentionPlan:
     def _key(kind, causal, window_size, mask):
         return (kind, mask) if mask is not None else (kind, bool(causal), check_window(window_size))
 
-    def _on_device(self, tasks: list[BlockTask]) -> list[BlockTask]:
-        """Masks and varlen bounds (int32, flash-attn's cu_seqlens) on the device, once."""
-        return [replace(t, mask=None if t.mask is None else _to_device(t.mask, self.device),
-                        cu_seqlens=None if t.segments is None else tuple(
-                            _to_device(torch.tensor(b, dtype=torch.int32), self.device)
-                            for b in t.segments))
-                for t in tasks]
+    def _on_device(self, steps: list[list[BlockTask]]) -> list[list[BlockTask]]:
+        """Masks and varlen bounds (int32, flash-attn's cu_seqlens) on the device: every
+        task's bounds in one host tensor, copied once; each task keeps its views."""
+        device = self.device or torch.device("cpu")  # planned before any call: the host
+        flat = [t for tasks in steps for t in tasks]
+        bounds = [b for t in flat if t.segments is not None for b in t.segments]
+        views = iter(())
+        if bounds:
+            host = torch.tensor([x for b in bounds for x in b], dtype=torch.int32)
+            views = iter(torch.split(_to_device(host, device), [len(b) for b in bounds]))
+        moved = [replace(t, mask=None if t.mask is None else _to_device(t.mask, device),
+                         cu_seqlens=None if t.segments is None else (next(views), next(views)))
+                 for t in flat]
+        out, at = [], 0
+        for tasks in steps:
+            out.append(moved[at:at + len(tasks)])
+            at += len(tasks)
+        return out
+
+    def _tasks(self, kind: str, causal, window_size, mask):
+        """This rank's tasks for a rule on the device (built in prepare, or now)."""
+        rule = self._rule_key(mask if mask is not None else (causal, window_size))
+        key = (kind, rule)
+        if key not in self._cache:
+            self._build(rule)
+            tasks = self._host[rule][0]
+            if kind == "ring":
+                steps = tasks[:self._ring_length_of(rule)]
+            elif kind == "allgather":
+                steps = [self._gathered(tasks)]
+            else:
+                steps = [tasks]
+            moved = self._on_device(steps)
+            self._cache[key] = moved if kind == "ring" else moved[0]
+        return self._cache[key]
 
     def ring_steps(self, causal: bool, window_size=(-1, -1), mask=None) -> list[list[BlockTask]]:
         """The kernel calls of each ring step for this rank, as many steps as any rank needs.
@@ -213,58 +290,28 @@ class AttentionPlan:
         The ring is ``ring_size`` ranks each holding ``local_len * ulysses_size`` tokens
         (hybrid: the Ulysses all-to-all has gathered the ring position's shard).
         """
-        key = self._key("ring", causal, window_size, mask)
-        if key in self._cache:
-            return self._cache[key]
-        mask, lay = self.mask(causal, window_size, mask), get_layout(self.layout)
-        p, rank = self.ring_size, self.ring_rank
-        steps = rank_steps(lay, mask, p, rank)
-        if not mask.is_plain:
-            pos = [lay.indices(self.seqlen, p, r, mask.cu_seqlens) for r in range(p)]
-
-            def visible(q_rank, step):  # any pair of the block visible (the mask is causal too)
-                return bool(mask.visible(pos[q_rank], pos[(q_rank - step) % p]).any())
-
-            def need(q_rank):  # steps this rank needs: up to its last non-empty one
-                return next((s + 1 for s in range(p - 1, 0, -1) if visible(q_rank, s)), 1)
-
-            # Every rank must take part in every step it passes blocks in: run the longest need.
-            steps = [self._on_device(tasks) for tasks in steps[:max(need(r) for r in range(p))]]
-        self._cache[key] = steps
-        return steps
+        return self._tasks("ring", causal, window_size, mask)
 
     def local_tasks(self, causal: bool, window_size=(-1, -1), mask=None) -> list[BlockTask]:
         """The kernel calls of attention over the whole sequence in position order."""
-        key = self._key("local", causal, window_size, mask)
-        if key not in self._cache:
-            rule = self.mask(causal, window_size, mask)
-            pos = torch.arange(self.seqlen)
-            if mask is not None:
-                tasks = self._on_device(mask.tasks(pos, pos))
-            elif rule.is_plain:
-                tasks = [BlockTask(ALL, ALL, rule.causal)]
-            else:  # one causal triangle per document
-                tasks = self._on_device(rule.document_tasks(pos, pos))
-            self._cache[key] = tasks
-        return self._cache[key]
+        return self._tasks("local", causal, window_size, mask)
 
     def allgather_tasks(self, causal: bool, window_size=(-1, -1), mask=None) -> list[BlockTask]:
         """The kernel calls of this rank's queries against the all-gathered K/V, which hold
         every rank's shard in rank order: the ring's block tasks of every source rank, with
         key rows moved to that rank's place (no permutation into position order needed, and
         each layout keeps its own block structure, e.g. striped's triangles)."""
-        key = self._key("allgather", causal, window_size, mask)
-        if key not in self._cache:
-            rule, lay = self.mask(causal, window_size, mask), get_layout(self.layout)
-            p, rank, n = self.ring_size, self.ring_rank, self.local_len
-            tasks = []
-            for step, step_tasks in enumerate(rank_steps(lay, rule, p, rank)):
-                offset = ((rank - step) % p) * n
-                for t in step_tasks:
-                    a, b, _ = t.k_rows.indices(n)
-                    tasks.append(replace(t, k_rows=slice(a + offset, b + offset)))
-            self._cache[key] = self._on_device(tasks)
-        return self._cache[key]
+        return self._tasks("allgather", causal, window_size, mask)
+
+    def _gathered(self, steps: list[list[BlockTask]]) -> list[BlockTask]:
+        p, rank, n = self.ring_size, self.ring_rank, self.local_len
+        tasks = []
+        for step, step_tasks in enumerate(steps):
+            offset = ((rank - step) % p) * n
+            for t in step_tasks:
+                a, b, _ = t.k_rows.indices(n)
+                tasks.append(replace(t, k_rows=slice(a + offset, b + offset)))
+        return tasks
 
     def gathered_order(self, causal: bool, window_size=(-1, -1), mask=None):
         """(held, order) for Ulysses, or None: held[i] is the position of gathered token i
@@ -320,7 +367,8 @@ def prologue(who: str, q, k, v, *, strategy: str, layout: str, causal: bool, win
                  "kv_heads": k.shape[2]}
         plan = AttentionPlan.prepare(strategy, layout, q.shape, cu_seqlens=cu_seqlens,
                                      device=q.device, ring_group=ring_group,
-                                     ulysses_group=ulysses_group, heads=heads, mask=mask)
+                                     ulysses_group=ulysses_group, heads=heads, mask=mask,
+                                     rules=[(causal, window_size)])
     else:
         plan.check(who, q, strategy, layout, r, u, cu_seqlens, mask)
     plan.mask(causal, window_size, mask)  # validates the rule once per plan

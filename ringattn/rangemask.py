@@ -10,28 +10,17 @@ The slices are normalised once into disjoint ones (``slices``): the query axis i
 every slice boundary, and in each query segment the key ranges of the slices covering it
 are merged ("full" wins where a full and a causal range overlap; a causal range entirely at
 or before the segment's first query is full, one entirely after its last query is empty).
-Disjoint slices let a block of any two increasing position sets (a rank's queries, a
-rank's keys) be cut into kernel calls without counting a pair twice: for sorted positions a
-slice covers a contiguous run of rows and of columns (two ``searchsorted``), which is a
-full rectangle, or for a causal slice a staircase that splits into rectangles and
-top-left triangles (``staircase_tasks``) — the calls every kernel runs unmasked. Only a
-staircase too ragged for that (e.g. positions with gaps on one side only) becomes masked
-tiles of ``TILE_ROWS`` rows.
+Disjoint slices are ``ringattn.visibility`` regions (a causal one: keys at or before the
+query), so a rank's ring steps become a few varlen kernel calls that count no pair twice,
+whatever the layout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .layouts import BlockTask
+from .visibility import INF, Regions
 
 KINDS = ("full", "causal")
-# Rows per masked tile when a staircase is too ragged for rectangles and triangles.
-TILE_ROWS = 256
-# A causal slice splits into at most this many (rectangle, triangle) runs before it
-# becomes masked tiles instead (many tiny kernel calls cost more than one masked tile).
-MAX_RUNS = 64
 
 
 def _pairs(name: str, ranges) -> list[tuple[int, int]]:
@@ -180,6 +169,13 @@ class RangeMask:
         weights = torch.arange(1, flat.numel() + 1) % 1000003
         return [len(masks), flat.numel(), int((flat * weights).sum())]
 
+    def regions(self) -> Regions:
+        """The slices as ``ringattn.visibility`` regions (causal: keys at or before the query)."""
+        s = torch.tensor([sl[:4] for sl in self.slices], dtype=torch.int64).reshape(-1, 4)
+        causal = torch.tensor([sl[4] for sl in self.slices], dtype=torch.bool)
+        return Regions.of(s[:, 0], s[:, 1], s[:, 2], s[:, 3], INF,
+                          torch.where(causal, 0, INF))
+
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Per query position, how many of the (increasing) key positions it sees."""
         counts = torch.zeros(len(q_pos), dtype=torch.int64)
@@ -199,18 +195,6 @@ class RangeMask:
                 box = k_pos[None, c0:c1] <= q_pos[r0:r1, None]
             out[r0:r1, c0:c1] = box
         return out
-
-    def tasks(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[BlockTask]:
-        """The kernel calls of (queries at ``q_pos``) x (keys at ``k_pos``), both increasing
-        global positions: one rectangle per full slice, a staircase cut into rectangles and
-        triangles per causal slice. Nothing visible -> no task."""
-        tasks = []
-        for r0, r1, c0, c1, causal in self._boxes(q_pos, k_pos):
-            if not causal:
-                tasks.append(BlockTask(slice(r0, r1), slice(c0, c1), False))
-            else:
-                tasks += staircase_tasks(q_pos, k_pos, r0, r1, c0, c1)
-        return tasks
 
     def _boxes(self, q_pos, k_pos):
         """(row0, row1, col0, col1, causal) of every slice that meets the block."""
@@ -287,49 +271,4 @@ def _staircase(q_pos, k_pos, c0, c1) -> torch.Tensor:
     return (torch.searchsorted(k_pos[c0:c1].contiguous(), q_pos.contiguous(), right=True))
 
 
-def staircase_tasks(q_pos, k_pos, r0, r1, c0, c1) -> list[BlockTask]:
-    """Tasks for rows r0:r1 x cols c0:c1 where a query sees the keys at or before it.
-
-    Counts per row are non-decreasing (sorted positions). Rows seeing nothing are dropped,
-    rows seeing every column become one rectangle, and the rest splits into runs where each
-    row sees exactly one more key than the row before: a run is a rectangle (the columns its
-    first row already sees, minus one) beside a top-left triangle. More than ``MAX_RUNS``
-    runs (ragged positions) -> masked tiles on the bounding box of each ``TILE_ROWS`` rows.
-    """
-    m = c1 - c0
-    counts = _staircase(q_pos[r0:r1], k_pos, c0, c1)
-    first = int(torch.searchsorted(counts, 0, right=True))  # rows seeing nothing
-    full = int(torch.searchsorted(counts, m))  # rows from here see all m columns
-    if first < full < len(counts) and int(counts[full - 1]) == m - 1:
-        full += 1  # the row that completes a triangle stays in it
-    tasks = []
-    if full < len(counts):
-        tasks.append(BlockTask(slice(r0 + full, r1), slice(c0, c1), False))
-    mid = counts[first:full]
-    if len(mid) == 0:
-        return tasks
-    breaks = torch.nonzero(mid[1:] - mid[:-1] != 1).flatten() + 1
-    starts = [0, *breaks.tolist()]
-    ends = [*breaks.tolist(), len(mid)]
-    if len(starts) > MAX_RUNS:
-        return tasks + _masked_tiles(q_pos, k_pos, r0 + first, r0 + full, c0, c1)
-    for a, b in zip(starts, ends):
-        base = int(mid[a]) - 1  # columns every row of the run sees in full
-        rows = slice(r0 + first + a, r0 + first + b)
-        if base > 0:
-            tasks.append(BlockTask(rows, slice(c0, c0 + base), False))
-        tasks.append(BlockTask(rows, slice(c0 + base, c0 + base + b - a), True))
-    return tasks
-
-
-def _masked_tiles(q_pos, k_pos, r0, r1, c0, c1) -> list[BlockTask]:
-    tasks = []
-    for a in range(r0, r1, TILE_ROWS):
-        b = min(a + TILE_ROWS, r1)
-        hi = c0 + int(_staircase(q_pos[b - 1:b], k_pos, c0, c1)[0])  # last row sees the most
-        box = k_pos[None, c0:hi] <= q_pos[a:b, None]
-        tasks.append(BlockTask(slice(a, b), slice(c0, hi), False, mask=box))
-    return tasks
-
-
-__all__ = ["RangeMask", "KINDS", "staircase_tasks"]
+__all__ = ["RangeMask", "KINDS"]

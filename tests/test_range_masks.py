@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import ringattn
-from ringattn import RangeMask, rangemask
+from ringattn import RangeMask
 from ringattn.balance import imbalance, mask_work
 from ringattn.layouts import get_layout
+from ringattn.masking import rank_steps
+from tests.task_render import render_tasks
 from tests.distributed import run_distributed, worlds
 from tests.reference import reference_attention, rel_err
 
@@ -83,9 +85,8 @@ def _covered(tasks, n_q, n_k) -> torch.Tensor:
     return hits
 
 
-@pytest.mark.parametrize("max_runs", [rangemask.MAX_RUNS, 0])  # 0: the masked-tile path
-def test_tasks_compute_each_visible_pair_exactly_once(monkeypatch, max_runs):
-    monkeypatch.setattr(rangemask, "MAX_RUNS", max_runs)
+def test_tasks_compute_each_visible_pair_exactly_once():
+    """Every layout's ring steps (as flash-attn would run them) cover each visible pair once."""
     cases = [*masks().values(), *(random_mask(s, 32, 1 + s % 9) for s in range(12))]
     for mask in cases:
         want = dense_of(mask)
@@ -96,19 +97,22 @@ def test_tasks_compute_each_visible_pair_exactly_once(monkeypatch, max_runs):
                 if mask.seqlen % (2 * p):
                     continue
                 held = [lay.indices(mask.seqlen, p, r, mask.cu_seqlens) for r in range(p)]
-                for qp in held:
+                for rank, qp in enumerate(held):
+                    for step, tasks in enumerate(rank_steps(lay, mask, p, rank)):
+                        kp = held[(rank - step) % p]
+                        sub = want[qp][:, kp]
+                        assert torch.equal(render_tasks(tasks, len(qp), len(kp)), sub.long()), \
+                            (mask.given, layout, p)
                     for kp in (*held, pos):
                         sub = want[qp][:, kp]
-                        assert torch.equal(_covered(mask.tasks(qp, kp), len(qp), len(kp)),
-                                           sub.long()), (mask.given, layout, p)
                         assert torch.equal(mask.visible(qp, kp), sub.sum(1))
                         assert torch.equal(mask.dense(qp, kp), sub)
 
 
 def test_normalised_slices_are_few_and_disjoint():
     # a causal diagonal over one range is one unmasked kernel call per rank block
-    pos = torch.arange(16)
-    assert [(t.causal, t.mask) for t in RangeMask.causal(16).tasks(pos, pos)] == [(True, None)]
+    one = rank_steps(get_layout("contiguous"), RangeMask.causal(16), 1, 0)[0]
+    assert [(t.causal, t.mask, t.window, t.segments) for t in one] == [(True, None, None, None)]
     # overlapping full and causal slices: full wins, and it is still one slice
     m = RangeMask([(0, 8), (0, 8)], [(0, 8), (0, 8)], ["causal", "full"])
     assert m.slices == ((0, 8, 0, 8, False),)

@@ -116,13 +116,34 @@ def segment_bounds(segments) -> list[tuple[slice, slice]]:
 
 def forward_segments(forward, q, k, v, segments, **kwargs):
     """Varlen forward as one ``forward`` call per packed sequence (segments partition both
-    the query and the key rows) -> (out, lse) of the whole block."""
-    parts = [forward(q[:, rq], k[:, rk], v[:, rk], **kwargs) for rq, rk in segment_bounds(segments)]
-    return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
+    the query and the key rows) -> (out, lse) of the whole block. A sequence with no keys
+    gets out 0 and lse -inf; one with no queries adds nothing."""
+    b, _, h, _ = q.shape
+    acc = accumulation_dtype(q.dtype)
+    parts = []
+    for rq, rk in segment_bounds(segments):
+        n = rq.stop - rq.start
+        if n == 0:
+            continue
+        if rk.stop == rk.start:
+            parts.append((torch.zeros(b, n, h, v.shape[-1], dtype=acc, device=q.device),
+                          torch.full((b, h, n), float("-inf"), dtype=acc, device=q.device)))
+            continue
+        parts.append(forward(q[:, rq], k[:, rk], v[:, rk], **kwargs))
+    return (torch.cat([o.to(acc) for o, _ in parts], 1),
+            torch.cat([lse.to(acc) for _, lse in parts], 2))
 
 
 def backward_segments(backward, dout, q, k, v, out, lse, segments, **kwargs):
-    """Varlen backward as one ``backward`` call per packed sequence -> (dq, dk, dv)."""
-    parts = [backward(dout[:, rq], q[:, rq], k[:, rk], v[:, rk], out[:, rq], lse[:, :, rq], **kwargs)
-             for rq, rk in segment_bounds(segments)]
-    return tuple(torch.cat([p[n] for p in parts], 1) for n in range(3))
+    """Varlen backward as one ``backward`` call per packed sequence -> (dq, dk, dv); rows
+    with no keys and keys with no rows get zero gradients."""
+    acc = accumulation_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for rq, rk in segment_bounds(segments):
+        if rq.stop == rq.start or rk.stop == rk.start:
+            continue
+        g = backward(dout[:, rq], q[:, rq], k[:, rk], v[:, rk], out[:, rq], lse[:, :, rq], **kwargs)
+        dq[:, rq], dk[:, rk], dv[:, rk] = g[0], g[1], g[2]
+    return dq, dk, dv
