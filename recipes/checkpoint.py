@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -398,27 +399,57 @@ def needs_universal(path: str, meta: dict, world_size: int, zero_stage: int,
     return True
 
 
-def to_universal(path: str, rank: int) -> str:
-    """Convert once (rank 0; the others wait) into ``path/universal``; returns that path. A collective."""
-    out = os.path.join(path, UNIVERSAL)
-    if rank == 0 and not os.path.isdir(out):
-        from deepspeed.checkpoint import ds_to_universal
+def to_universal(path: str, rank: int, poll_s: float = 1.0) -> str:
+    """Convert once into ``path/universal`` (rank 0); returns that path. Every rank calls it.
 
-        tmp = os.path.join(path, ".tmp-" + UNIVERSAL)
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.info("converting %s to DeepSpeed's universal format for a new parallel shape", path)
-        # One worker: ds_to_universal's process pool forks this process, whose process-group
-        # threads then deadlock the children (seen: a hang on CPU with 2 workers).
-        ds_to_universal.main(argparse.Namespace(
-            input_folder=path, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
-            keep_temp_folder=False, strict=True,
-            inject_missing_state=True))  # our module declares no tensor-parallel layout: a plain one
-        os.rename(tmp, out)
-        # ds_to_universal points <step dir>/latest_universal at the folder it wrote, which the
-        # rename just moved: point it at the final name.
-        _write_json_text(os.path.join(path, "latest_universal"), UNIVERSAL)
-    dist.barrier()
+    The others do not wait in a collective: a conversion reads and writes the whole optimizer
+    state (12-16 bytes per parameter) and takes as long as that takes, which a barrier would cut
+    off at the collective timeout (and a restart would begin again). They poll a key of the
+    rendezvous store, which no collective timeout bounds, and fail with rank 0's reason if the
+    conversion fails."""
+    out = os.path.join(path, UNIVERSAL)
+    key = f"ringattn/universal/{os.path.basename(path)}"
+    # the process group's store (the same TCPStore its ranks rendezvoused through)
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 0:
+        try:
+            if not os.path.isdir(out):
+                _convert(path, out)
+        except BaseException as e:
+            store.set(key, f"failed: {type(e).__name__}: {e}")
+            raise
+        store.set(key, "done")
+        return out
+    t0 = last = time.monotonic()
+    while not store.check([key]):
+        if time.monotonic() - last >= 60 or last == t0:
+            log.info("rank %d: waiting for rank 0 to convert %s to the universal format (%.0f s so far)",
+                     rank, path, time.monotonic() - t0)
+            last = time.monotonic()
+        time.sleep(poll_s)
+    answer = store.get(key).decode()
+    if answer != "done":
+        raise CheckpointError(f"rank 0 could not convert checkpoint {path} to the universal format ({answer}); "
+                              "it was left untouched")
     return out
+
+
+def _convert(path: str, out: str) -> None:
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = os.path.join(path, ".tmp-" + UNIVERSAL)
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting %s to DeepSpeed's universal format for a new parallel shape", path)
+    # One worker: ds_to_universal's process pool forks this process, whose process-group
+    # threads then deadlock the children (seen: a hang on CPU with 2 workers).
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=path, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True,
+        inject_missing_state=True))  # our module declares no tensor-parallel layout: a plain one
+    os.rename(tmp, out)
+    # ds_to_universal points <step dir>/latest_universal at the folder it wrote, which the
+    # rename just moved: point it at the final name.
+    _write_json_text(os.path.join(path, "latest_universal"), UNIVERSAL)
 
 
 def load(engine, path: str, rank: int, universal: bool = False) -> None:

@@ -164,6 +164,16 @@ def test_the_options_a_resume_ignores_are_fields_of_the_model_configs():
 class _OneRank:
     """torch.distributed for a world of one: barriers pass, a gather holds this rank's object."""
 
+    class distributed_c10d:
+        _store = None
+
+        @classmethod
+        def _get_default_store(cls):
+            import torch.distributed as dist
+
+            cls._store = cls._store or dist.HashStore()
+            return cls._store
+
     @staticmethod
     def barrier():
         pass
