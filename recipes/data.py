@@ -261,10 +261,12 @@ class SharedPromptTask:
         return torch.from_numpy(seq.copy()), labels, mask
 
 
-def shard_batch(sp, batch, device):
+def shard_batch(sp, batch, device, model=None):
     """A micro-batch (tokens, labels, cu_seqlens | RangeMask | None) -> this rank's
     (tokens, labels, positions or None, the model's attention keywords). With a RangeMask,
-    ``doc_zigzag`` places tokens by its segments and positions are the packed ones."""
+    ``doc_zigzag`` places tokens by its segments and positions are the packed ones. With
+    ``model`` (ours or the HF adapter: ``build_plan``), the keywords carry the forward's
+    attention plan, built here on the host (its collective waits for the forward)."""
     import ringattn
 
     tokens, labels, rule = batch
@@ -277,8 +279,40 @@ def shard_batch(sp, batch, device):
         place = rule
         pos = None if rule is None else sp.positions(tokens.shape[1], device=device, cu_seqlens=rule)
         kw = {} if rule is None else {"cu_seqlens": rule.to(device)}
-    return (sp.shard(tokens.to(device), cu_seqlens=place), sp.shard(labels.to(device), cu_seqlens=place),
-            pos, kw)
+    local = sp.shard(tokens.to(device), cu_seqlens=place)
+    if model is not None:
+        kw["plan"] = model.build_plan(local.shape, device=local.device, **{
+            k: v for k, v in kw.items() if k in ("cu_seqlens", "mask")})
+    return local, sp.shard(labels.to(device), cu_seqlens=place), pos, kw
+
+
+class PlannedBatches:
+    """Each optimizer step's sharded micro-batches with their attention plans, the next
+    step's made in a background thread while this step runs, so that planning (host work:
+    sharding indices, every layer's block tasks) never holds the device up. Plans are built
+    without communication; each forward's ``agree`` makes the step's collective.
+
+    ``take(step)``: the micro-batches of ``step`` (0-based, as ``StepBatches``), then starts
+    on ``step + 1``. A step asked out of order is made on the spot."""
+
+    def __init__(self, batches: "StepBatches", sp, device, model):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.batches, self.sp, self.device, self.model = batches, sp, device, model
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ringattn-plan")
+        self._ahead: tuple[int, object] | None = None
+
+    def _make(self, step: int):
+        return [shard_batch(self.sp, b, self.device, self.model) for b in self.batches.micro_batches(step)]
+
+    def take(self, step: int):
+        ahead, self._ahead = self._ahead, None
+        made = ahead[1].result() if ahead is not None and ahead[0] == step else self._make(step)
+        self._ahead = (step + 1, self._pool.submit(self._make, step + 1))
+        return made
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_files(cfg: DataConfig) -> None:

@@ -279,6 +279,7 @@ class Run:
     dataset: Any
     positions: Optional[torch.Tensor]  # global positions for unpacked data; packed: per sequence
     run_dir: str
+    planned: Optional[data.PlannedBatches] = None  # sharded micro-batches with plans, a step ahead
 
 
 @dataclass
@@ -337,7 +338,7 @@ def _train_step(r: Run, step: int, own_grad_norm: bool, stop: StopSignals) -> St
     """One optimizer step over this rank's micro-batches; two small all-reduces (valid tokens,
     then the loss sum together with the stop-signal slots)."""
     ctx, engine = r.ctx, r.engine
-    micro_batches = [data.shard_batch(ctx.sp, batch, ctx.device) for batch in r.batches.micro_batches(step - 1)]
+    micro_batches = r.planned.take(step - 1)  # sharded, each with its plan, built a step ahead
     local_valid = sum(int((y != IGNORE_INDEX).sum()) for _, y, _, _ in micro_batches)
     (n_valid,) = _all_sum(local_valid, device=ctx.device)  # valid tokens of the global batch
     scale = ctx.world_size / max(n_valid, 1.0)  # see the note in recipes/engine.py
@@ -407,7 +408,8 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
         batches = data.StepBatches(dataset, job.data.global_batch_size, ctx.dp_rank, sizes.dp, sizes.micro)
         positions = None if ringattn.layout_needs_documents(ctx.sp.layout) else \
             ctx.sp.positions(job.data.seq_len, device=ctx.device)
-        r = Run(job, ctx, model, sizes, engine, batches, dataset, positions, run_dir)
+        r = Run(job, ctx, model, sizes, engine, batches, dataset, positions, run_dir,
+                data.PlannedBatches(batches, ctx.sp, ctx.device, engine.module))
         tracker = tracking.NullTracker()
         if ctx.rank == 0:
             checkpoint.clear_stopped(run_dir)  # this run is not stopped (yet)

@@ -3,8 +3,9 @@
 Each of the P ranks keeps its query shard (any layout) and all-gathers the K/V shards of
 the whole sequence, once per call, in one collective (K and V concatenated along heads, so
 only the K/V heads travel: with grouped-query attention that is a fraction of the query
-bytes). Its queries then attend to the gathered sequence along the ring's block tasks of
-every source rank (``AttentionPlan.allgather_tasks``): any mask the ring takes
+bytes). The gathered K/V are put in position order (one index_select, from the layout's
+runs; striped shards stay in rank order), so its queries attend to one sequence in a few
+varlen calls (``AttentionPlan.allgather_tasks``): any mask the ring takes
 (causal, documents, windows, ``RangeMask``) works unchanged, blocks a mask leaves empty are
 skipped, and fully hidden rows get out 0 and lse -inf. Backward is composed: the local
 attention's exact backward gives dK/dV of the whole sequence, which the all-gather's
@@ -36,6 +37,9 @@ def allgather_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zi
                               softcap=softcap, ring_group=group, mask=mask)
     heads = k.shape[2]
     kv = gather_sequence(torch.cat([k, v], dim=2), dim=1, group=group)  # (b, S, 2 h_kv, d)
+    order = plan.allgather_order()
+    if order is not None:  # position order: one sequence, a few varlen calls (autograd: scatter)
+        kv = kv.index_select(1, order)
     kf, vf = kv[:, :, :heads], kv[:, :, heads:]
     out, lse = _LocalAttention.apply(q, kf, vf, sinks, scale,
                                      plan.allgather_tasks(causal, window_size, mask), backend,

@@ -82,27 +82,34 @@ class SequenceParallel:
         dev = None if self._single else group_device(self.group)
         return dev if dev is not None else torch.get_default_device()
 
-    def prepare(self, shape, cu_seqlens=None, device=None, mask=None) -> AttentionPlan:
+    def prepare(self, shape, cu_seqlens=None, device=None, mask=None, rules=None) -> AttentionPlan:
         """This step's ``AttentionPlan`` for local shards of ``shape`` = (batch, local_seqlen)
         (e.g. ``tokens.shape``) and packed-document boundaries ``cu_seqlens``, or the step's
         ``RangeMask`` (or a list of them: every mask the step's calls pass as ``mask=``). ``device``:
         the data's (``tokens.device``); None: the group's if it needs one (NCCL: the current
-        GPU), else the first attention call's.
+        GPU), else the first attention call's. ``rules``: every (causal, window_size) the
+        step's calls use (default: causal), each planned now, before any layer.
 
         Call it once per step on every rank of the group, then pass it to every
         ``attention`` call of the step: one tiny all-gather checks that all ranks hold equal
         shapes and the same cu_seqlens (else the same ValueError on every rank), and
-        everything else attention needs is planned on the host, once.
+        everything else attention needs is planned on the host, once. The same as
+        ``build_plan(...)`` then ``agree()``, which lets the host work run ahead.
         """
+        return self.build_plan(shape, cu_seqlens, device, mask, rules).agree()
+
+    def build_plan(self, shape, cu_seqlens=None, device=None, mask=None, rules=None) -> AttentionPlan:
+        """``prepare`` without its collective: the host work alone, safe in any thread (build
+        the next step's plan while this step runs); call ``plan.agree()`` on every rank
+        before the step uses it."""
+        kw = dict(cu_seqlens=cu_seqlens, device=device, mask=mask, rules=rules)
         if self.world_size == 1:
-            return AttentionPlan.prepare("local", "contiguous", shape, cu_seqlens=cu_seqlens,
-                                         device=device, mask=mask)
+            return AttentionPlan.build("local", "contiguous", shape, **kw)
         hybrid = self.strategy == "hybrid"
-        return AttentionPlan.prepare(self.strategy, self.layout, shape, cu_seqlens=cu_seqlens,
-                                     device=device,
-                                     ring_group=self.ring_group if hybrid else self.group,
-                                     ulysses_group=self.ulysses_group if hybrid else self.group,
-                                     agree_over=[self.group], mask=mask)
+        return AttentionPlan.build(self.strategy, self.layout, shape,
+                                   ring_group=self.ring_group if hybrid else self.group,
+                                   ulysses_group=self.ulysses_group if hybrid else self.group,
+                                   agree_over=[self.group], **kw)
 
     def attention(self, q, k, v, *, causal: bool | None = None, softmax_scale=None,
                   cu_seqlens=None, window_size=(-1, -1), return_lse=False, sinks=None,

@@ -36,7 +36,7 @@ from .inputs import check_qkv, check_same_on_all_ranks, check_sinks, check_ulyss
 from .kernels import get_backend
 from .layouts import BlockTask, get_layout
 from .masking import AttentionMask, check_window, rank_pieces, rank_steps
-from .visibility import step_pairs
+from .visibility import Runs, calls, pieces, step_pairs
 from .rangemask import RangeMask
 from .sharding import check_seqlen
 
@@ -91,6 +91,7 @@ class AttentionPlan:
         self._cache: dict = {}
         self._host: dict = {}  # rule -> this rank's tasks on the host (the plan's build)
         self._ring_length: dict = {}  # rule -> ring steps every rank runs (ring strategies)
+        self._pending = None  # what ``agree`` checks across ranks, until it has
 
     @property
     def seqlen(self) -> int:
@@ -98,10 +99,18 @@ class AttentionPlan:
         return self.local_len * self.ring_size * self.ulysses_size
 
     @staticmethod
-    def prepare(strategy: str, layout: str, shape, *, cu_seqlens=None, device=None,
-                ring_group=None, ulysses_group=None, agree_over=None,
-                heads: dict[str, int] | None = None, mask=None, rules=None) -> "AttentionPlan":
-        """Check and plan ``shape`` = (batch, local_seqlen, ...) shards for ``strategy``.
+    def prepare(strategy: str, layout: str, shape, **kw) -> "AttentionPlan":
+        """``build`` then ``agree``: the step's plan, checked across ranks (see ``build``)."""
+        return AttentionPlan.build(strategy, layout, shape, **kw).agree()
+
+    @staticmethod
+    def build(strategy: str, layout: str, shape, *, cu_seqlens=None, device=None,
+              ring_group=None, ulysses_group=None, agree_over=None,
+              heads: dict[str, int] | None = None, mask=None, rules=None) -> "AttentionPlan":
+        """Check and plan ``shape`` = (batch, local_seqlen, ...) shards for ``strategy``, on
+        the host, with no communication: any thread may build the next step's plan while
+        this step runs (the recipe builds it with the batch). ``agree`` (every rank, before
+        the step's first attention call) then makes the step's one collective.
 
         Groups: ``ring_group`` for "ring"/"hybrid", ``ulysses_group`` for "ulysses"/"hybrid"
         (None = the world, as in torch.distributed). ``agree_over``: the groups whose ranks
@@ -113,7 +122,6 @@ class AttentionPlan:
         only); each is planned here, before any layer runs, and the ring length each needs
         rides on the agreement all-gather. A rule not given is planned at its first call,
         where the ring length costs a plan of every rank (slow at scale).
-        Local checks all run before any communication.
         """
         if strategy not in ("local", *STRATEGIES):
             raise ValueError(f"unknown strategy {strategy!r}; choose one of "
@@ -153,21 +161,24 @@ class AttentionPlan:
         declared = masks or tuple(dict.fromkeys(
             (bool(c), check_window(w)) for c, w in (rules or [(True, (-1, -1))])))
         needs = [plan._build(plan._rule_key(r)) for r in declared]
-        for group in agree_over:
-            needs = check_same_on_all_ranks(fields, group, plan._cu_host, prints, needs)
-        for rule, need in zip(declared, needs):
-            plan._ring_length[plan._rule_key(rule)] = need
+        plan._pending = (agree_over, fields, prints, declared, needs)
         return plan
 
-    builds = 0  # plans built, all plans together (tests count them: once per rule per step)
+    def agree(self) -> "AttentionPlan":
+        """The step's one collective (an all-gather per agreement group): every rank holds
+        equal shapes, the same ``cu_seqlens`` and range masks (else the same ValueError on
+        every rank), and each declared rule's ring length is the longest any rank needs.
+        Returns the plan; a plan already agreed returns at once."""
+        if self._pending is not None:
+            agree_over, fields, prints, declared, needs = self._pending
+            for group in agree_over:
+                needs = check_same_on_all_ranks(fields, group, self._cu_host, prints, needs)
+            for rule, need in zip(declared, needs):
+                self._ring_length[self._rule_key(rule)] = need
+            self._pending = None
+        return self
 
-    def tasks_for(self, mask: RangeMask):
-        """This strategy's tasks for ``mask`` (planned once, cached)."""
-        if self.strategy == "allgather":
-            return self.allgather_tasks(False, mask=mask)
-        if self.ring_size > 1:
-            return self.ring_steps(False, mask=mask)
-        return self.local_tasks(False, mask=mask)
+    builds = 0  # plans built, all plans together (tests count them: once per rule per step)
 
     @staticmethod
     def _rule_key(rule):
@@ -181,8 +192,14 @@ class AttentionPlan:
             return self._host[rule][1]
         AttentionPlan.builds += 1
         mask = rule if isinstance(rule, RangeMask) else self.mask(*rule)
+        lay = get_layout(self.layout)
         if self.strategy in ("local", "ulysses"):  # the whole sequence, in position order
             tasks, need = rank_steps(get_layout("contiguous"), mask, 1, 0)[0], 1
+        elif self._gathers_in_order():  # this rank's queries against every key, in order
+            q = Runs(*lay.runs(self.seqlen, self.ring_size, self.ring_rank, mask.cu_seqlens), 1)
+            one = torch.zeros(1, dtype=torch.int64)
+            keys = Runs(one, one, torch.tensor([self.seqlen]), 1, one)
+            tasks, need = calls(pieces(mask.regions(), q, keys), 1)[0], 1
         else:
             tasks = rank_steps(get_layout(self.layout), mask, self.ring_size, self.ring_rank)
             need = next((s + 1 for s in range(len(tasks) - 1, 0, -1) if tasks[s]), 1)
@@ -206,6 +223,9 @@ class AttentionPlan:
     def check(self, who: str, q: torch.Tensor, strategy: str, layout: str, ring_size: int,
               ulysses_size: int, cu_seqlens, mask=None) -> None:
         """ValueError unless this plan was made for q's shards and this call (no sync)."""
+        if self._pending is not None:
+            raise ValueError(f"{who}: the plan was built (build / build_plan) but not agreed; "
+                             "call plan.agree() on every rank before the step's attention")
         made = (self.strategy, self.layout, self.ring_size, self.ulysses_size)
         if made != (strategy, layout, ring_size, ulysses_size):
             raise ValueError(
@@ -277,7 +297,7 @@ class AttentionPlan:
             if kind == "ring":
                 steps = tasks[:self._ring_length_of(rule)]
             elif kind == "allgather":
-                steps = [self._gathered(tasks)]
+                steps = [tasks if self._gathers_in_order() else self._gathered(tasks)]
             else:
                 steps = [tasks]
             moved = self._on_device(steps)
@@ -302,6 +322,31 @@ class AttentionPlan:
         key rows moved to that rank's place (no permutation into position order needed, and
         each layout keeps its own block structure, e.g. striped's triangles)."""
         return self._tasks("allgather", causal, window_size, mask)
+
+    def _gathers_in_order(self) -> bool:
+        """All-gather attention puts the gathered K/V in position order (``allgather_order``)
+        when the layout's runs are contiguous positions: its queries then see one sequence,
+        a few varlen calls; striped shards stay in rank order, one step's tasks per rank."""
+        return self.strategy == "allgather" and get_layout(self.layout).stride_of(self.ring_size) == 1
+
+    def allgather_order(self) -> torch.Tensor | None:
+        """int32 index on the device putting the all-gathered K/V (rank-major: every rank's
+        shard in turn) into position order, or None where it already is (contiguous) or
+        stays in rank order (striped). Made from the layout's runs: O(S), no sort of S."""
+        if not self._gathers_in_order() or self.layout == "contiguous":
+            return None
+        if "allgather_order" not in self._cache:
+            src, pos0, row0, length = get_layout(self.layout).all_runs(
+                self.seqlen, self.ring_size, self.masks[0].cu_seqlens if self.masks else self._cu_host)
+            by_pos = torch.argsort(pos0)
+            start = (src * self.local_len + row0)[by_pos]  # gathered index of each run's start
+            length = length[by_pos]
+            offsets = torch.cumsum(length, 0) - length
+            order = (torch.repeat_interleave(start - offsets, length, output_size=self.seqlen)
+                     + torch.arange(self.seqlen))
+            self._cache["allgather_order"] = _to_device(order.to(torch.int32),
+                                                        self.device or torch.device("cpu"))
+        return self._cache["allgather_order"]
 
     def _gathered(self, steps: list[list[BlockTask]]) -> list[BlockTask]:
         p, rank, n = self.ring_size, self.ring_rank, self.local_len

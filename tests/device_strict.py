@@ -36,12 +36,12 @@ from torch.utils._pytree import tree_leaves
 BACKEND = "ringattn_meta_fake"
 
 # The allowed host work, once per step: the plan (its cross-rank check, and its masks and
-# tasks, built lazily on first use and cached), and the layouts' index arithmetic that
+# tasks, built before the step or lazily on first use, and cached), and the layouts' index arithmetic that
 # shards a step's data (``shard`` / ``positions``). (file, function) frames on the stack.
 HOST_WORK = {
     os.path.join("ringattn", "plan.py"): frozenset({
-        "prepare", "__init__", "mask", "ring_steps", "local_tasks", "allgather_tasks",
-        "gathered_order", "kv_index", "_on_device", "tasks_for"}),
+        "prepare", "build", "agree", "__init__", "mask", "ring_steps", "local_tasks",
+        "allgather_tasks", "allgather_order", "gathered_order", "kv_index", "_on_device"}),
     os.path.join("ringattn", "sharding.py"): frozenset({"positions", "held_indices"}),
     os.path.join("ringattn", "parallel.py"): frozenset({"positions"}),
     # a prompt's document boundaries for generation's prefill: host metadata, like cu_seqlens

@@ -323,3 +323,38 @@ def test_torch_compile_matches_eager_for_three_steps_at_sp2():
     for rank, losses in enumerate(run_distributed(_compiled_vs_eager, 2, timeout=300)):
         # fp32, the same ops in the same order: equal to fp32 rounding
         assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5), (rank, losses)
+
+
+def _builds_per_micro_batch(rank, world):
+    """Plans built while 2 accumulated micro-batches run forward + backward with activation
+    checkpointing (every layer's attention runs twice): built ahead with the batch (as the
+    recipe does), then built by the forward itself; and the build count seen by every layer."""
+    from ringattn.plan import AttentionPlan
+
+    sp = ringattn.SequenceParallel("ring", "doc_zigzag")
+    model = _model(sp, n_layers=3)
+    seen = []
+    for layer in model.layers:  # the build count when each layer (and its recompute) runs
+        layer.register_forward_pre_hook(lambda *_: seen.append(AttentionPlan.builds))
+    tokens = torch.randint(0, VOCAB, (1, SEQLEN + 1), generator=torch.Generator().manual_seed(1))
+    cu = cu_of(DOCS)
+    x, y = sp.shard(tokens[:, :-1], cu_seqlens=cu), sp.shard(tokens[:, 1:], cu_seqlens=cu)
+    pos = sp.positions(SEQLEN, cu_seqlens=cu)
+    counts, layer_counts = [], []
+    for ahead in (True, True, False):
+        plan = model.build_plan(x.shape, cu_seqlens=cu) if ahead else None
+        before, seen[:] = AttentionPlan.builds, []
+        logits = model(x, pos, cu, plan=plan)
+        F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").backward()
+        counts.append(AttentionPlan.builds - before)
+        layer_counts.append(sorted(set(seen)))
+    return counts, layer_counts, len(seen)
+
+
+def test_plans_are_built_once_per_micro_batch_and_never_inside_a_layer():
+    for rank, (counts, layer_counts, calls) in enumerate(run_distributed(_builds_per_micro_batch, 2,
+                                                                        timeout=120)):
+        # built ahead: nothing during forward, backward or recompute; else once, in the forward
+        assert counts == [0, 0, 1], (rank, counts)
+        # every layer call of a micro-batch (3 layers, twice with recompute) saw one count
+        assert calls == 6 and all(len(c) == 1 for c in layer_counts), (rank, layer_counts)

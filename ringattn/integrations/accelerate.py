@@ -115,9 +115,11 @@ class SequenceParallelism:
             dist.all_reduce(n, group=self.dp_group)
         return n
 
-    def shard(self, batch) -> ShardedBatch:
-        """A full batch -> this rank's shard (labels shifted first; see ``ringattn.integrations.batch``)."""
-        return shard_batch(batch, self.sp)
+    def shard(self, batch, rules=None) -> ShardedBatch:
+        """A full batch -> this rank's shard (labels shifted first; see
+        ``ringattn.integrations.batch``) with its attention plan, built on the host for
+        ``rules`` (``ringattn.models.hf.attention_rules(model.config)``; default: causal)."""
+        return shard_batch(batch, self.sp, rules)
 
     def model_kwargs(self, shard: ShardedBatch) -> dict:
         """Keyword arguments for the model call: local tokens, global positions, the SP front door."""

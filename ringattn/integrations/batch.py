@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..layouts import layout_divisor, layout_needs_documents
 from ..models.hf import PLAN_KWARG, SP_KWARG
+from ..plan import AttentionPlan
 
 IGNORE_INDEX = -100
 # keys a collator may add that are re-derived here from position_ids (flash-attn kwargs)
@@ -43,14 +44,17 @@ class ShardedBatch:
     labels: torch.Tensor
     position_ids: torch.Tensor
     cu_seqlens: Optional[torch.Tensor]
+    plan: Optional[AttentionPlan] = None  # built with the batch, on the host (not yet agreed)
 
     def model_kwargs(self, sp) -> dict:
         """Keyword arguments for a transformers causal LM loaded with ``attn_implementation="ringattn"``:
-        the local tokens and positions, ``sp`` and this step's attention plan (``sp.prepare``:
-        its one small collective here, once per forward, reused by every layer and recompute)."""
-        plan = sp.prepare(self.input_ids.shape, cu_seqlens=self.cu_seqlens, device=self.input_ids.device)
+        the local tokens and positions, ``sp`` and this step's attention plan (built with the
+        batch; ``agree`` makes its one small collective here, once per forward, and every
+        layer and recompute reuses it)."""
+        plan = self.plan or sp.build_plan(self.input_ids.shape, cu_seqlens=self.cu_seqlens,
+                                          device=self.input_ids.device)
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False,
-                SP_KWARG: sp, PLAN_KWARG: plan}
+                SP_KWARG: sp, PLAN_KWARG: plan.agree()}
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -104,8 +108,10 @@ def count_targets(batches) -> torch.Tensor:
     return sum((targets(b) != IGNORE_INDEX).sum() for b in batches)
 
 
-def shard_batch(batch: Mapping, sp) -> ShardedBatch:
-    """A full batch (the same on every rank of ``sp``'s group) -> this rank's ``ShardedBatch``."""
+def shard_batch(batch: Mapping, sp, rules=None) -> ShardedBatch:
+    """A full batch (the same on every rank of ``sp``'s group) -> this rank's ``ShardedBatch``,
+    with its attention plan built on the host for ``rules`` (``models.hf.attention_rules``
+    of the model; default: causal), before the forward."""
     labels = targets(batch)
     ids = batch["input_ids"]
     if ids.dim() != 2 or labels.shape != ids.shape:
@@ -141,8 +147,10 @@ def shard_batch(batch: Mapping, sp) -> ShardedBatch:
         cu = torch.tensor([0, s + pad], device=ids.device)
     if cu is not None:
         cu = cu.to(torch.int32)
-    return ShardedBatch(input_ids=sp.shard(ids, dim=1, cu_seqlens=cu), labels=sp.shard(labels, dim=1, cu_seqlens=cu),
-                        position_ids=sp.shard(pos, dim=1, cu_seqlens=cu), cu_seqlens=cu)
+    local_ids = sp.shard(ids, dim=1, cu_seqlens=cu)
+    plan = sp.build_plan(local_ids.shape, cu_seqlens=cu, device=local_ids.device, rules=rules)
+    return ShardedBatch(input_ids=local_ids, labels=sp.shard(labels, dim=1, cu_seqlens=cu),
+                        position_ids=sp.shard(pos, dim=1, cu_seqlens=cu), cu_seqlens=cu, plan=plan)
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from ..models.hf import attention_rules
 from .accelerate import SequenceParallelism
 
 
@@ -89,7 +90,7 @@ class SequenceParallelMixin:
         gradient and the Trainer's logged mean over ranks are then exact). Evaluation: the
         batch's mean token loss over the SP group."""
         spm = self.sequence_parallelism
-        shard = spm.shard(inputs)
+        shard = spm.shard(inputs, rules=attention_rules(self.accelerator.unwrap_model(model).config))
         outputs = model(**spm.model_kwargs(shard))
         if model.training:
             if num_items_in_batch is None:

@@ -152,6 +152,15 @@ def _layer_mask(module: nn.Module, masks):
     return masks.get(layer_types[layer_idx])
 
 
+def attention_rules(config) -> list[tuple[bool, tuple[int, int]]]:
+    """The (causal, window_size) rules a transformers model's layers use, as
+    ``ringattn_attention`` derives them from its keywords: causal, and the sliding window
+    (w -> (w - 1, 0)) if the config has one. For ``prepare(rules=...)``: each is planned
+    before the first layer (a rule missing here still works, planned at its first call)."""
+    window = getattr(config, "sliding_window", None)
+    return [(True, (-1, -1))] + ([(True, (int(window) - 1, 0))] if window else [])
+
+
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
@@ -300,21 +309,30 @@ class HFCausalLM(nn.Module):
                              "model.tiled_loss=false")
         return head.weight
 
+    def build_plan(self, shape, cu_seqlens=None, mask=None, device=None):
+        """The attention plan of a forward over local tokens of ``shape``, built on the host
+        with no collective: build it with the batch and pass it to ``forward(plan=...)``."""
+        masks = self._layer_masks(int(shape[1]) * self.sp.world_size, cu_seqlens, mask)
+        if masks:  # the documents travel inside the masks (a plan takes one or the other)
+            return self.sp.build_plan(shape, device=device, mask=list(masks.values()))
+        return self.sp.build_plan(shape, cu_seqlens=cu_seqlens, device=device,
+                                  rules=attention_rules(self.hf.config))
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None, labels=None,
-                mask=None):
+                mask=None, plan=None):
         """Logits (b, s_local, vocab); with ``labels`` (b, s_local), -100 = ignored, a
         ``tiling.TokenLoss``: the base model gives the hidden states and the head is applied
         per sequence tile (full logits never exist) unless ``tiled_loss=False``. ``mask``: a
         ``ringattn.RangeMask`` of the full sequence for every layer (models whose layers are
-        all full attention), instead of causal attention over ``cu_seqlens``."""
+        all full attention), instead of causal attention over ``cu_seqlens``. ``plan``:
+        ``build_plan(...)`` of these arguments, made ahead; None: built here."""
         self._keep_rope_fp32()
         position_ids = positions.reshape(1, -1).expand(tokens.shape[0], -1)
         # Once per forward: every layer's attention (and recompute) reuses this plan.
         masks = self._layer_masks(tokens.shape[1] * self.sp.world_size, cu_seqlens, mask)
-        if masks:  # the documents travel inside the masks (a plan takes one or the other)
-            plan = self.sp.prepare(tokens.shape, device=tokens.device, mask=list(masks.values()))
-        else:
-            plan = self.sp.prepare(tokens.shape, cu_seqlens=cu_seqlens, device=tokens.device)
+        if plan is None:
+            plan = self.build_plan(tokens.shape, cu_seqlens, mask, tokens.device)
+        plan = plan.agree()
         kw = {SP_KWARG: self.sp, PLAN_KWARG: plan, MASKS_KWARG: masks}
         offload = self.offload_activations and self.training and self.hf.is_gradient_checkpointing
         with tiling.activation_offload(tokens.device) if offload else contextlib.nullcontext():

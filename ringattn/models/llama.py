@@ -220,19 +220,30 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
 
+    def build_plan(self, shape, cu_seqlens=None, mask=None, device=None):
+        """The attention plan of a forward over local tokens of ``shape``, built on the host
+        with no collective (``SequenceParallel.build_plan``): build it with the batch, ahead
+        of the step, and pass it to ``forward(plan=...)``."""
+        sp = self.sp if self.sp is not None else SequenceParallel.single()
+        return sp.build_plan(shape, cu_seqlens=cu_seqlens, device=device, mask=mask)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None, labels=None,
-                mask=None):
+                mask=None, plan=None):
         """tokens: (batch, local_seq) ids; positions: (local_seq,) RoPE positions (global, or within
         each document when packed). cu_seqlens: int32 document boundaries of the *full* packed
         sequence (batch 1), or None. Returns logits (batch, local_seq, vocab); with ``labels``
         (batch, local_seq), -100 = ignored, a ``tiling.TokenLoss`` (loss sum, correct count)
         computed over sequence tiles without the full logits (``cfg.tiled_loss``). ``mask``: a
         ``ringattn.RangeMask`` of the full sequence (shared prompts, prefix-LM...) instead of
-        causal attention over ``cu_seqlens``."""
+        causal attention over ``cu_seqlens``. ``plan``: ``build_plan(...)`` of these
+        arguments, made ahead; None: built here."""
         sp = self.sp if self.sp is not None else SequenceParallel.single()
-        # Once per forward: the cross-rank checks and the attention plan every layer (and
-        # every checkpoint recompute, which gets it as an argument) reuses.
-        plan = sp.prepare(tokens.shape, cu_seqlens=cu_seqlens, device=tokens.device, mask=mask)
+        # Once per forward, before any layer: the cross-rank checks (the plan's one
+        # collective) and the plan every layer (and every checkpoint recompute, which gets
+        # it as an argument) reuses.
+        if plan is None:
+            plan = self.build_plan(tokens.shape, cu_seqlens, mask, tokens.device)
+        plan = plan.agree()
         attend = functools.partial(sp.attention, causal=mask is None, mask=mask, plan=plan)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
