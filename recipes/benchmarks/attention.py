@@ -21,7 +21,10 @@ lengths, ``docs_sigma``, cut at each seqlen; ``ringattn.balance.lognormal_docume
 single-process baseline is then the library's own per-document path (one causal triangle
 per document, no dense mask), so ``single / P`` is the balanced ideal: every rank doing
 exactly 1/P of the needed work with no waiting. Rows also report the planned work balance
-and the share of planned work on masked tiles (``ringattn.balance.scheduled_work``).
+and the share of planned work on masked tiles (``ringattn.balance.scheduled_work``), and for
+the ring the lock-step balance (``ringattn.balance.lockstep_imbalance``: the sum over ring
+steps of the slowest rank's work over the mean rank's total, the pace the ring really runs
+at; per-rank totals understate it).
 
     torchrun --standalone --nproc-per-node 2 -m recipes.benchmarks.attention seqlens=[16384] \
         docs_lognormal_mean=512 strategies=[ring] layouts=[contiguous,zigzag,striped,doc_zigzag]
@@ -282,6 +285,11 @@ def bench_ring(cfg, seqlen, layout, device, dtype, strategy="ring"):
         pw = balance.scheduled_work(cu.cpu(), layout, world, causal=cfg.causal, window_size=tuple(cfg.window))
         planned = {"planned_balance": balance.imbalance(pw.kernel), "needed_balance": balance.imbalance(pw.needed),
                    "masked_share": pw.masked_share, "kernel_calls_per_rank": int(pw.calls.max())}
+    if strategy == "ring" and (mask is not None or cu is not None or tuple(cfg.window) != (-1, -1)):
+        # the ring runs in lock-step: each step waits for its slowest rank (balance module doc)
+        rule = mask if mask is not None else AttentionMask.build(
+            seqlen, cfg.causal, None if cu is None else cu.cpu(), tuple(cfg.window))
+        planned["lockstep_balance"] = balance.lockstep_imbalance(balance.step_work(rule, layout, world))
     return {**planned,
         "strategy": strategy, "ring_size": sp.ring_size, "ulysses_size": sp.ulysses_size,
         "layout": layout, "world": world, "seqlen": seqlen,
@@ -413,6 +421,7 @@ def _print_row(row):
              f"{row['kernel_calls_per_rank']} calls" if "planned_balance" in row else "")
           + (f"  x the ideal {1 / row['efficiency_fwd_bwd']:.2f}, computed balance {row['mask_balance']:.3f}"
              if "mask_balance" in row and "efficiency_fwd_bwd" in row else "")
+          + (f", lock-step balance {row['lockstep_balance']:.3f}" if "lockstep_balance" in row else "")
           + "  kernels " + ", ".join(f"{k} {n}" for k, n in row["kernels"].items()),
           flush=True)
 
