@@ -15,6 +15,7 @@ import torch
 import ringattn
 from ringattn import balance
 from ringattn.layouts import get_layout
+from ringattn.masking import AttentionMask
 from tests.distributed import run_distributed
 from tests.reference import layout_indices, rel_err
 from tests.test_documents_windows import AWKWARD_DOCS, FP32_TOL, SHORT_DOCS, _case, cu_of
@@ -115,4 +116,7 @@ def test_balance_target_lognormal_p8():
     for seed in range(10):
         cu = balance.lognormal_documents(131072, mean=4096, sigma=1.0, seed=seed)
         assert balance.imbalance(balance.rank_work(cu, "doc_zigzag", 8)) <= 1.05, seed
+        steps = balance.step_work(AttentionMask.build(131072, True, cu), "doc_zigzag", 8)
+        assert torch.equal(steps.sum(1), balance.rank_work(cu, "doc_zigzag", 8))
+        assert balance.lockstep_imbalance(steps) <= 1.05, seed
     assert balance.imbalance(balance.rank_work(cu, "zigzag", 8)) > 1.2  # the problem it solves

@@ -15,7 +15,7 @@ import torch
 
 import ringattn
 from ringattn import RangeMask
-from ringattn.balance import imbalance, mask_work
+from ringattn.balance import imbalance, lockstep_imbalance, mask_work, step_work
 from ringattn.layouts import get_layout
 from ringattn.masking import rank_steps
 from tests.task_render import render_tasks
@@ -179,6 +179,10 @@ def test_doc_zigzag_balances_shared_prompt_and_prefix_lm_at_p8():
     for mask in (_shared_prompt_batch(8), _prefix_lm_batch(8)):
         work = mask_work(mask, "doc_zigzag", 8)
         assert imbalance(work) <= 1.05, (mask, work)
+        # in lock-step too: every ring step, not only every rank's total
+        steps = step_work(mask, "doc_zigzag", 8)
+        assert torch.equal(steps.sum(1), work)
+        assert lockstep_imbalance(steps) <= 1.05, (mask, steps)
         # the work adds up to the mask's visible pairs whatever the layout
         assert int(work.sum()) == int(mask_work(mask, "contiguous", 8).sum())
     # the plain zigzag does not balance them (why doc_zigzag follows the mask's segments)
