@@ -308,9 +308,9 @@ def run_case(cfg: PlanScaleConfig, strategy: str, layout: str, mask, seqlen: int
 
 
 # ---- the report --------------------------------------------------------------------------
-_COLUMNS = ("tokens | P | strategy | layout | mask | docs/slices | calls/step max | mean | "
-            "plan ms | plan KiB (host) | lock-step | totals | ranks for balance | "
-            "MiB sent/step | fwd ms/layer | host / GPU / net ms | bound")
+_COLUMNS = ("tokens", "P", "strategy", "layout", "mask", "docs/slices", "calls/step max", "mean",
+            "ring steps", "plan ms", "plan KiB host / device", "lock-step", "totals", "ranks for balance",
+            "MiB sent/step", "fwd ms/layer", "host / GPU / net ms", "bound")
 
 
 def _tokens(n: int) -> str:
@@ -321,22 +321,27 @@ def _tokens(n: int) -> str:
 
 
 def table_row(r: dict) -> str:
-    head = f"| {_tokens(r['seqlen'])} | {r['world_size']} | {r['strategy']} | {r['layout']} | {r['mask']} | {r['docs']} |"
+    """One markdown row of ``_COLUMNS`` for a case of ``run``."""
+    cells = [_tokens(r["seqlen"]), r["world_size"], r["strategy"], r["layout"], r["mask"], r["docs"]]
     if "skipped" in r:
-        return head + f" skipped: {r['skipped']} |" + " |" * 10
-    bal = r["balance_ranks"]
-    bal_note = f"all {bal}" if bal == (r["world_size"] // r["ring_divisor"]) else f"{bal} sampled"
-    return head + (
-        f" {r['calls_max']} | {r['calls_mean']:.2f} | {r['plan_ms']:.1f} | {r['plan_host_bytes'] / 1024:.1f} |"
-        f" {r['lockstep']:.3f} | {r['totals']:.3f} | {bal_note} | {r['bytes_per_step'] / 2**20:.1f} |"
-        f" {r['projected_ms']:.2f} | {r['host_ms']:.2f} / {r['gpu_ms']:.2f} / {r['network_ms']:.2f} | {r['bound']} |")
+        cells += [f"skipped: {r['skipped']}"] + [""] * (len(_COLUMNS) - len(cells) - 1)
+    else:
+        bal = r["balance_ranks"]
+        cells += [
+            r["calls_max"], f"{r['calls_mean']:.2f}", r["ring_length"], f"{r['plan_ms']:.1f}",
+            f"{r['plan_host_bytes'] / 1024:.0f} / {r['plan_device_bytes'] / 1024:.0f}",
+            f"{r['lockstep']:.3f}", f"{r['totals']:.3f}",
+            f"all {bal}" if bal == r["world_size"] // r["ring_divisor"] else f"{bal} sampled",
+            f"{r['bytes_per_step'] / 2**20:.1f}", f"{r['projected_ms']:.2f}",
+            f"{r['host_ms']:.2f} / {r['gpu_ms']:.2f} / {r['network_ms']:.2f}", r["bound"]]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def run(cfg: PlanScaleConfig) -> list[dict]:
     torch.set_num_threads(1)  # the plan is host work on one core: measure it that way
     rows = []
-    print("| " + _COLUMNS + " |")
-    print("|" + "---|" * 5 + "--:|" * 11 + "---|", flush=True)
+    print("| " + " | ".join(_COLUMNS) + " |")
+    print("|" + "---|" * 5 + "--:|" * 12 + "---|", flush=True)
     for seqlen in cfg.seqlens:
         for kind in cfg.masks:
             mask, placement, docs = build_mask(MaskKind(kind), seqlen, cfg)
