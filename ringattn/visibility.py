@@ -56,13 +56,6 @@ class Runs:
     stride: int
     step: torch.Tensor | None = None
 
-    @staticmethod
-    def cat(runs: list["Runs"]) -> "Runs":
-        """The runs of several ranks, ``step`` = their index in ``runs``."""
-        steps = [torch.full_like(r.pos0, i) for i, r in enumerate(runs)]
-        return Runs(torch.cat([r.pos0 for r in runs]), torch.cat([r.row0 for r in runs]),
-                    torch.cat([r.length for r in runs]), runs[0].stride, torch.cat(steps))
-
 
 @dataclass(frozen=True)
 class Regions:
@@ -86,6 +79,13 @@ def _cdiv(a: torch.Tensor, b: int) -> torch.Tensor:
     return -torch.div(-a, b, rounding_mode="floor")
 
 
+def _ranges(first: torch.Tensor, count: torch.Tensor):
+    """(owner, index): for each i, the indices first[i] .. first[i] + count[i] - 1, with i."""
+    owner = torch.repeat_interleave(torch.arange(len(first)), count)
+    start = torch.cumsum(count, 0) - count
+    return owner, first[owner] + torch.arange(len(owner)) - start[owner]
+
+
 def _clip(runs: Runs, a: torch.Tensor, b: torch.Tensor):
     """Every (region, run) whose positions meet [a, b): (region, run, t0, t1) with the run's
     members t0 <= t < t1 inside the region (non-empty)."""
@@ -96,11 +96,8 @@ def _clip(runs: Runs, a: torch.Tensor, b: torch.Tensor):
         s, e = start[order], start[order] + runs.length[order]
         lo = torch.searchsorted(e, a, right=True)
         hi = torch.searchsorted(s, b)
-        count = (hi - lo).clamp_min(0)
-        region = torch.repeat_interleave(torch.arange(len(a)), count)
-        first = torch.repeat_interleave(lo, count)
-        offset = torch.arange(len(region)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-        run = order[first + offset]
+        region, at = _ranges(lo, (hi - lo).clamp_min(0))
+        run = order[at]
     else:  # strided runs interleave: every run may meet every region (few runs: one per rank)
         region = torch.arange(len(a)).repeat_interleave(len(start))
         run = torch.arange(len(start)).repeat(len(a))
@@ -156,10 +153,7 @@ def pieces(regions: Regions, q_runs: Runs, k_runs: Runs) -> Pieces:
     order = torch.argsort(kg, stable=True)
     kg, kr, kt0, kt1 = kg[order], kr[order], kt0[order], kt1[order]
     lo_k = torch.searchsorted(kg, qg)
-    count = torch.searchsorted(kg, qg, right=True) - lo_k
-    qi = torch.repeat_interleave(torch.arange(len(qg)), count)
-    ki = torch.repeat_interleave(lo_k, count) + (
-        torch.arange(len(qi)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count))
+    qi, ki = _ranges(lo_k, torch.searchsorted(kg, qg, right=True) - lo_k)
     g = qg[qi]
     a = q_runs.pos0[qr[qi]] + p * qt0[qi]  # first query position of the piece
     b = k_runs.pos0[kr[ki]] + p * kt0[ki]  # first key position
