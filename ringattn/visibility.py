@@ -237,23 +237,24 @@ def _merge_full(pc: Pieces) -> Pieces:
     """Full rectangles next to each other with the same keys (then: the same rows) become
     one: a document's two zigzag chunks seeing the same keys are one segment, not two."""
     for stack_rows in (True, False):
-        full = pc.shape == FULL
-        if int(full.sum()) < 2:
-            return pc
-        f, rest = pc.select(full), pc.select(~full)
-        side = lambda p: (p.c0, p.c1, p.r0, p.r1) if stack_rows else (p.r0, p.r1, p.c0, p.c1)  # noqa: E731
-        a, b, start, _ = side(f)
-        f = f.select(_lexsort(f.step, a, b, start))
-        a, b, start, end = side(f)
-        joins = torch.zeros(len(a), dtype=torch.bool)
-        joins[1:] = ((f.step[1:] == f.step[:-1]) & (a[1:] == a[:-1]) & (b[1:] == b[:-1])
-                     & (start[1:] == end[:-1]))
+        # the same keys (rows) of one step, in order along the other side; full pieces first
+        same = (4, 5, 6, 3) if stack_rows else (6, 3, 4, 5)  # (end, side a, side b, start)
+        end_row, a, b, start = same
+        t = pc.table
+        pc = pc.select(_lexsort((t[1] != FULL).long(), t[0], t[a], t[b], t[start]))
+        t = pc.table
+        full = t[1] == FULL
+        joins = torch.zeros(len(pc), dtype=torch.bool)
+        joins[1:] = (full[1:] & full[:-1] & (t[0, 1:] == t[0, :-1]) & (t[a, 1:] == t[a, :-1])
+                     & (t[b, 1:] == t[b, :-1]) & (t[start, 1:] == t[end_row, :-1]))
+        if not bool(joins.any()):
+            continue
         first = torch.nonzero(~joins).flatten()
-        last = torch.cat([first[1:], torch.tensor([len(a)])]) - 1
-        merged = f.select(first)
-        merged.table[4 if stack_rows else 6] = f.table[4 if stack_rows else 6, last]
-        merged.table[7] = torch.zeros_like(first).index_add_(0, torch.cumsum(~joins, 0) - 1, f.count)
-        pc = merged.cat(rest)
+        group = torch.cumsum(~joins, 0) - 1
+        last = torch.cat([first[1:], torch.tensor([len(pc)])]) - 1
+        t[end_row, first] = t[end_row, last]  # the group's end
+        t[7, first] = torch.zeros_like(first).index_add_(0, group, t[7])  # its pairs
+        pc = pc.select(first)
     return pc
 
 
