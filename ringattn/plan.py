@@ -206,6 +206,20 @@ class AttentionPlan:
         self._host[rule] = tasks, need
         return need
 
+    def host_tasks(self, rule):
+        """(tasks, need): this rank's block tasks for ``rule`` (a ``RangeMask``, or
+        (causal, window_size)) on the host, built once — a list per ring step (ring,
+        hybrid), or one list (local and Ulysses: the whole sequence; all-gather: keys in the
+        gathered K/V's order) — and the ring steps this rank needs. For planning tools (the
+        scale simulator builds plans of any rank of any world with no process group);
+        attention uses their device copies."""
+        rule = self._rule_key(rule)
+        self._build(rule)
+        tasks, need = self._host[rule]
+        if self.strategy == "allgather" and not self._gathers_in_order():
+            tasks = self._gathered(tasks)
+        return tasks, need
+
     def _ring_length_of(self, rule) -> int:
         """Steps every ring rank runs for ``rule``: agreed in prepare, else (a rule nobody
         declared) the longest need of every rank, each planned here."""
@@ -292,14 +306,8 @@ class AttentionPlan:
         rule = self._rule_key(mask if mask is not None else (causal, window_size))
         key = (kind, rule)
         if key not in self._cache:
-            self._build(rule)
-            tasks = self._host[rule][0]
-            if kind == "ring":
-                steps = tasks[:self._ring_length_of(rule)]
-            elif kind == "allgather":
-                steps = [tasks if self._gathers_in_order() else self._gathered(tasks)]
-            else:
-                steps = [tasks]
+            tasks = self.host_tasks(rule)[0]
+            steps = tasks[:self._ring_length_of(rule)] if kind == "ring" else [tasks]
             moved = self._on_device(steps)
             self._cache[key] = moved if kind == "ring" else moved[0]
         return self._cache[key]

@@ -69,6 +69,7 @@ from ringattn import RangeMask, balance
 from ringattn.headsplit import split_heads
 from ringattn.layouts import get_layout
 from ringattn.masking import AttentionMask, rank_steps
+from ringattn.plan import AttentionPlan
 from recipes.choices import AttnDtype, Choice, Layout, Strategy, at_least
 
 
@@ -199,16 +200,14 @@ def _balance_sample(n: int, cap: int, must) -> list[int]:
     return sorted(set(sample) | set(must))
 
 
-def _gathered(steps, p: int, rank: int, local_len: int):
-    """All-gather's one pass: every step's tasks, keys moved to the source rank's place in
-    the gathered K/V (as ``AttentionPlan.allgather_tasks``)."""
-    out = []
-    for step, tasks in enumerate(steps):
-        offset = ((rank - step) % p) * local_len
-        for t in tasks:
-            a, b, _ = t.k_rows.indices(local_len)
-            out.append(dataclasses.replace(t, k_rows=slice(a + offset, b + offset)))
-    return out
+def _allgather_tasks(mask, layout: str, p: int, rank: int, seqlen: int):
+    """All-gather's one pass for ``rank``, as the attention path plans it
+    (``AttentionPlan.host_tasks``: keys in the gathered K/V's order), with no process group."""
+    ranged = isinstance(mask, RangeMask)
+    cu = None if ranged or mask.cu_seqlens is None else mask.cu_seqlens.to(torch.int32)
+    plan = AttentionPlan("allgather", layout, 1, seqlen // p, ring_size=p, ring_rank=rank,
+                         cu_seqlens=cu, masks=(mask,) if ranged else ())
+    return plan.host_tasks(mask if ranged else (mask.causal, mask.window))[0]
 
 
 def _pairs(tasks, n: int, m: int) -> int:
@@ -272,10 +271,10 @@ def run_case(cfg: PlanScaleConfig, strategy: str, layout: str, mask, seqlen: int
         a2a = 0 if u == 1 else local * d * elem * max(
             sum(n_q[j] + 2 * n_kv[j] for j in range(u) if j != r) + (u - 1) * n_q[r] for r in range(u))
         if strategy == "allgather":
-            tasks, gather_s = _timed(lambda: _gathered(first, ring, ring_ranks[0], local), 1)
-            plan_s += gather_s
+            tasks, plan_s = _timed(lambda: _allgather_tasks(mask, layout, ring, ring_ranks[0], seqlen),
+                                   cfg.repeats)
             host, dev = plan_bytes([tasks])
-            calls = [len(_gathered(steps_of[rr], ring, rr, local)) for rr in ring_ranks]
+            calls = [len(_allgather_tasks(mask, layout, ring, rr, seqlen)) for rr in ring_ranks]
             sent = 2 * local * cfg.kv_heads * d * elem * (p - 1)
             totals = balance.imbalance(work.sum(1))
             slowest = int(work.sum(1).max())
