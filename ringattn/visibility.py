@@ -149,11 +149,25 @@ def pieces(regions: Regions, q_runs: Runs, k_runs: Runs) -> Pieces:
     p = q_runs.stride
     qg, qr, qt0, qt1 = _clip(q_runs, regions.qa, regions.qb)
     kg, kr, kt0, kt1 = _clip(k_runs, regions.ka, regions.kb)
-    # join query and key parts of the same region
-    order = torch.argsort(kg, stable=True)
-    kg, kr, kt0, kt1 = kg[order], kr[order], kt0[order], kt1[order]
-    lo_k = torch.searchsorted(kg, qg)
-    qi, ki = _ranges(lo_k, torch.searchsorted(kg, qg, right=True) - lo_k)
+    # join query and key parts of the same region whose positions can see each other
+    kb0 = k_runs.pos0[kr] + p * kt0  # first and last key position of each key part
+    kb1 = k_runs.pos0[kr] + p * (kt1 - 1)
+    if p == 1:  # one region's key parts are disjoint: those in reach are one sorted range
+        big = 1 << 42  # > any position + window; keys (region, position) sort as one integer
+        order = torch.argsort(kg * big + kb0)
+        kg, kr, kt0, kt1, kb0, kb1 = (t[order] for t in (kg, kr, kt0, kt1, kb0, kb1))
+        a0 = q_runs.pos0[qr] + qt0  # the query part's first and last positions
+        a1 = q_runs.pos0[qr] + qt1 - 1
+        reach_lo = (a0 - regions.left[qg]).clamp(0, big - 1)
+        reach_hi = (a1 + regions.right[qg]).clamp(0, big - 1)
+        lo_k = torch.searchsorted(kg * big + kb1, qg * big + reach_lo)
+        hi_k = torch.searchsorted(kg * big + kb0, qg * big + reach_hi, right=True)
+    else:  # strided parts of one region interleave: every pair (few: one run per rank)
+        order = torch.argsort(kg, stable=True)
+        kg, kr, kt0, kt1 = kg[order], kr[order], kt0[order], kt1[order]
+        lo_k = torch.searchsorted(kg, qg)
+        hi_k = torch.searchsorted(kg, qg, right=True)
+    qi, ki = _ranges(lo_k, (hi_k - lo_k).clamp_min(0))
     g = qg[qi]
     a = q_runs.pos0[qr[qi]] + p * qt0[qi]  # first query position of the piece
     b = k_runs.pos0[kr[ki]] + p * kt0[ki]  # first key position
