@@ -13,7 +13,7 @@ Each rank's tokens are kept in increasing global position, so on the diagonal st
 mask, each a ``BlockTask`` of query rows, key rows and whether the block is causal:
 fully masked pairs produce no task at all, so no work is spent on them. Layouts that
 place tokens by document have no such structure without the documents
-(``needs_documents``): their tasks come from ``ringattn.masking.AttentionMask.document_tasks``.
+(``needs_documents``): their tasks come from ``ringattn.visibility`` over the layout's ``runs``.
 """
 from __future__ import annotations
 
@@ -298,7 +298,7 @@ class DocZigzag(Layout):
 
     def block_tasks(self, q_rank, k_rank, world_size, local_len, causal):
         raise ValueError("layout 'doc_zigzag' has no block structure without the documents; "
-                         "use AttentionMask.document_tasks")
+                         "plan it with ringattn.masking.rank_steps")
 
 
 def _runs(pos0, row0, length):

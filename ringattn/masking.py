@@ -19,7 +19,7 @@ import torch
 
 from .layouts import BlockTask, Layout
 from .rangemask import RangeMask
-from .visibility import INF, Pieces, Regions, Runs, calls, pieces
+from .visibility import INF, Pieces, Regions, Runs, calls, deprecated_position_tasks, pieces
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, seqlen: int) -> None:
     """ValueError unless ``cu_seqlens`` is valid for a packed sequence of ``seqlen`` (host sync)."""
@@ -91,6 +91,10 @@ class AttentionMask:
             right = min(right, 0)
         cu = self.cu_seqlens if self.cu_seqlens is not None else torch.tensor([0, self.seqlen])
         return Regions.of(cu[:-1], cu[1:], cu[:-1], cu[1:], left, right)
+
+    def document_tasks(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[BlockTask]:
+        """Deprecated: ``ringattn.visibility.position_tasks(mask, q_pos, k_pos)``."""
+        return deprecated_position_tasks("AttentionMask.document_tasks", self, q_pos, k_pos)
 
     def key_interval(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inclusive [lo, hi] of key positions visible from each query position."""

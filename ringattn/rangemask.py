@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .visibility import INF, Regions
+from .visibility import INF, Regions, deprecated_position_tasks
 
 KINDS = ("full", "causal")
 
@@ -195,6 +195,10 @@ class RangeMask:
                 box = k_pos[None, c0:c1] <= q_pos[r0:r1, None]
             out[r0:r1, c0:c1] = box
         return out
+
+    def tasks(self, q_pos: torch.Tensor, k_pos: torch.Tensor):
+        """Deprecated: ``ringattn.visibility.position_tasks(mask, q_pos, k_pos)``."""
+        return deprecated_position_tasks("RangeMask.tasks", self, q_pos, k_pos)
 
     def _boxes(self, q_pos, k_pos):
         """(row0, row1, col0, col1, causal) of every slice that meets the block."""

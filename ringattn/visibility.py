@@ -34,6 +34,7 @@ every document from every rank), no loop over ranks, tokens or token pairs.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -368,9 +369,35 @@ def calls(pc: Pieces, n_steps: int) -> list[list[BlockTask]]:
     return steps
 
 
+def position_runs(pos: torch.Tensor, step: int | None = None) -> Runs:
+    """Increasing positions as ``Runs`` of consecutive ones (``step``: tag them as one ring
+    step's keys)."""
+    pos = torch.as_tensor(pos, dtype=_I64)
+    cuts = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
+    starts = torch.cat([torch.zeros(1, dtype=_I64), cuts])
+    length = torch.cat([cuts, torch.tensor([len(pos)])]) - starts
+    return Runs(pos[starts], starts, length, 1, None if step is None else torch.full_like(starts, step))
+
+
+def position_tasks(mask, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[BlockTask]:
+    """The kernel calls of queries at ``q_pos`` against keys at ``k_pos`` (increasing global
+    positions, any sets) under ``mask`` (anything with ``regions()``)."""
+    if len(q_pos) == 0 or len(k_pos) == 0:
+        return []
+    return calls(pieces(mask.regions(), position_runs(q_pos), position_runs(k_pos, 0)), 1)[0]
+
+
+def deprecated_position_tasks(old: str, mask, q_pos, k_pos) -> list[BlockTask]:
+    """``position_tasks`` for the methods it replaces, with their deprecation warning."""
+    warnings.warn(f"{old} is deprecated and will be removed in the next release; use "
+                  "ringattn.visibility.position_tasks(mask, q_pos, k_pos), or "
+                  "ringattn.masking.rank_steps for a rank's ring steps", DeprecationWarning, stacklevel=3)
+    return position_tasks(mask, q_pos, k_pos)
+
+
 def step_pairs(pc: Pieces, n_steps: int) -> torch.Tensor:
     """(n_steps,) visible pairs each step computes."""
     return torch.zeros(n_steps, dtype=_I64).index_add_(0, pc.step, pc.pairs())
 
 
-__all__ = ["INF", "Runs", "Regions", "Pieces", "pieces", "calls", "step_pairs"]
+__all__ = ["INF", "Runs", "Regions", "Pieces", "pieces", "calls", "step_pairs", "position_runs", "position_tasks"]

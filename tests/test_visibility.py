@@ -117,3 +117,18 @@ def test_doc_zigzag_makes_few_calls_per_step_at_any_document_count():
         for rank in (0, 7, 15):
             steps = rank_steps(get_layout("doc_zigzag"), mask, p, rank)
             assert max(len(s) for s in steps) <= limit, (window, [len(s) for s in steps])
+
+
+def test_old_task_methods_warn_and_give_the_same_calls():
+    """RangeMask.tasks and AttentionMask.document_tasks keep working for a release, with a
+    DeprecationWarning naming their replacement."""
+    from ringattn.visibility import position_tasks
+
+    cu = torch.tensor([0, 5, 20, 32], dtype=torch.int32)
+    pos = torch.arange(32)
+    for old, mask in ((RangeMask.documents(cu).tasks, RangeMask.documents(cu)),
+                      (AttentionMask.build(32, True, cu).document_tasks, AttentionMask.build(32, True, cu))):
+        with pytest.warns(DeprecationWarning, match="position_tasks"):
+            tasks = old(pos, pos)
+        assert torch.equal(render_tasks(tasks, 32, 32), render_tasks(position_tasks(mask, pos, pos), 32, 32))
+        assert torch.equal(render_tasks(tasks, 32, 32), _truth(cu, 32, True, (-1, -1), pos, pos).long())
