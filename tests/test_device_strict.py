@@ -166,6 +166,84 @@ def test_hf_training_step_is_device_strict():
     assert not failed, "\n".join(failed)
 
 
+# ---- the flash-attn adapter: its real Python package on the CPU stand-in, host mode ----------
+
+
+def _flash_strict(extra_path, *flags):
+    """tests/device_strict_flash.py in its own process (loading the stand-in changes what
+    backend="auto" picks), ``extra_path`` first on the path -> its JSON summary."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    paths = [str(p) for p in (extra_path, root) if p is not None]
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    done = subprocess.run([sys.executable, "-m", "tests.device_strict_flash", *flags], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _flash_release(path=None):
+    from tests.test_flash_attn_standin import _installed
+
+    return _installed(path)
+
+
+def _check_flash_strict(summary, release, runs):
+    assert summary["release"] == release
+    assert not summary["failures"], "\n".join(summary["failures"])
+    assert summary["runs"] == runs
+    # the adapter itself ran every kind of block flash-attn takes, under the checker
+    for kind in ("full", "causal", "window", "varlen"):
+        assert summary["blocks"].get(f"flash_attn/{kind}", 0) > 0, summary["blocks"]
+
+
+@pytest.mark.skipif(_flash_release() != "2.8.3",
+                    reason="flash-attn 2.8.3 is not installed (bash .ci/run installs it)")
+def test_flash_adapter_is_device_strict_and_the_host_mode_catches_planted_faults():
+    """backend="flash_attn" (flash-attn 2.8.3's Python package on the CPU stand-in) under
+    ring, Ulysses, hybrid and all-gather x every layout x {causal, documents, window + sinks,
+    documents + two-sided window + softcap, documents starting just before shard / chunk
+    boundaries with windows (the varlen route)}, forward + backward, each combination at one P
+    (2 and 4 alternating, ranks rotating), under ``DeviceStrict("cpu")``. The same run with a
+    fault planted in the adapter's forward: each is caught (.item(), .tolist(), .cpu(),
+    nonzero, boolean-mask indexing, an arange without a device, varlen bounds built from
+    Python data)."""
+    summary = _flash_strict(None, "--plants")
+    _check_flash_strict(summary, "2.8.3", 96)
+    missed = [name for name, message in summary["plants"].items() if message is None]
+    assert not missed, f"planted faults the checker let through: {missed}"
+    assert len(summary["plants"]) == 7
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_flash_release() != "2.8.3",
+                    reason="flash-attn 2.8.3 is not installed (bash .ci/run installs it)")
+def test_flash_adapter_is_device_strict_at_every_world():
+    _check_flash_strict(_flash_strict(None, "--every-world"), "2.8.3", 192)
+
+
+def _old_flash():
+    from tests.test_flash_attn_standin import OLD_RELEASE
+
+    return OLD_RELEASE
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_flash_release(_old_flash()) != "2.6.3",
+                    reason="flash-attn 2.6.3 is not in .cache (bash .ci/run installs it)")
+def test_flash_adapter_and_flash_attn_2_6_glue_are_device_strict():
+    """flash-attn 2.6.3 calls its compiled module from plain Python functions (2.7+ from
+    custom ops, which the checker sees as one op, as a GPU runs them): here flash-attn's own
+    Python glue runs under the checker too."""
+    _check_flash_strict(_flash_strict(_old_flash()), "2.6.3", 96)
+
+
 # ---- the checker itself: it fails on what it must catch --------------------------------
 
 
@@ -187,8 +265,10 @@ def test_checker_passes_the_clean_path_and_fails_on_a_planted_cpu_tensor():
     _ring_step()  # the clean path passes
     with pytest.raises(DeviceStrictError, match="on cpu, not on the data's device meta"):
         _ring_step(lambda out: out * torch.arange(out.shape[-1]).to(META))  # made on the host
-    with pytest.raises(DeviceStrictError, match="on cpu"):
+    with pytest.raises(DeviceStrictError, match="tensor of Python data"):
         _ring_step(lambda out: out * torch.tensor(2.0))  # a 0-dim host scalar tensor
+    with pytest.raises(DeviceStrictError, match="tensor of Python data"):  # no op on meta
+        _ring_step(lambda out: out * torch.tensor([2.0], device=out.device))
 
 
 def test_checker_fails_on_a_planted_host_sync():

@@ -140,7 +140,8 @@ def decode_step(model: Llama, tokens: torch.Tensor, position: int, cache: KVCach
     group, _, rank, _, backend = _sp_info(model)
     owner = cache.owner()
     h = model.tok_embeddings(tokens)
-    cos, sin = rope_cos_sin(torch.tensor([position], device=tokens.device), model.cfg.head_dim,
+    # the position as a fill value, not Python data: no host-to-device copy per token
+    cos, sin = rope_cos_sin(torch.full((1,), position, device=tokens.device), model.cfg.head_dim,
                             model.cfg.rope_theta, h.dtype)
     for i, layer in enumerate(model.layers):
         h = layer(h, cos, sin, _cache_attention(cache, i, rank == owner, group, backend))
