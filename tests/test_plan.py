@@ -329,8 +329,12 @@ def _builds_per_micro_batch(rank, world):
     """Plans built while 2 accumulated micro-batches run forward + backward with activation
     checkpointing (every layer's attention runs twice): built ahead with the batch (as the
     recipe does), then built by the forward itself; and the build count seen by every layer."""
+    import ringattn.plan as plan_module
     from ringattn.plan import AttentionPlan
 
+    planned_ranks = []  # every rank_steps call: which rank it plans (no rank plans the others)
+    real = plan_module.rank_steps
+    plan_module.rank_steps = lambda lay, mask, p, r: planned_ranks.append(r) or real(lay, mask, p, r)
     sp = ringattn.SequenceParallel("ring", "doc_zigzag")
     model = _model(sp, n_layers=3)
     seen = []
@@ -348,13 +352,16 @@ def _builds_per_micro_batch(rank, world):
         F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").backward()
         counts.append(AttentionPlan.builds - before)
         layer_counts.append(sorted(set(seen)))
-    return counts, layer_counts, len(seen)
+    return counts, layer_counts, len(seen), planned_ranks, dist.get_rank()
 
 
 def test_plans_are_built_once_per_micro_batch_and_never_inside_a_layer():
-    for rank, (counts, layer_counts, calls) in enumerate(run_distributed(_builds_per_micro_batch, 2,
-                                                                        timeout=120)):
+    for rank, (counts, layer_counts, calls, planned, me) in enumerate(
+            run_distributed(_builds_per_micro_batch, 2, timeout=120)):
         # built ahead: nothing during forward, backward or recompute; else once, in the forward
         assert counts == [0, 0, 1], (rank, counts)
+        # each build plans this rank alone: the ring length comes from the agreement
+        # all-gather, not from planning every other rank (no O(P^2) host work)
+        assert planned == [me] * 3, (rank, planned)
         # every layer call of a micro-batch (3 layers, twice with recompute) saw one count
         assert calls == 6 and all(len(c) == 1 for c in layer_counts), (rank, layer_counts)
