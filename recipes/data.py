@@ -183,7 +183,7 @@ class PackedText:
             raise ValueError(f"data.files hold {len(self.store.tokens)} tokens: fewer than one "
                              f"sequence of {self.win}")
         self.seed, self.documents = seed, cfg.document_masking
-        self._epoch, self._perm = None, None
+        self._epoch_perm = (None, None)  # one attribute: read and replaced atomically
 
     def __len__(self) -> int:
         return self.n
@@ -191,10 +191,13 @@ class PackedText:
     def window(self, index: int) -> int:
         """The window the ``index``-th sample reads (epoch permutations drawn once each)."""
         epoch, i = divmod(index, self.n)
-        if epoch != self._epoch:
+        # the planning thread (PlannedBatches) and evaluation may read different epochs at
+        # once: one (epoch, permutation) pair, never a new epoch with an old permutation
+        cached = self._epoch_perm
+        if cached[0] != epoch:
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._epoch, self._perm = epoch, rng.permutation(self.n)
-        return int(self._perm[i])
+            cached = self._epoch_perm = (epoch, rng.permutation(self.n))
+        return int(cached[1][i])
 
     def sample(self, index: int):
         start = self.window(index) * self.win
