@@ -19,27 +19,77 @@ from .base import backward_segments, band, forward_segments, repeat_kv, sum_kv_g
 
 _CUDA_LSE_ALIGN = 32  # kAlignLSE in PyTorch's memory-efficient attention
 
-
 def _bhsd(x):
     return x.transpose(1, 2)
 
 
-def _additive(mask, q, k=None, window=None):
+def _additive(mask, q, k=None, window=None, align=1):
     """bool (q_len, k_len), True = visible, and/or a ``window`` band of q against k ->
-    additive bias in q's dtype (0 / -inf), or None.
-
-    CUDA efficient attention wants the bias row stride aligned to 16 elements, so the
-    bias is a view into a padded buffer there.
-    """
+    additive bias in q's dtype (0 / -inf), or None. ``align``: the bias is a view into a
+    buffer whose rows are padded to a multiple of ``align`` elements (CUDA efficient
+    attention wants the bias row stride aligned to 16)."""
     if window is not None:
         wmask = band(q.shape[1], k.shape[1], window, q.device)
         mask = wmask if mask is None else mask.to(q.device) & wmask
     if mask is None:
         return None
     sq, sk = mask.shape
-    width = -(-sk // 16) * 16 if q.device.type == "cuda" else sk
+    width = -(-sk // align) * align
     bias = torch.zeros(sq, width, dtype=q.dtype, device=q.device)[:, :sk]
     return bias.masked_fill_(~mask.to(q.device), float("-inf"))
+
+
+class CpuFlash:
+    """CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ its backward); lse
+    (b, h, s_q) as is, the bias as built."""
+    bias_align = 1
+
+    def forward(self, qt, kt, vt, bias, causal, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, causal, attn_mask=bias, scale=scale)
+        return out, lse
+
+    def backward(self, dout_t, qt, kt, vt, out_t, lse, bias, causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout_t, qt, kt, vt, out_t, lse.contiguous(), 0.0, causal, attn_mask=bias, scale=scale)
+
+
+class EfficientAttention:
+    """CUDA: ``aten._scaled_dot_product_efficient_attention`` (+ its backward). Its contract,
+    which this class meets: the bias (b, h, s_q, s_k) with 16-aligned rows (``bias_align``,
+    expanded from one (s_q, s_k) buffer); the lse comes back padded to a multiple of 32 query
+    rows (kAlignLSE), which forward strips and backward re-adds; backward takes the philox
+    seed and offset (unused without dropout: zeros on the device).
+
+    ``forward_op`` / ``backward_op`` default to torch's ops; the test suite passes a CPU
+    stand-in of their contract, so this branch's own logic runs (and is device-checked)
+    without a GPU."""
+    bias_align = 16
+    lse_align = _CUDA_LSE_ALIGN
+
+    def __init__(self, forward_op=None, backward_op=None):
+        self.forward_op = forward_op or torch.ops.aten._scaled_dot_product_efficient_attention.default
+        self.backward_op = backward_op or \
+            torch.ops.aten._scaled_dot_product_efficient_attention_backward.default
+
+    @staticmethod
+    def _bias(bias, qt):
+        return None if bias is None else bias.expand(qt.shape[0], qt.shape[1], *bias.shape)
+
+    def forward(self, qt, kt, vt, bias, causal, scale):
+        out, lse, _, _ = self.forward_op(qt, kt, vt, self._bias(bias, qt), True, 0.0, causal,
+                                         scale=scale)
+        return out, lse[..., : qt.shape[2]]
+
+    def backward(self, dout_t, qt, kt, vt, out_t, lse, bias, causal, scale):
+        sq = qt.shape[2]
+        padded = -(-sq // self.lse_align) * self.lse_align
+        lse_p = torch.nn.functional.pad(lse, (0, padded - sq)).contiguous()
+        seed = torch.zeros((), dtype=torch.int64, device=qt.device)
+        dq, dk, dv, _ = self.backward_op(
+            dout_t, qt, kt, vt, self._bias(bias, qt), out_t, lse_p, seed, seed, 0.0,
+            [True, True, True, False], causal, scale=scale)
+        return dq, dk, dv
 
 
 class SdpaBackend:
@@ -48,6 +98,16 @@ class SdpaBackend:
     supports_softcap = False  # the fused ops have no score hook; softcap goes to ``math``
     supports_window = True  # as a bias
     supports_varlen = True  # one call per sequence
+
+    def __init__(self, fused=None):
+        """``fused``: the op pair to run (``CpuFlash()`` / ``EfficientAttention()``); None:
+        chosen by q's device (CPU: the CPU flash op, else efficient attention)."""
+        self.fused = fused
+
+    def _ops(self, device):
+        if self.fused is not None:
+            return self.fused
+        return _CPU_FLASH if device.type == "cpu" else _EFFICIENT
 
     def supports(self, q):
         if q.device.type == "cpu":
@@ -68,19 +128,11 @@ class SdpaBackend:
         if segments is not None:
             return forward_segments(self.forward, q, k, v, segments, causal=causal, scale=scale,
                                     mask=mask, window=window)
+        ops = self._ops(q.device)
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
-        bias = _additive(mask, q, k, window)
-        if q.device.type == "cpu":
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qt, kt, vt, 0.0, causal, attn_mask=bias, scale=scale
-            )
-        else:
-            bias = None if bias is None else bias.expand(q.shape[0], q.shape[2], *bias.shape)
-            out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-                qt, kt, vt, bias, True, 0.0, causal, scale=scale
-            )
-            lse = lse[..., : q.shape[1]]
+        out, lse = ops.forward(qt, kt, vt, _additive(mask, q, k, window, ops.bias_align),
+                               causal, scale)
         return _bhsd(out), lse
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None,
@@ -89,22 +141,13 @@ class SdpaBackend:
         if segments is not None:
             return backward_segments(self.backward, dout, q, k, v, out, lse, segments,
                                      causal=causal, scale=scale, mask=mask, window=window)
+        ops = self._ops(q.device)
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
         dout_t, out_t = _bhsd(dout.to(q.dtype)), _bhsd(out.to(q.dtype))
-        bias = _additive(mask, q, k, window)
-        if q.device.type == "cpu":
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dout_t, qt, kt, vt, out_t, lse.contiguous(), 0.0, causal, attn_mask=bias, scale=scale
-            )
-        else:
-            sq = q.shape[1]
-            padded = -(-sq // _CUDA_LSE_ALIGN) * _CUDA_LSE_ALIGN
-            lse_p = torch.nn.functional.pad(lse, (0, padded - sq)).contiguous()
-            seed = torch.zeros((), dtype=torch.int64, device=q.device)
-            bias = None if bias is None else bias.expand(q.shape[0], q.shape[2], *bias.shape)
-            dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-                dout_t, qt, kt, vt, bias, out_t, lse_p, seed, seed, 0.0,
-                [True, True, True, False], causal, scale=scale,
-            )
+        dq, dk, dv = ops.backward(dout_t, qt, kt, vt, out_t, lse,
+                                  _additive(mask, q, k, window, ops.bias_align), causal, scale)
         return _bhsd(dq), sum_kv_groups(_bhsd(dk), groups), sum_kv_groups(_bhsd(dv), groups)
+
+
+_CPU_FLASH, _EFFICIENT = CpuFlash(), EfficientAttention()
