@@ -58,6 +58,9 @@ HOST_WORK = {
     os.path.join("ringattn", "parallel.py"): frozenset({"positions"}),
     # a prompt's document boundaries for generation's prefill: host metadata, like cu_seqlens
     os.path.join("ringattn", "models", "generation.py"): frozenset({"_one_document"}),
+    # the step's range masks of the transformers adapter (Llama 4's chunks), built on the host
+    # from the step's cu_seqlens once per forward, with the plan
+    os.path.join("ringattn", "models", "hf.py"): frozenset({"_layer_masks"}),
 }
 
 

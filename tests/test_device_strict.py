@@ -166,6 +166,63 @@ def test_hf_training_step_is_device_strict():
     assert not failed, "\n".join(failed)
 
 
+def _range_masks():
+    """Range masks the matrix runs (32 tokens): one prompt shared by three responses, and
+    packed documents with bidirectional prefixes (one of length 0)."""
+    return {"shared_prefix": ringattn.RangeMask.shared_prefix(10, [9, 1, 12]),
+            "prefix_lm": ringattn.RangeMask.prefix_lm(torch.tensor(DOCS), [4, 0, 9])}
+
+
+def test_range_masks_are_device_strict():
+    """``sp.attention(..., mask=RangeMask)`` with the step's plan (``prepare(mask=...)``),
+    forward + backward on meta, for every strategy x layout x {shared_prefix, prefix_lm} at
+    P = 2 and 4 (ranks rotating); doc_zigzag places tokens by the mask's own documents."""
+    masks = _range_masks()
+
+    def run(world, rank, strategy, layout, name):
+        sp, mask = _sp(strategy, layout), masks[name]
+        s = SEQLEN // world
+        q, k, v = (torch.empty(1, s, h, 8, device=META, requires_grad=True) for h in (4, 2, 2))
+        plan = sp.prepare((1, s), mask=mask, device=META)
+        with DeviceStrict(META) as strict:
+            sp.attention(q, k, v, mask=mask, plan=plan).sum().backward()
+        assert strict.ops > 20
+
+    failed = _failures(run, _cases(tuple(masks)))
+    assert not failed, "\n".join(failed)
+
+
+def test_llama4_chunked_attention_is_device_strict():
+    """transformers' Llama 4 (tiny: a chunked layer, 4-token chunks, and a NoPE full layer)
+    through ``HFCausalLM``, with packed documents (the chunks restart at each document; the
+    full layer carries the documents as a RangeMask too): a training step on meta for every
+    strategy x layout but doc_zigzag (refused by design: one placement for two masks), each
+    at one P (2 and 4 alternating, ranks rotating)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from ringattn.models.hf import HFCausalLM
+    from tests.test_hf import tiny_config
+
+    config = tiny_config("llama4")
+    assert "chunked_attention" in config.layer_types
+    with META:
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    cu = torch.tensor(DOCS, dtype=torch.int32)
+
+    def run(world, rank, strategy, layout, feature):
+        sp = _sp(strategy, layout)
+        # the untiled loss: Llama4ForCausalLM's base_model is the model itself
+        # (base_model_prefix "language_model", attribute "model"), which the tiled loss needs
+        model = HFCausalLM(hf, sp, tiled_loss=False)
+        model.train()
+        _step(model, sp, world, cu)
+
+    cases = [c for c in _cases(("chunked",), every_world=False) if c[3] != "doc_zigzag"]
+    failed = _failures(run, cases)
+    assert not failed, "\n".join(failed)
+
+
 # ---- the flash-attn adapter: its real Python package on the CPU stand-in, host mode ----------
 
 
