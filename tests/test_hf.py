@@ -391,3 +391,17 @@ def test_recipe_bad_hf_model_input(tmp_path, over, message):
                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr + proc.stdout, proc.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_llama4_tiled_loss_reads_the_decoder():
+    """Llama 4's ``base_model`` is the whole model (its prefix names no attribute): the tiled
+    loss must take the hidden states of its decoder, and equal the untiled loss."""
+    from ringattn.models.hf import HFCausalLM
+
+    hf = tiny_model("llama4")
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, hf.config.vocab_size, (1, 32), generator=gen)
+    labels = torch.randint(0, hf.config.vocab_size, (1, 32), generator=gen)
+    tiled = HFCausalLM(hf)(tokens, torch.arange(32), labels=labels).loss_sum
+    plain = HFCausalLM(hf, tiled_loss=False)(tokens, torch.arange(32), labels=labels).loss_sum
+    assert torch.allclose(tiled, plain, rtol=1e-5), (tiled, plain)

@@ -339,13 +339,22 @@ class HFCausalLM(nn.Module):
             if labels is None or not self.tiled_loss:
                 logits = self.hf(input_ids=tokens, position_ids=position_ids, use_cache=False, **kw).logits
             else:
-                out = self.hf.base_model(input_ids=tokens, position_ids=position_ids, use_cache=False, **kw)
+                out = self._decoder()(input_ids=tokens, position_ids=position_ids, use_cache=False, **kw)
         if labels is None:
             return logits
         if not self.tiled_loss:  # the reference path: the head as transformers applies it
             return tiling.logits_loss(logits, labels)
         # the head weight is read here, in this module's forward (ZeRO-3 gathers it for this call)
         return tiling.token_loss(out.last_hidden_state, self._head_weight(), labels, self.loss_tile_tokens)
+
+    def _decoder(self) -> nn.Module:
+        """The model without its head (hidden states out). transformers' ``base_model`` is
+        the attribute ``base_model_prefix`` names, or the model itself where that attribute
+        does not exist (Llama 4's text model: prefix "language_model", decoder at ``model``)."""
+        base = self.hf.base_model
+        if base is self.hf and isinstance(getattr(self.hf, "model", None), nn.Module):
+            return self.hf.model
+        return base
 
     def _layer_masks(self, seqlen: int, cu_seqlens, mask=None) -> dict:
         """{layer type: RangeMask} for layer types a (causal, window) rule cannot express:
