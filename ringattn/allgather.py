@@ -8,21 +8,73 @@ runs; striped shards stay in rank order), so its queries attend to one sequence 
 varlen calls (``AttentionPlan.allgather_tasks``): any mask the ring takes
 (causal, documents, windows, ``RangeMask``) works unchanged, blocks a mask leaves empty are
 skipped, and fully hidden rows get out 0 and lse -inf. Backward is composed: the local
-attention's exact backward gives dK/dV of the whole sequence, which the all-gather's
-backward reduce-scatters (sums) to the ranks that own them.
+attention's exact backward, block by block, gives fp32 dK/dV of the whole sequence, which
+are reduce-scattered (summed) to the ranks that own them.
+
+Only this rank's K/V shard is saved for backward; backward gathers the sequence's K/V again.
+So nothing the size of the whole sequence stays between a layer's forward and its backward
+(without activation checkpointing every layer would otherwise keep 2 * S * kv_heads *
+head_dim elements until its backward). The price is one more all-gather per layer in
+backward, the bytes the ring's backward passes its K/V with: with or without
+checkpointing, all-gather and ring send the same K/V bytes per layer.
 
 Trade-off against the ring: no P-step pipeline to overlap (one collective, then compute),
-and the full K/V of the sequence (2 * S * kv_heads * head_dim elements) plus its gradients
-live on every rank during the layer; the ring holds two shards at a time. With few K/V
-heads and moderate S that memory is small, and the single collective is simple and fast.
+and the full K/V of the sequence plus, in backward, its fp32 gradients live on every rank
+while one layer runs; the ring holds two shards at a time. With few K/V heads and moderate
+S that memory is small, and the single collective is simple and fast.
 """
 from __future__ import annotations
 
 import torch
 
-from .comm import gather_sequence
+from .blocks import accumulate_grads, backward_inputs
+from .comm import all_gather_sequence, reduce_scatter_sequence
+from .kernels import get_backend
+from .kernels.base import accumulation_dtype
+from .merge import sinks_grad
 from .plan import prologue
-from .ulysses import _LocalAttention
+from .ulysses import local_forward
+
+
+def _gathered(k, v, order, group):
+    """The whole sequence's K/V (b, S, 2 h_kv, d), in position order where ``order`` says."""
+    kv = all_gather_sequence(torch.cat([k, v], dim=2), 1, group)  # rank-major
+    return kv if order is None else kv.index_select(1, order)
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, scale, tasks, order, group, backend, softcap):
+        heads = k.shape[2]
+        kv = _gathered(k, v, order, group)
+        out, lse = local_forward(q, kv[:, :, :heads], kv[:, :, heads:], sinks, scale, tasks,
+                                 backend, softcap)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)  # the local shards only
+        ctx.set_materialize_grads(False)
+        ctx.scale, ctx.tasks, ctx.order, ctx.group = scale, tasks, order, group
+        ctx.backend, ctx.softcap = backend, softcap
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        dout, (q, k, v, out, lse, sinks) = backward_inputs(ctx, dout, dlse, "allgather_attention")
+        heads = k.shape[2]
+        kv = _gathered(k, v, ctx.order, ctx.group)  # again: it was not kept since forward
+        acc_dtype = accumulation_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        dkv = torch.zeros(kv.shape, dtype=acc_dtype, device=kv.device)
+        accumulate_grads(get_backend(ctx.backend, q, softcap=ctx.softcap), ctx.tasks, dout, q,
+                         kv[:, :, :heads], kv[:, :, heads:], out, lse, ctx.scale, dq,
+                         dkv[:, :, :heads], dkv[:, :, heads:], ctx.softcap)
+        del kv
+        if ctx.order is not None:  # position order -> rank-major, then to the owners
+            ranked = torch.empty_like(dkv)
+            ranked[:, ctx.order] = dkv
+            dkv = ranked
+        dkv = reduce_scatter_sequence(dkv, 1, ctx.group)  # fp32, summed over ranks
+        dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
+        return (dq.to(q.dtype), dkv[:, :, :heads].to(k.dtype), dkv[:, :, heads:].to(v.dtype),
+                dsinks, None, None, None, None, None, None)
 
 
 def allgather_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
@@ -35,15 +87,9 @@ def allgather_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zi
                               cu_seqlens=cu_seqlens, dropout_p=dropout_p, backend=backend,
                               softmax_scale=softmax_scale, plan=plan, sinks=sinks,
                               softcap=softcap, ring_group=group, mask=mask)
-    heads = k.shape[2]
-    kv = gather_sequence(torch.cat([k, v], dim=2), dim=1, group=group)  # (b, S, 2 h_kv, d)
-    order = plan.allgather_order()
-    if order is not None:  # position order: one sequence, a few varlen calls (autograd: scatter)
-        kv = kv.index_select(1, order)
-    kf, vf = kv[:, :, :heads], kv[:, :, heads:]
-    out, lse = _LocalAttention.apply(q, kf, vf, sinks, scale,
-                                     plan.allgather_tasks(causal, window_size, mask), backend,
-                                     softcap)
+    out, lse = _AllGatherAttention.apply(q, k, v, sinks, scale,
+                                         plan.allgather_tasks(causal, window_size, mask),
+                                         plan.allgather_order(), group, backend, softcap)
     return (out, lse) if return_lse else out
 
 

@@ -2,7 +2,8 @@
 
 A strategy decides *which* (q rows, k rows) block pairs to compute (``BlockTask``s from
 ``layouts`` / ``masking``); these helpers run them through a kernel and merge the results
-(forward), or compute each block's gradients from the final out/lse (backward).
+(forward), or add each block's gradients, computed from the final out/lse, into the
+strategy's accumulators one block at a time (backward).
 """
 from __future__ import annotations
 
@@ -46,13 +47,18 @@ def attend_blocks(kernel, tasks, q, k, v, scale, acc: PartialAttention, softcap=
         acc.add(o, lse, t.q_rows)
 
 
-def block_grads(kernel, tasks, dout, q, k, v, out, lse, scale, softcap=None):
-    """[(task, (dq, dk, dv) of its block)] from the final out and lse of the whole rows
-    (with sinks: the out' and lse' that include them)."""
-    return [(t, _kernel_for(kernel, t, q, softcap).backward(
-        dout[:, t.q_rows], q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], out[:, t.q_rows],
-        lse[:, :, t.q_rows], scale=scale, softcap=softcap, **_block(t)))
-        for t in tasks]
+def accumulate_grads(kernel, tasks, dout, q, k, v, out, lse, scale, dq, dk, dv, softcap=None) -> None:
+    """Add each task's block gradients into the accumulators ``dq`` (q's rows) and ``dk``,
+    ``dv`` (k's rows), one task at a time: only one block's gradients exist at once. From
+    the final out and lse of the whole rows (with sinks: the out' and lse' that include them)."""
+    for t in tasks:
+        dq_b, dk_b, dv_b = _kernel_for(kernel, t, q, softcap).backward(
+            dout[:, t.q_rows], q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], out[:, t.q_rows],
+            lse[:, :, t.q_rows], scale=scale, softcap=softcap, **_block(t))
+        dq[:, t.q_rows] += dq_b
+        dk[:, t.k_rows] += dk_b
+        dv[:, t.k_rows] += dv_b
+        del dq_b, dk_b, dv_b  # gone before the next block's are made
 
 
 def record_step(plan_step, q, k):

@@ -73,32 +73,49 @@ class RingComm:
         return Pending(dist.batch_isend_irecv(ops), received)
 
 
+def all_gather_sequence(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` in rank order (not differentiable)."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    _count_sent(x, size)
+    with profile.timed("wait_s", x.device):
+        dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def reduce_scatter_sequence(full: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """This rank's chunk along ``dim`` of the sum over ranks of ``full`` (the inverse
+    direction of ``all_gather_sequence``; not differentiable)."""
+    size, rank = group_size(group), group_rank(group)
+    if size == 1:
+        return full
+    chunks = [c.contiguous() for c in full.chunk(size, dim=dim)]
+    _count_sent(chunks[rank], size)
+    if dist.get_backend(group) == "gloo":
+        # gloo has no reduce-scatter: sum the whole tensor, keep our chunk.
+        whole = full.contiguous()
+        with profile.timed("wait_s", full.device):
+            dist.all_reduce(whole, group=group)
+        return whole.chunk(size, dim=dim)[rank].contiguous()
+    mine = torch.empty_like(chunks[rank])
+    with profile.timed("wait_s", full.device):
+        dist.reduce_scatter(mine, chunks, group=group)
+    return mine
+
+
 class _GatherSequence(torch.autograd.Function):
     """All-gather along ``dim`` in rank order; backward reduce-scatters (sums) the gradient."""
 
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        parts = [torch.empty_like(x) for _ in range(group_size(group))]
-        _count_sent(x, len(parts))
-        with profile.timed("wait_s", x.device):
-            dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=dim)
+        return all_gather_sequence(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        size, rank = group_size(ctx.group), group_rank(ctx.group)
-        chunks = [c.contiguous() for c in grad.chunk(size, dim=ctx.dim)]
-        _count_sent(chunks[rank], size)
-        if dist.get_backend(ctx.group) == "gloo":
-            # gloo has no reduce-scatter: sum the whole gradient, keep our chunk.
-            full = grad.contiguous()
-            dist.all_reduce(full, group=ctx.group)
-            return full.chunk(size, dim=ctx.dim)[rank].contiguous(), None, None
-        mine = torch.empty_like(chunks[rank])
-        with profile.timed("wait_s", grad.device):
-            dist.reduce_scatter(mine, chunks, group=ctx.group)
-        return mine, None, None
+        return reduce_scatter_sequence(grad, ctx.dim, ctx.group), None, None
 
 
 def _count_sent(shard: torch.Tensor, size: int) -> None:

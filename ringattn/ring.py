@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import profile
-from .blocks import attend_blocks, backward_inputs, block_grads, record_step
+from .blocks import accumulate_grads, attend_blocks, backward_inputs, record_step
 from .comm import RingComm
 from .kernels import get_backend
 from .kernels.base import accumulation_dtype
@@ -69,20 +69,28 @@ class _RingAttention(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
         k_cur, v_cur = k.contiguous(), v.contiguous()
         dkv_pending = None
+        dk_step = dv_step = None  # one step's dK/dV, added to the accumulators when they arrive
         spare = None  # double-buffered K/V receives, as in forward
         n_steps = len(ctx.steps)
         for step, tasks in enumerate(ctx.steps):
             kv_pending = comm.exchange([k_cur, v_cur], out=spare) if step + 1 < n_steps else None
             with profile.timed("compute_s", q.device):
-                grads = block_grads(kernel, tasks, dout, q, k_cur, v_cur, out, lse, ctx.scale,
-                                    ctx.softcap)
+                if dkv_pending is None:  # step 0: the accumulators of our own K/V are here
+                    accumulate_grads(kernel, tasks, dout, q, k_cur, v_cur, out, lse, ctx.scale,
+                                     dq, dk, dv, ctx.softcap)
+                else:  # into this step's buffers while the held block's accumulators travel
+                    if dk_step is None:
+                        dk_step, dv_step = torch.zeros_like(dk), torch.zeros_like(dv)
+                    else:
+                        dk_step.zero_()
+                        dv_step.zero_()
+                    accumulate_grads(kernel, tasks, dout, q, k_cur, v_cur, out, lse, ctx.scale,
+                                     dq, dk_step, dv_step, ctx.softcap)
             if dkv_pending is not None:
                 # The accumulators of the K/V block we hold arrive from the previous rank.
                 dk, dv = dkv_pending.wait()
-            for t, (dq_b, dk_b, dv_b) in grads:
-                dq[:, t.q_rows] += dq_b
-                dk[:, t.k_rows] += dk_b
-                dv[:, t.k_rows] += dv_b
+                dk += dk_step
+                dv += dv_step
             if step + 1 < n_steps:
                 dkv_pending = comm.exchange([dk, dv])
             elif n_steps > 1:

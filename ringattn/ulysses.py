@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import profile
-from .blocks import attend_blocks, backward_inputs, block_grads, record_step
+from .blocks import accumulate_grads, attend_blocks, backward_inputs, record_step
 from .comm import group_rank, heads_to_sequence, sequence_to_heads
 from .headsplit import HeadSplit
 from .kernels import get_backend
@@ -43,31 +43,35 @@ from .merge import PartialAttention, add_sinks, sinks_grad
 from .plan import prologue
 
 
-class _LocalAttention(torch.autograd.Function):
-    """The whole sequence on one rank: ``tasks`` over q/k/v in position order.
+def local_forward(q, k, v, sinks, scale, tasks, backend, softcap):
+    """``tasks`` over q/k/v of the whole sequence -> (out in q's dtype, fp32 lse, sinks
+    folded in once). With plain masks that is one kernel call; documents/windows refine it
+    into tiles exactly as the ring does for one of its blocks."""
+    kernel = get_backend(backend, q, softcap=softcap)
+    record_step(tasks, q, k)
+    if (len(tasks) == 1 and tasks[0].kind in ("full", "causal")
+            and tasks[0].q_rows == tasks[0].k_rows == ALL):
+        # One call covers every row: no merge, no fp32 accumulator to hold.
+        if profile.active() is not None:
+            profile.active().count_block(kernel.name, tasks[0].kind)
+        out, lse = kernel.forward(q, k, v, causal=tasks[0].causal, scale=scale, softcap=softcap)
+    else:
+        acc = PartialAttention(q, accumulation_dtype(q.dtype))
+        attend_blocks(kernel, tasks, q, k, v, scale, acc, softcap)
+        out, lse = acc.out, acc.lse
+    if sinks is not None:
+        out, lse = add_sinks(out, lse.to(accumulation_dtype(q.dtype)), sinks)
+    return out.to(q.dtype), lse
 
-    With plain masks that is one kernel call; documents/windows refine it into tiles
-    exactly as the ring does for one of its blocks. ``sinks`` (heads,) or None are folded in
-    once at the end. out in q's dtype, lse fp32 (including the sinks).
-    """
+
+class _LocalAttention(torch.autograd.Function):
+    """The whole sequence on one rank: ``tasks`` over q/k/v in position order
+    (``local_forward``); ``sinks`` (heads,) or None. out in q's dtype, lse fp32 (including
+    the sinks)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, scale, tasks, backend, softcap):
-        kernel = get_backend(backend, q, softcap=softcap)
-        record_step(tasks, q, k)
-        if (len(tasks) == 1 and tasks[0].kind in ("full", "causal")
-                and tasks[0].q_rows == tasks[0].k_rows == ALL):
-            # One call covers every row: no merge, no fp32 accumulator to hold.
-            if profile.active() is not None:
-                profile.active().count_block(kernel.name, tasks[0].kind)
-            out, lse = kernel.forward(q, k, v, causal=tasks[0].causal, scale=scale, softcap=softcap)
-        else:
-            acc = PartialAttention(q, accumulation_dtype(q.dtype))
-            attend_blocks(kernel, tasks, q, k, v, scale, acc, softcap)
-            out, lse = acc.out, acc.lse
-        if sinks is not None:
-            out, lse = add_sinks(out, lse.to(accumulation_dtype(q.dtype)), sinks)
-        out = out.to(q.dtype)
+        out, lse = local_forward(q, k, v, sinks, scale, tasks, backend, softcap)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)
         ctx.scale, ctx.tasks, ctx.backend, ctx.softcap = scale, tasks, backend, softcap
@@ -79,11 +83,8 @@ class _LocalAttention(torch.autograd.Function):
         kernel = get_backend(ctx.backend, q, softcap=ctx.softcap)
         acc_dtype = accumulation_dtype(q.dtype)
         dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v))
-        for t, (dq_b, dk_b, dv_b) in block_grads(kernel, ctx.tasks, dout, q, k, v, out, lse,
-                                                 ctx.scale, ctx.softcap):
-            dq[:, t.q_rows] += dq_b
-            dk[:, t.k_rows] += dk_b
-            dv[:, t.k_rows] += dv_b
+        accumulate_grads(kernel, ctx.tasks, dout, q, k, v, out, lse, ctx.scale, dq, dk, dv,
+                         ctx.softcap)
         dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None, None)
 

@@ -8,7 +8,7 @@ For each simulated ring size P and layout, every virtual rank r runs what ring a
 runs on rank r: the layout's block tasks for each of the P ring steps (``Layout.block_tasks``,
 as ``AttentionPlan.ring_steps`` uses them), each kernel call merged into fp32 accumulators (``PartialAttention``),
 then the backward's per-block gradients from the final out/lse with fp32 dQ/dK/dV
-accumulation (``block_grads``). Only the K/V transfer is left out. Each virtual rank is
+accumulation (``accumulate_grads``). Only the K/V transfer is left out. Each virtual rank is
 timed on its own, forward + backward, and compared with one fused call on the whole
 sequence (``monolithic``):
 
@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 
 from recipes.benchmarks.results import report, single_device
 from recipes.choices import AttnDtype, Layout
-from ringattn.blocks import attend_blocks, block_grads
+from ringattn.blocks import accumulate_grads, attend_blocks
 from ringattn.kernels import get_backend
 from ringattn.kernels.base import accumulation_dtype
 from ringattn.layouts import get_layout
@@ -114,10 +114,7 @@ def virtual_rank(kernel, layout, rank, world, q, k, v, scale):
             k_s, v_s = kv[src]
             dk = torch.zeros(k_s.shape, dtype=acc_dtype, device=q.device)
             dv = torch.zeros_like(dk)
-            for t, (dq_b, dk_b, dv_b) in block_grads(kernel, tasks, dout, q_r, k_s, v_s, out, lse, scale):
-                dq[:, t.q_rows] += dq_b
-                dk[:, t.k_rows] += dk_b
-                dv[:, t.k_rows] += dv_b
+            accumulate_grads(kernel, tasks, dout, q_r, k_s, v_s, out, lse, scale, dq, dk, dv)
         return out, dq
 
     return run
