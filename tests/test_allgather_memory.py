@@ -127,3 +127,37 @@ def test_allgather_saves_only_the_local_shard_for_backward(layout):
             seq_dims = [s[1] for s in shapes if len(s) == 4]  # (b, tokens, heads, d)
             assert max(seq_dims) == SEQLEN // world, (rank, checkpointed, shapes)
             assert all(e <= 1e-12 for e in errs.values()), (rank, checkpointed, errs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sdpa_wide_bottom_right_causal_block_builds_no_bias(monkeypatch, dtype):
+    """All-gather's causal rows against every earlier key: a block of n queries and m > n keys
+    under window (-1, 0). sdpa runs it as full keys + a top-left causal square, never a
+    (n, m) bias (O(local tokens x sequence) memory); out, lse and gradients against float64."""
+    from ringattn.kernels import sdpa
+
+    def no_bias(mask, q, k=None, window=None, align=1):
+        assert mask is None and window is None, "a bias was built"
+        return None
+
+    monkeypatch.setattr(sdpa, "_additive", no_bias)
+    g = torch.Generator().manual_seed(3)
+    n, m = 5, 23
+    q = torch.randn(1, n, 4, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, m, 2, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(1, n, 4, 16, generator=g, dtype=torch.float64)
+    visible = torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)  # bottom-right causal
+    # reference over the block: keys are the whole (m) sequence, queries its last n rows
+    pad = torch.zeros(1, m - n, 4, 16, dtype=torch.float64)
+    full_mask = torch.ones(m, m, dtype=torch.bool)
+    full_mask[m - n:] = visible
+    ref = reference_attention(torch.cat([pad, q], 1), k, v, torch.cat([pad, dout], 1), causal=False, mask=full_mask)
+    kern = sdpa.SdpaBackend()
+    qc, kc, vc, dc = (t.to(dtype) for t in (q, k, v, dout))
+    out, lse = kern.forward(qc, kc, vc, causal=False, scale=16 ** -0.5, window=(-1, 0))
+    dq, dk, dv = kern.backward(dc, qc, kc, vc, out, lse, causal=False, scale=16 ** -0.5, window=(-1, 0))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(out, ref[0][:, m - n:]) <= tol
+    assert rel_err(lse, ref[1][:, :, m - n:]) <= tol
+    assert rel_err(dq, ref[2][:, m - n:]) <= tol
+    assert rel_err(dk, ref[3]) <= tol and rel_err(dv, ref[4]) <= tol

@@ -9,15 +9,27 @@ repeated here, after they arrived over the ring (only kv_heads travel), and thei
 gradients summed back over each query-head group.
 
 Irregular blocks: a ``mask`` or a ``window`` band becomes an additive bias (built on the
-device, no host sync); packed sequences (``segments``) run one sequence at a time.
+device, no host sync); packed sequences (``segments``) run one sequence at a time. The
+bottom-right causal band of a wide block (window (-1, 0), more keys than queries: the
+all-gather strategy's causal rows against every earlier key) needs no bias: it is the keys
+before the rows' own, seen in full, plus a top-left causal square, two calls merged exactly
+(a bias would be q_len x k_len elements).
 """
 from __future__ import annotations
 
 import torch
 
-from .base import backward_segments, band, forward_segments, repeat_kv, sum_kv_groups
+from .base import accumulation_dtype, backward_segments, band, forward_segments, repeat_kv, sum_kv_groups
 
 _CUDA_LSE_ALIGN = 32  # kAlignLSE in PyTorch's memory-efficient attention
+
+
+def _causal_split(q, k, mask, window):
+    """Where a bottom-right causal band (window (-1, 0), no mask) of a block with more keys
+    than queries splits into full keys and a top-left causal square; None otherwise."""
+    if mask is not None or window is None or tuple(window) != (-1, 0) or k.shape[1] <= q.shape[1]:
+        return None
+    return k.shape[1] - q.shape[1]
 
 def _bhsd(x):
     return x.transpose(1, 2)
@@ -128,6 +140,14 @@ class SdpaBackend:
         if segments is not None:
             return forward_segments(self.forward, q, k, v, segments, causal=causal, scale=scale,
                                     mask=mask, window=window)
+        split = _causal_split(q, k, mask, window)
+        if split is not None:  # full keys [0, split) + top-left causal [split, k_len)
+            o1, l1 = self.forward(q, k[:, :split], v[:, :split], causal=False, scale=scale)
+            o2, l2 = self.forward(q, k[:, split:], v[:, split:], causal=True, scale=scale)
+            acc = accumulation_dtype(q.dtype)
+            lse = torch.logaddexp(l1.to(acc), l2.to(acc))
+            w1, w2 = (torch.exp(x.to(acc) - lse).transpose(1, 2).unsqueeze(-1) for x in (l1, l2))
+            return (o1.to(acc) * w1 + o2.to(acc) * w2).to(q.dtype), lse.to(l1.dtype)
         ops = self._ops(q.device)
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
@@ -141,6 +161,13 @@ class SdpaBackend:
         if segments is not None:
             return backward_segments(self.backward, dout, q, k, v, out, lse, segments,
                                      causal=causal, scale=scale, mask=mask, window=window)
+        split = _causal_split(q, k, mask, window)
+        if split is not None:  # each part's exact gradients from the final out and lse
+            dq1, dk1, dv1 = self.backward(dout, q, k[:, :split], v[:, :split], out, lse,
+                                          causal=False, scale=scale)
+            dq2, dk2, dv2 = self.backward(dout, q, k[:, split:], v[:, split:], out, lse,
+                                          causal=True, scale=scale)
+            return dq1 + dq2, torch.cat([dk1, dk2], dim=1), torch.cat([dv1, dv2], dim=1)
         ops = self._ops(q.device)
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
