@@ -8,7 +8,8 @@
 One sequence over the whole world (sp = world_size, dp = 1, one sequence per micro-batch),
 the training recipe's model options as given (``model.tiled_loss``, ``model.tiled_mlp``,
 ``model.offload_activations``, ``model.activation_checkpointing``). For each strategy the
-world can run (ring; Ulysses when the kv heads split over the world; hybrid with Ulysses over
+world can run (ring; all-gather, whose backward holds the whole sequence's K/V and its fp32
+gradients for one layer; Ulysses when the kv heads split over the world; hybrid with Ulysses over
 ``gpus_per_node`` ranks inside a node and the ring across), each ZeRO stage and activation
 offload off/on (on needs checkpointing and a CUDA device) it finds the longest seq_len whose
 per-rank device memory (``recipes.estimate``: every term listed) fits ``device_gib`` x
@@ -54,6 +55,8 @@ ConfigStore.instance().store(name="capacity_schema", node=_schema)
 def strategies(world: int, gpus_per_node: int, kv_heads: int, heads: int) -> list[tuple[str, int]]:
     """(strategy, ulysses size) the world can run one sequence with."""
     out = [("ring", 1)]
+    if world > 1:
+        out.append(("allgather", 1))
     if world > 1 and heads % world == 0 and kv_heads % world == 0:
         out.append(("ulysses", world))
     u = min(gpus_per_node, world)
@@ -76,12 +79,12 @@ def capacity_rows(cfg: CapacityConfig, model) -> list[dict]:
                 if offload and not opts.offloaded:
                     continue  # needs checkpointing and a CUDA device
 
-                def est(seq_len, stage=stage, opts=opts, u=u):
+                def est(seq_len, stage=stage, opts=opts, u=u, strategy=strategy):
                     return estimate.estimate(shape, cfg.trainer.dtype, stage,
                                              cfg.deepspeed.offload_optimizer and stage >= 1,
                                              cfg.deepspeed.offload_param and stage == 3,
                                              world_size=world, sp_size=world, micro=1, seq_len=seq_len,
-                                             options=opts, ulysses_size=u)
+                                             options=opts, ulysses_size=u, strategy=strategy)
 
                 def fits(seq_len):
                     e = est(seq_len)

@@ -23,7 +23,10 @@ layer's backward or the head + loss backward:
   its fp32 gradient; tiled, only the final hidden state and a 4-byte log-sum-exp per token
   stay (our Llama recomputes the final norm per tile too) -- the tile's logits are a constant.
 * ring attention (ring size > 1): dK/dV travelling in fp32 with their receive buffers during
-  a layer's backward; Ulysses: the all-to-all copies of q, k, v and the output.
+  a layer's backward; Ulysses: the all-to-all copies of q, k, v and the output; all-gather:
+  during one layer's backward the whole sequence's K/V (S = T x P tokens) gathered again, its
+  fp32 dK/dV accumulators and one block's fp32 gradients (nothing sequence-sized is kept
+  between layers: each layer saves only its K/V shard).
 Constant terms: a loss tile (fp32 logits + their gradient) and an MLP tile.
 """
 from __future__ import annotations
@@ -45,6 +48,9 @@ LAYER_FFN = 3
 # kernel (sp=1, Ulysses) adds ~1.2 hidden-sized tensors per token (measured); the ring's
 # block-by-block backward adds its fp32 accumulators and per-block copies (see estimate()).
 ATTN_FUSED = 2
+# All-gather's backward: fp32 K/V-sized tensors of the whole sequence alive with the gathered
+# K/V: the dK/dV accumulators and one block's gradients (measured on CPU, see estimate()).
+AG_FP32 = 2
 KEPT_HIDDEN = 5
 KEPT_FFN = 4
 
@@ -98,9 +104,15 @@ class MemoryEstimate:
 
 def estimate(model, dtype: str, zero_stage: int, offload_optimizer: bool, offload_param: bool,
              world_size: int, sp_size: int, micro: int, seq_len: int,
-             options: ActivationOptions = ActivationOptions(), ulysses_size: int = 1) -> MemoryEstimate:
+             options: ActivationOptions = ActivationOptions(), ulysses_size: int = 1,
+             strategy: Optional[str] = None) -> MemoryEstimate:
     """``model``: the ``recipes.models.ModelShape`` of the recipe's model object. ``ulysses_size``:
-    the all-to-all degree inside the SP group (1: ring only; sp_size: Ulysses only)."""
+    the all-to-all degree inside the SP group (1: ring only; sp_size: Ulysses only).
+    ``strategy``: "allgather" for the all-gather strategy (ulysses_size 1); otherwise what
+    ``ulysses_size`` says (ring, Ulysses or hybrid)."""
+    if strategy == "allgather" and ulysses_size != 1:
+        raise ValueError(f"strategy=allgather gathers K/V instead of an all-to-all: ulysses_size must be 1, "
+                         f"got {ulysses_size}")
     from ringattn.models import tiling  # the tile sizes the model will use
 
     n = model.params
@@ -158,7 +170,12 @@ def estimate(model, dtype: str, zero_stage: int, offload_optimizer: bool, offloa
         mlp = ("MLP backward", LAYER_FFN * f * b * ffn_tokens, f"{LAYER_FFN} {mlp_why} (f={f})")
     else:
         mlp = ("MLP backward", 0.0, "(kept above)")
-    if sp_size // ulysses_size > 1:
+    if strategy == "allgather" and sp_size > 1:
+        S = T * sp_size
+        attn = ("attention backward", d * (4 + 4 * b) * T + 2 * kv * (b + AG_FP32 * 4) * S,
+                f"all-gather: the K/V of all {S} tokens gathered again (model dtype), their fp32 dK/dV "
+                "accumulators and one block's fp32 gradients, and the fp32 dq accumulator (measured on CPU)")
+    elif sp_size // ulysses_size > 1:
         attn = ("attention backward", (d * (4 + 4 * b) + kv * (16 + 2 * b)) * T,
                 "ring: fp32 dq accumulator, per-block dq/dk/dv and contiguous copies, dK/dV travelling "
                 "in fp32 double-buffered (measured on CPU)")

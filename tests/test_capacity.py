@@ -28,6 +28,10 @@ CONFIGS = {
     "sp2_ulysses_tiled_mlp_small_loss_tiles": (2, ["model.activation_checkpointing=true", "model.tiled_mlp=true",
                                                    "model.mlp_tile_tokens=128", "model.loss_tile_tokens=128",
                                                    "parallel.ulysses_size=2", "seqlens=[2048,6144]"]),
+    # all-gather: its backward term grows with the whole sequence (S = P x local tokens)
+    "sp2_allgather_tiled_mlp_small_loss_tiles": (2, ["model.activation_checkpointing=true", "model.tiled_mlp=true",
+                                                     "model.mlp_tile_tokens=128", "model.loss_tile_tokens=128",
+                                                     "parallel.strategy=allgather", "seqlens=[2048,6144]"]),
 }
 
 
@@ -70,7 +74,7 @@ def test_capacity_llama3_8b_on_8x80gib_beyond_4m_tokens():
     cfg = _capacity_cfg("model=llama3_8b", "trainer.dtype=bf16", "world_size=8", "device_gib=80", "model.tiled_mlp=true")
     model = LlamaModel(cfg.model)
     rows = capacity.capacity_rows(cfg, model)
-    assert {r["strategy"] for r in rows} == {"ring", "ulysses"}  # 8 kv heads split over 8 ranks
+    assert {r["strategy"] for r in rows} == {"ring", "allgather", "ulysses"}  # 8 kv heads split over 8 ranks
     best = max(rows, key=lambda r: r["max_seq_len"])
     assert best["max_seq_len"] >= 4_000_000 and best["offload"] and best["zero_stage"] == 3
     budget = cfg.device_gib * estimate.GiB * cfg.usable_fraction
@@ -81,6 +85,7 @@ def test_capacity_llama3_8b_on_8x80gib_beyond_4m_tokens():
         assert r["estimate"].total <= budget
         more = estimate.estimate(model.shape, "bf16", r["zero_stage"], False, False, world_size=8, sp_size=8, micro=1,
                                  seq_len=r["max_seq_len"] + div, ulysses_size=r["ulysses_size"],
+                                 strategy=r["strategy"],
                                  options=estimate.ActivationOptions(
                                      checkpointing=True, offload=r["offload"], tiled_mlp=True))
         assert more.total > budget or more.offloaded * 8 > cfg.host_gib_per_node * estimate.GiB
@@ -101,4 +106,31 @@ def test_capacity_hybrid_for_64_ranks_and_report_terms():
     rows = capacity.capacity_rows(cfg, LlamaModel(cfg.model))
     assert ("hybrid", 8) in {(r["strategy"], r["ulysses_size"]) for r in rows}
     assert "ulysses" not in {r["strategy"] for r in rows}  # 8 kv heads do not split over 64 ranks
-    assert capacity.strategies(64, 8, kv_heads=8, heads=32) == [("ring", 1), ("hybrid", 8)]
+    assert capacity.strategies(64, 8, kv_heads=8, heads=32) == [("ring", 1), ("allgather", 1), ("hybrid", 8)]
+
+
+def test_allgather_attention_term_grows_with_the_whole_sequence():
+    """At the same tokens per rank the ring's attention memory stays put as P grows, the
+    all-gather's grows with the whole sequence (its backward holds all of S's K/V and their
+    fp32 gradients); for Llama-3-8B on 8 x 80 GiB the all-gather fits a shorter context."""
+    from recipes import capacity, estimate
+    from recipes.models import LlamaModel
+
+    cfg = _capacity_cfg("model=llama3_8b", "trainer.dtype=bf16", "world_size=8", "device_gib=80", "model.tiled_mlp=true")
+    model = LlamaModel(cfg.model)
+    opts = estimate.ActivationOptions(checkpointing=True, tiled_mlp=True)
+
+    def attn(strategy, p, local=65536):
+        e = estimate.estimate(model.shape, "bf16", 3, False, False, world_size=p, sp_size=p, micro=1,
+                              seq_len=local * p, options=opts, strategy=strategy)
+        return dict((n, v) for n, v, _ in e.terms)["attention backward"]
+
+    assert attn("ring", 8) == attn("ring", 2)
+    kv_bytes = 2 * model.shape.kv_dim * (2 + 2 * 4)  # K/V (bf16) + fp32 dK/dV + one block's, per token
+    assert attn("allgather", 8) - attn("allgather", 2) == 65536 * 6 * kv_bytes
+    with pytest.raises(ValueError, match="ulysses_size must be 1"):
+        estimate.estimate(model.shape, "bf16", 3, False, False, world_size=8, sp_size=8, micro=1, seq_len=8192,
+                          options=opts, ulysses_size=8, strategy="allgather")
+    rows = capacity.capacity_rows(cfg, model)
+    best = {s: max(r["max_seq_len"] for r in rows if r["strategy"] == s) for s in ("ring", "allgather")}
+    assert 0 < best["allgather"] < best["ring"]

@@ -107,7 +107,8 @@ def run(cfg: MemoryBenchmarkConfig) -> dict:
                                     job.deepspeed.offload_optimizer, job.deepspeed.offload_param,
                                     world_size=world, sp_size=world, micro=1, seq_len=seq_len,
                                     options=estimate.options_of(model, ctx.device.type),
-                                    ulysses_size=job.parallel.ulysses_size)
+                                    ulysses_size=job.parallel.ulysses_size,
+                                    strategy=job.parallel.resolved_strategy)
             rows.append({"seq_len": seq_len, "peak_bytes": peak, "static_bytes": static, "rss_bytes": rss,
                          "estimate_bytes": est.total})
             if ctx.is_logger:
