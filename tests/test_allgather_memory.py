@@ -118,7 +118,8 @@ def _saved(rank, world, layout, checkpointed):
     return shapes, errs
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "striped"])
+@pytest.mark.parametrize("layout", ["zigzag", pytest.param("contiguous", marks=pytest.mark.slow),
+                                    pytest.param("striped", marks=pytest.mark.slow)])
 def test_allgather_saves_only_the_local_shard_for_backward(layout):
     world = 2
     for checkpointed in (False, True):
