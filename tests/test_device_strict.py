@@ -142,6 +142,7 @@ def _hf_sinks_step(sp, world, cu):
         out.sum().backward()
 
 
+@pytest.mark.slow  # full suite only: keeps the quick tier under 3 minutes
 def test_hf_training_step_is_device_strict():
     """ringattn.models.hf.HFCausalLM over transformers models: forward + backward on meta for
     every strategy x layout x feature (see ``_hf_models`` for which architecture carries each,
@@ -173,6 +174,7 @@ def _range_masks():
             "prefix_lm": ringattn.RangeMask.prefix_lm(torch.tensor(DOCS), [4, 0, 9])}
 
 
+@pytest.mark.slow  # full suite only: keeps the quick tier under 3 minutes
 def test_range_masks_are_device_strict():
     """``sp.attention(..., mask=RangeMask)`` with the step's plan (``prepare(mask=...)``),
     forward + backward on meta, for every strategy x layout x {shared_prefix, prefix_lm} at
@@ -192,6 +194,7 @@ def test_range_masks_are_device_strict():
     assert not failed, "\n".join(failed)
 
 
+@pytest.mark.slow  # full suite only: keeps the quick tier under 3 minutes
 def test_llama4_chunked_attention_is_device_strict():
     """transformers' Llama 4 (tiny: a chunked layer, 4-token chunks, and a NoPE full layer)
     through ``HFCausalLM``, with packed documents (the chunks restart at each document; the
