@@ -68,3 +68,32 @@ run_torchrun() {  # $1: default shutdown timeout, then torchrun's arguments
   done
   exit "$rc"
 }
+
+# The status of a job whose run dir is $1 and whose launcher exited with $2: 128+N from the
+# run dir's stopped.json when the run saved on signal N and stopped (its ranks then exit 0, so
+# that no launcher takes the stop for a failure: recipes.train.exit_status), else $2.
+stopped_status() {
+  local marker="$1/stopped.json"
+  if [[ -f "$marker" ]] && grep -o '"exit_status": *[0-9]*' "$marker" | grep -o '[0-9]*$'; then
+    return
+  fi
+  echo "$2"
+}
+
+# Send signal $1 to the recipe's ranks among the descendants of pid $2 (python -m recipes.train),
+# not to the launcher processes between; prints how many got it. The ranks agree on a signal in
+# the step's all-reduce, so reaching some of them stops all of them, on every node.
+signal_ranks() {
+  local sig="$1" queue=("$2") p c n=0
+  while ((${#queue[@]})); do
+    p="${queue[0]}"
+    queue=("${queue[@]:1}")
+    for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do
+      queue+=("$c")
+      if [[ " $(ps -o args= -p "$c" 2>/dev/null) " =~ \ -m\ recipes\.train\  ]]; then
+        kill -s "$sig" "$c" 2>/dev/null && n=$((n + 1))
+      fi
+    done
+  done
+  echo "$n"
+}

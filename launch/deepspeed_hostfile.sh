@@ -14,6 +14,17 @@
 #   RUN_DIR       run dir (default outputs/ds-<date_time>); set it again to resume. Needed
 #                 when each node starts its own launcher (DS_ARGS="--no_ssh --node_rank=N").
 #   DS_ARGS       extra launcher arguments (--num_gpus, --include, --launcher openmpi, ...)
+#
+# Signals (docs/preemption.md): send SIGUSR1 or SIGTERM to this script, not to the launcher.
+# The script passes it to the ranks it started on this machine, which agree on it in the
+# step's all-reduce (so every node stops), save a checkpoint at the same step, write
+# <run dir>/stopped.json and exit 0; the launcher sees every rank end well and ends, and the
+# script exits 128+N. The launcher itself must not get the signal: it has no SIGUSR1 handler
+# (the signal would end it and orphan the ranks), and on SIGTERM or SIGINT it terminates its
+# ranks one after the other, each given a hard-coded 30 s before SIGKILL
+# (deepspeed/launcher/launch.py, terminate_process_tree) -- too short for a large save. When
+# the ranks run on other hosts only (pdsh over ssh), send the signal to a rank there
+# (pkill -USR1 -f 'm recipes.train' on one node is enough), or use torchrun (launch/).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
@@ -24,8 +35,13 @@ if [[ " ${DS_ARGS:-} " == *" --no_ssh "* && -z "${RUN_DIR:-}" ]] && ! has_run_di
   exit 2
 fi
 run_dir=()
-if ! has_run_dir "$@"; then
-  run_dir=("hydra.run.dir=${RUN_DIR:-outputs/ds-$(date +%Y-%m-%d_%H-%M-%S)}")
+run_path="${RUN_DIR:-outputs/ds-$(date +%Y-%m-%d_%H-%M-%S)}"
+if has_run_dir "$@"; then
+  for a in "$@"; do
+    case "$a" in hydra.run.dir=*|+hydra.run.dir=*|++hydra.run.dir=*) run_path="${a#*hydra.run.dir=}" ;; esac
+  done
+else
+  run_dir=("hydra.run.dir=${run_path}")
 fi
 hostfile=()
 if [[ -n "${HOSTFILE:-}" && ! -f "${HOSTFILE}" ]]; then
@@ -36,8 +52,25 @@ elif [[ -f "${HOSTFILE:-hostfile}" ]]; then
 fi
 
 # ${a[@]+"${a[@]}"}: empty arrays under set -u on bash < 4.4
-exec deepspeed ${hostfile[@]+"${hostfile[@]}"} \
+deepspeed ${hostfile[@]+"${hostfile[@]}"} \
   ${MASTER_ADDR:+--master_addr "${MASTER_ADDR}"} \
   --master_port "${MASTER_PORT:-29500}" \
   ${ds_args[@]+"${ds_args[@]}"} \
-  --module recipes.train ${run_dir[@]+"${run_dir[@]}"} "$@"
+  --module recipes.train ${run_dir[@]+"${run_dir[@]}"} "$@" &
+launcher=$!
+to_ranks() {  # $1: the signal this script got
+  local n
+  n="$(signal_ranks "$1" "$launcher")"
+  echo "launch/deepspeed_hostfile.sh: SIG$1 passed to ${n} rank(s) on this machine, not to the launcher:" \
+       "every rank finishes its step and saves a checkpoint" >&2
+  [[ "$n" != 0 ]] || echo "launch/deepspeed_hostfile.sh: no rank of this run runs here; signal one on its host" >&2
+}
+trap 'to_ranks USR1' USR1
+trap 'to_ranks TERM' TERM
+# in the background so the traps run at once; a trapped signal ends `wait` early: wait again
+rc=0
+while true; do
+  wait "$launcher" && rc=0 || rc=$?
+  kill -0 "$launcher" 2>/dev/null || break
+done
+exit "$(stopped_status "$run_path" "$rc")"

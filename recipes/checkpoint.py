@@ -71,10 +71,13 @@ def path_of(run_dir: str, step: int) -> str:
 STOPPED = "stopped.json"
 
 
-def mark_stopped(run_dir: str, step: int, signal_name: str, max_steps: int, resume: str) -> None:
+def mark_stopped(run_dir: str, step: int, signal_name: str, max_steps: int, resume: str,
+                 exit_status: int) -> None:
+    """``exit_status``: 128 + the signal's number, the job's status the launch scripts return
+    (the ranks of a launcher that watches them exit 0: ``recipes.train.exit_status``)."""
     _write_json(os.path.join(run_dir, STOPPED), {
         "stopped_by": signal_name, "step": step, "max_steps": max_steps, "finished": False,
-        "checkpoint": path_of(run_dir, step), "resume": resume})
+        "exit_status": exit_status, "checkpoint": path_of(run_dir, step), "resume": resume})
 
 
 def clear_stopped(run_dir: str) -> None:

@@ -239,6 +239,12 @@ def comm_failure(exc: BaseException, cfg: ParallelConfig) -> Optional[str]:
             "restarts from the latest checkpoint.")
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group or with one rank)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -232,11 +232,25 @@ class StopSignals:
         return next((s for s, n in zip(self.signals, sums) if n > 0), None)
 
 
-def exit_status(sig: signal.Signals) -> int:
-    """128 + the signal's number: the status a process killed by it would have had, so SLURM and
-    shells read "ended by SIGTERM" (143) or "by SIGUSR1" (138), never success (a dependent job
-    with afterok does not start) -- but the checkpoint is complete and a rerun resumes."""
-    return 128 + int(sig)
+def exit_status(sig: signal.Signals, watched: bool = False) -> int:
+    """The status after a save on ``sig``: 128 + the signal's number (143 for SIGTERM, 138 for
+    SIGUSR1), the status a process killed by it would have had, so SLURM and shells read "ended
+    by the signal", never success -- but the checkpoint is complete and a rerun resumes.
+
+    ``watched`` (a rank started by a launcher that watches its ranks: torchrun's agent, the
+    DeepSpeed launcher, srun): 0. To those launchers any other status is a failure of the rank:
+    torchrun restarts the workers of every node whose agent did not itself get the signal (they
+    then wait in a re-rendezvous for nodes that have stopped, past the time limit), and the
+    DeepSpeed launcher and ``srun --kill-on-bad-exit`` kill the other ranks, mid-save if they are
+    still saving. The run dir's ``stopped.json`` says "stopped, not finished" instead, with this
+    128 + N, which launch/slurm.sbatch and launch/deepspeed_hostfile.sh return as the job's status."""
+    return 0 if watched else 128 + int(sig)
+
+
+def launcher_watches_ranks(world_size: int) -> bool:
+    """True when this rank was started by a launcher that acts on its ranks' exit status: a
+    torchrun agent (TORCHELASTIC_RUN_ID, even for one rank), or any launcher of several ranks."""
+    return world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 class IntervalClock:
@@ -422,6 +436,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
                      model.shape.num_params() / 1e6, resumed if ckpt else "fresh start")
         # DeepSpeed reports the gradient norm except on its plain fp32 path (stage 0, no bf16)
         own_grad_norm = not engine.zero_optimization() and not engine.bfloat16_enabled()
+        watched = launcher_watches_ranks(ctx.world_size)
         t = job.trainer
         clock, t_begin, step, res = IntervalClock(), time.time(), start, None
         for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
@@ -435,11 +450,16 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
                 # that runs long or raises must not cost it. Evaluation and logging follow.
                 if res.stop is not None and ctx.is_logger:
                     log.warning("%s received: saving a checkpoint at step %d and exiting with status %d",
-                                res.stop.name, step, exit_status(res.stop))
+                                res.stop.name, step, exit_status(res.stop, watched))
                 with clock.excluded():
                     _save(r, step)
-                if res.stop is not None and ctx.rank == 0:
-                    checkpoint.mark_stopped(run_dir, step, res.stop.name, t.max_steps, resume_hint(run_dir))
+                if res.stop is not None:
+                    if ctx.rank == 0:
+                        checkpoint.mark_stopped(run_dir, step, res.stop.name, t.max_steps, resume_hint(run_dir),
+                                                exit_status(res.stop))
+                    # No rank leaves before the marker is written: a launcher that sees one rank
+                    # end may stop the others (srun --kill-on-bad-exit, DeepSpeed's launcher).
+                    distributed.barrier()
                 if ctx.is_logger and step < t.max_steps:
                     log.info("stopped at step %d of %d: %s", step, t.max_steps, resume_hint(run_dir))
             if step % t.log_every == 0 or step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
@@ -455,7 +475,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
         tracker.close()
         if ctx.is_logger:
             log.info("done: step %d of %d, %s in this run", step, t.max_steps, _fmt_time(time.time() - t_begin))
-        return exit_status(res.stop) if res is not None and res.stop is not None else 0
+        return exit_status(res.stop, watched) if res is not None and res.stop is not None else 0
 
 
 def dry_run(job: JobConfig) -> None:

@@ -44,7 +44,7 @@ def straight(tmp_path_factory):
 def test_sigterm_to_torchrun_agent_saves_the_step_in_flight_and_the_rerun_matches(straight, tmp_path):
     """SIGTERM to the torchrun agent (launch/torchrun_single_node.sh execs it): the agent forwards
     it to both ranks, which finish their step, agree, save a checkpoint at that step (no periodic
-    saves here) and exit 143; rerunning the same command ends with the uninterrupted run's losses.
+    saves here) and exit 0 (torchrun's ranks; stopped.json holds 143); rerunning the same command ends with the uninterrupted run's losses.
     Same shape, same arithmetic: equal to 1e-6 relative (fp32; in practice bit-identical)."""
     cmd = [LAUNCH / "torchrun_single_node.sh", *SP2, "trainer.save_every=0", f"hydra.run.dir={tmp_path / 'run'}"]
     env = {"NPROC_PER_NODE": "2", "SHUTDOWN_TIMEOUT": "60"}

@@ -281,7 +281,18 @@ def test_stop_signals_record_the_first_signal_and_agree_through_sums():
         assert stop.agreed([2.0, 1.0]) == signal.SIGTERM and stop.agreed([0.0, 1.0]) == signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) == before, "the previous handlers come back"
     assert (exit_status(signal.SIGTERM), exit_status(signal.SIGUSR1)) == (143, 138)
+    # a rank of a launcher that acts on its ranks' status ends well; stopped.json says stopped
+    assert (exit_status(signal.SIGTERM, watched=True), exit_status(signal.SIGUSR1, watched=True)) == (0, 0)
     assert StopSignals([]).flags() == []
+
+
+def test_a_launcher_watches_its_ranks_under_torchrun_or_with_several_ranks(monkeypatch):
+    from recipes.train import launcher_watches_ranks
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert not launcher_watches_ranks(1) and launcher_watches_ranks(2)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun restarts even one failed rank
+    assert launcher_watches_ranks(1)
 
 
 def test_save_on_signal_names_are_checked():
