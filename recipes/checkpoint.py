@@ -22,7 +22,6 @@ re-partitions it for the new world. Unpartitioned state (ZeRO-0) loads at any wo
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -30,6 +29,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import List, Optional
@@ -38,11 +39,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from recipes.convert import TMP as UNIVERSAL_TMP, UNIVERSAL  # the converted copy inside a step dir (not in the manifest)
+
 log = logging.getLogger("recipes.checkpoint")
 
 DIRNAME = "checkpoints"
 MANIFEST = "manifest.json"
-UNIVERSAL = "universal"  # the converted copy inside a step dir (derived; not in the manifest)
 # Fault injection for the tests only (tests/test_train.py): a save at this step exits abruptly
 # with the save half done. Not a config field: no user run sets it.
 TEST_CRASH_ENV = "RINGATTN_TEST_CRASH_IN_SAVE_AT_STEP"
@@ -344,7 +346,7 @@ def retain(run_dir: str, written: str, keep: int) -> None:
             continue
         if budget is None:
             continue
-        copies = [os.path.join(path, d) for d in (UNIVERSAL, ".tmp-" + UNIVERSAL) if os.path.isdir(os.path.join(path, d))]
+        copies = [os.path.join(path, d) for d in (UNIVERSAL, UNIVERSAL_TMP) if os.path.isdir(os.path.join(path, d))]
         if budget <= 0:
             shutil.rmtree(path, ignore_errors=True)
             continue
@@ -405,11 +407,13 @@ def needs_universal(path: str, meta: dict, world_size: int, zero_stage: int,
 def to_universal(path: str, rank: int, poll_s: float = 1.0) -> str:
     """Convert once into ``path/universal`` (rank 0); returns that path. Every rank calls it.
 
-    The others do not wait in a collective: a conversion reads and writes the whole optimizer
-    state (12-16 bytes per parameter) and takes as long as that takes, which a barrier would cut
-    off at the collective timeout (and a restart would begin again). They poll a key of the
-    rendezvous store, which no collective timeout bounds, and fail with rank 0's reason if the
-    conversion fails."""
+    Rank 0 runs ``python -m recipes.convert`` as a child process: a process without this one's
+    process-group threads may fork, so the conversion runs on every CPU of the node, and it
+    continues an interrupted conversion where it stopped (``recipes.convert``). The others do
+    not wait in a collective: a conversion reads and writes the whole optimizer state (12-16
+    bytes per parameter) and takes as long as that takes, which a barrier would cut off at the
+    collective timeout. They poll a key of the rendezvous store, which no collective timeout
+    bounds, and fail with rank 0's reason if the conversion fails."""
     out = os.path.join(path, UNIVERSAL)
     key = f"ringattn/universal/{os.path.basename(path)}"
     # the process group's store (the same TCPStore its ranks rendezvoused through)
@@ -417,9 +421,9 @@ def to_universal(path: str, rank: int, poll_s: float = 1.0) -> str:
     if rank == 0:
         try:
             if not os.path.isdir(out):
-                _convert(path, out)
+                _convert_in_child(path)
         except BaseException as e:
-            store.set(key, f"failed: {type(e).__name__}: {e}")
+            store.set(key, f"failed: {e}")
             raise
         store.set(key, "done")
         return out
@@ -433,26 +437,23 @@ def to_universal(path: str, rank: int, poll_s: float = 1.0) -> str:
     answer = store.get(key).decode()
     if answer != "done":
         raise CheckpointError(f"rank 0 could not convert checkpoint {path} to the universal format ({answer}); "
-                              "it was left untouched")
+                              "the checkpoint was left untouched")
     return out
 
 
-def _convert(path: str, out: str) -> None:
-    from deepspeed.checkpoint import ds_to_universal
-
-    tmp = os.path.join(path, ".tmp-" + UNIVERSAL)
-    shutil.rmtree(tmp, ignore_errors=True)
+def _convert_in_child(path: str) -> None:
+    """``python -m recipes.convert path``; its log goes to this process's stderr, and its last
+    line is the reason if it fails."""
     log.info("converting %s to DeepSpeed's universal format for a new parallel shape", path)
-    # One worker: ds_to_universal's process pool forks this process, whose process-group
-    # threads then deadlock the children (seen: a hang on CPU with 2 workers).
-    ds_to_universal.main(argparse.Namespace(
-        input_folder=path, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True,
-        inject_missing_state=True))  # our module declares no tensor-parallel layout: a plain one
-    os.rename(tmp, out)
-    # ds_to_universal points <step dir>/latest_universal at the folder it wrote, which the
-    # rename just moved: point it at the final name.
-    _write_json_text(os.path.join(path, "latest_universal"), UNIVERSAL)
+    child = subprocess.Popen([sys.executable, "-m", "recipes.convert", path], stderr=subprocess.PIPE, text=True)
+    last = ""
+    for line in child.stderr:
+        sys.stderr.write(line)
+        last = line.strip() or last
+    if child.wait() != 0:
+        raise CheckpointError(f"converting checkpoint {path} failed (python -m recipes.convert exited "
+                              f"{child.returncode}: {last}); the checkpoint was left untouched, and the next "
+                              "attempt continues the conversion")
 
 
 def load(engine, path: str, rank: int, universal: bool = False) -> None:

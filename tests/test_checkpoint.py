@@ -240,22 +240,25 @@ def test_ranks_above_0_take_rank_0s_listing_and_never_list_the_checkpoint_direct
 def test_latest_universal_names_the_converted_folder_after_the_rename(tmp_path, monkeypatch):
     """DeepSpeed's ds_to_universal (deepspeed/checkpoint/ds_to_universal.py, main(): "Update
     latest to output folder", 0.19.8) writes <parent of its output>/latest_universal holding the
-    output folder's name -- the temporary one; stood in for here, the real conversion runs in
-    tests/test_preemption.py."""
+    output folder's name -- the temporary one. Checked on the one-pass fallback (a checkpoint
+    layout recipes.convert does not cut into units), with main stood in for; the unit path
+    and the real converter run in tests/test_convert.py."""
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal
 
-    def convert(args: argparse.Namespace):
+    from recipes import convert
+
+    def one_pass(args: argparse.Namespace):
         os.makedirs(args.output_folder)
         parent, name = os.path.split(args.output_folder)
         with open(os.path.join(parent, "latest_universal"), "w") as f:
             f.write(name)
 
-    monkeypatch.setattr(checkpoint, "dist", _OneRank)
-    monkeypatch.setattr(ds_to_universal, "main", convert)
+    monkeypatch.setattr(convert, "_job", lambda ds, path, tmp: None)
+    monkeypatch.setattr(ds_to_universal, "main", one_pass)
     d = _ckpt(tmp_path, 4)
-    out = checkpoint.to_universal(str(d), rank=0)
+    out = convert.convert(str(d))
     assert out == str(d / checkpoint.UNIVERSAL) and os.path.isdir(out)
     assert (d / "latest_universal").read_text() == checkpoint.UNIVERSAL
     assert (d / (d / "latest_universal").read_text()).is_dir()

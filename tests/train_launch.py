@@ -32,11 +32,12 @@ def clean_env(extra=None) -> dict:
     return e
 
 
-def launch(run_dir, nproc: int = 1, overrides=(), timeout: int = 240, env=None):
-    """Run the recipe; returns the CompletedProcess (check .returncode yourself)."""
+def launch(run_dir, nproc: int = 1, overrides=(), timeout: int = 240, env=None, torchrun_args=()):
+    """Run the recipe; returns the CompletedProcess (check .returncode yourself).
+    ``torchrun_args``: more torchrun flags (``nproc > 1``), e.g. ``--max-restarts=1``."""
     args = ["-m", "recipes.train", *FAST, *overrides, f"hydra.run.dir={run_dir}"]
     if nproc > 1:
-        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *torchrun_args, *args]
     try:
         return subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(env), capture_output=True, text=True,
                               timeout=timeout)
