@@ -111,6 +111,14 @@ def _strategies(rank, world):
                 errs["dsinks"] = rel_err(s32.grad, ref[5])
             if not max(errs.values()) <= FP32_TOL:
                 failures.append((name, strategy, layout, errs))
+    # ranks whose v head sizes differ get the same error on every rank, not a hung ring
+    q, k = torch.randn(1, 4, 4, 16), torch.randn(1, 4, 2, 16)
+    try:
+        ringattn.ring_attention(q, k, torch.randn(1, 4, 2, 8 * (rank + 1)), layout="contiguous")
+        failures.append("unequal v head sizes across ranks were not refused")
+    except ValueError as e:
+        if "v_head_dim" not in str(e):
+            failures.append(str(e))
     return failures
 
 
