@@ -1,15 +1,16 @@
 """All-gather attention (Llama 3 style context parallelism): gather K/V, attend locally.
 
 Each of the P ranks keeps its query shard (any layout) and all-gathers the K/V shards of
-the whole sequence, once per call, in one collective (K and V concatenated per token, so
-only the K/V heads travel, whatever their head sizes (MLA's v is narrower than its k): with grouped-query attention that is a fraction of the query
-bytes). The gathered K/V are put in position order (one index_select, from the layout's
-runs; striped shards stay in rank order), so its queries attend to one sequence in a few
-varlen calls (``AttentionPlan.allgather_tasks``): any mask the ring takes
-(causal, documents, windows, ``RangeMask``) works unchanged, blocks a mask leaves empty are
-skipped, and fully hidden rows get out 0 and lse -inf. Backward is composed: the local
-attention's exact backward, block by block, gives fp32 dK/dV of the whole sequence, which
-are reduce-scattered (summed) to the ranks that own them.
+the whole sequence, once per call, in one collective (K and V concatenated per token,
+whatever their head sizes (MLA's v is narrower than its k), so only the K/V heads travel:
+with grouped-query attention that is a fraction of the query bytes). The gathered K/V are
+put in position order (one index_select, from the layout's runs; striped shards stay in
+rank order), so its queries attend to one sequence in a few varlen calls
+(``AttentionPlan.allgather_tasks``): any mask the ring takes (causal, documents, windows,
+``RangeMask``) works unchanged, blocks a mask leaves empty are skipped, and fully hidden
+rows get out 0 and lse -inf. Backward is composed: the local attention's exact backward,
+block by block, gives fp32 dK/dV of the whole sequence, which are reduce-scattered (summed)
+to the ranks that own them.
 
 Only this rank's K/V shard is saved for backward; backward gathers the sequence's K/V again.
 So nothing the size of the whole sequence stays between a layer's forward and its backward

@@ -91,7 +91,8 @@ class MathBackend:
             # softmax subtracts the row max before exp: exact even when |logits| is so large
             # that the fp32 lse itself is coarse. A row with no visible key gets p = 0, not NaN.
             p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(tile_lse).unsqueeze(-1), 0.0)
-            out[:, rows] = torch.einsum("bhgqk,bkhd->bqhgd", p, v[:, cols].to(acc)).reshape(b, -1, h, dv)
+            pv = torch.einsum("bhgqk,bkhd->bqhgd", p, v[:, cols].to(acc))
+            out[:, rows] = pv.reshape(b, -1, h, dv)
             lse[:, :, rows] = tile_lse.reshape(b, h, -1)
         return out, lse
 

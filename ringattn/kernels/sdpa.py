@@ -18,9 +18,10 @@ before the rows' own, seen in full, plus a top-left causal square, two calls mer
 v's head size may differ from q/k's (MLA). The CPU flash op refuses that ("Q/K/V should
 have the same head size", a TORCH_CHECK of cpu_flash_attention in
 aten/src/ATen/native/cpu/FlashAttentionKernel.cpp), so there the smaller side is
-zero-padded (``pad_head_dims``, exact) and out and the gradients are sliced back; CUDA efficient attention takes a value head size of its own (its
-output is (B, M, H, Kv), torch/_meta_registrations.py
-``meta__scaled_dot_product_efficient_attention``) and an lse that does not depend on it.
+zero-padded (``pad_head_dims``, exact) and out and the gradients are sliced back. CUDA
+efficient attention takes a value head size of its own (its output is (B, M, H, Kv):
+torch/_meta_registrations.py ``meta__scaled_dot_product_efficient_attention``), with an lse
+that does not depend on it.
 """
 from __future__ import annotations
 
