@@ -32,9 +32,9 @@ def _check(q, k_cache, v_cache):
                              f"head_dim); got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"decode_attention: {name} must be floating point; got {t.dtype}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"decode_attention: k_cache and v_cache shapes differ: "
-                         f"{tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:  # only the head sizes may differ (MLA)
+        raise ValueError(f"decode_attention: k_cache and v_cache differ in batch, length or "
+                         f"kv_heads: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"decode_attention: q, k_cache, v_cache dtypes differ: {q.dtype}, "
                          f"{k_cache.dtype}, {v_cache.dtype}")
@@ -81,10 +81,11 @@ def decode_attention(q, k_cache, v_cache, *, group=None, softmax_scale=None, ret
 
     q: (batch, t, heads, head_dim), the same on every rank of ``group`` (the caller's
     contract; ``check_q=True`` verifies it with one extra all-gather, for debugging).
-    k_cache, v_cache: (batch, s_r, kv_heads, head_dim), this rank's part of the cache in any
+    k_cache: (batch, s_r, kv_heads, head_dim), v_cache: (batch, s_r, kv_heads, v_head_dim)
+    (MLA: v_head_dim may differ), this rank's part of the cache in any
     order; s_r may differ across ranks and may be 0. There is no mask: every query sees
     every cached key (append the new tokens' K/V to some rank's cache before the call).
-    Returns out (batch, t, heads, head_dim) in q's dtype, the same on every rank, and with
+    Returns out (batch, t, heads, v_head_dim) in q's dtype, the same on every rank, and with
     ``return_lse`` the fp32 (fp64 for fp64 q) log-sum-exp (batch, heads, t). A query with no
     key anywhere gets out = 0 and lse = -inf. ``softcap``: scores -> c * tanh(scores / c) in
     the kernel (Gemma 2); ``sinks``: (heads,) logits joining every softmax with no value
@@ -104,13 +105,13 @@ def decode_attention(q, k_cache, v_cache, *, group=None, softmax_scale=None, ret
         check_replicated(q, k_cache.shape[2], group)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     acc = accumulation_dtype(q.dtype)
-    b, t, h, d = q.shape
+    b, t, h, _ = q.shape
     if k_cache.shape[1] > 0:
         kernel = get_backend(backend, q, softcap=softcap)
         out, lse = kernel.forward(q, k_cache, v_cache, causal=False, scale=scale, softcap=softcap)
         out, lse = out.to(acc), lse.to(acc)
     else:
-        out = torch.zeros(b, t, h, d, dtype=acc, device=q.device)
+        out = torch.zeros(b, t, h, v_cache.shape[-1], dtype=acc, device=q.device)
         lse = torch.full((b, h, t), float("-inf"), dtype=acc, device=q.device)
     if p > 1:
         out, lse = _combine(out, lse, group)

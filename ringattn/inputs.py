@@ -9,7 +9,8 @@ from .headsplit import split_heads
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> None:
-    """Local checks: q (b, s, h, d); k, v (b, s_k, h_kv, d) with h % h_kv == 0."""
+    """Local checks: q (b, s, h, d); k (b, s_k, h_kv, d), v (b, s_k, h_kv, d_v) with
+    h % h_kv == 0; v's head size d_v may differ from q/k's d (MLA)."""
     if dropout_p:
         raise ValueError(f"attention dropout is not supported (dropout_p={dropout_p}); pass 0.0")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -19,8 +20,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
             )
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v differ in batch, length or kv_heads: {tuple(k.shape)} vs "
+                         f"{tuple(v.shape)} (only their head sizes may differ)")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -28,7 +30,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"batch sizes differ: q has {q.shape[0]}, k/v have {k.shape[0]}")
     if q.shape[3] != k.shape[3]:
-        raise ValueError(f"head_dim differs: q has {q.shape[3]}, k/v have {k.shape[3]}")
+        raise ValueError(f"head_dim differs: q has {q.shape[3]}, k has {k.shape[3]} (q and k "
+                         "take one head size; v's may differ)")
     if q.shape[2] % k.shape[2]:
         raise ValueError(
             f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]}) for GQA/MQA"

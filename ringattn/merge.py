@@ -18,12 +18,15 @@ class PartialAttention:
     """Running (out, lse) for a shard of queries.
 
     out: (batch, q_len, heads, head_dim) in ``dtype``; lse: (batch, heads, q_len) in ``dtype``.
-    Rows that have seen no key yet hold lse = -inf and out = 0.
+    Rows that have seen no key yet hold lse = -inf and out = 0. ``like``: the query shard
+    (batch, q_len, heads, d); ``head_dim``: out's head size, v's (default d; MLA's v is
+    narrower than its q).
     """
 
-    def __init__(self, like: torch.Tensor, dtype: torch.dtype):
-        self.out = torch.zeros(like.shape, dtype=dtype, device=like.device)
-        b, s, h, _ = like.shape
+    def __init__(self, like: torch.Tensor, dtype: torch.dtype, head_dim: int | None = None):
+        b, s, h, d = like.shape
+        self.out = torch.zeros(b, s, h, d if head_dim is None else head_dim, dtype=dtype,
+                               device=like.device)
         self.lse = torch.full((b, h, s), float("-inf"), dtype=dtype, device=like.device)
 
     def add(self, block_out: torch.Tensor, block_lse: torch.Tensor, rows: slice = slice(None)):

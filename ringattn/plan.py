@@ -417,7 +417,7 @@ def prologue(who: str, q, k, v, *, strategy: str, layout: str, causal: bool, win
     get_backend(backend, q, softcap=softcap)  # fail early, before any communication
     if plan is None:
         heads = {"heads": q.shape[2], "head_dim": q.shape[3], "kv_len": k.shape[1],
-                 "kv_heads": k.shape[2]}
+                 "kv_heads": k.shape[2], "v_head_dim": v.shape[3]}
         plan = AttentionPlan.prepare(strategy, layout, q.shape, cu_seqlens=cu_seqlens,
                                      device=q.device, ring_group=ring_group,
                                      ulysses_group=ulysses_group, heads=heads, mask=mask,

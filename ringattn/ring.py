@@ -36,7 +36,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, scale, steps, group, backend, softcap):
         comm = RingComm(group)
         kernel = get_backend(backend, q, softcap=softcap)
-        acc = PartialAttention(q, accumulation_dtype(q.dtype))
+        acc = PartialAttention(q, accumulation_dtype(q.dtype), v.shape[-1])
         k_cur, v_cur = k.contiguous(), v.contiguous()
         spare = None  # the receive buffers not in use this step (double buffering)
         for step, tasks in enumerate(steps):

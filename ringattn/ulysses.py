@@ -56,7 +56,7 @@ def local_forward(q, k, v, sinks, scale, tasks, backend, softcap):
             profile.active().count_block(kernel.name, tasks[0].kind)
         out, lse = kernel.forward(q, k, v, causal=tasks[0].causal, scale=scale, softcap=softcap)
     else:
-        acc = PartialAttention(q, accumulation_dtype(q.dtype))
+        acc = PartialAttention(q, accumulation_dtype(q.dtype), v.shape[-1])
         attend_blocks(kernel, tasks, q, k, v, scale, acc, softcap)
         out, lse = acc.out, acc.lse
     if sinks is not None:

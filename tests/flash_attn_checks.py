@@ -109,6 +109,18 @@ def standin_errors() -> dict:
     return errors
 
 
+def unequal_value_head_size_refused() -> str:
+    """flash-attn's own flash_attn_func with v narrower than q/k (MLA) on the stand-in: the
+    error flash_api.cpp's CHECK_SHAPE(v, ..., head_size) raises ("" if it ran)."""
+    fa = load_flash_attn()
+    q, v = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 8)
+    try:
+        fa.flash_attn_func(q, q, v)
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
 def empty_rows_convention() -> bool:
     """Rows a bottom-right causal block hides entirely (q_len > k_len): out 0, lse +inf."""
     fa = load_flash_attn()
@@ -127,14 +139,20 @@ def backend_block_errors() -> dict:
     fb = BACKENDS["flash_attn"]
     gen = torch.Generator().manual_seed(1)
     errors = {}
-    cases = [("full", 9, 9, False, None, None), ("causal", 9, 9, True, None, None),
-             ("causal n>m", 9, 6, True, None, None), ("causal n<m", 6, 9, True, None, None),
-             ("window", 9, 12, False, (4, 1), None), ("softcap", 9, 9, True, None, 3.0),
-             ("varlen", 10, 12, False, (-1, 0), None)]
-    for name, sq, sk, causal, window, softcap in cases:
-        q, do = _randn(gen, 1, sq, 4, 16), _randn(gen, 1, sq, 4, 16)
-        k, v = _randn(gen, 1, sk, 2, 16), _randn(gen, 1, sk, 2, 16)
-        segments = ((0, 4, 10), (0, 5, 12)) if name == "varlen" else None
+    # (name, q rows, keys, causal, window, softcap, v's head size): MLA's v (8) is narrower
+    # than q/k (16), which flash-attn refuses as is (flash_api.cpp: one head_size), so the
+    # backend pads it; "mla wide v" pads q/k instead
+    cases = [("full", 9, 9, False, None, None, 16), ("causal", 9, 9, True, None, None, 16),
+             ("causal n>m", 9, 6, True, None, None, 16), ("causal n<m", 6, 9, True, None, None, 16),
+             ("window", 9, 12, False, (4, 1), None, 16), ("softcap", 9, 9, True, None, 3.0, 16),
+             ("varlen", 10, 12, False, (-1, 0), None, 16),
+             ("mla causal", 9, 9, True, None, None, 8), ("mla window", 9, 12, False, (4, 1), 3.0, 8),
+             ("mla varlen", 10, 12, False, (-1, 0), None, 8),
+             ("mla wide v", 9, 9, True, None, None, 24)]
+    for name, sq, sk, causal, window, softcap, dv in cases:
+        q, do = _randn(gen, 1, sq, 4, 16), _randn(gen, 1, sq, 4, dv)
+        k, v = _randn(gen, 1, sk, 2, 16), _randn(gen, 1, sk, 2, dv)
+        segments = ((0, 4, 10), (0, 5, 12)) if name.endswith("varlen") else None
         if segments is not None:
             mask = torch.zeros(sq, sk, dtype=torch.bool)
             for s in range(2):
@@ -273,16 +291,18 @@ def backend_matrix(rank, world):
     load_flash_attn()
     seqlen = sum(DOCS)
     # (document lengths or None, window, causal, sinks, softcap)
-    masks = [(None, (-1, -1), True, False, None), (DOCS, (-1, -1), True, False, None),
-             (None, (5, -1), True, True, None), (DOCS, (4, 2), False, False, 4.0),
-             (DOCS, (3, -1), True, True, 2.0), (BOUNDARY_DOCS, (7, 0), True, False, None),
-             (BOUNDARY_DOCS, (4, 3), False, False, None), (BOUNDARY_DOCS, (-1, 2), False, True, None)]
+    # (..., v's head size): two rows with MLA's narrower v (8 against q/k's 16)
+    masks = [(None, (-1, -1), True, False, None, 16), (DOCS, (-1, -1), True, False, None, 8),
+             (None, (5, -1), True, True, None, 16), (DOCS, (4, 2), False, False, 4.0, 16),
+             (DOCS, (3, -1), True, True, 2.0, 8), (BOUNDARY_DOCS, (7, 0), True, False, None, 16),
+             (BOUNDARY_DOCS, (4, 3), False, False, None, 16),
+             (BOUNDARY_DOCS, (-1, 2), False, True, None, 16)]
     failures, runs = [], 0
     prof = profile.RingProfile()
-    for i, (docs, window, causal, use_sinks, softcap) in enumerate(masks):
+    for i, (docs, window, causal, use_sinks, softcap, dv) in enumerate(masks):
         gen = torch.Generator().manual_seed(i)
-        q, do = _randn(gen, 1, seqlen, 4, 16), _randn(gen, 1, seqlen, 4, 16)
-        k, v = _randn(gen, 1, seqlen, 2, 16), _randn(gen, 1, seqlen, 2, 16)
+        q, do = _randn(gen, 1, seqlen, 4, 16), _randn(gen, 1, seqlen, 4, dv)
+        k, v = _randn(gen, 1, seqlen, 2, 16), _randn(gen, 1, seqlen, 2, dv)
         sinks = _randn(gen, 4) if use_sinks else None
         ref = reference_attention(q, k, v, do, causal=False, softcap=softcap, sinks=sinks,
                                   mask=_doc_mask(docs or [seqlen], window, causal))
@@ -303,7 +323,7 @@ def backend_matrix(rank, world):
             errs = {n: rel_err(g, w) for n, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
             bad = {n: e for n, e in errs.items() if not e <= FP32_TOL}
             if bad:
-                failures.append((strategy, layout, docs, window, causal, use_sinks, softcap, bad))
+                failures.append((strategy, layout, docs, window, causal, use_sinks, softcap, dv, bad))
             runs += 1
     return failures, {f"{b}/{kind}": n for (b, kind), n in sorted(prof.blocks.items())}, runs
 
@@ -324,7 +344,7 @@ def main():
     parser.add_argument("--worlds", default="2")
     worlds = [int(w) for w in parser.parse_args().worlds.split(",")]
     summary = {"release": importlib.metadata.version("flash_attn"), "standin": standin_errors(),
-               "empty_rows": empty_rows_convention(), "block": backend_block_errors(),
+               "empty_rows": empty_rows_convention(), "mla_refused": unequal_value_head_size_refused(), "block": backend_block_errors(),
                "shapes": backend_shape_errors(),
                "missing": missing_argument_message(), "matrix": {}}
     for world in worlds:

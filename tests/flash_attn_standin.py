@@ -248,6 +248,8 @@ def make_module(release: tuple[int, int]) -> types.ModuleType:
         _check(b > 0, "batch size must be positive")
         _check(not return_softmax or p_dropout > 0,
                "return_softmax is only supported when p_dropout > 0.0")
+        # one head size for q, k and v: mha_fwd's CHECK_SHAPE(k/v, batch_size, seqlen_k,
+        # num_heads_k, head_size) (2.6.3: head_size_og), the rule that makes MLA pad v
         _check_shape(k, "k", b, sk, k.shape[2], d)
         _check_shape(v, "v", b, sk, k.shape[2], d)
         if out_ is not None:
@@ -294,6 +296,10 @@ def make_module(release: tuple[int, int]) -> types.ModuleType:
         _check(out.stride(-1) == 1, "out tensor must have contiguous last dimension")
         _check(dout.stride(-1) == 1, "dout tensor must have contiguous last dimension")
         _check(b > 0, "batch size must be positive")
+        # one head size for q, k and v: mha_bwd's CHECK_SHAPE(v, batch_size, seqlen_k,
+        # num_heads_k, head_size), as mha_fwd's (MLA's narrower v must be padded by the caller)
+        _check_shape(k, "k", b, sk, k.shape[2], d)
+        _check_shape(v, "v", b, sk, k.shape[2], d)
         dout, og = _dense_grads(dout, q, k, v, dq_, dk_, dv_)
         _check_shape(out, "out", b, sq, h, d)
         # The C++ checks nothing of softmax_lse; its kernel reads it as (b, h, seqlen_q)
@@ -379,6 +385,7 @@ def make_module(release: tuple[int, int]) -> types.ModuleType:
         _check_common(q, k, v, p_dropout, alibi_slopes, softcap, d, False, release)
         _check(out.dtype == q.dtype and dout.dtype == q.dtype, "query and out must have the same dtype")
         segments = _segments(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        _check_shape(v, "v", total_k, hk, d)  # mha_varlen_bwd: CHECK_SHAPE(v, total_k, num_heads_k, head_size)
         dout, og = _dense_grads(dout, q, k, v, dq_, dk_, dv_)
         _check_shape(out, "out", total_q, h, d)
         _check(tuple(softmax_lse.shape) == (h, total_q), "softmax_lse must have shape (h, total_q)")

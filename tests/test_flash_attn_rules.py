@@ -348,3 +348,28 @@ def test_random_block_shapes_against_the_rule(fa):
         check_varlen(fa, cu_q, cu_k, causal, window,
                      lambda a, b: flash_rule(a, b, causal and max_q != 1, *window, seqlen_k=max_k),
                      seed=n)
+
+
+def test_value_head_size_must_equal_the_query_head_size(fa):
+    """flash_api.cpp takes one head size: mha_fwd / mha_bwd CHECK_SHAPE(v, batch_size,
+    seqlen_k, num_heads_k, head_size) and mha_varlen_fwd / mha_varlen_bwd CHECK_SHAPE(v,
+    total_k, num_heads_k, head_size), head_size read from q (2.6.3's mha_fwd: head_size_og).
+    So MLA's narrower v (DeepSeek-V3: 128 against 192) cannot be passed as is; ringattn's
+    flash backend pads it (kernels/base.py pad_head_dims). The same call with v padded runs."""
+    q, k = torch.randn(1, 4, 4, 16), torch.randn(1, 4, 2, 16)
+    v = torch.randn(1, 4, 2, 8)
+    lse = torch.zeros(1, 4, 4)
+    dense = (None, 0.0, 0.3, False, -1, -1, 0.0, False, None)
+    with pytest.raises(RuntimeError, match="v must have shape"):
+        fa.fwd(q, k, v, None, *dense)
+    fa.fwd(q, k, torch.nn.functional.pad(v, (0, 8)), None, *dense)
+    with pytest.raises(RuntimeError, match="v must have shape"):
+        fa.bwd(q, q, k, v, q, lse, None, None, None, None, 0.0, 0.3, False, -1, -1, 0.0, False,
+               None, None)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="v must have shape"):
+        fa.varlen_fwd(q[0], k[0], v[0], None, cu, cu, None, None, None, None, 4, 4, 0.0, 0.3,
+                      False, False, -1, -1, 0.0, False, None)
+    with pytest.raises(RuntimeError, match="v must have shape"):
+        fa.varlen_bwd(q[0], q[0], k[0], v[0], q[0], lse[0], None, None, None, cu, cu, None, 4, 4,
+                      0.0, 0.3, False, False, -1, -1, 0.0, False, None, None)

@@ -51,6 +51,9 @@ def _check(summary, release, world):
     assert summary["standin"] and max(summary["standin"].values()) <= 1e-10, summary["standin"]
     assert any("varlen" in case for case in summary["standin"])
     assert summary["empty_rows"], "hidden rows: out 0 and lse +inf, as the CUDA kernels"
+    # flash-attn itself refuses MLA's narrower v: the backend's padding ("mla" blocks) is needed
+    assert "v must have shape" in summary["mla_refused"], summary["mla_refused"]
+    assert {"mla causal", "mla window", "mla varlen", "mla wide v"} <= set(summary["block"])
     bad = {n: e for n, e in summary["block"].items() if not e <= 1e-5}
     assert not bad, bad
     # block shapes x windows through FlashAttnBackend under flash-attn's real window rule

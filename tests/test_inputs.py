@@ -18,7 +18,7 @@ def qkv(b=1, s=8, h=4, hk=2, d=16, dtype=torch.float32):
     (lambda: (qkv()[0], *qkv(d=32)[1:]), "head_dim differs"),
     (lambda: qkv(h=6, hk=4), r"heads \(6\) must be a multiple of kv_heads \(4\)"),
     (lambda: (qkv()[0], *qkv(b=2)[1:]), "batch sizes differ"),
-    (lambda: (qkv()[0], qkv()[1], qkv(s=6)[2]), "k and v shapes differ"),
+    (lambda: (qkv()[0], qkv()[1], qkv(s=6)[2]), "k and v differ in batch, length or kv_heads"),
     (lambda: (qkv()[0], *qkv(s=6)[1:]), "equal local q and k/v lengths"),
     (lambda: tuple(t.long() for t in qkv()), "floating-point"),
 ])

@@ -99,3 +99,15 @@ def test_config_checks_name_the_field():
         plan_scale.PlanScaleConfig(heads=12)
     with pytest.raises(ValueError, match="link_gbps"):
         plan_scale.PlanScaleConfig(link_gbps=0)
+
+
+def test_mla_ring_bytes_per_head_against_the_latent_for_deepseek_v3():
+    """DeepSeek-V3's attention (128 heads, q/k 192 = 128 + 64, v 128, latent 512 + rope 64):
+    per token 128 x 320 = 40960 values per head-wise K/V against 576 in the latent, 71x;
+    the table in docs/huggingface.md is these numbers at 16K tokens per rank, bf16."""
+    b = plan_scale.mla_ring_bytes(16384, 128, 192, 128, 512, 64, elem_bytes=2)
+    assert b["per_head"] == 16384 * 40960 * 2 == 1342177280
+    assert b["latent"] == 16384 * 576 * 2 == 18874368
+    assert b["per_head_backward"] == 16384 * 40960 * 6 and b["latent_backward"] == 16384 * 576 * 6
+    assert round(b["ratio"], 1) == 71.1
+    assert b["upproject_flops_per_token"] == 2 * 512 * 128 * 256

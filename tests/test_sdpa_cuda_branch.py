@@ -23,8 +23,10 @@ from tests import sdpa_efficient_standin as standin
 from tests.device_strict import DeviceStrict
 
 STANDIN = os.path.join("tests", "sdpa_efficient_standin.py")
-# (q rows, k rows, q heads, kv heads): unaligned to 32 and 16, tall, wide, one row, GQA
-SHAPES = [(37, 21, 4, 2), (5, 40, 2, 2), (33, 33, 4, 1), (1, 7, 2, 2), (64, 17, 2, 1)]
+# (q rows, k rows, q heads, kv heads[, v's head size]): unaligned to 32 and 16, tall, wide,
+# one row, GQA; MLA's v narrower than q/k (16), which the efficient ops take as it is
+SHAPES = [(37, 21, 4, 2), (5, 40, 2, 2), (33, 33, 4, 1), (1, 7, 2, 2), (64, 17, 2, 1),
+          (37, 21, 4, 2, 8)]
 
 
 def _blocks(sq, sk, gen):
@@ -47,10 +49,12 @@ def _run(backend, q, k, v, dout, kw):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_branch_on_a_standin_of_the_efficient_ops_is_exact_and_device_strict(shape):
-    sq, sk, hq, hkv = shape
+    sq, sk, hq, hkv, dv = (*shape, 16)[:5]
     gen = torch.Generator().manual_seed(sum(shape))
-    q, dout = (torch.randn(1, sq, hq, 16, generator=gen, dtype=torch.float64) for _ in range(2))
-    k, v = (torch.randn(1, sk, hkv, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(1, sq, hq, 16, generator=gen, dtype=torch.float64)
+    dout = torch.randn(1, sq, hq, dv, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, sk, hkv, 16, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, sk, hkv, dv, generator=gen, dtype=torch.float64)
     cuda = SdpaBackend(EfficientAttention(standin.forward, standin.backward))
     for name, kw in _blocks(sq, sk, gen).items():
         want = _run(MathBackend(), q, k, v, dout, kw)
@@ -82,12 +86,12 @@ def test_the_standin_refuses_what_the_cuda_ops_refuse():
 
 def test_cuda_branch_with_torchs_own_ops_on_meta_is_device_strict():
     """torch's efficient-attention ops on the meta device (their meta kernels): the branch
-    hands them what they take and returns (out (b, s, h, d), lse (b, h, s) stripped), with no
+    hands them what they take and returns (out (b, s, h, d_v), lse (b, h, s) stripped), with no
     host work; on meta ``SdpaBackend()`` picks the efficient ops itself."""
     meta = torch.device("meta")
     sq, sk = 37, 21
-    q, dout = (torch.empty(1, sq, 4, 16, device=meta) for _ in range(2))
-    k, v = (torch.empty(1, sk, 2, 16, device=meta) for _ in range(2))
+    q, k = torch.empty(1, sq, 4, 16, device=meta), torch.empty(1, sk, 2, 16, device=meta)
+    v, dout = torch.empty(1, sk, 2, 8, device=meta), torch.empty(1, sq, 4, 8, device=meta)  # MLA's v
     mask = torch.ones(sq, sk, dtype=torch.bool, device=meta)
     blocks = {"full": dict(causal=False), "causal": dict(causal=True),
               "window": dict(causal=False, window=(3, 2)), "mask": dict(causal=False, mask=mask),
@@ -95,5 +99,5 @@ def test_cuda_branch_with_torchs_own_ops_on_meta_is_device_strict():
     for name, kw in blocks.items():
         with DeviceStrict(meta):
             out, lse, dq, dk, dv = _run(SdpaBackend(), q, k, v, dout, kw)
-        assert out.shape == q.shape and lse.shape == (1, 4, sq), name
+        assert out.shape == (1, sq, 4, 8) and lse.shape == (1, 4, sq), name
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape, name

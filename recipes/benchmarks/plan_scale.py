@@ -184,6 +184,32 @@ def plan_bytes(steps) -> tuple[int, int]:
 
 
 # ---- one case ----------------------------------------------------------------------------
+def mla_ring_bytes(tokens: int, heads: int, qk_head_dim: int, v_head_dim: int, latent_dim: int,
+                   rope_head_dim: int, elem_bytes: int = 2) -> dict:
+    """Bytes one rank sends per ring step for a shard of ``tokens`` tokens of MLA attention
+    (DeepSeek-V3: 128 heads, q/k 192, v 128, latent ``kv_lora_rank`` 512, rope 64), two ways:
+
+    - ``per_head`` (what the ring sends): every head's up-projected K and V,
+      tokens * heads * (qk_head_dim + v_head_dim) * b forward; backward adds their fp32
+      gradients travelling with them: tokens * heads * (qk + v) * (b + 4);
+    - ``latent``: the compressed latent and the one shared RoPE key,
+      tokens * (latent_dim + rope_head_dim) * b forward (backward: + fp32 gradients, b + 4),
+      up-projected on the receiving rank (``kv_b_proj``) at every step;
+    - ``upproject_flops_per_token``: that recomputation, 2 * latent_dim * heads *
+      (qk_head_dim - rope_head_dim + v_head_dim) FLOPs per received token per step.
+
+    -> dict with those values and ``ratio`` = per_head / latent."""
+    per_token = heads * (qk_head_dim + v_head_dim)
+    latent_token = latent_dim + rope_head_dim
+    return dict(per_head=tokens * per_token * elem_bytes,
+                per_head_backward=tokens * per_token * (elem_bytes + 4),
+                latent=tokens * latent_token * elem_bytes,
+                latent_backward=tokens * latent_token * (elem_bytes + 4),
+                upproject_flops_per_token=2 * latent_dim * heads
+                * (qk_head_dim - rope_head_dim + v_head_dim),
+                ratio=per_token / latent_token)
+
+
 def _timed(build, repeats: int):
     times, out = [], None
     for _ in range(repeats):

@@ -8,9 +8,13 @@ gradient exact on its own (D = rowsum(dO * O) is a property of the whole row).
 
 Shapes (flash-attn convention, sequence before heads):
     q:    (batch, q_len, heads, head_dim)
-    k, v: (batch, k_len, kv_heads, head_dim), heads % kv_heads == 0
-    out:  (batch, q_len, heads, head_dim)
+    k:    (batch, k_len, kv_heads, head_dim), heads % kv_heads == 0
+    v:    (batch, k_len, kv_heads, v_head_dim)
+    out:  (batch, q_len, heads, v_head_dim)
     lse:  (batch, heads, q_len), float32 (float64 for float64 inputs)
+v's head size may differ from q/k's (MLA: DeepSeek-V3's 192 vs 128). Kernels that need one
+head size (flash-attn, PyTorch's CPU flash op) pad with zeros (``pad_head_dims``), which
+is exact.
 
 ``softcap=c`` (Gemma 2) replaces each scaled score x by c * tanh(x / c) before the softmax.
 ``window=(left, right)``: a band, bottom-right aligned as in flash-attn: of n queries and m
@@ -88,6 +92,26 @@ def sum_kv_groups(dx: torch.Tensor, groups: int) -> torch.Tensor:
         return dx
     b, s, h, d = dx.shape
     return dx.view(b, s, h // groups, groups, d).sum(dim=3)
+
+
+def pad_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """(q, k, v) zero-padded along head_dim to one size, max(q/k's, v's), for kernels that
+    take one head size -> (q, k, v, head_dim, v_head_dim) with the original sizes. Exact:
+    zero columns of q and k add 0 to every score (the caller's scale is explicit), and zero
+    columns of v give zero output columns, sliced off (``out[..., :v_head_dim]``); in
+    backward dout and out are padded alike and the gradients sliced back."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if d == dv:
+        return q, k, v, d, dv
+    if d > dv:
+        return q, k, torch.nn.functional.pad(v, (0, d - dv)), d, dv
+    pad = (0, dv - d)
+    return torch.nn.functional.pad(q, pad), torch.nn.functional.pad(k, pad), v, d, dv
+
+
+def pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x zero-padded along its last dim to ``size`` (no copy when it already is)."""
+    return x if x.shape[-1] == size else torch.nn.functional.pad(x, (0, size - x.shape[-1]))
 
 
 def band(n: int, m: int, window: tuple[int, int], device, rows: slice | None = None,

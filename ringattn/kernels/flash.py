@@ -23,6 +23,13 @@ the band exact; a block it would change runs as one varlen call (its batch as se
 whose max_seqlen_k is raised past every bound (``_max_lengths``), where neither the clamp nor
 the closing bites. max_seqlen_k is only an upper bound for the kernel's grid: key blocks past
 a sequence's own length exit at once.
+
+flash-attn 2 takes one head size for q, k and v: mha_fwd / mha_varlen_fwd / mha_bwd /
+mha_varlen_bwd in csrc/flash_attn/flash_api.cpp (2.6.3 and 2.8.3) check
+``CHECK_SHAPE(v, ..., num_heads_k, head_size)`` with q's head_size. MLA's v (DeepSeek-V3:
+128 against q/k's 192) is therefore zero-padded to q/k's size and out sliced back (in
+backward dout and out padded, dv sliced): exact, the padded columns carry zeros
+(``kernels.base.pad_head_dims``). A v wider than q/k pads q and k instead.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ import sys
 
 import torch
 
-from .base import segment_bounds
+from .base import pad_head_dims, pad_to, segment_bounds
 
 _COMPILED = "flash_attn_2_cuda"  # flash-attn 2's compiled module
 
@@ -188,6 +195,11 @@ class FlashAttnBackend:
     def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None, window=None,
                 segments=None, cu_seqlens=None):
         assert mask is None, "flash_attn blocks take no mask (blocks._kernel_for routes them)"
+        if q.shape[-1] != v.shape[-1]:  # one head size in flash_api.cpp: pad, slice (exact)
+            q, k, v, _, dv = pad_head_dims(q, k, v)
+            out, lse = self.forward(q, k, v, causal=causal, scale=scale, softcap=softcap,
+                                    window=window, segments=segments, cu_seqlens=cu_seqlens)
+            return out[..., :dv], lse
         fa = _flash()
         extra = {} if softcap is None else {"softcap": float(softcap)}
         if segments is None:
@@ -215,6 +227,13 @@ class FlashAttnBackend:
     def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None,
                  window=None, segments=None, cu_seqlens=None):
         assert mask is None, "flash_attn blocks take no mask (blocks._kernel_for routes them)"
+        if q.shape[-1] != v.shape[-1]:  # as forward: one head size, padded with zeros
+            q, k, v, d, dv = pad_head_dims(q, k, v)
+            size = q.shape[-1]
+            dq, dk, dv_ = self.backward(pad_to(dout, size), q, k, v, pad_to(out, size), lse,
+                                        causal=causal, scale=scale, softcap=softcap,
+                                        window=window, segments=segments, cu_seqlens=cu_seqlens)
+            return dq[..., :d], dk[..., :d], dv_[..., :dv]
         keys = k.shape[1]
         if segments is None:
             window, keys = _block_window(causal, window, q.shape[1], k.shape[1])

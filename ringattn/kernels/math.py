@@ -78,9 +78,10 @@ class MathBackend:
         if segments is not None:
             return forward_segments(self.forward, q, k, v, segments, causal=causal, scale=scale,
                                     mask=mask, softcap=softcap, window=window)
-        b, sq, h, d = q.shape
+        b, sq, h, _ = q.shape
+        dv = v.shape[-1]  # out takes v's head size (MLA: unlike q/k's)
         acc = accumulation_dtype(q.dtype)
-        out = torch.zeros(b, sq, h, d, dtype=acc, device=q.device)
+        out = torch.zeros(b, sq, h, dv, dtype=acc, device=q.device)
         lse = torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
         for rows, cols in _row_tiles(q, k, causal, window):
             if cols.stop == cols.start:
@@ -90,7 +91,8 @@ class MathBackend:
             # softmax subtracts the row max before exp: exact even when |logits| is so large
             # that the fp32 lse itself is coarse. A row with no visible key gets p = 0, not NaN.
             p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(tile_lse).unsqueeze(-1), 0.0)
-            out[:, rows] = torch.einsum("bhgqk,bkhd->bqhgd", p, v[:, cols].to(acc)).reshape(b, -1, h, d)
+            pv = torch.einsum("bhgqk,bkhd->bqhgd", p, v[:, cols].to(acc))
+            out[:, rows] = pv.reshape(b, -1, h, dv)
             lse[:, :, rows] = tile_lse.reshape(b, h, -1)
         return out, lse
 
@@ -101,7 +103,7 @@ class MathBackend:
                                      causal=causal, scale=scale, mask=mask, softcap=softcap,
                                      window=window)
         b, sq, h, d = q.shape
-        hk = k.shape[2]
+        hk, dv_size = k.shape[2], v.shape[-1]
         g = h // hk
         acc = accumulation_dtype(q.dtype)
         dq = torch.zeros(b, sq, h, d, dtype=acc, device=q.device)
@@ -115,9 +117,9 @@ class MathBackend:
             # A row with no visible key has lse = -inf; keep its probabilities at 0, not NaN.
             lse_safe = torch.where(torch.isneginf(tile_lse), torch.zeros_like(tile_lse), tile_lse)
             p = torch.exp(s - lse_safe.unsqueeze(-1))
-            do = dout[:, rows].to(acc).view(b, -1, hk, g, d)
+            do = dout[:, rows].to(acc).view(b, -1, hk, g, dv_size)
             # D = rowsum(dO * O) over the *final* output: the softmax Jacobian of the whole row.
-            delta = (do * out[:, rows].to(acc).view(b, -1, hk, g, d)).sum(-1).permute(0, 2, 3, 1)
+            delta = (do * out[:, rows].to(acc).view(b, -1, hk, g, dv_size)).sum(-1).permute(0, 2, 3, 1)
             dv[:, cols] += torch.einsum("bhgqk,bqhgd->bkhd", p, do)
             dp = torch.einsum("bqhgd,bkhd->bhgqk", do, v[:, cols].to(acc))
             ds = p * (dp - delta.unsqueeze(-1))

@@ -14,12 +14,21 @@ bottom-right causal band of a wide block (window (-1, 0), more keys than queries
 all-gather strategy's causal rows against every earlier key) needs no bias: it is the keys
 before the rows' own, seen in full, plus a top-left causal square, two calls merged exactly
 (a bias would be q_len x k_len elements).
+
+v's head size may differ from q/k's (MLA). The CPU flash op refuses that ("Q/K/V should
+have the same head size", a TORCH_CHECK of cpu_flash_attention in
+aten/src/ATen/native/cpu/FlashAttentionKernel.cpp), so there the smaller side is
+zero-padded (``pad_head_dims``, exact) and out and the gradients are sliced back. CUDA
+efficient attention takes a value head size of its own (its output is (B, M, H, Kv):
+torch/_meta_registrations.py ``meta__scaled_dot_product_efficient_attention``), with an lse
+that does not depend on it.
 """
 from __future__ import annotations
 
 import torch
 
-from .base import accumulation_dtype, backward_segments, band, forward_segments, repeat_kv, sum_kv_groups
+from .base import (accumulation_dtype, backward_segments, band, forward_segments, pad_head_dims,
+                   pad_to, repeat_kv, sum_kv_groups)
 
 _CUDA_LSE_ALIGN = 32  # kAlignLSE in PyTorch's memory-efficient attention
 
@@ -53,8 +62,9 @@ def _additive(mask, q, k=None, window=None, align=1):
 
 class CpuFlash:
     """CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ its backward); lse
-    (b, h, s_q) as is, the bias as built."""
+    (b, h, s_q) as is, the bias as built. q, k and v must share one head size."""
     bias_align = 1
+    one_head_size = True
 
     def forward(self, qt, kt, vt, bias, causal, scale):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -78,6 +88,7 @@ class EfficientAttention:
     without a GPU."""
     bias_align = 16
     lse_align = _CUDA_LSE_ALIGN
+    one_head_size = False  # v's head size is its own: out (B, H, M, Kv)
 
     def __init__(self, forward_op=None, backward_op=None):
         self.forward_op = forward_op or torch.ops.aten._scaled_dot_product_efficient_attention.default
@@ -137,6 +148,11 @@ class SdpaBackend:
     def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None, window=None,
                 segments=None, cu_seqlens=None):
         assert softcap is None, "sdpa has no softcap (get_backend routes softcap elsewhere)"
+        if q.shape[-1] != v.shape[-1] and self._ops(q.device).one_head_size:
+            q, k, v, _, dv = pad_head_dims(q, k, v)
+            out, lse = self.forward(q, k, v, causal=causal, scale=scale, mask=mask, window=window,
+                                    segments=segments)
+            return out[..., :dv], lse
         if segments is not None:
             return forward_segments(self.forward, q, k, v, segments, causal=causal, scale=scale,
                                     mask=mask, window=window)
@@ -158,6 +174,13 @@ class SdpaBackend:
     def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None,
                  window=None, segments=None, cu_seqlens=None):
         assert softcap is None, "sdpa has no softcap (get_backend routes softcap elsewhere)"
+        if q.shape[-1] != v.shape[-1] and self._ops(q.device).one_head_size:
+            q, k, v, d, dv = pad_head_dims(q, k, v)
+            size = q.shape[-1]
+            dq, dk, dv_ = self.backward(pad_to(dout, size), q, k, v, pad_to(out, size), lse,
+                                        causal=causal, scale=scale, mask=mask, window=window,
+                                        segments=segments)
+            return dq[..., :d], dk[..., :d], dv_[..., :dv]
         if segments is not None:
             return backward_segments(self.backward, dout, q, k, v, out, lse, segments,
                                      causal=causal, scale=scale, mask=mask, window=window)

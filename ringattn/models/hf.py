@@ -167,9 +167,20 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 def check_supported(model: nn.Module) -> None:
     """Refuse, before computing anything, models whose sequence mixing is not what
     ``sp.attention`` computes from the keyword arguments: attention patterns that live only
-    in transformers' mask functions (chunked, bidirectional), and mixers outside attention
-    (convolutions, Mamba, linear attention), which would run on each rank's shard alone."""
+    in transformers' mask functions (chunked, bidirectional), sparse attention whose indexer
+    picks keys (DeepSeek-V3.2 DSA), and mixers outside attention (convolutions, Mamba, linear
+    attention), which would run on each rank's shard alone. MLA (DeepSeek-V3, LongCat-Flash:
+    v's head size unlike q/k's) is supported."""
     config, name = model.config, type(model).__name__
+    # DeepSeek Sparse Attention's lightning indexer (transformers 5.25: deepseek_v32,
+    # glm_moe_dsa, glm5_next, mistral_large4, deepseek_v4, dots3_note, step3p7) picks each
+    # query's top-k keys over the whole sequence: token mixing sp.attention does not do
+    indexer = [f for f in ("index_topk", "index_n_heads", "index_topk_blocks")
+               if getattr(config, f, None) is not None]
+    if indexer:
+        raise ValueError(f"{name}: sparse attention with an indexer (DeepSeek-V3.2 DSA / GLM; "
+                         f"config {indexer}) is not supported by ringattn sequence parallelism: "
+                         "the indexer picks each query's top-k keys over the whole sequence")
     other = sorted({t for t in getattr(config, "layer_types", None) or ()
                     if t not in ATTENTION_LAYER_TYPES})
     if other:
