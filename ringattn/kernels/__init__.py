@@ -13,9 +13,10 @@ from .base import KernelBackend
 from .flash import FlashAttnBackend
 from .math import MathBackend
 from .sdpa import SdpaBackend
+from .torch_varlen import TorchVarlenBackend
 
 BACKENDS: dict[str, KernelBackend] = {
-    b.name: b for b in (FlashAttnBackend(), SdpaBackend(), MathBackend())
+    b.name: b for b in (FlashAttnBackend(), TorchVarlenBackend(), SdpaBackend(), MathBackend())
 }
 _AUTO_ORDER = ("flash_attn", "sdpa", "math")
 
