@@ -128,16 +128,32 @@ def choose_at_start(device: torch.device, dtype: torch.dtype, head_dim: int, *,
 _logged: set = set()
 
 
-def activate(candidate: Candidate, device: torch.device) -> str:
+def activate(candidate: Candidate, device: torch.device, *, log_line: bool = True) -> str:
     """Route torch's flash op to the candidate's implementation (if any), once, and log the
-    choice once per process: "attention kernel: FA3 (sm90)". -> the line."""
+    choice once per process (``log_line``: on the logging rank): "attention kernel: FA3 (sm90)".
+    -> the line."""
     if candidate.torch_impl is not None and torch_impl_active() != candidate.torch_impl:
         from torch.nn.attention import activate_flash_attention_impl
 
         activate_flash_attention_impl(candidate.torch_impl)
     cap = capability_of(device)
     line = f"attention kernel: {candidate} ({'cpu' if cap is None else f'sm{cap}'})"
-    if line not in _logged:
+    if log_line and line not in _logged:
         _logged.add(line)
         log.info(line)
     return line
+
+
+# backend names per block kind that ran a forward, e.g. {"causal": {"torch_varlen"}}: a set
+# insert per kernel call on the host (no sync, no collective); the recipes write it once
+_RAN: dict[str, set] = {}
+
+
+def note(backend: str, kind: str) -> None:
+    """Record that ``backend`` ran a forward of a ``kind`` block."""
+    _RAN.setdefault(kind, set()).add(backend)
+
+
+def ran() -> dict[str, list[str]]:
+    """{block kind: [backends that ran it]} so far in this process."""
+    return {kind: sorted(names) for kind, names in sorted(_RAN.items())}
