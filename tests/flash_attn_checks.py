@@ -183,12 +183,15 @@ def _standin(backend):
     if backend == "torch_varlen":
         from tests.torch_flash_standin import torch_flash_on_cpu
         return torch_flash_on_cpu()
+    if backend == "fa3":
+        from tests.fa3_standin import fa3_on_cpu
+        return fa3_on_cpu()
     load_flash_attn()
     return contextlib.nullcontext()
 
 
 def backend_shape_errors(backend="flash_attn") -> dict:
-    """``backend`` (flash_attn or torch_varlen) on its stand-in (flash-attn's real window rule) over block shapes
+    """``backend`` (flash_attn, torch_varlen or fa3) on its stand-in (flash-attn's real window rule) over block shapes
     (tall, wide, one row, one key) x windows and causal, dense with batch 2 and varlen with
     zero-length sequences, float64, against the block's meaning -> {case: max rel error}.
     Rows the block hides entirely: out 0 and lse not finite (+inf, as flash-attn writes)."""
@@ -281,7 +284,7 @@ def _doc_mask(doc_lengths, window, causal):
 
 
 def backend_matrix(rank, world, backend="flash_attn", masks=None):
-    """``backend`` (flash_attn or torch_varlen, on its stand-in) under every strategy and
+    """``backend`` (flash_attn, torch_varlen or fa3, on its stand-in) under every strategy and
     layout vs float64 -> (failures, {(backend, block kind): forward calls}, cases run).
     ``masks``: indices into the mask list below (None: all)."""
     with _standin(backend):

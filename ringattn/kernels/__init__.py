@@ -12,13 +12,15 @@ import torch
 
 from . import choice
 from .base import KernelBackend
+from .fa3 import Fa3Backend
 from .flash import FlashAttnBackend
 from .math import MathBackend
 from .sdpa import SdpaBackend
 from .torch_varlen import TorchVarlenBackend
 
 BACKENDS: dict[str, KernelBackend] = {
-    b.name: b for b in (FlashAttnBackend(), TorchVarlenBackend(), SdpaBackend(), MathBackend())
+    b.name: b for b in (Fa3Backend(), FlashAttnBackend(), TorchVarlenBackend(), SdpaBackend(),
+                         MathBackend())
 }
 
 
