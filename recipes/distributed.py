@@ -42,7 +42,7 @@ class ParallelConfig:
     # instead of hanging it. Keep it above the slowest step and checkpoint save.
     collective_timeout_s: float = 600.0
     # attention kernel: auto (the GPU's row of ringattn/kernels/choice.py's table, docs/kernels.md)
-    # or a backend by name (flash_attn, torch_varlen, sdpa, math); one that cannot run the
+    # or a backend by name (fa3, flash_attn, torch_varlen, sdpa, math); one that cannot run the
     # model's dtype/head_dim on this device fails at start-up, naming what it lacks
     backend: KernelName = KernelName.auto
     # opt in to torch's FA3 (Hopper) / FA4 (Blackwell) flash implementations under auto: routes
