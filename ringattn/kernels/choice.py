@@ -77,6 +77,8 @@ def torch_impl_available(impl: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # its parent package is missing
         return False
+    except ValueError:  # loaded without a spec: not an installed package (e.g. a test stand-in)
+        return False
 
 
 def torch_impl_active() -> str | None:
