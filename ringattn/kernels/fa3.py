@@ -17,14 +17,14 @@ Q/K <= 64; fp16/bf16 on sm90.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
 
 import torch
 
-from .base import segment_bounds
-from .flash import _batch_as_sequences, _block_window, _cu, _flat
+from .base import batch_as_sequences, block_as_band, cu_seqlens_tensors, flatten_batch, segment_bounds
 
 MODULE = "flash_attn_interface"
 
@@ -35,6 +35,12 @@ def _fa3():
     except ImportError as e:  # pragma: no cover - depends on the installation
         raise ImportError("backend='fa3' needs FlashAttention-3 (flash-attention's hopper/ "
                           "package, module flash_attn_interface), built for your CUDA and torch") from e
+
+
+@functools.lru_cache(maxsize=None)
+def _installed() -> bool:
+    """Whether flash_attn_interface can be imported; looked up once (auto asks per call)."""
+    return importlib.util.find_spec(MODULE) is not None
 
 
 def kernel_device_types() -> tuple[str, ...]:
@@ -79,7 +85,7 @@ class Fa3Backend:
             return f"FA3 needs head_dim <= 256 and a multiple of 8, got {head_dim}"
         if v_head_dim is not None and v_head_dim_problem(head_dim, v_head_dim):
             return v_head_dim_problem(head_dim, v_head_dim)
-        if MODULE not in sys.modules and importlib.util.find_spec(MODULE) is None:
+        if MODULE not in sys.modules and not _installed():
             return "FA3 is not installed (flash-attention's hopper/ package: flash_attn_interface)"
         return None
 
@@ -91,16 +97,16 @@ class Fa3Backend:
         assert mask is None, "fa3 blocks take no mask (blocks._kernel_for routes them)"
         b, n, h, _ = q.shape
         if segments is None:
-            window, keys = _block_window(causal, window, n, k.shape[1])
-            segments, cu_seqlens = _batch_as_sequences(b, n, keys, q.device)
-            out, lse = self._call(_flat(q), _flat(k[:, :keys]), _flat(v[:, :keys]), scale, softcap,
+            window, keys = block_as_band(causal, window, n, k.shape[1])
+            segments, cu_seqlens = batch_as_sequences(b, n, keys, q.device)
+            out, lse = self._call(flatten_batch(q), flatten_batch(k[:, :keys]), flatten_batch(v[:, :keys]), scale, softcap,
                                   window, segments, cu_seqlens)
             return out.view(q.shape[:3] + out.shape[3:]), lse.view(h, b, n).transpose(0, 1)
         assert b == 1 and not causal, "varlen blocks: batch 1, causality in the window"
         return self._call(q, k, v, scale, softcap, window, segments, cu_seqlens)
 
     def _call(self, q, k, v, scale, softcap, window, segments, cu_seqlens):
-        cu_q, cu_k = _cu(segments, cu_seqlens, q.device)
+        cu_q, cu_k = cu_seqlens_tensors(segments, cu_seqlens, q.device)
         left, right = window or (-1, -1)
         max_q, max_k = _max_lengths(segments)
         out, lse, *_ = _fa3()._flash_attn_forward(
@@ -114,10 +120,10 @@ class Fa3Backend:
         assert mask is None, "fa3 blocks take no mask (blocks._kernel_for routes them)"
         b, n, h, _ = q.shape
         if segments is None:
-            window, keys = _block_window(causal, window, n, k.shape[1])
-            segments, cu_seqlens = _batch_as_sequences(b, n, keys, q.device)
+            window, keys = block_as_band(causal, window, n, k.shape[1])
+            segments, cu_seqlens = batch_as_sequences(b, n, keys, q.device)
             dq, dk_used, dv_used = self._call_backward(
-                _flat(dout), _flat(q), _flat(k[:, :keys]), _flat(v[:, :keys]), _flat(out),
+                flatten_batch(dout), flatten_batch(q), flatten_batch(k[:, :keys]), flatten_batch(v[:, :keys]), flatten_batch(out),
                 lse.transpose(0, 1).reshape(1, h, b * n), scale, softcap, window, segments, cu_seqlens)
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
             dk[:, :keys] = dk_used.view(b, keys, *k.shape[2:])
@@ -127,7 +133,7 @@ class Fa3Backend:
         return self._call_backward(dout, q, k, v, out, lse, scale, softcap, window, segments, cu_seqlens)
 
     def _call_backward(self, dout, q, k, v, out, lse, scale, softcap, window, segments, cu_seqlens):
-        cu_q, cu_k = _cu(segments, cu_seqlens, q.device)
+        cu_q, cu_k = cu_seqlens_tensors(segments, cu_seqlens, q.device)
         left, right = window or (-1, -1)
         max_q, max_k = _max_lengths(segments)
         dq, dk, dv = torch.empty_like(q[0]), torch.empty_like(k[0]), torch.empty_like(v[0])

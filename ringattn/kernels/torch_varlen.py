@@ -27,7 +27,8 @@ import functools
 
 import torch
 
-from .flash import _batch_as_sequences, _block_window, _cu, _flat, _max_lengths
+from .base import batch_as_sequences, block_as_band, cu_seqlens_tensors, flatten_batch
+from .flash import _max_lengths
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,9 +81,9 @@ class TorchVarlenBackend:
         assert mask is None and softcap is None, "torch_varlen takes no mask or softcap"
         b, n, h, _ = q.shape
         if segments is None:
-            window, keys = _block_window(causal, window, n, k.shape[1])
-            segments, cu_seqlens = _batch_as_sequences(b, n, keys, q.device)
-            out, lse = self._call(_flat(q), _flat(k[:, :keys]), _flat(v[:, :keys]), scale,
+            window, keys = block_as_band(causal, window, n, k.shape[1])
+            segments, cu_seqlens = batch_as_sequences(b, n, keys, q.device)
+            out, lse = self._call(flatten_batch(q), flatten_batch(k[:, :keys]), flatten_batch(v[:, :keys]), scale,
                                   window, segments, cu_seqlens)
             return out.view(q.shape[:3] + out.shape[3:]), lse.view(h, b, n).transpose(0, 1)
         assert b == 1 and not causal, "varlen blocks: batch 1, causality in the window"
@@ -91,7 +92,7 @@ class TorchVarlenBackend:
     def _call(self, q, k, v, scale, window, segments, cu_seqlens):
         """One varlen_attn call on (1, total, heads, d) -> (out, lse (1, heads, total_q))."""
         varlen = _varlen()
-        cu_q, cu_k = _cu(segments, cu_seqlens, q.device)
+        cu_q, cu_k = cu_seqlens_tensors(segments, cu_seqlens, q.device)
         window = tuple(window or (-1, -1))
         out, lse = varlen.varlen_attn(
             q[0], k[0], v[0], cu_q, cu_k, *_max_lengths(segments, window),
@@ -104,10 +105,10 @@ class TorchVarlenBackend:
         assert mask is None and softcap is None, "torch_varlen takes no mask or softcap"
         b, n, h, _ = q.shape
         if segments is None:
-            window, keys = _block_window(causal, window, n, k.shape[1])
-            segments, cu_seqlens = _batch_as_sequences(b, n, keys, q.device)
+            window, keys = block_as_band(causal, window, n, k.shape[1])
+            segments, cu_seqlens = batch_as_sequences(b, n, keys, q.device)
             dq, dk_used, dv_used = self._call_backward(
-                _flat(dout), _flat(q), _flat(k[:, :keys]), _flat(v[:, :keys]), _flat(out),
+                flatten_batch(dout), flatten_batch(q), flatten_batch(k[:, :keys]), flatten_batch(v[:, :keys]), flatten_batch(out),
                 lse.transpose(0, 1).reshape(1, h, b * n), scale, window, segments, cu_seqlens)
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
             dk[:, :keys] = dk_used.view(b, keys, *k.shape[2:])
@@ -118,7 +119,7 @@ class TorchVarlenBackend:
 
     def _call_backward(self, dout, q, k, v, out, lse, scale, window, segments, cu_seqlens):
         """aten::_flash_attention_backward as torch's ``_varlen_attn_backward`` calls it."""
-        cu_q, cu_k = _cu(segments, cu_seqlens, q.device)
+        cu_q, cu_k = cu_seqlens_tensors(segments, cu_seqlens, q.device)
         left, right = window or (-1, -1)
         rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout
         unused = torch.empty(0, device=q.device)
