@@ -11,6 +11,7 @@ import enum
 
 import torch
 
+from ringattn.kernels import BACKENDS
 from ringattn.layouts import LAYOUTS
 from ringattn.plan import STRATEGIES
 
@@ -47,6 +48,8 @@ class AttnDtype(Choice):
 
 Layout = Choice("Layout", {name: name for name in LAYOUTS})  # the library's layout registry
 Strategy = Choice("Strategy", {name: name for name in STRATEGIES})  # the library's strategies
+# auto or one of the library's kernel backends (ringattn.kernels.BACKENDS)
+KernelName = Choice("KernelName", {"auto": "auto", **{name: name for name in BACKENDS}})
 
 
 def at_least(name: str, value, minimum=1, allow_none: bool = False) -> None:

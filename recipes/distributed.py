@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 import ringattn
 from ringattn.inputs import check_ulysses_heads
-from recipes.choices import Layout, Strategy, at_least
+from recipes.choices import KernelName, Layout, Strategy, at_least
 
 
 @dataclass
@@ -41,6 +41,13 @@ class ParallelConfig:
     # gives up with an error naming the failure: a dead or hung rank then ends the job
     # instead of hanging it. Keep it above the slowest step and checkpoint save.
     collective_timeout_s: float = 600.0
+    # attention kernel: auto (the GPU's row of ringattn/kernels/choice.py's table, docs/kernels.md)
+    # or a backend by name (fa3, flash_attn, torch_varlen, sdpa, math); one that cannot run the
+    # model's dtype/head_dim on this device fails at start-up, naming what it lacks
+    backend: KernelName = KernelName.auto
+    # opt in to torch's FA3 (Hopper) / FA4 (Blackwell) flash implementations under auto: routes
+    # torch's flash op there (torch.nn.attention.activate_flash_attention_impl, a prototype)
+    torch_flash_impl: bool = False
 
     def __post_init__(self):
         at_least("parallel.sp_size", self.sp_size)
@@ -208,7 +215,8 @@ def init(cfg: ParallelConfig) -> Context:
     world = dist.get_world_size()
     validate(cfg, world)
     mesh = ringattn.init_mesh(sp=cfg.sp_size, ulysses=cfg.ulysses_size, device_type=device.type, timeout=timeout)
-    sp = ringattn.SequenceParallel(cfg.resolved_strategy, cfg.layout.value, mesh=mesh)
+    sp = ringattn.SequenceParallel(cfg.resolved_strategy, cfg.layout.value, mesh=mesh,
+                                   backend=cfg.backend.value)
     return Context(dist.get_rank(), world, device, mesh, sp)
 
 

@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, OmegaConf
 
 import ringattn
+from ringattn.kernels import choice as kernel_choice, get_backend
 from ringattn.models import LlamaConfig
 from recipes import checkpoint, data, distributed, engine as engine_lib, estimate, models, tracking
 from recipes.choices import Dtype, at_least
@@ -371,13 +372,15 @@ def _train_step(r: Run, step: int, own_grad_norm: bool, stop: StopSignals) -> St
                       stop.agreed(signal_sums))
 
 
-def _log_step(r: Run, step: int, res: StepResult, clock: IntervalClock, tracker, progress: str) -> None:
+def _log_step(r: Run, step: int, res: StepResult, clock: IntervalClock, tracker, progress: str,
+              extra: dict | None = None) -> None:
     """Metrics of a logging step (every rank: evaluation is a collective); printed and tracked
-    by the logging rank. Throughput covers the training time of the interval only."""
+    by the logging rank, with ``extra`` (the first logged step: which kernels ran). Throughput
+    covers the training time of the interval only."""
     t, d = r.job.trainer, r.job.data
     dt = clock.lap()
     metrics = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
-               "tokens_per_s": d.global_batch_size * d.seq_len / dt, "seq_len": d.seq_len}
+               "tokens_per_s": d.global_batch_size * d.seq_len / dt, "seq_len": d.seq_len, **(extra or {})}
     peak = peak_flops(t, r.ctx.device)
     if peak:
         metrics["mfu"] = r.model.shape.flops_per_step(d.global_batch_size, d.seq_len) / dt / (peak * r.ctx.world_size)
@@ -404,6 +407,23 @@ def _save(r: Run, step: int) -> None:
     checkpoint.save(r.engine, r.run_dir, step, meta, r.ctx.rank, r.ctx.world_size, keep=j.trainer.keep_checkpoints)
 
 
+def _attention_kernel(job: JobConfig, ctx, model) -> str:
+    """The attention kernel this run starts with (``parallel.backend``; auto: the GPU's row of
+    ringattn/kernels/choice.py), torch's FA3/FA4 activated if opted in, logged once ->
+    "attention kernel: FA3 (sm90)". A named backend that cannot run the model fails here."""
+    p = job.parallel
+    n_heads, kv_heads = model.heads
+    head_dim = model.shape.kv_dim // kv_heads
+    dtype = job.trainer.dtype.torch
+    if p.backend == "auto":
+        picked = kernel_choice.choose_at_start(ctx.device, dtype, head_dim,
+                                               torch_impls=p.torch_flash_impl)
+    else:
+        probe = torch.empty(1, 1, n_heads, head_dim, device=ctx.device, dtype=dtype)
+        picked = kernel_choice.Candidate(get_backend(p.backend.value, probe).name)
+    return kernel_choice.activate(picked, ctx.device, log_line=ctx.is_logger)
+
+
 def resume_hint(run_dir: str) -> str:
     return f"rerun the same command with hydra.run.dir={run_dir} to resume"
 
@@ -415,6 +435,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
         tokenizer, model = resolve_model(job)
         sizes = batch_sizes(job, distributed.env_world_size(), model)
         ctx = distributed.init(job.parallel)
+        kernel_line = _attention_kernel(job, ctx, model)
         run_dir = distributed.agree_on_run_dir(run_dir)
         torch.manual_seed(job.trainer.seed)
         dataset = data.build_dataset(job.data, job.trainer.seed, tokenizer)
@@ -439,6 +460,7 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
         watched = launcher_watches_ranks(ctx.world_size)
         t = job.trainer
         clock, t_begin, step, res = IntervalClock(), time.time(), start, None
+        logged_kernels = False
         for step in range(start + 1, t.max_steps + 1):  # steps are numbered from 1
             res = _train_step(r, step, own_grad_norm, stop)
             if step == t.max_steps:
@@ -464,7 +486,11 @@ def train(job: JobConfig, run_dir: str, resolved: dict) -> int:
                     log.info("stopped at step %d of %d: %s", step, t.max_steps, resume_hint(run_dir))
             if step % t.log_every == 0 or step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
                 eta = (time.time() - t_begin) / (step - start) * (t.max_steps - step)
-                _log_step(r, step, res, clock, tracker, f"ETA {_fmt_time(eta)}")
+                # the first logged row records, once, which kernel ran each block kind
+                kernels = None if logged_kernels else {"attention_kernel": kernel_line,
+                                                       "kernels_by_block": kernel_choice.ran()}
+                _log_step(r, step, res, clock, tracker, f"ETA {_fmt_time(eta)}", kernels)
+                logged_kernels = True
             if stopping:
                 break
             if t.save_every and (step % t.save_every == 0 or step == t.max_steps):

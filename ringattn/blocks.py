@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import profile
-from .kernels import get_backend
+from .kernels import choice, get_backend
 from .merge import PartialAttention
 
 
@@ -36,6 +36,7 @@ def attend_blocks(kernel, tasks, q, k, v, scale, acc: PartialAttention, softcap=
     prof = profile.active()
     for t in tasks:
         chosen = _kernel_for(kernel, t, q, softcap)
+        choice.note(chosen.name, t.kind)
         if prof is not None:
             prof.count_block(chosen.name, t.kind)
         o, lse = chosen.forward(q[:, t.q_rows], k[:, t.k_rows], v[:, t.k_rows], scale=scale,

@@ -36,7 +36,7 @@ from . import profile
 from .blocks import accumulate_grads, attend_blocks, backward_inputs, record_step
 from .comm import group_rank, heads_to_sequence, sequence_to_heads
 from .headsplit import HeadSplit
-from .kernels import get_backend
+from .kernels import choice, get_backend
 from .kernels.base import accumulation_dtype
 from .layouts import ALL
 from .merge import PartialAttention, add_sinks, sinks_grad
@@ -52,6 +52,7 @@ def local_forward(q, k, v, sinks, scale, tasks, backend, softcap):
     if (len(tasks) == 1 and tasks[0].kind in ("full", "causal")
             and tasks[0].q_rows == tasks[0].k_rows == ALL):
         # One call covers every row: no merge, no fp32 accumulator to hold.
+        choice.note(kernel.name, tasks[0].kind)
         if profile.active() is not None:
             profile.active().count_block(kernel.name, tasks[0].kind)
         out, lse = kernel.forward(q, k, v, causal=tasks[0].causal, scale=scale, softcap=softcap)

@@ -45,10 +45,18 @@ status=0
 python -m pytest -q -rs tests/test_gpu.py tests/test_kernels.py --junitxml="$out/tests.xml" 2>&1 \
   | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
-# 2. GPU numbers (need hydra: carry its wheels): the fastest fused kernel per dtype, and the
-#    blockwise efficiency of the ring's exact schedule on one GPU (P = 2, 4, 8)
+# 2. GPU numbers (need hydra: carry its wheels): every ringattn kernel backend this GPU runs
+#    (fa3, flash_attn, torch_varlen and torch's FA3/FA4 where installed, sdpa, math) per block
+#    kind against float64, timed (the rows the auto table in ringattn/kernels/choice.py should
+#    follow); the fastest fused kernel per dtype, and the blockwise efficiency of the ring's
+#    exact schedule on one GPU (P = 2, 4, 8)
 if [ "$cuda" = 1 ]; then
   if python -c "import hydra, omegaconf" 2>/dev/null; then
+    for dt in bf16 fp16; do
+      python -m recipes.benchmarks.backends seqlen=8192 heads=16 kv_heads=4 head_dim=128 dtype=$dt \
+        output="$out/backends_$dt.json" hydra.run.dir="$out/hydra_backends" 2>&1 | tee "$out/backends_$dt.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
     python -m recipes.benchmarks.kernels seqlens="[8192,16384,32768]" dtypes=[bf16,fp16] \
       output="$out/kernels.json" hydra.run.dir="$out/hydra_kernels" 2>&1 | tee "$out/kernels_bench.log"
     python -m recipes.benchmarks.virtual_ring seqlens="[32768,131072]" worlds=[2,4,8] heads=32 \

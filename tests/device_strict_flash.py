@@ -28,6 +28,10 @@ from tests.device_strict import DeviceStrict, DeviceStrictError, fake_world
 from tests.flash_attn_standin import load_flash_attn
 
 STANDIN = os.path.join("tests", "flash_attn_standin.py")
+# the code that plays each backend's compiled kernels (allowed to read its arguments on the host)
+STANDINS = {"flash_attn": [STANDIN],
+            "torch_varlen": [os.path.join("tests", "torch_flash_standin.py"), STANDIN],
+            "fa3": [os.path.join("tests", "fa3_standin.py")]}
 STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
 LAYOUTS = ("contiguous", "zigzag", "striped", "doc_zigzag")
 WORLDS = (2, 4)
@@ -53,20 +57,23 @@ def _cu(docs):
     return torch.tensor([0, *itertools.accumulate(docs)], dtype=torch.int32)
 
 
-def _sp(strategy, layout):
+def _sp(strategy, layout, backend="flash_attn"):
     import ringattn
 
-    return ringattn.SequenceParallel(strategy, layout, backend="flash_attn",
+    return ringattn.SequenceParallel(strategy, layout, backend=backend,
                                      ulysses_size=2 if strategy == "hybrid" else None)
 
 
-def step(world, rank, strategy, layout, mask_name, prof=None):
-    """One attention forward + backward with backend="flash_attn" as rank ``rank`` of
-    ``world``, strictly (call inside ``fake_world(rank, world)``). -> ops the checker saw."""
+def step(world, rank, strategy, layout, mask_name, prof=None, backend="flash_attn"):
+    """One attention forward + backward with ``backend`` (flash_attn, torch_varlen or fa3, on
+    its stand-in) as rank ``rank`` of ``world``, strictly (call inside ``fake_world(rank,
+    world)``). -> ops the checker saw."""
     docs, window, causal, use_sinks, softcap = MASKS[mask_name]
     if layout == "doc_zigzag" and docs is None:
         docs = [SEQLEN]  # it places tokens by document
-    sp = _sp(strategy, layout)
+    if backend == "torch_varlen":
+        softcap = None  # torch's op has none: an explicit backend would refuse the call
+    sp = _sp(strategy, layout, backend)
     gen = torch.Generator().manual_seed(world * 100 + rank)
     s = SEQLEN // world
     q = torch.randn(1, s, 4, 16, generator=gen, requires_grad=True)
@@ -74,7 +81,7 @@ def step(world, rank, strategy, layout, mask_name, prof=None):
     sinks = torch.zeros(4, requires_grad=True) if use_sinks else None
     dout = torch.randn(1, s, 4, 16, generator=gen)
     plan = sp.prepare(q.shape[:2], _cu(docs), device=q.device, rules=[(causal, window)])
-    with DeviceStrict("cpu", kernels=[STANDIN]) as strict:
+    with DeviceStrict("cpu", kernels=STANDINS[backend]) as strict:
         if prof is not None:
             with prof:
                 out = sp.attention(q, k, v, causal=causal, window_size=window, sinks=sinks,
@@ -95,16 +102,19 @@ def cases(every_world):
     return [(WORLDS[i % 2], (i // 2) % WORLDS[i % 2], *c) for i, c in enumerate(combos)]
 
 
-def matrix(every_world=False):
-    """-> (failures, {backend/kind: forward kernel calls}, cases run)."""
+def matrix(every_world=False, backend="flash_attn", only=None):
+    """-> (failures, {backend/kind: forward kernel calls}, cases run). ``only``: a predicate on
+    (P, rank, strategy, layout, mask) choosing a subset of the cases."""
     from ringattn import profile
 
     prof = profile.RingProfile()
     failures, runs = [], 0
     for case in cases(every_world):
+        if only is not None and not only(*case):
+            continue
         with fake_world(case[1], case[0]):
             try:
-                ops = step(*case, prof=prof)
+                ops = step(*case, prof=prof, backend=backend)
                 assert ops > 50, f"the strict region saw only {ops} ops"
             except Exception as e:  # noqa: BLE001 - collect every failing case, then report
                 failures.append(f"P={case[0]} rank={case[1]} {case[2:]}: {type(e).__name__}: {e}")

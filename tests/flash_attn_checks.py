@@ -193,15 +193,33 @@ BLOCK_WINDOWS = [None, (-1, -1), (0, -1), (2, -1), (5, -1), (-1, 0), (-1, 3), (-
                  (3, 6), (2, 9), (0, 0), (6, 4)]
 
 
-def backend_shape_errors() -> dict:
-    """FlashAttnBackend on the stand-in (flash-attn's real window rule) over block shapes
+def _standin(backend):
+    """Put ``backend``'s CPU stand-in in place: flash-attn's compiled module (for the rest of
+    the process) or torch's flash ops (``torch_flash_on_cpu``, a context) -> a context."""
+    import contextlib
+
+    if backend == "torch_varlen":
+        from tests.torch_flash_standin import torch_flash_on_cpu
+        return torch_flash_on_cpu()
+    if backend == "fa3":
+        from tests.fa3_standin import fa3_on_cpu
+        return fa3_on_cpu()
+    load_flash_attn()
+    return contextlib.nullcontext()
+
+
+def backend_shape_errors(backend="flash_attn") -> dict:
+    """``backend`` (flash_attn, torch_varlen or fa3) on its stand-in (flash-attn's real window rule) over block shapes
     (tall, wide, one row, one key) x windows and causal, dense with batch 2 and varlen with
     zero-length sequences, float64, against the block's meaning -> {case: max rel error}.
     Rows the block hides entirely: out 0 and lse not finite (+inf, as flash-attn writes)."""
     from ringattn.kernels import BACKENDS
 
-    load_flash_attn()
-    fb = BACKENDS["flash_attn"]
+    with _standin(backend):
+        return _shape_errors(BACKENDS[backend])
+
+
+def _shape_errors(fb) -> dict:
     gen = torch.Generator().manual_seed(2)
     errors = {}
 
@@ -253,18 +271,18 @@ def missing_argument_message() -> str:
     return ""
 
 
-def _fronts(world):
+def _fronts(world, backend="flash_attn"):
     import ringattn
 
-    doors = {("ring", lay): ringattn.SequenceParallel("ring", lay, backend="flash_attn")
+    doors = {("ring", lay): ringattn.SequenceParallel("ring", lay, backend=backend)
              for lay in ("contiguous", "zigzag", "striped", "doc_zigzag")}
-    doors.update({("ulysses", lay): ringattn.SequenceParallel("ulysses", lay, backend="flash_attn")
+    doors.update({("ulysses", lay): ringattn.SequenceParallel("ulysses", lay, backend=backend)
                   for lay in ("contiguous", "zigzag", "striped", "doc_zigzag")})
     # world 4: 2 ring positions x 2 Ulysses ranks; world 2: a ring of one, Ulysses over both
     doors.update({("hybrid", lay): ringattn.SequenceParallel("hybrid", lay, ring_size=world // 2,
-                                                             backend="flash_attn")
+                                                             backend=backend)
                   for lay in ("contiguous", "zigzag", "striped", "doc_zigzag")})
-    doors.update({("allgather", lay): ringattn.SequenceParallel("allgather", lay, backend="flash_attn")
+    doors.update({("allgather", lay): ringattn.SequenceParallel("allgather", lay, backend=backend)
                   for lay in ("contiguous", "zigzag", "striped", "doc_zigzag")})
     return doors
 
@@ -283,15 +301,20 @@ def _doc_mask(doc_lengths, window, causal):
     return ok
 
 
-def backend_matrix(rank, world):
-    """backend="flash_attn" under every strategy and layout vs float64 -> (failures,
-    {(backend, block kind): forward calls}, cases run)."""
+def backend_matrix(rank, world, backend="flash_attn", masks=None):
+    """``backend`` (flash_attn, torch_varlen or fa3, on its stand-in) under every strategy and
+    layout vs float64 -> (failures, {(backend, block kind): forward calls}, cases run).
+    ``masks``: indices into the mask list below (None: all)."""
+    with _standin(backend):
+        return _matrix(rank, world, backend, masks)
+
+
+def _matrix(rank, world, backend, chosen):
     from ringattn import profile
 
-    load_flash_attn()
     seqlen = sum(DOCS)
-    # (document lengths or None, window, causal, sinks, softcap)
-    # (..., v's head size): two rows with MLA's narrower v (8 against q/k's 16)
+    # (document lengths or None, window, causal, sinks, softcap, v's head size): two rows with
+    # MLA's narrower v (8 against q/k's 16)
     masks = [(None, (-1, -1), True, False, None, 16), (DOCS, (-1, -1), True, False, None, 8),
              (None, (5, -1), True, True, None, 16), (DOCS, (4, 2), False, False, 4.0, 16),
              (DOCS, (3, -1), True, True, 2.0, 8), (BOUNDARY_DOCS, (7, 0), True, False, None, 16),
@@ -300,6 +323,8 @@ def backend_matrix(rank, world):
     failures, runs = [], 0
     prof = profile.RingProfile()
     for i, (docs, window, causal, use_sinks, softcap, dv) in enumerate(masks):
+        if chosen is not None and i not in chosen:
+            continue
         gen = torch.Generator().manual_seed(i)
         q, do = _randn(gen, 1, seqlen, 4, 16), _randn(gen, 1, seqlen, 4, dv)
         k, v = _randn(gen, 1, seqlen, 2, 16), _randn(gen, 1, seqlen, 2, dv)
@@ -308,7 +333,7 @@ def backend_matrix(rank, world):
                                   mask=_doc_mask(docs or [seqlen], window, causal))
         cu_ = None if docs is None else torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()],
                                                      dtype=torch.int32)
-        for (strategy, layout), sp in _fronts(world).items():
+        for (strategy, layout), sp in _fronts(world, backend).items():
             if layout == "doc_zigzag" and not docs:
                 continue  # it places tokens by document
             held = _held(sp, layout, seqlen, world, rank, docs)

@@ -49,3 +49,24 @@ def test_carried_wheels_install_offline_then_without_cuda_it_stops_and_says_why(
     assert (tmp_path / "out" / "site" / "carried_probe" / "__init__.py").exists()
     assert done.returncode == 2
     assert "no CUDA device here" in done.stderr and "--dry-run" in done.stderr
+
+
+def test_backend_check_runs_every_backend_against_float64():
+    """The backends benchmark device_check.sh runs: every backend this device runs (here sdpa,
+    math, and fa3 / torch_varlen on their CPU stand-ins) per block kind within the dtype's
+    tolerance of float64; one it cannot run is a row with the reason."""
+    from recipes.benchmarks.backends import BackendBenchConfig, measure
+    from tests.fa3_standin import fa3_on_cpu
+    from tests.torch_flash_standin import torch_flash_on_cpu
+
+    assert "recipes.benchmarks.backends" in SCRIPT.read_text()
+    cfg = BackendBenchConfig(seqlen=32, heads=4, kv_heads=2, head_dim=16, window=5, iters=1)
+    with torch_flash_on_cpu(), fa3_on_cpu():
+        rows = measure(cfg, torch.device("cpu"))
+    ran = {(r["backend"], r["kind"]) for r in rows if "ms" in r}
+    for name in ("fa3", "torch_varlen", "sdpa", "math"):
+        assert {(name, kind) for kind in ("full", "causal", "window", "varlen")} <= ran, name
+    assert ("fa3", "softcap") in ran and ("torch_varlen", "softcap") not in ran
+    assert all(r["ok"] for r in rows if "ms" in r), [r for r in rows if not r.get("ok", True)]
+    flash = [r for r in rows if r["backend"] == "flash_attn"]
+    assert flash and all("CUDA only" in r["skipped"] for r in flash)

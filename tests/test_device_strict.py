@@ -373,3 +373,38 @@ def test_positions_default_to_the_group_device():
     with META:  # one process: torch's default device
         single = ringattn.SequenceParallel.single()
         assert single.positions(8).device == META
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch_varlen", "fa3"])
+def test_torch_varlen_and_fa3_backends_are_device_strict(backend):
+    """backend="torch_varlen" (torch's own varlen_attn glue on CPU kernels for its aten ops)
+    and "fa3" (on its stand-in module) under ring, Ulysses, hybrid and all-gather x zigzag x
+    every mask of tests/device_strict_flash.py, forward + backward, in the host mode: only the
+    stand-ins may read their arguments on the host. And the checker is not vacuous here: a
+    .item() planted in the backend's forward is caught."""
+    from ringattn.kernels import BACKENDS
+    from tests.device_strict import DeviceStrictError, fake_world
+    from tests.device_strict_flash import matrix, step
+    from tests.fa3_standin import fa3_on_cpu
+    from tests.torch_flash_standin import torch_flash_on_cpu
+
+    with (torch_flash_on_cpu() if backend == "torch_varlen" else fa3_on_cpu()):
+        failures, blocks, runs = matrix(backend=backend, only=lambda P, r, s, layout, m: layout == "zigzag")
+        cls = type(BACKENDS[backend])
+        original = cls.forward
+
+        def planted(self, q, k, v, **kw):
+            float(q.detach().sum())
+            return original(self, q, k, v, **kw)
+
+        cls.forward = planted
+        try:
+            with fake_world(1, 2), pytest.raises(DeviceStrictError):
+                step(2, 1, "ring", "zigzag", "documents", backend=backend)
+        finally:
+            cls.forward = original
+    assert not failures, failures[:3]
+    assert runs == 24
+    for kind in ("full", "causal", "window", "varlen"):
+        assert blocks.get(f"{backend}/{kind}", 0) > 0, blocks

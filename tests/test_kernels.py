@@ -82,6 +82,23 @@ def test_cuda_flash_attn_backend(dtype):
     _check_against_reference("flash_attn", "cuda", dtype, tol_factor=2.0)
 
 
+def _runs_on_cuda(name):
+    """Whether backend ``name`` runs a bf16 head_dim-64 input on this machine's GPU."""
+    return CUDA and BACKENDS[name].supports(torch.empty(1, 1, 1, 64, dtype=torch.bfloat16,
+                                                        device="cuda")) is None
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["torch_varlen", "fa3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_torch_varlen_and_fa3_backends(name, dtype):
+    """torch's varlen attention (sm80+) and FA3 (sm90, where installed) on the GPU against the
+    float64 reference, as flash-attn 2 above; skipped with the reason where they cannot run."""
+    if not _runs_on_cuda(name):
+        pytest.skip(BACKENDS[name].supports(torch.empty(1, 1, 1, 64, dtype=dtype, device="cuda")))
+    _check_against_reference(name, "cuda", dtype, tol_factor=2.0)
+
+
 def test_huge_logits_kernel_outputs_are_finite():
     q = torch.full((1, 8, 2, 16), 100.0)
     k = torch.full((1, 8, 2, 16), 100.0)

@@ -26,6 +26,10 @@ def baseline(tmp_path_factory):
     m = metrics(d)
     assert sorted(m) == list(range(1, STEPS + 1))
     assert m[STEPS]["loss"] < m[1]["loss"], "the baseline should learn something in 6 steps"
+    # the first logged row says, once, which kernel ran each block kind (CPU: auto is sdpa)
+    assert m[1]["attention_kernel"] == "attention kernel: sdpa (cpu)", m[1]
+    assert m[1]["kernels_by_block"] and all(v == ["sdpa"] for v in m[1]["kernels_by_block"].values()), m[1]
+    assert not any("kernels_by_block" in m[s] for s in range(2, STEPS + 1))
     return d
 
 
@@ -156,6 +160,7 @@ def _no_work_done(run_dir: Path):
     (1, ["data=text", "data.seq_len=32", "data.files=[/no/such/file.txt]"], "data file not found: /no/such/file.txt"),
     (2, ["parallel.sp_size=2", "data.seq_len=30"], "must be a multiple of 4"),
     (1, ["trainer.dtype=fp16"], "Invalid value 'fp16', expected one of [fp32, bf16]\n    full_key: trainer.dtype"),
+    (1, ["parallel.backend=torch_varlen"], "backend 'torch_varlen' cannot run this input: torch's varlen attention runs on CUDA only"),
     (1, ["trainer.max_steps=0"], "trainer.max_steps=0: must be >= 1"),
     (1, ["deepspeed.offload_param=true"], "deepspeed.offload_param needs deepspeed.zero_stage=3"),
     (1, ["parallel.layout=doc_zigzag"], "places tokens by document: it needs packed documents"),

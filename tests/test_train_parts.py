@@ -181,7 +181,8 @@ def test_typed_choices_and_ranges_fail_naming_the_field():
     assert cfg.trainer.dtype is Dtype.bf16 and cfg.parallel.layout is Layout.striped
     assert set(Layout.__members__) == set(ringattn.layouts.LAYOUTS)  # the library's registry
     for key, bad, allowed in (("trainer.dtype", "fp16", "[fp32, bf16]"), ("data.kind", "books", "[passkey, text, shared_prompt]"),
-                              ("logger.backend", "tensorboard", "[none, wandb]"), ("parallel.layout", "ring", "zigzag")):
+                              ("logger.backend", "tensorboard", "[none, wandb]"), ("parallel.layout", "ring", "zigzag"),
+                              ("parallel.backend", "flash3", "[auto, fa3, flash_attn, torch_varlen, sdpa, math]")):
         with pytest.raises(ValidationError, match=rf"(?s)Invalid value '{bad}', expected one of .*{key}") as e:
             OmegaConf.update(cfg, key, bad)
         assert allowed in str(e.value)

@@ -1,23 +1,27 @@
 """Attention kernel backends: one (Q block, KV block) -> (out, lse), and its backward.
 
-``get_backend(name, q, mask=..., softcap=...)`` resolves ``"auto"`` to the fastest backend
-that supports q's device, dtype and head_dim *and* the requested features (flash_attn >
-sdpa > math; ``math`` supports everything); an explicitly named backend that cannot run
-the input or lacks a feature raises a ValueError naming what is missing.
+``get_backend(name, q, mask=..., softcap=...)`` resolves ``"auto"`` to the first backend of
+q's device's row in ``choice.AUTO_TABLE`` (by compute capability; CPU: flash_attn > sdpa >
+math) that supports q's device, dtype and head_dim *and* the requested features (``math``
+supports everything); an explicitly named backend that cannot run the input or lacks a
+feature raises a ValueError naming what is missing.
 """
 from __future__ import annotations
 
 import torch
 
+from . import choice
 from .base import KernelBackend
+from .fa3 import Fa3Backend
 from .flash import FlashAttnBackend
 from .math import MathBackend
 from .sdpa import SdpaBackend
+from .torch_varlen import TorchVarlenBackend
 
 BACKENDS: dict[str, KernelBackend] = {
-    b.name: b for b in (FlashAttnBackend(), SdpaBackend(), MathBackend())
+    b.name: b for b in (Fa3Backend(), FlashAttnBackend(), TorchVarlenBackend(), SdpaBackend(),
+                         MathBackend())
 }
-_AUTO_ORDER = ("flash_attn", "sdpa", "math")
 
 
 def missing_feature(backend: KernelBackend, q: torch.Tensor, *, mask: bool = False,
@@ -43,9 +47,12 @@ def get_backend(name: str, q: torch.Tensor, *, mask: bool = False,
                 varlen: bool = False) -> KernelBackend:
     features = dict(mask=mask, softcap=softcap, window=window, varlen=varlen)
     if name == "auto":
-        for candidate in _AUTO_ORDER:
-            if missing_feature(BACKENDS[candidate], q, **features) is None:
-                return BACKENDS[candidate]
+        active = choice.torch_impl_active()
+        picked = choice.choose(choice.capability_of(q.device),
+                               lambda c: c.backend in BACKENDS and
+                               missing_feature(BACKENDS[c.backend], q, **features) is None,
+                               () if active is None else (active,))
+        return BACKENDS[picked.backend]
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
     why_not = missing_feature(BACKENDS[name], q, **features)

@@ -171,3 +171,35 @@ def backward_segments(backward, dout, q, k, v, out, lse, segments, **kwargs):
         g = backward(dout[:, rq], q[:, rq], k[:, rk], v[:, rk], out[:, rq], lse[:, :, rq], **kwargs)
         dq[:, rq], dk[:, rk], dv[:, rk] = g[0], g[1], g[2]
     return dq, dk, dv
+
+
+def block_as_band(causal, window, n, m):
+    """(window or None, keys used) of an n x m block: a top-left causal block as the
+    bottom-right band (-1, n - m) when n >= m, else the first n keys' triangle (-1, 0) (keys
+    n.. are hidden from every row); anything else as it is."""
+    if not causal:
+        return window, m
+    assert window is None, "a block is causal or has a window, not both"
+    if n >= m:
+        return (-1, n - m), m
+    return (-1, 0), n  # keys n.. are hidden from every row
+
+
+def cu_seqlens_tensors(segments, cu_seqlens, device):
+    """``cu_seqlens`` if given, else int32 tensors of the ``segments`` bounds on ``device``."""
+    if cu_seqlens is not None:
+        return cu_seqlens
+    return tuple(torch.tensor(b, dtype=torch.int32, device=device) for b in segments)
+
+
+def flatten_batch(x):
+    """(b, s, ...) -> (1, b * s, ...): a batch as packed sequences."""
+    return x.reshape(1, -1, *x.shape[2:])
+
+
+def batch_as_sequences(b, n, m, device):
+    """Segments and cu_seqlens of b sequences of n queries and m keys each; the bounds are
+    made on ``device`` (arange: no host-to-device copy)."""
+    segments = tuple(tuple(s * i for i in range(b + 1)) for s in (n, m))
+    cu = tuple(torch.arange(b + 1, dtype=torch.int32, device=device) * s for s in (n, m))
+    return segments, cu

@@ -42,6 +42,10 @@ import sys
 
 import torch
 
+from .base import batch_as_sequences as _batch_as_sequences
+from .base import block_as_band as _block_window
+from .base import cu_seqlens_tensors as _cu
+from .base import flatten_batch as _flat
 from .base import pad_head_dims, pad_to, segment_bounds
 
 _COMPILED = "flash_attn_2_cuda"  # flash-attn 2's compiled module
@@ -109,16 +113,6 @@ def _call(name: str, values: dict, needed: list[tuple[str, ...]]):
     return getattr(_flash(), name)(**args)
 
 
-def _block_window(causal, window, n, m):
-    """(window or None, keys used): a top-left causal block as a bottom-right band."""
-    if not causal:
-        return window, m
-    assert window is None, "a block is causal or has a window, not both"
-    if n >= m:
-        return (-1, n - m), m
-    return (-1, 0), n  # keys n.. are hidden from every row
-
-
 def flash_window(window, seqlen_k) -> tuple[int, int]:
     """The band flash-attn applies for ``window`` with causal=False, in our convention
     (bottom-right aligned, -1 = unbounded): mha_fwd / mha_varlen_fwd clamp a side >= seqlen_k
@@ -146,12 +140,6 @@ def expresses(n, m, window, seqlen_k=None) -> bool:
     applied with (dense: m; varlen: max_seqlen_k)."""
     applied = flash_window(window, m if seqlen_k is None else seqlen_k)
     return _cutting(n, m, applied) == _cutting(n, m, window)
-
-
-def _cu(segments, cu_seqlens, device):
-    if cu_seqlens is not None:
-        return cu_seqlens
-    return tuple(torch.tensor(b, dtype=torch.int32, device=device) for b in segments)
 
 
 class FlashAttnBackend:
@@ -272,19 +260,6 @@ class FlashAttnBackend:
         values["max_seqlen_q"], values["max_seqlen_k"] = _max_lengths(segments, (left, right))
         _call("_flash_attn_varlen_backward", values, needed)
         return dq, dk, dv
-
-
-def _flat(x):
-    """(b, s, ...) -> (1, b * s, ...): a batch as packed sequences."""
-    return x.reshape(1, -1, *x.shape[2:])
-
-
-def _batch_as_sequences(b, n, m, device):
-    """Segments and cu_seqlens of b sequences of n queries and m keys each; the bounds are
-    made on ``device`` (arange: no host-to-device copy)."""
-    segments = tuple(tuple(s * i for i in range(b + 1)) for s in (n, m))
-    cu = tuple(torch.arange(b + 1, dtype=torch.int32, device=device) * s for s in (n, m))
-    return segments, cu
 
 
 def _max_lengths(segments, window) -> tuple[int, int]:
