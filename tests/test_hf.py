@@ -68,11 +68,6 @@ def _more_configs(tf, common):
         "llama4": lambda: tf.Llama4TextConfig(**common, head_dim=8, attention_chunk_size=4,
                                               pad_token_id=0, no_rope_layers=[1, 0],
                                               layer_types=["chunked_attention", "full_attention"]),
-        # refused by HFCausalLM: token mixing that sp.attention does not do
-        "minimax": lambda: tf.MiniMaxConfig(**common, head_dim=8,
-                                            layer_types=["full_attention", "linear_attention"]),
-        "lfm2": lambda: tf.Lfm2Config(**common, pad_token_id=0, layer_types=["conv", "full_attention"]),
-        "falcon_h1": lambda: tf.FalconH1Config(**common, pad_token_id=0),
     }
 
 

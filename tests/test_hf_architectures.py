@@ -4,9 +4,9 @@ the model's own eager attention or are refused with a clear error before computi
 Matches (logits, loss, gradients summed over ranks within 1e-4 relative, fp32; the method
 of ``tests/test_hf.py``): ring at sp=2 (zigzag) and sp=4 (striped) for every family;
 GPT-OSS (attention sinks, MoE, sliding layers) and Gemma 2 (logit softcapping, sliding
-layers) also under Ulysses and hybrid. Refused: token mixing ``sp.attention`` does not do
-(linear attention, convolutions, Mamba hybrids); Llama 4's chunked attention matches
-through ``RangeMask.chunked``. Negative controls
+layers) also under Ulysses and hybrid. Llama 4's chunked attention matches through
+``RangeMask.chunked``. Hybrids with recurrent mixers (linear attention, Mamba, short
+convolutions): tests/test_hf_mixers.py. Negative controls
 show that the sinks and the softcap of the tiny configs change the result.
 """
 from __future__ import annotations
@@ -19,8 +19,6 @@ from tests.test_hf import TOL, VOCAB, _check, _equivalence_cases, tiny_model
 
 MATCH = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma2", "gemma3", "mixtral",
          "qwen3_moe", "olmo2", "phi3", "granite", "cohere2", "llama4")
-REFUSE = {"minimax": "linear_attention",
-          "lfm2": "'conv'", "falcon_h1": "'hybrid'"}
 FEATURED = ("gpt_oss", "gemma2")  # every strategy
 
 
@@ -46,14 +44,6 @@ def test_matrix_sp4_striped_and_featured_strategies():
               ("gpt_oss", "hybrid", "zigzag", 2), ("gemma2", "hybrid", "striped", 2)]
     for r in run_distributed(_equivalence_cases, 4, cases, timeout=400):
         _check(r)
-
-
-@pytest.mark.parametrize("arch", sorted(REFUSE))
-def test_unsupported_token_mixing_is_refused_before_computing(arch):
-    from ringattn.models.hf import HFCausalLM
-
-    with pytest.raises(ValueError, match=REFUSE[arch]):
-        HFCausalLM(tiny_model(arch))
 
 
 def test_sinks_and_softcap_of_the_tiny_configs_matter():

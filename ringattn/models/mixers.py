@@ -1,0 +1,170 @@
+"""Recurrent token mixers of transformers hybrids under sequence parallelism: the sequence
+gathered, the model's own mixer run over it in natural order, this rank's rows kept.
+
+Hybrid models put recurrences along the sequence beside softmax attention: Gated DeltaNet /
+KDA / lightning linear attention (Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear,
+Bailing-Hybrid, MiniMax), Mamba2 (Nemotron-H, Granite-MoE-Hybrid, Bamba, Falcon-H1, Zamba2),
+Mamba (Jamba) and short causal convolutions (LFM2). A token's output depends on every earlier
+token of its document in natural order, so a rank's shard alone (any layout) is not enough.
+
+The scheme here is exact for every family and treats the model's mixer as a black box:
+forward hooks (``nn.Module.register_forward_pre_hook`` / ``register_forward_hook``, state-dict
+keys unchanged) on each mixer module
+
+1. all-gather the mixer's input hidden states (b, s/P, H) over the SP group
+   (``comm.gather_sequence``: backward reduce-scatters, i.e. sums, the gradient);
+2. put them in natural order with one ``index_select`` (the inverse of the layout's
+   permutation, zigzag's two chunks and doc_zigzag's runs included); with packed documents
+   the same index lays the documents out as a right-padded batch (documents, longest, H):
+   each document starts from the mixer's zero state, and padding after a document's last
+   token never reaches its rows (a causal recurrence only looks back);
+3. run the model's own mixer on it, and keep this rank's rows (b, s/P, H) in layout order
+   with a second ``index_select``.
+
+Gradients are exact: each rank back-propagates only its own rows' outputs, the all-gather's
+backward sums every rank's input gradient into the owner's shard, and the parameter
+gradients of the P ranks are summed by the usual sequence-parallel gradient reduction.
+
+Cost per mixer layer and rank: one all-gather of S x H activations forward and one
+reduce-scatter of the same size backward ((P-1)/P x S x H x bytes each), the mixer's
+compute over the whole sequence (P-fold redundant) and O(S x H) activations saved for its
+backward. With documents the batch is (documents x longest document) long. Scalable schemes
+(head-parallel all-to-all, a state-passing scan of O(state) bytes, a convolution halo of
+kernel - 1 tokens) are the follow-up; see docs/huggingface.md.
+
+Both index tensors are built once per forward (``MixerIndex.build``: host arithmetic on the
+layout, one copy to the device) and read by every mixer: the hot path adds no host sync and
+no collective beyond the gather itself. The index lives on this object for the step, so a
+checkpointed layer's recompute uses the index of the latest forward: run a micro-batch's
+backward before the next micro-batch's forward (as the recipe and transformers' Trainer do).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..comm import gather_sequence
+from ..sharding import held_indices
+
+# The mixer classes of transformers 5.x hybrids, by family (checked in
+# tests/test_hf_mixers.py: each is exact under every layout). Each is run as a black box.
+MIXER_FAMILIES = {
+    "gated_deltanet": ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet",
+                       "OlmoHybridGatedDeltaNet", "BailingHybridDeltaAttention"),
+    "kda": ("KimiLinearDeltaAttention",),
+    "lightning": ("MiniMaxLightningAttention",),
+    "mamba2": ("NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "BambaMixer", "FalconH1Mixer",
+               "Zamba2MambaMixer"),
+    "mamba": ("JambaMambaMixer",),
+    "short_conv": ("Lfm2ShortConv", "Lfm2MoeShortConv"),
+}
+MIXER_CLASSES = {cls: family for family, classes in MIXER_FAMILIES.items() for cls in classes}
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def find_mixers(model: nn.Module) -> dict[str, nn.Module]:
+    """{qualified name: module} of every recurrent mixer ringattn knows in ``model``."""
+    return {n: m for n, m in model.named_modules() if type(m).__name__ in MIXER_CLASSES}
+
+
+def mixer_layers(model: nn.Module) -> set[int]:
+    """Indices of the decoder layers (``...layers.<i>.``) that hold a known mixer."""
+    return {int(m.group(1)) for n in find_mixers(model) if (m := _LAYER.search(n + "."))}
+
+
+@dataclass(frozen=True)
+class MixerIndex:
+    """One forward's permutation. ``gather`` (n,) indexes rows of [rank-major gathered
+    sequence; one zero row] into the mixer's natural-order input, viewed as (``rows``, n /
+    rows) (packed documents: one right-padded row per document; else the batch as it is);
+    ``mine`` (s/P,) indexes this rank's rows, in layout order, in the mixer's output
+    flattened to (1 or b, n, H)."""
+
+    gather: torch.Tensor
+    mine: torch.Tensor
+    rows: Optional[int]  # documents (batch 1 becomes one row per document); None: no documents
+    group: object
+    world: int
+
+    @classmethod
+    def build(cls, sp, shape, cu_seqlens=None, device=None) -> "MixerIndex":
+        """Host work once per forward for local shards of ``shape`` = (b, s/P)."""
+        p, local = sp.world_size, int(shape[1])
+        seqlen = local * p
+        cu = None if cu_seqlens is None else torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
+        if p == 1:
+            held, me = torch.arange(seqlen), torch.arange(seqlen)
+        else:
+            inner = sp.ulysses_size if sp.strategy == "hybrid" else 1
+            parts = [held_indices(sp.layout, seqlen, p, r, inner, cu) for r in range(p)]
+            held, me = torch.cat(parts), parts[sp.rank]
+        order = torch.argsort(held)  # natural position -> row of the rank-major gather
+        rows = None
+        if cu is not None:
+            if int(shape[0]) != 1:
+                raise ValueError("packed documents (cu_seqlens) take batch 1")
+            lengths = cu[1:] - cu[:-1]
+            rows, longest = len(lengths), int(lengths.max())
+            doc = torch.repeat_interleave(torch.arange(rows), lengths)
+            slot = doc * longest + torch.arange(seqlen) - cu[:-1][doc]  # natural pos -> padded slot
+            gather = torch.full((rows * longest,), seqlen, dtype=torch.int64)  # the zero row
+            gather[slot] = order
+            order, me = gather, slot[me]
+        return cls(order.to(device), me.to(device), rows, None if p == 1 else sp.group, p)
+
+
+class SequenceMixers:
+    """Hooks on every known mixer of a transformers model (see the module doc); ``index``
+    is set once per forward with ``prepare``."""
+
+    def __init__(self, model: nn.Module):
+        self.mixers = find_mixers(model)
+        self.index: Optional[MixerIndex] = None
+        self._handles = []
+        for module in self.mixers.values():
+            self._handles.append(module.register_forward_pre_hook(self._gather, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._keep_mine))
+
+    def __bool__(self) -> bool:
+        return bool(self.mixers)
+
+    def prepare(self, sp, shape, cu_seqlens=None, device=None) -> None:
+        self.index = MixerIndex.build(sp, shape, cu_seqlens, device)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _gather(self, module, args, kwargs):
+        """(b, s/P, H) local hidden states -> the mixer's whole input in natural order."""
+        idx = self.index
+        if idx is None:
+            raise RuntimeError(f"{type(module).__name__}: the sequence mixers were not prepared "
+                               "for this forward (HFCausalLM.forward does it)")
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError(f"{type(module).__name__}: a padding mask reached the mixer; ringattn "
+                             "takes packed documents (cu_seqlens), not padding")
+        x = args[0] if args else kwargs["hidden_states"]
+        x = gather_sequence(x, 1, idx.group) if idx.world > 1 else x
+        if idx.rows is not None:  # one right-padded row per document, the zero state each
+            x = F.pad(x, (0, 0, 0, 1)).index_select(1, idx.gather).view(idx.rows, -1, x.shape[-1])
+        elif idx.world > 1:
+            x = x.index_select(1, idx.gather)
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
+
+    def _keep_mine(self, module, args, output):
+        """The mixer's output over the whole sequence -> this rank's rows (b, s/P, H')."""
+        idx = self.index
+        out = output[0] if isinstance(output, tuple) else output
+        if idx.rows is not None:
+            out = out.reshape(1, -1, out.shape[-1])
+        mine = out.index_select(1, idx.mine) if idx.rows is not None or idx.world > 1 else out
+        return (mine, *output[1:]) if isinstance(output, tuple) else mine
