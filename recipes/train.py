@@ -479,6 +479,10 @@ def dry_run(job: JobConfig) -> None:
     stages = " | ".join(f"{z}: {est(z, offload_optimizer=False, offload_param=False).total / estimate.GiB:.2f}"
                         for z in range(4))
     print(f"  total per rank by ZeRO stage, no offload (GiB): {stages}", flush=True)
+    if model.recurrent_mixers:
+        print(f"  not included: the recurrent mixers ({', '.join(model.recurrent_mixers)}) run over the "
+              "whole gathered sequence in each of their layers (S x hidden input and the mixer's "
+              "activations over S tokens per rank)", flush=True)
 
 
 def _rss() -> int:

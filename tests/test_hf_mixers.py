@@ -277,3 +277,47 @@ def test_unknown_layer_types_are_refused_naming_them_not_mlp():
     model.model.layers[1].self_attn.extra_conv = torch.nn.Conv1d(4, 4, 3)
     with pytest.raises(ValueError, match="sequence convolutions"):
         HFCausalLM(model)
+
+
+def _save_tiny_hybrid(arch, path, vocab=272):
+    """A tiny hybrid whose vocabulary covers the recipe's byte tokenizer (259 ids)."""
+    from transformers import AutoModelForCausalLM
+
+    config = mixer_config(arch)
+    config.vocab_size = vocab
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow  # the recipe end to end, two runs (~25 s)
+@pytest.mark.parametrize("arch", ["qwen3_next"])  # Gated DeltaNet; "bamba" (Mamba2) passes too
+def test_recipe_trains_hybrid_sp2_with_the_losses_of_one_process(tmp_path, arch):
+    """model=hf from a local tiny hybrid: 3 steps at sp=2 give the losses of one process (the
+    recipe's wiring is the same for every family; each family's mixer is checked above)."""
+    from tests.test_hf import _recipe
+    from tests.train_launch import FAST, assert_losses_close, metrics
+
+    path = _save_tiny_hybrid(arch, tmp_path / "base")
+    over = [o for o in FAST if not o.startswith("model=")]
+    over += ["model=hf", f"model.path={path}", "trainer.max_steps=3", "trainer.seed=1",
+             "model.save_final=false"]
+    _recipe("recipes.train", tmp_path / "sp1", 1, over)
+    _recipe("recipes.train", tmp_path / "sp2", 2, over + ["parallel.sp_size=2"])
+    ref, got = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")
+    assert sorted(ref) == sorted(got) == [1, 2, 3]
+    assert_losses_close(ref, got, [1, 2, 3])
+
+
+def test_capacity_planner_refuses_hybrids(tmp_path):
+    """The memory model has no term for the mixers' gathered sequence: refused, naming them."""
+    from recipes import capacity
+    from recipes.models import HFModel, HFModelConfig
+
+    class Bytes:
+        vocab_size = 259
+
+    model = HFModel(HFModelConfig(path=_save_tiny_hybrid("lfm2", tmp_path / "m")), Bytes())
+    assert model.recurrent_mixers == ("short_conv",)
+    with pytest.raises(ValueError, match=r"recurrent mixers \(short_conv\).*not supported"):
+        capacity.capacity_rows(None, model)
