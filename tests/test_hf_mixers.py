@@ -136,9 +136,13 @@ def _mixer_cases(rank, world, cases):
                                generator=torch.Generator().manual_seed(1))
         ref_logits, ref_loss, ref_grads = _reference(model, tokens, docs)
         cu = _documents()[0] if docs else None
+        strategy, ckpt = strategy.removesuffix("+ckpt"), strategy.endswith("+ckpt")
         kw = {"ulysses_size": 2} if strategy == "hybrid" else {}
         sp = ringattn.SequenceParallel(strategy, layout=layout, **kw)
         wrapped = HFCausalLM(model, sp)
+        if ckpt:  # the mixers run again in backward (the recompute reads the same index)
+            wrapped.enable_checkpointing()
+            wrapped.train()
         labels = _labels(tokens, docs)
         x, y = sp.shard(tokens, cu_seqlens=cu), sp.shard(labels, cu_seqlens=cu)
         logits = wrapped(x, sp.positions(seqlen, cu_seqlens=cu), cu)
@@ -153,7 +157,8 @@ def _mixer_cases(rank, world, cases):
             dist.all_reduce(p.grad)
         ref_grads.update({n: torch.zeros_like(p) for n, p in model.named_parameters()
                           if n not in ref_grads})
-        results[(arch, strategy, layout, docs)] = {
+        case = (arch, strategy + "+ckpt" * ckpt, layout, docs)
+        results[case] = {
             "logits": _rel(logits.detach(), sp.shard(ref_logits, cu_seqlens=cu)),
             "loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()),
             "grads": _grad_error(model, ref_grads), "grad_norm": _grad_norm_error(model, ref_grads)}
@@ -166,7 +171,7 @@ def _mixer_cases(rank, world, cases):
             else:
                 wrapped._mixers.remove()
             wrong = wrapped(x, sp.positions(seqlen, cu_seqlens=cu), cu)
-        results[(arch, strategy, layout, docs)]["control"] = _rel(wrong, sp.shard(ref_logits, cu_seqlens=cu))
+        results[case]["control"] = _rel(wrong, sp.shard(ref_logits, cu_seqlens=cu))
     return results
 
 
@@ -214,7 +219,8 @@ def _cases_p2():
         cases += [(arch, STRATEGIES[i % 3], "zigzag", False),
                   (arch, STRATEGIES[(i + 1) % 3], "contiguous", True),
                   (arch, STRATEGIES[(i + 2) % 3], "doc_zigzag", True)]
-    return cases
+    # activation checkpointing: transformers recomputes each layer's forward in backward
+    return cases + [("jamba", "ring+ckpt", "zigzag", True), ("qwen3_next", "allgather+ckpt", "doc_zigzag", True)]
 
 
 QUICK = [("qwen3_next", "ring", "zigzag", False), ("minimax", "ulysses", "doc_zigzag", True),
