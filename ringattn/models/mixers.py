@@ -1,5 +1,6 @@
 """Recurrent token mixers of transformers hybrids under sequence parallelism: the sequence
-gathered, the model's own mixer run over it in natural order, this rank's rows kept.
+gathered, the model's own mixer run over it in natural order, this rank's rows kept (short
+convolutions: only a halo of k - 1 tokens per segment is fetched).
 
 Hybrid models put recurrences along the sequence beside softmax attention: Gated DeltaNet /
 KDA / lightning linear attention (Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear,
@@ -28,9 +29,22 @@ gradients of the P ranks are summed by the usual sequence-parallel gradient redu
 Cost per mixer layer and rank: one all-gather of S x H activations forward and one
 reduce-scatter of the same size backward ((P-1)/P x S x H x bytes each), the mixer's
 compute over the whole sequence (P-fold redundant) and O(S x H) activations saved for its
-backward. With documents the batch is (documents x longest document) long. Scalable schemes
-(head-parallel all-to-all, a state-passing scan of O(state) bytes, a convolution halo of
-kernel - 1 tokens) are the follow-up; see docs/huggingface.md.
+backward. With documents the batch is (documents x longest document) long. The scalable
+schemes for the recurrences (head-parallel all-to-all, a state-passing scan of O(state)
+bytes) are the follow-up; see docs/huggingface.md.
+
+Short convolutions (LFM2) have a finite reach: the whole mixer (pointwise projections and
+gates around one causal depthwise convolution of k taps) makes token t from tokens
+t-k+1..t of its document. They take the **halo** scheme instead (``HaloIndex``): each
+rank's rows are cut into segments (a layout run, cut again at document starts), every
+segment gets the k - 1 tokens before it in its document (fewer at a document's start), and
+the mixer runs over this rank's segments as a right-padded batch, each row starting at its
+first real token (so the mixer's own zero padding is the document start, biases included).
+The halo tokens come from an all-gather of at most (k - 1) x segments rows per rank
+(backward: their gradients summed into the owners): bytes independent of the sequence
+length for contiguous, zigzag and doc_zigzag (per document), compute and activations 1/P
+of the sequence plus the halos. Striped puts every neighbour on another rank: the halo is
+then the whole shard (still exact).
 
 Both index tensors are built once per forward (``MixerIndex.build``: host arithmetic on the
 layout, one copy to the device) and read by every mixer: the hot path adds no host sync and
@@ -63,6 +77,8 @@ MIXER_FAMILIES = {
     "mamba": ("JambaMambaMixer",),
     "short_conv": ("Lfm2ShortConv", "Lfm2MoeShortConv"),
 }
+# Families whose whole mixer sees only the last ``reach(module)`` tokens: the halo scheme.
+HALO_REACH = {"short_conv": lambda module: int(module.conv_kernel_size)}
 MIXER_CLASSES = {cls: family for family, classes in MIXER_FAMILIES.items() for cls in classes}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -118,6 +134,80 @@ class MixerIndex:
         return cls(order.to(device), me.to(device), rows, None if p == 1 else sp.group, p)
 
 
+@dataclass(frozen=True)
+class HaloIndex:
+    """One forward's halo permutation for mixers of reach k. ``send`` (E,) local rows the
+    other ranks need (padded to the largest E of any rank); ``batch`` (R * n,) indexes rows
+    of [local shard; every rank's E sent rows; one zero row] into R right-padded segment
+    rows of n tokens; ``mine`` (s/P,) this rank's rows in the mixer's output (b, R * n, H)."""
+
+    send: torch.Tensor
+    batch: torch.Tensor
+    mine: torch.Tensor
+    rows: int
+    group: object
+    world: int
+
+    @classmethod
+    def build(cls, sp, shape, cu_seqlens=None, device=None, reach: int = 1) -> "HaloIndex":
+        p, local = sp.world_size, int(shape[1])
+        seqlen = local * p
+        cu = None if cu_seqlens is None else torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
+        if p == 1:
+            held = [torch.arange(seqlen)]
+        else:
+            inner = sp.ulysses_size if sp.strategy == "hybrid" else 1
+            held = [held_indices(sp.layout, seqlen, p, r, inner, cu) for r in range(p)]
+        me = 0 if p == 1 else sp.rank
+        doc_start = torch.zeros(seqlen, dtype=torch.int64)
+        if cu is not None:
+            lengths = cu[1:] - cu[:-1]
+            doc_start = torch.repeat_interleave(cu[:-1], lengths)
+        owner = torch.empty(seqlen, dtype=torch.int64)
+        row_of = torch.empty(seqlen, dtype=torch.int64)
+        for r, pos in enumerate(held):
+            owner[pos], row_of[pos] = r, torch.arange(local)
+
+        def segments(pos):  # [(first local row, length, halo positions)] of one rank
+            cut = torch.ones(len(pos), dtype=torch.bool)
+            cut[1:] = (pos[1:] != pos[:-1] + 1) | (doc_start[pos[1:]] == pos[1:])
+            starts = torch.nonzero(cut).flatten().tolist() + [len(pos)]
+            out = []
+            for a, z in zip(starts[:-1], starts[1:]):
+                q0 = int(pos[a])
+                out.append((a, z - a, torch.arange(max(int(doc_start[q0]), q0 - reach + 1), q0)))
+            return out
+
+        # what each owner sends: every position another rank's halo needs from it
+        needed = [torch.cat([h[owner[h] != r] for _, _, h in segments(pos)] + [torch.empty(0, dtype=torch.int64)])
+                  for r, pos in enumerate(held)]
+        wanted = torch.unique(torch.cat(needed))
+        sends = [wanted[owner[wanted] == r] for r in range(p)] if p > 1 else [torch.empty(0, dtype=torch.int64)]
+        width = max(1, max(len(e) for e in sends))
+        slot_in_gather = torch.full((seqlen,), -1, dtype=torch.int64)
+        for r, e in enumerate(sends):
+            slot_in_gather[e] = local + r * width + torch.arange(len(e))
+        zero = local + (p * width if p > 1 else 0)
+
+        def source(q):  # row of [local; gathered; zero] holding position q (a tensor)
+            mine_rows = owner[q] == me
+            return torch.where(mine_rows, row_of[q], slot_in_gather[q])
+
+        segs = segments(held[me])
+        longest = max(len(h) + n for _, n, h in segs)
+        batch = torch.full((len(segs), longest), zero, dtype=torch.int64)
+        mine = torch.empty(local, dtype=torch.int64)
+        for i, (a, n, h) in enumerate(segs):
+            if len(h):
+                batch[i, :len(h)] = source(h)
+            batch[i, len(h):len(h) + n] = torch.arange(a, a + n)
+            mine[a:a + n] = i * longest + len(h) + torch.arange(n)
+        send = row_of[sends[me]] if p > 1 else torch.empty(0, dtype=torch.int64)
+        send = torch.cat([send, send.new_zeros(width - len(send))]) if p > 1 else send
+        return cls(send.to(device), batch.flatten().to(device), mine.to(device), len(segs),
+                   None if p == 1 else sp.group, p)
+
+
 class SequenceMixers:
     """Hooks on every known mixer of a transformers model (see the module doc); ``index``
     is set once per forward with ``prepare``."""
@@ -125,40 +215,76 @@ class SequenceMixers:
     def __init__(self, model: nn.Module):
         self.mixers = find_mixers(model)
         self.index: Optional[MixerIndex] = None
+        self.halos: dict[int, HaloIndex] = {}  # reach -> this forward's halo index
+        self._reach = {}  # id(module) -> reach, for mixers of the halo scheme
         self._handles = []
         for module in self.mixers.values():
-            self._handles.append(module.register_forward_pre_hook(self._gather, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._keep_mine))
+            reach = HALO_REACH.get(MIXER_CLASSES[type(module).__name__])
+            if reach is not None:
+                self._reach[id(module)] = reach(module)
+                pre, post = self._halo, self._keep_mine_halo
+            else:
+                pre, post = self._gather, self._keep_mine
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(post))
 
     def __bool__(self) -> bool:
         return bool(self.mixers)
 
     def prepare(self, sp, shape, cu_seqlens=None, device=None) -> None:
-        self.index = MixerIndex.build(sp, shape, cu_seqlens, device)
+        gathered = len(self._reach) < len(self.mixers)
+        self.index = MixerIndex.build(sp, shape, cu_seqlens, device) if gathered else None
+        self.halos = {k: HaloIndex.build(sp, shape, cu_seqlens, device, k)
+                      for k in set(self._reach.values())}
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def _gather(self, module, args, kwargs):
-        """(b, s/P, H) local hidden states -> the mixer's whole input in natural order."""
-        idx = self.index
+    @staticmethod
+    def _input(module, idx, args, kwargs):
         if idx is None:
             raise RuntimeError(f"{type(module).__name__}: the sequence mixers were not prepared "
                                "for this forward (HFCausalLM.forward does it)")
         if kwargs.get("attention_mask") is not None:
             raise ValueError(f"{type(module).__name__}: a padding mask reached the mixer; ringattn "
                              "takes packed documents (cu_seqlens), not padding")
-        x = args[0] if args else kwargs["hidden_states"]
+        return args[0] if args else kwargs["hidden_states"]
+
+    @staticmethod
+    def _with_input(x, args, kwargs):
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
+
+    def _halo(self, module, args, kwargs):
+        """(b, s/P, H) -> (b * segments, longest, H): each segment after its halo."""
+        idx = self.halos.get(self._reach[id(module)])
+        x = self._input(module, idx, args, kwargs)
+        parts = [x]
+        if idx.world > 1:  # the rows other ranks' halos need, from every rank
+            parts.append(gather_sequence(x.index_select(1, idx.send), 1, idx.group))
+        parts.append(x.new_zeros(x.shape[0], 1, x.shape[-1]))
+        x = torch.cat(parts, 1).index_select(1, idx.batch)
+        return self._with_input(x.view(x.shape[0] * idx.rows, -1, x.shape[-1]), args, kwargs)
+
+    def _keep_mine_halo(self, module, args, output):
+        idx = self.halos[self._reach[id(module)]]
+        out = output[0] if isinstance(output, tuple) else output
+        out = out.reshape(-1, idx.rows * out.shape[1], out.shape[-1]).index_select(1, idx.mine)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    def _gather(self, module, args, kwargs):
+        """(b, s/P, H) local hidden states -> the mixer's whole input in natural order."""
+        idx = self.index
+        x = self._input(module, idx, args, kwargs)
         x = gather_sequence(x, 1, idx.group) if idx.world > 1 else x
         if idx.rows is not None:  # one right-padded row per document, the zero state each
             x = F.pad(x, (0, 0, 0, 1)).index_select(1, idx.gather).view(idx.rows, -1, x.shape[-1])
         elif idx.world > 1:
             x = x.index_select(1, idx.gather)
-        if args:
-            return (x, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": x}
+        return self._with_input(x, args, kwargs)
 
     def _keep_mine(self, module, args, output):
         """The mixer's output over the whole sequence -> this rank's rows (b, s/P, H')."""
