@@ -352,3 +352,12 @@ def test_short_conv_halo_is_a_few_tokens_per_segment(layout, docs, most):
     assert 0 < len(idx.send) <= most * (k - 1)
     # equal documents here: the padding to the longest segment is at most a token a row
     assert len(idx.batch) <= seqlen // p + most * (k - 1) + idx.rows
+
+
+def test_attention_function_alone_refuses_recurrent_mixers():
+    """Without HFCausalLM (the integrations call use_ringattn) nothing would run the mixers over
+    the gathered sequence: refused, naming the mixer class."""
+    from ringattn.models.hf import use_ringattn
+
+    with pytest.raises(ValueError, match=r"recurrent mixers \(BambaMixer\).*HFCausalLM"):
+        use_ringattn(mixer_model("bamba"))

@@ -165,13 +165,21 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 FEEDFORWARD_LAYER_TYPES = ("mlp", "moe")  # Nemotron-H's layers without a token mixer
 
 
-def check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module, recurrent_mixers: bool = False) -> None:
     """Refuse, before computing anything, models whose sequence mixing is not what
     ``sp.attention`` computes from the keyword arguments: attention patterns that live only
     in transformers' mask functions (chunked, bidirectional), and mixers outside attention
     (convolutions, Mamba, linear attention) other than the recurrent mixers of
-    ``mixers.MIXER_FAMILIES``, which run over the gathered sequence (``mixers.SequenceMixers``)."""
+    ``mixers.MIXER_FAMILIES``, which run over the gathered sequence (``mixers.SequenceMixers``)
+    when the caller installs them (``recurrent_mixers=True``: ``HFCausalLM``)."""
     config, name = model.config, type(model).__name__
+    found = mixers.find_mixers(model)
+    if found and not recurrent_mixers:
+        kinds = sorted({type(m).__name__ for m in found.values()})
+        raise ValueError(f"{name}: recurrent mixers ({', '.join(kinds)}) run under sequence "
+                         "parallelism only inside ringattn.models.hf.HFCausalLM, which runs them "
+                         "over the gathered sequence; the attention function alone (use_ringattn, "
+                         "the Trainer / accelerate integrations) would run them on each shard: refused")
     handled = mixers.mixer_layers(model)
     layer_types = list(getattr(config, "layer_types", None) or ())
     other = sorted({t for i, t in enumerate(layer_types) if t not in ATTENTION_LAYER_TYPES
@@ -199,10 +207,11 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
-def use_ringattn(hf_model: nn.Module) -> nn.Module:
+def use_ringattn(hf_model: nn.Module, recurrent_mixers: bool = False) -> nn.Module:
     """Check that the model's sequence mixing is supported, then set its attention to
-    ``"ringattn"`` (in place; returns the model). Its forward then needs ``ringattn_sp=sp``."""
-    check_supported(hf_model)
+    ``"ringattn"`` (in place; returns the model). Its forward then needs ``ringattn_sp=sp``.
+    ``recurrent_mixers``: the caller runs the model's recurrent mixers (``HFCausalLM``)."""
+    check_supported(hf_model, recurrent_mixers)
     register()
     if hf_model.config._attn_implementation != ATTN_IMPLEMENTATION:
         hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -258,7 +267,7 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module, sp=None, *, tiled_loss: bool = True,
                  loss_tile_tokens: Optional[int] = None, offload_activations: bool = False):
         super().__init__()
-        use_ringattn(hf_model)
+        use_ringattn(hf_model, recurrent_mixers=True)
         self.hf = hf_model
         self.sp = sp if sp is not None else _local_sp()
         self.tiled_loss, self.loss_tile_tokens = tiled_loss, loss_tile_tokens
