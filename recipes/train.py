@@ -480,9 +480,10 @@ def dry_run(job: JobConfig) -> None:
                         for z in range(4))
     print(f"  total per rank by ZeRO stage, no offload (GiB): {stages}", flush=True)
     if model.recurrent_mixers:
-        print(f"  not included: the recurrent mixers ({', '.join(model.recurrent_mixers)}) run over the "
-              "whole gathered sequence in each of their layers (S x hidden input and the mixer's "
-              "activations over S tokens per rank)", flush=True)
+        print(f"  not included: the recurrent mixers ({', '.join(model.recurrent_mixers)}); each of their "
+              "layers runs over the whole gathered sequence (S x hidden input and the mixer's "
+              "activations over S tokens per rank; short convolutions: local tokens plus halos)",
+              flush=True)
 
 
 def _rss() -> int:
