@@ -361,3 +361,20 @@ def test_attention_function_alone_refuses_recurrent_mixers():
 
     with pytest.raises(ValueError, match=r"recurrent mixers \(BambaMixer\).*HFCausalLM"):
         use_ringattn(mixer_model("bamba"))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped", "doc_zigzag"])
+def test_mixer_index_positions_are_the_layouts(layout):
+    """The mixers' vectorised view of every rank's positions (from the layout's runs) is
+    ``sharding.held_indices``, rank by rank (uneven documents, 3 and 4 ranks)."""
+    from types import SimpleNamespace
+
+    from ringattn.models.mixers import _held
+    from ringattn.sharding import held_indices
+
+    for p in (3, 4):
+        seqlen = 24 * p
+        cu = torch.tensor([0, 5, 9, 30, 31, 50, seqlen], dtype=torch.int32)
+        sp = SimpleNamespace(world_size=p, rank=0, layout=layout, strategy="ring", group=None)
+        for r, got in enumerate(_held(sp, seqlen, cu)):
+            assert torch.equal(got, held_indices(layout, seqlen, p, r, 1, cu)), (p, r)

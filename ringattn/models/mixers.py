@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm import gather_sequence
+from ..layouts import get_layout
 from ..sharding import held_indices
 
 # The mixer classes of transformers 5.x hybrids, by family (checked in
@@ -93,6 +94,24 @@ def mixer_layers(model: nn.Module) -> set[int]:
     return {int(m.group(1)) for n in find_mixers(model) if (m := _LAYER.search(n + "."))}
 
 
+def _held(sp, seqlen: int, cu) -> list[torch.Tensor]:
+    """Every rank's global positions, in its local order: one vectorised pass over the
+    layout's runs (O(runs), not a loop over ranks' tokens); hybrid splits each ring shard."""
+    p = sp.world_size
+    if p == 1:
+        return [torch.arange(seqlen)]
+    inner = sp.ulysses_size if sp.strategy == "hybrid" else 1
+    if inner > 1:
+        return [held_indices(sp.layout, seqlen, p, r, inner, cu) for r in range(p)]
+    lay = get_layout(sp.layout)
+    rank, pos0, _, length = lay.all_runs(seqlen, p, cu)
+    total = int(length.sum())
+    first = torch.cumsum(length, 0) - length
+    step = torch.arange(total) - torch.repeat_interleave(first, length, output_size=total)
+    pos = torch.repeat_interleave(pos0, length, output_size=total) + lay.stride_of(p) * step
+    return list(pos.split((seqlen // p,) * p))
+
+
 @dataclass(frozen=True)
 class MixerIndex:
     """One forward's permutation. ``gather`` (n,) indexes rows of [rank-major gathered
@@ -113,12 +132,8 @@ class MixerIndex:
         p, local = sp.world_size, int(shape[1])
         seqlen = local * p
         cu = None if cu_seqlens is None else torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
-        if p == 1:
-            held, me = torch.arange(seqlen), torch.arange(seqlen)
-        else:
-            inner = sp.ulysses_size if sp.strategy == "hybrid" else 1
-            parts = [held_indices(sp.layout, seqlen, p, r, inner, cu) for r in range(p)]
-            held, me = torch.cat(parts), parts[sp.rank]
+        parts = _held(sp, seqlen, cu)
+        held, me = torch.cat(parts), parts[0 if p == 1 else sp.rank]
         order = torch.argsort(held)  # natural position -> row of the rank-major gather
         rows = None
         if cu is not None:
@@ -153,34 +168,37 @@ class HaloIndex:
         p, local = sp.world_size, int(shape[1])
         seqlen = local * p
         cu = None if cu_seqlens is None else torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
-        if p == 1:
-            held = [torch.arange(seqlen)]
-        else:
-            inner = sp.ulysses_size if sp.strategy == "hybrid" else 1
-            held = [held_indices(sp.layout, seqlen, p, r, inner, cu) for r in range(p)]
+        held = _held(sp, seqlen, cu)
         me = 0 if p == 1 else sp.rank
         doc_start = torch.zeros(seqlen, dtype=torch.int64)
         if cu is not None:
-            lengths = cu[1:] - cu[:-1]
-            doc_start = torch.repeat_interleave(cu[:-1], lengths)
+            doc_start = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=seqlen)
+        everyone = torch.cat(held)
         owner = torch.empty(seqlen, dtype=torch.int64)
+        owner[everyone] = torch.repeat_interleave(torch.arange(p), local)
         row_of = torch.empty(seqlen, dtype=torch.int64)
-        for r, pos in enumerate(held):
-            owner[pos], row_of[pos] = r, torch.arange(local)
+        row_of[everyone] = torch.arange(local).repeat(p)
 
-        def segments(pos):  # [(first local row, length, halo positions)] of one rank
+        def segments(pos):
+            """A rank's segments: first local row a, length n, halo length h (vectors), and
+            the halo positions, all segments' concatenated."""
             cut = torch.ones(len(pos), dtype=torch.bool)
             cut[1:] = (pos[1:] != pos[:-1] + 1) | (doc_start[pos[1:]] == pos[1:])
-            starts = torch.nonzero(cut).flatten().tolist() + [len(pos)]
-            out = []
-            for a, z in zip(starts[:-1], starts[1:]):
-                q0 = int(pos[a])
-                out.append((a, z - a, torch.arange(max(int(doc_start[q0]), q0 - reach + 1), q0)))
-            return out
+            a = torch.nonzero(cut).flatten()
+            n = torch.diff(a, append=torch.tensor([len(pos)]))
+            q0 = pos[a]
+            h = torch.clamp(q0 - doc_start[q0], max=reach - 1)
+            total = int(h.sum())
+            first = torch.cumsum(h, 0) - h
+            halo = torch.repeat_interleave(q0 - h, h, output_size=total) + torch.arange(total) \
+                - torch.repeat_interleave(first, h, output_size=total)
+            return a, n, h, halo
 
         # what each owner sends: every position another rank's halo needs from it
-        needed = [torch.cat([h[owner[h] != r] for _, _, h in segments(pos)] + [torch.empty(0, dtype=torch.int64)])
-                  for r, pos in enumerate(held)]
+        needed = []
+        for r, pos in enumerate(held):
+            halo = segments(pos)[3]
+            needed.append(halo[owner[halo] != r])
         wanted = torch.unique(torch.cat(needed))
         sends = [wanted[owner[wanted] == r] for r in range(p)] if p > 1 else [torch.empty(0, dtype=torch.int64)]
         width = max(1, max(len(e) for e in sends))
@@ -189,22 +207,20 @@ class HaloIndex:
             slot_in_gather[e] = local + r * width + torch.arange(len(e))
         zero = local + (p * width if p > 1 else 0)
 
-        def source(q):  # row of [local; gathered; zero] holding position q (a tensor)
-            mine_rows = owner[q] == me
-            return torch.where(mine_rows, row_of[q], slot_in_gather[q])
-
-        segs = segments(held[me])
-        longest = max(len(h) + n for _, n, h in segs)
-        batch = torch.full((len(segs), longest), zero, dtype=torch.int64)
-        mine = torch.empty(local, dtype=torch.int64)
-        for i, (a, n, h) in enumerate(segs):
-            if len(h):
-                batch[i, :len(h)] = source(h)
-            batch[i, len(h):len(h) + n] = torch.arange(a, a + n)
-            mine[a:a + n] = i * longest + len(h) + torch.arange(n)
+        a, n, h, halo = segments(held[me])
+        rows, longest = len(a), int((h + n).max())
+        batch = torch.full((rows, longest), zero, dtype=torch.int64)
+        seg = torch.arange(rows)
+        halo_row = torch.repeat_interleave(seg, h, output_size=len(halo))
+        halo_col = torch.arange(len(halo)) - torch.repeat_interleave(torch.cumsum(h, 0) - h, h, output_size=len(halo))
+        batch[halo_row, halo_col] = torch.where(owner[halo] == me, row_of[halo], slot_in_gather[halo])
+        tok_row = torch.repeat_interleave(seg, n, output_size=local)
+        tok_col = h[tok_row] + torch.arange(local) - a[tok_row]
+        batch[tok_row, tok_col] = torch.arange(local)
+        mine = tok_row * longest + tok_col
         send = row_of[sends[me]] if p > 1 else torch.empty(0, dtype=torch.int64)
         send = torch.cat([send, send.new_zeros(width - len(send))]) if p > 1 else send
-        return cls(send.to(device), batch.flatten().to(device), mine.to(device), len(segs),
+        return cls(send.to(device), batch.flatten().to(device), mine.to(device), rows,
                    None if p == 1 else sp.group, p)
 
 
