@@ -67,6 +67,12 @@ def strategies(world: int, gpus_per_node: int, kv_heads: int, heads: int) -> lis
 
 def capacity_rows(cfg: CapacityConfig, model) -> list[dict]:
     """One row per (strategy, ZeRO stage, offload): the longest seq_len and its estimate."""
+    if model.recurrent_mixers:
+        raise ValueError(f"the memory model has no term for recurrent mixers ({', '.join(model.recurrent_mixers)}): "
+                         "a mixer layer runs over the whole gathered sequence (S x hidden input, the "
+                         "mixer's own activations over S tokens, P-fold the attention layers' share; "
+                         "short convolutions: this rank's tokens plus halos); capacity planning of "
+                         "hybrid models is not supported")
     shape, world = model.shape, cfg.world_size
     heads, kv_heads = model.heads
     rows = []

@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 log = logging.getLogger("recipes.convert")
 

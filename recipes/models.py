@@ -110,6 +110,8 @@ class LlamaModel:
     def activation_checkpointing(self) -> bool:
         return self.cfg.activation_checkpointing
 
+    recurrent_mixers: tuple = ()  # attention only
+
     @property
     def shape(self) -> ModelShape:
         c = self.cfg
@@ -151,6 +153,18 @@ class HFModel:
             raise ValueError(f"model.path={cfg.path}: vocabulary {self.config.vocab_size} < tokenizer vocabulary "
                              f"{tokenizer.vocab_size} (pass the model's tokenizer as data.tokenizer)")
         self._shape = None
+        self._mixers = None
+
+    @property
+    def recurrent_mixers(self) -> tuple:
+        """Families of the model's recurrent mixers (``ringattn.models.mixers``; empty unless a
+        hybrid), from a meta-device model, computed once."""
+        if self._mixers is None:
+            from ringattn.models import hf, mixers
+
+            found = mixers.find_mixers(hf.empty_model(self.config)).values()
+            self._mixers = tuple(sorted({mixers.MIXER_CLASSES[type(m).__name__] for m in found}))
+        return self._mixers
 
     @property
     def heads(self) -> tuple:

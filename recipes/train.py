@@ -525,6 +525,11 @@ def dry_run(job: JobConfig) -> None:
     stages = " | ".join(f"{z}: {est(z, offload_optimizer=False, offload_param=False).total / estimate.GiB:.2f}"
                         for z in range(4))
     print(f"  total per rank by ZeRO stage, no offload (GiB): {stages}", flush=True)
+    if model.recurrent_mixers:
+        print(f"  not included: the recurrent mixers ({', '.join(model.recurrent_mixers)}); each of their "
+              "layers runs over the whole gathered sequence (S x hidden input and the mixer's "
+              "activations over S tokens per rank; short convolutions: local tokens plus halos)",
+              flush=True)
 
 
 def _rss() -> int:

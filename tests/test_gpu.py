@@ -9,7 +9,6 @@ NCCL; the NCCL checks use a world of one (group device, timeout options, error h
 from __future__ import annotations
 
 import datetime
-import math
 import os
 
 import pytest

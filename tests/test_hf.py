@@ -83,10 +83,6 @@ def _more_configs(tf, common):
                                                      num_experts_per_tok=2, n_group=1, topk_group=1,
                                                      moe_intermediate_size=16, index_topk=4,
                                                      index_n_heads=2, index_head_dim=8),
-        "minimax": lambda: tf.MiniMaxConfig(**common, head_dim=8,
-                                            layer_types=["full_attention", "linear_attention"]),
-        "lfm2": lambda: tf.Lfm2Config(**common, pad_token_id=0, layer_types=["conv", "full_attention"]),
-        "falcon_h1": lambda: tf.FalconH1Config(**common, pad_token_id=0),
     }
 
 

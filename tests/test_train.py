@@ -5,7 +5,6 @@ and ZeRO stages reproduce the single-process run; resume, crash-safe checkpoints
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

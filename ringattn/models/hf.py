@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import tiling
+from . import mixers, tiling
 
 ATTN_IMPLEMENTATION = "ringattn"
 SP_KWARG = "ringattn_sp"
@@ -162,15 +162,18 @@ def attention_rules(config) -> list[tuple[bool, tuple[int, int]]]:
 
 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+FEEDFORWARD_LAYER_TYPES = ("mlp", "moe")  # Nemotron-H's layers without a token mixer
 
 
-def check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module, recurrent_mixers: bool = False) -> None:
     """Refuse, before computing anything, models whose sequence mixing is not what
     ``sp.attention`` computes from the keyword arguments: attention patterns that live only
     in transformers' mask functions (chunked, bidirectional), sparse attention whose indexer
-    picks keys (DeepSeek-V3.2 DSA), and mixers outside attention (convolutions, Mamba, linear
-    attention), which would run on each rank's shard alone. MLA (DeepSeek-V3, LongCat-Flash:
-    v's head size unlike q/k's) is supported."""
+    picks keys (DeepSeek-V3.2 DSA), and mixers outside attention
+    (convolutions, Mamba, linear attention) other than the recurrent mixers of
+    ``mixers.MIXER_FAMILIES``, which run over the gathered sequence (``mixers.SequenceMixers``)
+    when the caller installs them (``recurrent_mixers=True``: ``HFCausalLM``). MLA (DeepSeek-V3,
+    LongCat-Flash: v's head size unlike q/k's) is supported."""
     config, name = model.config, type(model).__name__
     # DeepSeek Sparse Attention's lightning indexer (transformers 5.25: deepseek_v32,
     # glm_moe_dsa, glm5_next, mistral_large4, deepseek_v4, dots3_note, step3p7) picks each
@@ -181,17 +184,30 @@ def check_supported(model: nn.Module) -> None:
         raise ValueError(f"{name}: sparse attention with an indexer (DeepSeek-V3.2 DSA / GLM; "
                          f"config {indexer}) is not supported by ringattn sequence parallelism: "
                          "the indexer picks each query's top-k keys over the whole sequence")
-    other = sorted({t for t in getattr(config, "layer_types", None) or ()
-                    if t not in ATTENTION_LAYER_TYPES})
+    found = mixers.find_mixers(model)
+    if found and not recurrent_mixers:
+        kinds = sorted({type(m).__name__ for m in found.values()})
+        raise ValueError(f"{name}: recurrent mixers ({', '.join(kinds)}) run under sequence "
+                         "parallelism only inside ringattn.models.hf.HFCausalLM, which runs them "
+                         "over the gathered sequence; the attention function alone (use_ringattn, "
+                         "the Trainer / accelerate integrations) would run them on each shard: refused")
+    handled = mixers.mixer_layers(model)
+    layer_types = list(getattr(config, "layer_types", None) or ())
+    other = sorted({t for i, t in enumerate(layer_types) if t not in ATTENTION_LAYER_TYPES
+                    and t not in FEEDFORWARD_LAYER_TYPES and i not in handled})
     if other:
-        raise ValueError(f"{name}: layer types {other} are not supported by ringattn sequence "
-                         f"parallelism (only {list(ATTENTION_LAYER_TYPES)})")
+        raise ValueError(f"{name}: layer types {other} mix tokens with a module ringattn does not "
+                         "know; sequence parallelism for a recurrent mixer needs its scheme "
+                         f"(ringattn.models.mixers knows {sorted(mixers.MIXER_FAMILIES)}): "
+                         "not supported")
     if getattr(config, "use_bidirectional_attention", None):
         raise ValueError(f"{name}: use_bidirectional_attention is not supported by ringattn")
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv1d)]
+    inside = tuple(n + "." for n in mixers.find_mixers(model))
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv1d) and not n.startswith(inside)]
     if convs:
         raise ValueError(f"{name}: sequence convolutions ({convs[0]}, ...) mix tokens outside "
-                         "attention; they would see only this rank's shard: not supported")
+                         "attention and outside any recurrent mixer ringattn knows; they would "
+                         "see only this rank's shard: not supported")
 
 
 def register() -> str:
@@ -202,10 +218,11 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
-def use_ringattn(hf_model: nn.Module) -> nn.Module:
+def use_ringattn(hf_model: nn.Module, recurrent_mixers: bool = False) -> nn.Module:
     """Check that the model's sequence mixing is supported, then set its attention to
-    ``"ringattn"`` (in place; returns the model). Its forward then needs ``ringattn_sp=sp``."""
-    check_supported(hf_model)
+    ``"ringattn"`` (in place; returns the model). Its forward then needs ``ringattn_sp=sp``.
+    ``recurrent_mixers``: the caller runs the model's recurrent mixers (``HFCausalLM``)."""
+    check_supported(hf_model, recurrent_mixers)
     register()
     if hf_model.config._attn_implementation != ATTN_IMPLEMENTATION:
         hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -261,7 +278,7 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module, sp=None, *, tiled_loss: bool = True,
                  loss_tile_tokens: Optional[int] = None, offload_activations: bool = False):
         super().__init__()
-        use_ringattn(hf_model)
+        use_ringattn(hf_model, recurrent_mixers=True)
         self.hf = hf_model
         self.sp = sp if sp is not None else _local_sp()
         self.tiled_loss, self.loss_tile_tokens = tiled_loss, loss_tile_tokens
@@ -270,6 +287,8 @@ class HFCausalLM(nn.Module):
         # casts of the module (DeepSpeed's bf16 .bfloat16(), .to(dtype)) cannot round them
         self._rope_fp32 = {name: _inv_freq_fp32(mod) for name, mod in hf_model.named_modules()
                            if _is_rotary(mod)}
+        # recurrent mixers (hybrids): hooks that run each over the gathered sequence
+        self._mixers = mixers.SequenceMixers(hf_model)
 
     @classmethod
     def from_pretrained(cls, path: str, sp=None, *, rope_theta: Optional[float] = None,
@@ -344,6 +363,8 @@ class HFCausalLM(nn.Module):
         if plan is None:
             plan = self.build_plan(tokens.shape, cu_seqlens, mask, tokens.device)
         plan = plan.agree()
+        if self._mixers:  # once per forward: the gather/keep permutation every mixer reads
+            self._mixers.prepare(self.sp, tokens.shape, cu_seqlens, tokens.device)
         kw = {SP_KWARG: self.sp, PLAN_KWARG: plan, MASKS_KWARG: masks}
         offload = self.offload_activations and self.training and self.hf.is_gradient_checkpointing
         with tiling.activation_offload(tokens.device) if offload else contextlib.nullcontext():

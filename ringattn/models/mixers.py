@@ -1,0 +1,312 @@
+"""Recurrent token mixers of transformers hybrids under sequence parallelism: the sequence
+gathered, the model's own mixer run over it in natural order, this rank's rows kept (short
+convolutions: only a halo of k - 1 tokens per segment is fetched).
+
+Hybrid models put recurrences along the sequence beside softmax attention: Gated DeltaNet /
+KDA / lightning linear attention (Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear,
+Bailing-Hybrid, MiniMax), Mamba2 (Nemotron-H, Granite-MoE-Hybrid, Bamba, Falcon-H1, Zamba2),
+Mamba (Jamba) and short causal convolutions (LFM2). A token's output depends on every earlier
+token of its document in natural order, so a rank's shard alone (any layout) is not enough.
+
+The scheme here is exact for every family and treats the model's mixer as a black box:
+forward hooks (``nn.Module.register_forward_pre_hook`` / ``register_forward_hook``, state-dict
+keys unchanged) on each mixer module
+
+1. all-gather the mixer's input hidden states (b, s/P, H) over the SP group
+   (``comm.gather_sequence``: backward reduce-scatters, i.e. sums, the gradient);
+2. put them in natural order with one ``index_select`` (the inverse of the layout's
+   permutation, zigzag's two chunks and doc_zigzag's runs included); with packed documents
+   the same index lays the documents out as a right-padded batch (documents, longest, H):
+   each document starts from the mixer's zero state, and padding after a document's last
+   token never reaches its rows (a causal recurrence only looks back);
+3. run the model's own mixer on it, and keep this rank's rows (b, s/P, H) in layout order
+   with a second ``index_select``.
+
+Gradients are exact: each rank back-propagates only its own rows' outputs, the all-gather's
+backward sums every rank's input gradient into the owner's shard, and the parameter
+gradients of the P ranks are summed by the usual sequence-parallel gradient reduction.
+
+Cost per mixer layer and rank: one all-gather of S x H activations forward and one
+reduce-scatter of the same size backward ((P-1)/P x S x H x bytes each), the mixer's
+compute over the whole sequence (P-fold redundant) and O(S x H) activations saved for its
+backward. With documents the batch is (documents x longest document) long. The scalable
+schemes for the recurrences (head-parallel all-to-all, a state-passing scan of O(state)
+bytes) are the follow-up; see docs/huggingface.md.
+
+Short convolutions (LFM2) have a finite reach: the whole mixer (pointwise projections and
+gates around one causal depthwise convolution of k taps) makes token t from tokens
+t-k+1..t of its document. They take the **halo** scheme instead (``HaloIndex``): each
+rank's rows are cut into segments (a layout run, cut again at document starts), every
+segment gets the k - 1 tokens before it in its document (fewer at a document's start), and
+the mixer runs over this rank's segments as a right-padded batch, each row starting at its
+first real token (so the mixer's own zero padding is the document start, biases included).
+The halo tokens come from an all-gather of at most (k - 1) x segments rows per rank
+(backward: their gradients summed into the owners): bytes independent of the sequence
+length for contiguous, zigzag and doc_zigzag (per document), compute and activations 1/P
+of the sequence plus the halos. Striped puts every neighbour on another rank: the halo is
+then the whole shard (still exact).
+
+Both index tensors are built once per forward (``MixerIndex.build``: host arithmetic on the
+layout, one copy to the device) and read by every mixer: the hot path adds no host sync and
+no collective beyond the gather itself. The index lives on this object for the step, so a
+checkpointed layer's recompute uses the index of the latest forward: run a micro-batch's
+backward before the next micro-batch's forward (as the recipe and transformers' Trainer do).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..comm import gather_sequence
+from ..layouts import get_layout
+from ..sharding import held_indices
+
+# The mixer classes of transformers 5.x hybrids, by family (checked in
+# tests/test_hf_mixers.py: each is exact under every layout). Each is run as a black box.
+MIXER_FAMILIES = {
+    "gated_deltanet": ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet",
+                       "OlmoHybridGatedDeltaNet", "BailingHybridDeltaAttention"),
+    "kda": ("KimiLinearDeltaAttention",),
+    "lightning": ("MiniMaxLightningAttention",),
+    "mamba2": ("NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "BambaMixer", "FalconH1Mixer",
+               "Zamba2MambaMixer"),
+    "mamba": ("JambaMambaMixer",),
+    "short_conv": ("Lfm2ShortConv", "Lfm2MoeShortConv"),
+}
+# Families whose whole mixer sees only the last ``reach(module)`` tokens: the halo scheme.
+HALO_REACH = {"short_conv": lambda module: int(module.conv_kernel_size)}
+MIXER_CLASSES = {cls: family for family, classes in MIXER_FAMILIES.items() for cls in classes}
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def find_mixers(model: nn.Module) -> dict[str, nn.Module]:
+    """{qualified name: module} of every recurrent mixer ringattn knows in ``model``."""
+    return {n: m for n, m in model.named_modules() if type(m).__name__ in MIXER_CLASSES}
+
+
+def mixer_layers(model: nn.Module) -> set[int]:
+    """Indices of the decoder layers (``...layers.<i>.``) that hold a known mixer."""
+    return {int(m.group(1)) for n in find_mixers(model) if (m := _LAYER.search(n + "."))}
+
+
+def _held(sp, seqlen: int, cu) -> list[torch.Tensor]:
+    """Every rank's global positions, in its local order: one vectorised pass over the
+    layout's runs (O(runs), not a loop over ranks' tokens); hybrid splits each ring shard."""
+    p = sp.world_size
+    if p == 1:
+        return [torch.arange(seqlen)]
+    inner = sp.ulysses_size if sp.strategy == "hybrid" else 1
+    if inner > 1:
+        return [held_indices(sp.layout, seqlen, p, r, inner, cu) for r in range(p)]
+    lay = get_layout(sp.layout)
+    rank, pos0, _, length = lay.all_runs(seqlen, p, cu)
+    total = int(length.sum())
+    first = torch.cumsum(length, 0) - length
+    step = torch.arange(total) - torch.repeat_interleave(first, length, output_size=total)
+    pos = torch.repeat_interleave(pos0, length, output_size=total) + lay.stride_of(p) * step
+    return list(pos.split((seqlen // p,) * p))
+
+
+@dataclass(frozen=True)
+class MixerIndex:
+    """One forward's permutation. ``gather`` (n,) indexes rows of [rank-major gathered
+    sequence; one zero row] into the mixer's natural-order input, viewed as (``rows``, n /
+    rows) (packed documents: one right-padded row per document; else the batch as it is);
+    ``mine`` (s/P,) indexes this rank's rows, in layout order, in the mixer's output
+    flattened to (1 or b, n, H)."""
+
+    gather: torch.Tensor
+    mine: torch.Tensor
+    rows: Optional[int]  # documents (batch 1 becomes one row per document); None: no documents
+    group: object
+    world: int
+
+    @classmethod
+    def build(cls, sp, shape, cu_seqlens=None, device=None) -> "MixerIndex":
+        """Host work once per forward for local shards of ``shape`` = (b, s/P)."""
+        p, local = sp.world_size, int(shape[1])
+        seqlen = local * p
+        cu = None if cu_seqlens is None else torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
+        parts = _held(sp, seqlen, cu)
+        held, me = torch.cat(parts), parts[0 if p == 1 else sp.rank]
+        order = torch.argsort(held)  # natural position -> row of the rank-major gather
+        rows = None
+        if cu is not None:
+            if int(shape[0]) != 1:
+                raise ValueError("packed documents (cu_seqlens) take batch 1")
+            lengths = cu[1:] - cu[:-1]
+            rows, longest = len(lengths), int(lengths.max())
+            doc = torch.repeat_interleave(torch.arange(rows), lengths)
+            slot = doc * longest + torch.arange(seqlen) - cu[:-1][doc]  # natural pos -> padded slot
+            gather = torch.full((rows * longest,), seqlen, dtype=torch.int64)  # the zero row
+            gather[slot] = order
+            order, me = gather, slot[me]
+        return cls(order.to(device), me.to(device), rows, None if p == 1 else sp.group, p)
+
+
+@dataclass(frozen=True)
+class HaloIndex:
+    """One forward's halo permutation for mixers of reach k. ``send`` (E,) local rows the
+    other ranks need (padded to the largest E of any rank); ``batch`` (R * n,) indexes rows
+    of [local shard; every rank's E sent rows; one zero row] into R right-padded segment
+    rows of n tokens; ``mine`` (s/P,) this rank's rows in the mixer's output (b, R * n, H)."""
+
+    send: torch.Tensor
+    batch: torch.Tensor
+    mine: torch.Tensor
+    rows: int
+    group: object
+    world: int
+
+    @classmethod
+    def build(cls, sp, shape, cu_seqlens=None, device=None, reach: int = 1) -> "HaloIndex":
+        p, local = sp.world_size, int(shape[1])
+        seqlen = local * p
+        cu = None if cu_seqlens is None else torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
+        held = _held(sp, seqlen, cu)
+        me = 0 if p == 1 else sp.rank
+        doc_start = torch.zeros(seqlen, dtype=torch.int64)
+        if cu is not None:
+            doc_start = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=seqlen)
+        everyone = torch.cat(held)
+        owner = torch.empty(seqlen, dtype=torch.int64)
+        owner[everyone] = torch.repeat_interleave(torch.arange(p), local)
+        row_of = torch.empty(seqlen, dtype=torch.int64)
+        row_of[everyone] = torch.arange(local).repeat(p)
+
+        def segments(pos):
+            """A rank's segments: first local row a, length n, halo length h (vectors), and
+            the halo positions, all segments' concatenated."""
+            cut = torch.ones(len(pos), dtype=torch.bool)
+            cut[1:] = (pos[1:] != pos[:-1] + 1) | (doc_start[pos[1:]] == pos[1:])
+            a = torch.nonzero(cut).flatten()
+            n = torch.diff(a, append=torch.tensor([len(pos)]))
+            q0 = pos[a]
+            h = torch.clamp(q0 - doc_start[q0], max=reach - 1)
+            total = int(h.sum())
+            first = torch.cumsum(h, 0) - h
+            halo = torch.repeat_interleave(q0 - h, h, output_size=total) + torch.arange(total) \
+                - torch.repeat_interleave(first, h, output_size=total)
+            return a, n, h, halo
+
+        # what each owner sends: every position another rank's halo needs from it
+        needed = []
+        for r, pos in enumerate(held):
+            halo = segments(pos)[3]
+            needed.append(halo[owner[halo] != r])
+        wanted = torch.unique(torch.cat(needed))
+        sends = [wanted[owner[wanted] == r] for r in range(p)] if p > 1 else [torch.empty(0, dtype=torch.int64)]
+        width = max(1, max(len(e) for e in sends))
+        slot_in_gather = torch.full((seqlen,), -1, dtype=torch.int64)
+        for r, e in enumerate(sends):
+            slot_in_gather[e] = local + r * width + torch.arange(len(e))
+        zero = local + (p * width if p > 1 else 0)
+
+        a, n, h, halo = segments(held[me])
+        rows, longest = len(a), int((h + n).max())
+        batch = torch.full((rows, longest), zero, dtype=torch.int64)
+        seg = torch.arange(rows)
+        halo_row = torch.repeat_interleave(seg, h, output_size=len(halo))
+        halo_col = torch.arange(len(halo)) - torch.repeat_interleave(torch.cumsum(h, 0) - h, h, output_size=len(halo))
+        batch[halo_row, halo_col] = torch.where(owner[halo] == me, row_of[halo], slot_in_gather[halo])
+        tok_row = torch.repeat_interleave(seg, n, output_size=local)
+        tok_col = h[tok_row] + torch.arange(local) - a[tok_row]
+        batch[tok_row, tok_col] = torch.arange(local)
+        mine = tok_row * longest + tok_col
+        send = row_of[sends[me]] if p > 1 else torch.empty(0, dtype=torch.int64)
+        send = torch.cat([send, send.new_zeros(width - len(send))]) if p > 1 else send
+        return cls(send.to(device), batch.flatten().to(device), mine.to(device), rows,
+                   None if p == 1 else sp.group, p)
+
+
+class SequenceMixers:
+    """Hooks on every known mixer of a transformers model (see the module doc); ``index``
+    is set once per forward with ``prepare``."""
+
+    def __init__(self, model: nn.Module):
+        self.mixers = find_mixers(model)
+        self.index: Optional[MixerIndex] = None
+        self.halos: dict[int, HaloIndex] = {}  # reach -> this forward's halo index
+        self._reach = {}  # id(module) -> reach, for mixers of the halo scheme
+        self._handles = []
+        for module in self.mixers.values():
+            reach = HALO_REACH.get(MIXER_CLASSES[type(module).__name__])
+            if reach is not None:
+                self._reach[id(module)] = reach(module)
+                pre, post = self._halo, self._keep_mine_halo
+            else:
+                pre, post = self._gather, self._keep_mine
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(post))
+
+    def __bool__(self) -> bool:
+        return bool(self.mixers)
+
+    def prepare(self, sp, shape, cu_seqlens=None, device=None) -> None:
+        gathered = len(self._reach) < len(self.mixers)
+        self.index = MixerIndex.build(sp, shape, cu_seqlens, device) if gathered else None
+        self.halos = {k: HaloIndex.build(sp, shape, cu_seqlens, device, k)
+                      for k in set(self._reach.values())}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @staticmethod
+    def _input(module, idx, args, kwargs):
+        if idx is None:
+            raise RuntimeError(f"{type(module).__name__}: the sequence mixers were not prepared "
+                               "for this forward (HFCausalLM.forward does it)")
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError(f"{type(module).__name__}: a padding mask reached the mixer; ringattn "
+                             "takes packed documents (cu_seqlens), not padding")
+        return args[0] if args else kwargs["hidden_states"]
+
+    @staticmethod
+    def _with_input(x, args, kwargs):
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
+
+    def _halo(self, module, args, kwargs):
+        """(b, s/P, H) -> (b * segments, longest, H): each segment after its halo."""
+        idx = self.halos.get(self._reach[id(module)])
+        x = self._input(module, idx, args, kwargs)
+        parts = [x]
+        if idx.world > 1:  # the rows other ranks' halos need, from every rank
+            parts.append(gather_sequence(x.index_select(1, idx.send), 1, idx.group))
+        parts.append(x.new_zeros(x.shape[0], 1, x.shape[-1]))
+        x = torch.cat(parts, 1).index_select(1, idx.batch)
+        return self._with_input(x.view(x.shape[0] * idx.rows, -1, x.shape[-1]), args, kwargs)
+
+    def _keep_mine_halo(self, module, args, output):
+        idx = self.halos[self._reach[id(module)]]
+        out = output[0] if isinstance(output, tuple) else output
+        out = out.reshape(-1, idx.rows * out.shape[1], out.shape[-1]).index_select(1, idx.mine)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    def _gather(self, module, args, kwargs):
+        """(b, s/P, H) local hidden states -> the mixer's whole input in natural order."""
+        idx = self.index
+        x = self._input(module, idx, args, kwargs)
+        x = gather_sequence(x, 1, idx.group) if idx.world > 1 else x
+        if idx.rows is not None:  # one right-padded row per document, the zero state each
+            x = F.pad(x, (0, 0, 0, 1)).index_select(1, idx.gather).view(idx.rows, -1, x.shape[-1])
+        elif idx.world > 1:
+            x = x.index_select(1, idx.gather)
+        return self._with_input(x, args, kwargs)
+
+    def _keep_mine(self, module, args, output):
+        """The mixer's output over the whole sequence -> this rank's rows (b, s/P, H')."""
+        idx = self.index
+        out = output[0] if isinstance(output, tuple) else output
+        if idx.rows is not None:
+            out = out.reshape(1, -1, out.shape[-1])
+        mine = out.index_select(1, idx.mine) if idx.rows is not None or idx.world > 1 else out
+        return (mine, *output[1:]) if isinstance(output, tuple) else mine

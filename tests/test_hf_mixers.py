@@ -1,0 +1,380 @@
+"""Hybrid transformers models (linear attention, Mamba/Mamba2, short convolutions beside softmax
+attention) through ``HFCausalLM``: the recurrent mixers run over the gathered sequence
+(``ringattn.models.mixers``) and match the stock model exactly.
+
+Every family of transformers 5.x with a recurrent mixer, as a tiny random fp32 config: logits,
+loss and the parameter gradients summed over ranks within 1e-5 relative of the stock model on
+one process (eager attention, the full sequence; with packed documents each document run
+alone), under layouts zigzag, contiguous and doc_zigzag (packed documents), the softmax layers
+under ring, Ulysses, all-gather and hybrid. One spawned run checks many (family, case) pairs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.distributed import run_distributed
+from tests.test_hf import VOCAB, _rel, _shift_labels
+
+TOL = 1e-5
+DOCS = [5, 9, 2, 16]  # packed document lengths (32 tokens: every layout splits them at P <= 4)
+
+
+def mixer_config(arch: str):
+    """Two layers (a mixer layer and a softmax one where the family has both), 32 wide."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  attention_dropout=0.0, pad_token_id=0)
+    mixed = ["linear_attention", "full_attention"]
+    gdn = dict(head_dim=8, layer_types=mixed, linear_num_value_heads=4, linear_num_key_heads=2,
+               linear_key_head_dim=8, linear_value_head_dim=8)
+    mamba2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
+                  mamba_chunk_size=8)
+    # Kimi-Linear and Bailing-Hybrid put MLA beside their linear layers: the MLA attention is
+    # another feature, so their tiny configs are all linear layers
+    mla_free = dict(head_dim=8, linear_head_dim=8, linear_num_heads=4, num_experts=2,
+                    num_experts_per_token=1, moe_intermediate_size=16, mlp_layer_types=["dense"] * 2,
+                    layer_types=["linear_attention"] * 2, num_key_value_heads=4)
+    # initializer_range 0.2 where the default leaves the mixer's reach across a document
+    # boundary below 1e-4 of the logits (the negative control needs it visible)
+    configs = {
+        "qwen3_next": lambda: tf.Qwen3NextConfig(**common, **gdn, num_experts=0),
+        "qwen3_5": lambda: tf.Qwen3_5TextConfig(**common, **gdn),
+        "olmo_hybrid": lambda: tf.OlmoHybridConfig(**common, layer_types=mixed),
+        "kimi_linear": lambda: tf.KimiLinearConfig(**{**common, **mla_free}),
+        "bailing_hybrid": lambda: tf.BailingHybridConfig(**{**common, **mla_free}, layer_group_size=2,
+                                                         num_nextn_predict_layers=0),
+        "minimax": lambda: tf.MiniMaxConfig(**common, head_dim=8, layer_types=mixed),
+        "nemotron_h": lambda: tf.NemotronHConfig(
+            **{k: v for k, v in common.items() if k != "num_hidden_layers"},
+            layers_block_type=["mamba", "attention", "mlp"], mamba_num_heads=4, mamba_head_dim=8,
+            ssm_state_size=8, n_groups=2, chunk_size=8, head_dim=8),
+        "granitemoehybrid": lambda: tf.GraniteMoeHybridConfig(**common, layer_types=mixed, **mamba2,
+                                                              num_local_experts=0),
+        "bamba": lambda: tf.BambaConfig(**common, attn_layer_indices=[1], **mamba2),
+        "falcon_h1": lambda: tf.FalconH1Config(**common, **mamba2, mamba_d_ssm=64, head_dim=8),
+        "jamba": lambda: tf.JambaConfig(**common, attn_layer_period=2, attn_layer_offset=1,
+                                        expert_layer_period=2, expert_layer_offset=1, num_experts=2,
+                                        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                                        initializer_range=0.2),
+        "zamba2": lambda: tf.Zamba2Config(**common, layers_block_type=["mamba", "hybrid"],
+                                          mamba_d_state=8, mamba_headdim=8, n_mamba_heads=8,
+                                          mamba_ngroups=2, chunk_size=8, num_mem_blocks=1,
+                                          use_mem_rope=False),
+        "lfm2": lambda: tf.Lfm2Config(**common, layer_types=["conv", "full_attention"],
+                                      initializer_range=0.2),
+        "lfm2_moe": lambda: tf.Lfm2MoeConfig(**common, layer_types=["conv", "full_attention"],
+                                             initializer_range=0.2,
+                                             num_experts=2, num_experts_per_tok=1,
+                                             moe_intermediate_size=16, num_dense_layers=1),
+    }
+    return configs[arch]()
+
+
+FAMILIES = ("qwen3_next", "qwen3_5", "olmo_hybrid", "kimi_linear", "bailing_hybrid", "minimax",
+            "nemotron_h", "granitemoehybrid", "bamba", "falcon_h1", "jamba", "zamba2", "lfm2",
+            "lfm2_moe")
+
+
+def mixer_model(arch: str, seed: int = 0):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()  # the kernels' "falling back to PyTorch" notes
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(mixer_config(arch), attn_implementation="eager")
+    return model.float().eval()
+
+
+def _documents():
+    cu = torch.tensor([0, *torch.tensor(DOCS).cumsum(0).tolist()], dtype=torch.int32)
+    return cu, list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+
+
+def _reference(model, tokens, docs):
+    """The stock model on one process: logits, token-loss sum / valid, parameter gradients."""
+    if docs:  # each document alone: the recurrent state starts at zero in every document
+        _, spans = _documents()
+        logits = torch.cat([model(input_ids=tokens[:, a:b], use_cache=False).logits
+                            for a, b in spans], dim=1)
+    else:
+        logits = model(input_ids=tokens, use_cache=False).logits
+    labels = _labels(tokens, docs)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           reduction="sum") / (labels != -100).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), loss.detach(), grads
+
+
+def _labels(tokens, docs):
+    if not docs:
+        return _shift_labels(tokens)
+    _, spans = _documents()
+    labels = torch.full_like(tokens, -100)
+    for a, b in spans:
+        labels[:, a:b - 1] = tokens[:, a + 1:b]
+    return labels
+
+
+def _mixer_cases(rank, world, cases):
+    """Each (arch, strategy, layout, docs) -> {quantity: relative error} on this rank."""
+    import torch.distributed as dist
+
+    import ringattn
+    from ringattn.models.hf import HFCausalLM
+
+    results = {}
+    for arch, strategy, layout, docs in cases:
+        model = mixer_model(arch)
+        seqlen = sum(DOCS) if docs else 16 * world
+        tokens = torch.randint(0, VOCAB, (1 if docs else 2, seqlen),
+                               generator=torch.Generator().manual_seed(1))
+        ref_logits, ref_loss, ref_grads = _reference(model, tokens, docs)
+        cu = _documents()[0] if docs else None
+        strategy, ckpt = strategy.removesuffix("+ckpt"), strategy.endswith("+ckpt")
+        kw = {"ulysses_size": 2} if strategy == "hybrid" else {}
+        sp = ringattn.SequenceParallel(strategy, layout=layout, **kw)
+        wrapped = HFCausalLM(model, sp)
+        if ckpt:  # the mixers run again in backward (the recompute reads the same index)
+            wrapped.enable_checkpointing()
+            wrapped.train()
+        labels = _labels(tokens, docs)
+        x, y = sp.shard(tokens, cu_seqlens=cu), sp.shard(labels, cu_seqlens=cu)
+        logits = wrapped(x, sp.positions(seqlen, cu_seqlens=cu), cu)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                               reduction="sum") / (labels != -100).sum()
+        loss.backward()
+        loss = loss.detach()
+        dist.all_reduce(loss)
+        for n, p in model.named_parameters():  # summed over ranks (the SP gradient reduction)
+            if p.grad is None:  # a parameter the loss does not reach
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+        ref_grads.update({n: torch.zeros_like(p) for n, p in model.named_parameters()
+                          if n not in ref_grads})
+        case = (arch, strategy + "+ckpt" * ckpt, layout, docs)
+        results[case] = {
+            "logits": _rel(logits.detach(), sp.shard(ref_logits, cu_seqlens=cu)),
+            "loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()),
+            "grads": _grad_error(model, ref_grads), "grad_norm": _grad_norm_error(model, ref_grads)}
+        # negative controls: the mixers on this rank's shard alone, or over the packed
+        # sequence without restarting at each document, are far off (the match is not vacuous;
+        # the halo scheme's document restarts: test_packed_documents_restart_...)
+        with torch.no_grad():
+            if docs and not wrapped._mixers.halos:
+                wrapped._mixers.prepare = lambda sp_, shape, cu_, device: setattr(
+                    wrapped._mixers, "index", _index_across_documents(sp_, shape, cu_))
+            else:
+                wrapped._mixers.remove()
+            wrong = wrapped(x, sp.positions(seqlen, cu_seqlens=cu), cu)
+        control = torch.tensor(_rel(wrong, sp.shard(ref_logits, cu_seqlens=cu)))
+        dist.all_reduce(control, op=dist.ReduceOp.MAX)  # a rank may hold whole documents only
+        results[case]["control"] = control.item()
+    return results
+
+
+def _index_across_documents(sp, shape, cu):
+    """A ``MixerIndex`` that places tokens by the documents (doc_zigzag) but runs the mixer
+    over the packed sequence as one (the state crosses document boundaries): wrong."""
+    from ringattn.models.mixers import MixerIndex
+    from ringattn.sharding import held_indices
+
+    p = sp.world_size
+    held = [held_indices(sp.layout, shape[1] * p, p, r, 1, cu) for r in range(p)]
+    return MixerIndex(torch.argsort(torch.cat(held)), held[sp.rank], None, sp.group, p)
+
+
+def _grad_error(model, ref_grads) -> float:
+    """Largest |g - ref| over every parameter / largest |ref|: each parameter's gradient is
+    not judged against its own scale, since some are pure rounding in the stock fp32 model
+    itself (Qwen3.5's Gated DeltaNet ``A_log``: ~1e-6 of the largest gradient, 1.9e-4 off its
+    own float64 value; an MoE gate under top-1 routing: ~1e-8)."""
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    return max(float((p.grad - ref_grads[n]).abs().max()) for n, p in model.named_parameters()) / scale
+
+
+def _grad_norm_error(model, ref_grads) -> float:
+    """||g - ref|| / ||ref|| over every parameter's gradient (already summed over ranks)."""
+    diff = sum(float((p.grad - ref_grads[n]).double().square().sum()) for n, p in model.named_parameters())
+    norm = sum(float(ref_grads[n].double().square().sum()) for n, _ in model.named_parameters())
+    return (diff / norm) ** 0.5
+
+
+def _check(results):
+    bad = {case: errs for case, errs in results.items()
+           if max(v for k, v in errs.items() if k != "control") > TOL or errs["control"] < 10 * TOL}
+    assert not bad, f"errors above {TOL} (or a negative control below {10 * TOL}): {bad}"
+
+
+STRATEGIES = ("ring", "ulysses", "allgather")
+
+
+def _cases_p2():
+    """Every family: zigzag, contiguous with packed documents and doc_zigzag (documents), the
+    softmax layers under each strategy in turn."""
+    cases = []
+    for i, arch in enumerate(FAMILIES):
+        cases += [(arch, STRATEGIES[i % 3], "zigzag", False),
+                  (arch, STRATEGIES[(i + 1) % 3], "contiguous", True),
+                  (arch, STRATEGIES[(i + 2) % 3], "doc_zigzag", True)]
+    # activation checkpointing: transformers recomputes each layer's forward in backward;
+    # striped: every short-convolution halo token is on another rank
+    return cases + [("jamba", "ring+ckpt", "zigzag", True), ("qwen3_next", "allgather+ckpt", "doc_zigzag", True),
+                    ("lfm2", "ring+ckpt", "striped", False)]
+
+
+QUICK = [("qwen3_next", "ring", "zigzag", False), ("minimax", "ulysses", "doc_zigzag", True),
+         ("bamba", "allgather", "contiguous", True), ("lfm2", "ring", "doc_zigzag", True)]
+
+
+def test_hybrids_match_stock_sp2_quick():
+    """One family of each kind (Gated DeltaNet, lightning, Mamba2, short conv) at sp=2."""
+    for r in run_distributed(_mixer_cases, 2, QUICK, timeout=300):
+        _check(r)
+
+
+@pytest.mark.slow  # every family; the quick tier runs one of each kind
+def test_every_hybrid_family_matches_stock_sp2():
+    for r in run_distributed(_mixer_cases, 2, _cases_p2(), timeout=600):
+        _check(r)
+
+
+@pytest.mark.slow  # 4 ranks
+def test_hybrids_match_stock_sp4():
+    layouts = (("zigzag", False), ("doc_zigzag", True), ("contiguous", True))
+    strategies = ("ring", "hybrid", "allgather", "ulysses")
+    cases = [(arch, strategies[i % 4], *layouts[i % 3]) for i, arch in enumerate(FAMILIES[::2])]
+    for r in run_distributed(_mixer_cases, 4, cases, timeout=600):
+        _check(r)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "lfm2"])
+def test_packed_documents_restart_the_mixers_on_one_process(arch):
+    """No sequence parallelism at all: with cu_seqlens the mixers still restart at each
+    document (the stock model, called on the packed sequence, would carry state across)."""
+    from ringattn.models.hf import HFCausalLM
+
+    model = mixer_model(arch)
+    tokens = torch.randint(0, VOCAB, (1, sum(DOCS)), generator=torch.Generator().manual_seed(3))
+    cu, spans = _documents()
+    with torch.no_grad():
+        want = torch.cat([model(input_ids=tokens[:, a:b], use_cache=False).logits for a, b in spans], 1)
+        packed = model(input_ids=tokens, use_cache=False).logits
+        import ringattn
+
+        sp = ringattn.SequenceParallel.single()
+        got = HFCausalLM(model, sp)(tokens, sp.positions(sum(DOCS), cu_seqlens=cu), cu)
+    assert _rel(got, want) <= TOL
+    assert _rel(packed, want) > 100 * TOL  # the documents matter in this test
+
+
+def test_unknown_layer_types_are_refused_naming_them_not_mlp():
+    """A layer type no mixer handles is named (Nemotron-H's mlp layers are not); a sequence
+    convolution outside any known mixer is refused."""
+    from ringattn.models.hf import HFCausalLM
+
+    model = mixer_model("nemotron_h")
+    HFCausalLM(model)  # mamba + attention + mlp: supported
+    model.config.layer_types = ["linear_attention", "full_attention", "mlp", "retention"]
+    with pytest.raises(ValueError, match=r"layer types \['retention'\] mix tokens") as err:
+        HFCausalLM(model)
+    assert "mlp" not in str(err.value).split("mix tokens")[0]
+    model = mixer_model("lfm2")
+    model.model.layers[1].self_attn.extra_conv = torch.nn.Conv1d(4, 4, 3)
+    with pytest.raises(ValueError, match="sequence convolutions"):
+        HFCausalLM(model)
+
+
+def _save_tiny_hybrid(arch, path, vocab=272):
+    """A tiny hybrid whose vocabulary covers the recipe's byte tokenizer (259 ids)."""
+    from transformers import AutoModelForCausalLM
+
+    config = mixer_config(arch)
+    config.vocab_size = vocab
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow  # the recipe end to end, two runs (~25 s)
+@pytest.mark.parametrize("arch", ["qwen3_next"])  # Gated DeltaNet; "bamba" (Mamba2) passes too
+def test_recipe_trains_hybrid_sp2_with_the_losses_of_one_process(tmp_path, arch):
+    """model=hf from a local tiny hybrid: 3 steps at sp=2 give the losses of one process (the
+    recipe's wiring is the same for every family; each family's mixer is checked above)."""
+    from tests.test_hf import _recipe
+    from tests.train_launch import FAST, assert_losses_close, metrics
+
+    path = _save_tiny_hybrid(arch, tmp_path / "base")
+    over = [o for o in FAST if not o.startswith("model=")]
+    over += ["model=hf", f"model.path={path}", "trainer.max_steps=3", "trainer.seed=1",
+             "model.save_final=false"]
+    _recipe("recipes.train", tmp_path / "sp1", 1, over)
+    _recipe("recipes.train", tmp_path / "sp2", 2, over + ["parallel.sp_size=2"])
+    ref, got = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")
+    assert sorted(ref) == sorted(got) == [1, 2, 3]
+    assert_losses_close(ref, got, [1, 2, 3])
+
+
+def test_capacity_planner_refuses_hybrids(tmp_path):
+    """The memory model has no term for the mixers' gathered sequence: refused, naming them."""
+    from recipes import capacity
+    from recipes.models import HFModel, HFModelConfig
+
+    class Bytes:
+        vocab_size = 259
+
+    model = HFModel(HFModelConfig(path=_save_tiny_hybrid("lfm2", tmp_path / "m")), Bytes())
+    assert model.recurrent_mixers == ("short_conv",)
+    with pytest.raises(ValueError, match=r"recurrent mixers \(short_conv\).*not supported"):
+        capacity.capacity_rows(None, model)
+
+
+@pytest.mark.parametrize("layout, docs, most", [("contiguous", False, 1), ("zigzag", False, 2),
+                                                ("doc_zigzag", True, 2 * 64)])
+def test_short_conv_halo_is_a_few_tokens_per_segment(layout, docs, most):
+    """The halo scheme's traffic and work, planned for rank 3 of 8 over 2^16 tokens (no
+    processes): each rank sends at most k - 1 rows per neighbouring segment (``most``
+    segments: 1 for contiguous, 2 for zigzag, 2 per document for doc_zigzag with 64
+    documents), whatever the length, and runs the mixer over its own rows plus those halos."""
+    from types import SimpleNamespace
+
+    from ringattn.models.mixers import HaloIndex
+
+    k, p, seqlen = 3, 8, 1 << 16
+    cu = torch.linspace(0, seqlen, 65).round().to(torch.int32) if docs else None
+    sp = SimpleNamespace(world_size=p, rank=3, layout=layout, strategy="ring", group=None)
+    idx = HaloIndex.build(sp, (1, seqlen // p), cu, reach=k)
+    assert 0 < len(idx.send) <= most * (k - 1)
+    # equal documents here: the padding to the longest segment is at most a token a row
+    assert len(idx.batch) <= seqlen // p + most * (k - 1) + idx.rows
+
+
+def test_attention_function_alone_refuses_recurrent_mixers():
+    """Without HFCausalLM (the integrations call use_ringattn) nothing would run the mixers over
+    the gathered sequence: refused, naming the mixer class."""
+    from ringattn.models.hf import use_ringattn
+
+    with pytest.raises(ValueError, match=r"recurrent mixers \(BambaMixer\).*HFCausalLM"):
+        use_ringattn(mixer_model("bamba"))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped", "doc_zigzag"])
+def test_mixer_index_positions_are_the_layouts(layout):
+    """The mixers' vectorised view of every rank's positions (from the layout's runs) is
+    ``sharding.held_indices``, rank by rank (uneven documents, 3 and 4 ranks)."""
+    from types import SimpleNamespace
+
+    from ringattn.models.mixers import _held
+    from ringattn.sharding import held_indices
+
+    for p in (3, 4):
+        seqlen = 24 * p
+        cu = torch.tensor([0, 5, 9, 30, 31, 50, seqlen], dtype=torch.int32)
+        sp = SimpleNamespace(world_size=p, rank=0, layout=layout, strategy="ring", group=None)
+        for r, got in enumerate(_held(sp, seqlen, cu)):
+            assert torch.equal(got, held_indices(layout, seqlen, p, r, 1, cu)), (p, r)
