@@ -1,6 +1,7 @@
 """Hybrid transformers models (linear attention, Mamba/Mamba2, short convolutions beside softmax
-attention) through ``HFCausalLM``: the recurrent mixers run over the gathered sequence
-(``ringattn.models.mixers``) and match the stock model exactly.
+attention) through ``HFCausalLM``: the recurrent mixers run under their schemes
+(``ringattn.models.mixers``: Gated DeltaNet head-parallel, short convolutions over a halo, the
+rest over the gathered sequence) and match the stock model exactly.
 
 Every family of transformers 5.x with a recurrent mixer, as a tiny random fp32 config: logits,
 loss and the parameter gradients summed over ranks within 1e-5 relative of the stock model on
@@ -9,6 +10,8 @@ alone), under layouts zigzag, contiguous and doc_zigzag (packed documents), the 
 under ring, Ulysses, all-gather and hybrid. One spawned run checks many (family, case) pairs.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -43,6 +46,9 @@ def mixer_config(arch: str):
     configs = {
         "qwen3_next": lambda: tf.Qwen3NextConfig(**common, **gdn, num_experts=0),
         "qwen3_5": lambda: tf.Qwen3_5TextConfig(**common, **gdn),
+        # 6 key heads (2 value heads each) over 4 ranks: the head-parallel split is uneven
+        "qwen3_5@6heads": lambda: tf.Qwen3_5TextConfig(**common, **{
+            **gdn, "linear_num_key_heads": 6, "linear_num_value_heads": 12}),
         "olmo_hybrid": lambda: tf.OlmoHybridConfig(**common, layer_types=mixed),
         "kimi_linear": lambda: tf.KimiLinearConfig(**{**common, **mla_free}),
         "bailing_hybrid": lambda: tf.BailingHybridConfig(**{**common, **mla_free}, layer_group_size=2,
@@ -161,14 +167,16 @@ def _mixer_cases(rank, world, cases):
         results[case] = {
             "logits": _rel(logits.detach(), sp.shard(ref_logits, cu_seqlens=cu)),
             "loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()),
-            "grads": _grad_error(model, ref_grads), "grad_norm": _grad_norm_error(model, ref_grads)}
+            "grads": _grad_error(model, ref_grads), "grad_norm": _grad_norm_error(model, ref_grads),
+            "schemes": sorted(set(wrapped._mixers.schemes().values()))}
         # negative controls: the mixers on this rank's shard alone, or over the packed
         # sequence without restarting at each document, are far off (the match is not vacuous;
         # the halo scheme's document restarts: test_packed_documents_restart_...)
         with torch.no_grad():
             if docs and not wrapped._mixers.halos:
-                wrapped._mixers.prepare = lambda sp_, shape, cu_, device: setattr(
-                    wrapped._mixers, "index", _index_across_documents(sp_, shape, cu_))
+                mixers, planned = wrapped._mixers, type(wrapped._mixers).plan
+                mixers.plan = lambda sp_, shape, cu_, device: dataclasses.replace(
+                    planned(mixers, sp_, shape, cu_, device), index=_index_across_documents(sp_, shape, cu_))
             else:
                 wrapped._mixers.remove()
             wrong = wrapped(x, sp.positions(seqlen, cu_seqlens=cu), cu)
@@ -185,8 +193,8 @@ def _index_across_documents(sp, shape, cu):
     from ringattn.sharding import held_indices
 
     p = sp.world_size
-    held = [held_indices(sp.layout, shape[1] * p, p, r, 1, cu) for r in range(p)]
-    return MixerIndex(torch.argsort(torch.cat(held)), held[sp.rank], None, sp.group, p)
+    held = torch.cat([held_indices(sp.layout, shape[1] * p, p, r, 1, cu) for r in range(p)])
+    return MixerIndex(torch.argsort(held), held, None, sp.group, p, sp.rank)
 
 
 def _grad_error(model, ref_grads) -> float:
@@ -207,7 +215,8 @@ def _grad_norm_error(model, ref_grads) -> float:
 
 def _check(results):
     bad = {case: errs for case, errs in results.items()
-           if max(v for k, v in errs.items() if k != "control") > TOL or errs["control"] < 10 * TOL}
+           if max(v for k, v in errs.items() if k not in ("control", "schemes")) > TOL
+           or errs["control"] < 10 * TOL}
     assert not bad, f"errors above {TOL} (or a negative control below {10 * TOL}): {bad}"
 
 
@@ -249,8 +258,13 @@ def test_hybrids_match_stock_sp4():
     layouts = (("zigzag", False), ("doc_zigzag", True), ("contiguous", True))
     strategies = ("ring", "hybrid", "allgather", "ulysses")
     cases = [(arch, strategies[i % 4], *layouts[i % 3]) for i, arch in enumerate(FAMILIES[::2])]
+    cases.append(("qwen3_5@6heads", "ring", "doc_zigzag", True))
     for r in run_distributed(_mixer_cases, 4, cases, timeout=600):
         _check(r)
+        # Gated DeltaNet runs head-parallel where its key heads cover the ranks (6 over 4:
+        # 2, 2, 1, 1), over the gathered sequence where they do not (2 key heads)
+        schemes = {arch: errs["schemes"] for (arch, *_), errs in r.items()}
+        assert schemes["qwen3_5@6heads"] == ["heads"] and schemes["qwen3_next"] == ["gathered"]
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "lfm2"])
@@ -355,8 +369,9 @@ def test_short_conv_halo_is_a_few_tokens_per_segment(layout, docs, most):
 
 
 def test_attention_function_alone_refuses_recurrent_mixers():
-    """Without HFCausalLM (the integrations call use_ringattn) nothing would run the mixers over
-    the gathered sequence: refused, naming the mixer class."""
+    """The attention function alone (use_ringattn, without HFCausalLM or the integrations'
+    prepare_model installing the mixers) would run each mixer on its shard: refused, naming
+    the mixer class."""
     from ringattn.models.hf import use_ringattn
 
     with pytest.raises(ValueError, match=r"recurrent mixers \(BambaMixer\).*HFCausalLM"):
@@ -378,3 +393,52 @@ def test_mixer_index_positions_are_the_layouts(layout):
         sp = SimpleNamespace(world_size=p, rank=0, layout=layout, strategy="ring", group=None)
         for r, got in enumerate(_held(sp, seqlen, cu)):
             assert torch.equal(got, held_indices(layout, seqlen, p, r, 1, cu)), (p, r)
+
+
+def _deltanet_plan_and_bytes(rank, world):
+    """The mixers' permutations come with ``build_plan`` (the forward builds none), and a
+    Gated DeltaNet layer sends the bytes ``deltanet_heads.bytes_per_layer`` states (the
+    gathered sequence's (P-1) x S/P x D x e when told to gather)."""
+    import ringattn
+    from ringattn import profile
+    from ringattn.models.deltanet_heads import bytes_per_layer
+    from ringattn.models.hf import HFCausalLM
+
+    model = mixer_model("qwen3_5")
+    sp = ringattn.SequenceParallel("ring", layout="doc_zigzag")
+    wrapped = HFCausalLM(model, sp)
+    cu, _ = _documents()
+    tokens = torch.randint(0, VOCAB, (1, sum(DOCS)), generator=torch.Generator().manual_seed(4))
+    x, pos = sp.shard(tokens, cu_seqlens=cu), sp.positions(sum(DOCS), cu_seqlens=cu)
+    plan = wrapped.build_plan(x.shape, cu, device=x.device)
+    assert plan.mixers is not None
+    with torch.no_grad():
+        want = wrapped(x, pos, cu)
+
+        def planned_again(*a, **k):
+            raise AssertionError("the forward planned the mixers again")
+
+        wrapped._mixers.plan = planned_again
+        got = wrapped(x, pos, cu, plan=plan)
+        assert torch.equal(got, want)
+
+        name, mixer = next(iter(wrapped._mixers.mixers.items()))
+        hidden = torch.randn(1, x.shape[1], model.config.hidden_size)
+        sent = {}
+        for scheme in ("heads", "gathered"):
+            if scheme == "gathered":  # as with fewer key heads than ranks
+                plan = dataclasses.replace(plan, mixers=dataclasses.replace(
+                    plan.mixers, head_ranges={id(mixer): None}))
+            wrapped._mixers.use(plan.mixers)
+            assert wrapped._mixers.schemes()[name] == scheme
+            with profile.RingProfile() as prof:
+                mixer(hidden)
+            sent[scheme] = prof.bytes_sent
+    seqlen = sum(DOCS)
+    return sent, bytes_per_layer(mixer, seqlen, world, 4), \
+        (world - 1) * seqlen // world * model.config.hidden_size * 4
+
+
+def test_deltanet_plan_ahead_and_bytes_sent():
+    for sent, heads, gathered in run_distributed(_deltanet_plan_and_bytes, 2, timeout=180):
+        assert sent == {"heads": heads, "gathered": gathered}

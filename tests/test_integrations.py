@@ -227,3 +227,22 @@ def test_trainer_and_accelerate_sp2_match_stock_single_process(tmp_path):
     got = _losses(out["sp2"] / "accelerate")
     assert got["world_size"] == 2
     _assert_same(got, _losses(out["ref"] / "accelerate"), "accelerate loop")
+
+
+@pytest.mark.slow  # two Trainer runs (~25 s)
+def test_trainer_sp2_runs_a_hybrid_like_the_stock_trainer(tmp_path):
+    """A Gated DeltaNet hybrid (tiny Qwen3-Next from a local directory) through the Trainer at
+    sp=2: its mixers run head-parallel under ``SequenceParallelism`` (refused before; on each
+    shard alone they would be wrong) and the losses are the stock single-process Trainer's."""
+    from tests.test_hf_mixers import _save_tiny_hybrid
+
+    path = _save_tiny_hybrid("qwen3_next", tmp_path / "base")
+    args = ["--model-path", path]
+    _run([sys.executable, "-m", "recipes.examples.hf_trainer_sp", *args, "--baseline",
+          "--output-dir", str(tmp_path / "ref")])
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+          "recipes.examples.hf_trainer_sp", *args, "--sp-size", "2", "--output-dir", str(tmp_path / "sp2")])
+    got, want = _losses(tmp_path / "sp2"), _losses(tmp_path / "ref")
+    assert got["world_size"] == 2
+    _assert_same(got, want, "Trainer, Qwen3-Next hybrid")
+    assert abs(got["eval_loss"] - want["eval_loss"]) <= TOL

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from recipes.examples.tiny_hf import example_arguments, chunked_examples, packed_examples, tiny_llama
+from recipes.examples.tiny_hf import example_arguments, chunked_examples, example_model, packed_examples
 
 
 def parse(argv=None):
@@ -42,7 +42,7 @@ def main(argv=None):
         data, collator = packed_examples(256, seed=1), DataCollatorWithFlattening()
     else:
         data, collator = chunked_examples(256, 64, seed=1), default_data_collator
-    model = tiny_llama(seed=0)
+    model = example_model(args)
     if not args.baseline:
         sp = SequenceParallelism(accelerator, args.sp_size, args.strategy, args.layout,  # SP
                                  ulysses_size=args.ulysses_size)

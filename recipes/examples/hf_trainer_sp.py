@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from recipes.examples.tiny_hf import example_arguments, byte_tokenizer, chunked_examples, packed_examples, texts, tiny_llama
+from recipes.examples.tiny_hf import example_arguments, byte_tokenizer, chunked_examples, example_model, packed_examples, texts
 
 
 def parse(argv=None):
@@ -90,7 +90,7 @@ def main(argv=None):
         use_cpu=args.zero is None and not torch.cuda.is_available(),  # no GPU: DDP over gloo
         accelerator_config={"use_configured_state": args.zero is not None and not torch.cuda.is_available()},
     )
-    model = tiny_llama(seed=0)
+    model = example_model(args)
     kwargs = dict(model=model, args=targs, train_dataset=train, eval_dataset=evals, data_collator=collator, **extra)
     if args.baseline:
         trainer = base(**kwargs)

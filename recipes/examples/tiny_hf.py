@@ -91,4 +91,20 @@ def example_arguments(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--model-path", default=None,
+                   help="a local transformers causal LM to fine-tune instead of the tiny Llama (e.g. a "
+                        "hybrid); its vocabulary must cover the byte tokens (0..256)")
     return p
+
+
+def example_model(args):
+    """The model the examples fine-tune: ``--model-path`` (fp32, eager attention) or the tiny Llama."""
+    if args.model_path is None:
+        return tiny_llama(seed=0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, attn_implementation="eager")
+    if model.config.vocab_size < VOCAB:
+        raise ValueError(f"--model-path {args.model_path}: vocabulary {model.config.vocab_size} < {VOCAB} "
+                         "(the examples' byte tokens)")
+    return model.float()

@@ -59,6 +59,7 @@ class SequenceParallelism:
         if strategy == "hybrid" and ulysses_size is None:
             raise ValueError("strategy='hybrid' needs ulysses_size (Ulysses ranks inside each ring position)")
         self.accelerator = accelerator
+        self.mixers = None  # a hybrid's recurrent mixers (``prepare_model``)
         self.backward_divides_by_accumulation = backward_divides_by_accumulation
         self.sp_size, self.dp_size = sp_size, world // sp_size
         uly = {"ring": 1, "allgather": 1, "ulysses": sp_size}.get(strategy, ulysses_size)
@@ -78,11 +79,18 @@ class SequenceParallelism:
         return self.accelerator.num_processes * accumulation
 
     def prepare_model(self, model):
-        """Set a transformers model's attention to ringattn (``attn_implementation="ringattn"``);
-        ValueError for models whose sequence mixing ringattn does not do (``check_supported``)."""
+        """Set a transformers model's attention to ringattn (``attn_implementation="ringattn"``)
+        and, for hybrids, put its recurrent mixers under sequence parallelism
+        (``ringattn.models.mixers``); ValueError for models whose sequence mixing ringattn does
+        not do (``check_supported``)."""
         from ..models.hf import use_ringattn
+        from ..models.mixers import SequenceMixers
 
-        use_ringattn(self.accelerator.unwrap_model(model))
+        hf_model = self.accelerator.unwrap_model(model)
+        use_ringattn(hf_model, recurrent_mixers=True)
+        if self.mixers is not None:
+            self.mixers.remove()
+        self.mixers = SequenceMixers(hf_model) or None
         return model
 
     def data_loader(self, loader):
@@ -119,10 +127,18 @@ class SequenceParallelism:
         """A full batch -> this rank's shard (labels shifted first; see
         ``ringattn.integrations.batch``) with its attention plan, built on the host for
         ``rules`` (``ringattn.models.hf.attention_rules(model.config)``; default: causal)."""
-        return shard_batch(batch, self.sp, rules)
+        shard = shard_batch(batch, self.sp, rules)
+        if self.mixers is not None:  # the hybrid's mixer permutations, with the attention plan
+            shard.mixers = self.mixers.plan(self.sp, shard.input_ids.shape, shard.cu_seqlens,
+                                            shard.input_ids.device)
+        return shard
 
     def model_kwargs(self, shard: ShardedBatch) -> dict:
-        """Keyword arguments for the model call: local tokens, global positions, the SP front door."""
+        """Keyword arguments for the model call: local tokens, global positions, the SP front
+        door; sets a hybrid's mixer permutations for this forward."""
+        if self.mixers is not None:
+            self.mixers.use(shard.mixers or self.mixers.plan(
+                self.sp, shard.input_ids.shape, shard.cu_seqlens, shard.input_ids.device))
         return shard.model_kwargs(self.sp)
 
     def loss(self, logits: torch.Tensor, shard: ShardedBatch, num_targets: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..layouts import layout_divisor, layout_needs_documents
 from ..models.hf import PLAN_KWARG, SP_KWARG
+from ..models.mixers import MixerPlan
 from ..plan import AttentionPlan
 
 IGNORE_INDEX = -100
@@ -45,6 +46,7 @@ class ShardedBatch:
     position_ids: torch.Tensor
     cu_seqlens: Optional[torch.Tensor]
     plan: Optional[AttentionPlan] = None  # built with the batch, on the host (not yet agreed)
+    mixers: Optional[MixerPlan] = None  # a hybrid's recurrent-mixer permutations (SequenceParallelism)
 
     def model_kwargs(self, sp) -> dict:
         """Keyword arguments for a transformers causal LM loaded with ``attn_implementation="ringattn"``:

@@ -39,11 +39,13 @@ allocating any.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..plan import AttentionPlan
 from . import mixers, tiling
 
 ATTN_IMPLEMENTATION = "ringattn"
@@ -171,8 +173,9 @@ def check_supported(model: nn.Module, recurrent_mixers: bool = False) -> None:
     in transformers' mask functions (chunked, bidirectional), sparse attention whose indexer
     picks keys (DeepSeek-V3.2 DSA), and mixers outside attention
     (convolutions, Mamba, linear attention) other than the recurrent mixers of
-    ``mixers.MIXER_FAMILIES``, which run over the gathered sequence (``mixers.SequenceMixers``)
-    when the caller installs them (``recurrent_mixers=True``: ``HFCausalLM``). MLA (DeepSeek-V3,
+    ``mixers.MIXER_FAMILIES``, which run under ``mixers.SequenceMixers`` when the caller
+    installs them (``recurrent_mixers=True``: ``HFCausalLM`` and the Trainer / accelerate
+    integrations' ``SequenceParallelism.prepare_model``). MLA (DeepSeek-V3,
     LongCat-Flash: v's head size unlike q/k's) is supported."""
     config, name = model.config, type(model).__name__
     # DeepSeek Sparse Attention's lightning indexer (transformers 5.25: deepseek_v32,
@@ -188,9 +191,9 @@ def check_supported(model: nn.Module, recurrent_mixers: bool = False) -> None:
     if found and not recurrent_mixers:
         kinds = sorted({type(m).__name__ for m in found.values()})
         raise ValueError(f"{name}: recurrent mixers ({', '.join(kinds)}) run under sequence "
-                         "parallelism only inside ringattn.models.hf.HFCausalLM, which runs them "
-                         "over the gathered sequence; the attention function alone (use_ringattn, "
-                         "the Trainer / accelerate integrations) would run them on each shard: refused")
+                         "parallelism only where ringattn installs them (ringattn.models.hf.HFCausalLM, "
+                         "or the Trainer / accelerate integrations' SequenceParallelism.prepare_model); "
+                         "the attention function alone (use_ringattn) would run them on each shard: refused")
     handled = mixers.mixer_layers(model)
     layer_types = list(getattr(config, "layer_types", None) or ())
     other = sorted({t for i, t in enumerate(layer_types) if t not in ATTENTION_LAYER_TYPES
@@ -262,6 +265,14 @@ def empty_model(config):
 
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A forward's plans, built ahead on the host (``HFCausalLM.build_plan``)."""
+
+    attention: AttentionPlan
+    mixers: Optional[mixers.MixerPlan] = None  # hybrids' recurrent mixers; None: none, or built late
 
 
 class HFCausalLM(nn.Module):
@@ -339,14 +350,18 @@ class HFCausalLM(nn.Module):
                              "model.tiled_loss=false")
         return head.weight
 
-    def build_plan(self, shape, cu_seqlens=None, mask=None, device=None):
-        """The attention plan of a forward over local tokens of ``shape``, built on the host
-        with no collective: build it with the batch and pass it to ``forward(plan=...)``."""
+    def build_plan(self, shape, cu_seqlens=None, mask=None, device=None) -> "ModelPlan":
+        """The plans of a forward over local tokens of ``shape`` (attention; the recurrent
+        mixers' permutations for hybrids), built on the host with no collective: build them
+        with the batch and pass them to ``forward(plan=...)``."""
         masks = self._layer_masks(int(shape[1]) * self.sp.world_size, cu_seqlens, mask)
         if masks:  # the documents travel inside the masks (a plan takes one or the other)
-            return self.sp.build_plan(shape, device=device, mask=list(masks.values()))
-        return self.sp.build_plan(shape, cu_seqlens=cu_seqlens, device=device,
-                                  rules=attention_rules(self.hf.config))
+            attention = self.sp.build_plan(shape, device=device, mask=list(masks.values()))
+        else:
+            attention = self.sp.build_plan(shape, cu_seqlens=cu_seqlens, device=device,
+                                           rules=attention_rules(self.hf.config))
+        mixer_plan = self._mixers.plan(self.sp, shape, cu_seqlens, device) if self._mixers else None
+        return ModelPlan(attention, mixer_plan)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens=None, labels=None,
                 mask=None, plan=None):
@@ -362,10 +377,12 @@ class HFCausalLM(nn.Module):
         masks = self._layer_masks(tokens.shape[1] * self.sp.world_size, cu_seqlens, mask)
         if plan is None:
             plan = self.build_plan(tokens.shape, cu_seqlens, mask, tokens.device)
-        plan = plan.agree()
-        if self._mixers:  # once per forward: the gather/keep permutation every mixer reads
-            self._mixers.prepare(self.sp, tokens.shape, cu_seqlens, tokens.device)
-        kw = {SP_KWARG: self.sp, PLAN_KWARG: plan, MASKS_KWARG: masks}
+        if not isinstance(plan, ModelPlan):  # an attention plan alone (``sp.build_plan``)
+            plan = ModelPlan(plan, None)
+        if self._mixers:  # once per forward: the permutations every mixer reads
+            self._mixers.use(plan.mixers or self._mixers.plan(self.sp, tokens.shape, cu_seqlens,
+                                                              tokens.device))
+        kw = {SP_KWARG: self.sp, PLAN_KWARG: plan.attention.agree(), MASKS_KWARG: masks}
         offload = self.offload_activations and self.training and self.hf.is_gradient_checkpointing
         with tiling.activation_offload(tokens.device) if offload else contextlib.nullcontext():
             if labels is None or not self.tiled_loss:

@@ -1,6 +1,8 @@
-"""Recurrent token mixers of transformers hybrids under sequence parallelism: the sequence
-gathered, the model's own mixer run over it in natural order, this rank's rows kept (short
-convolutions: only a halo of k - 1 tokens per segment is fetched).
+"""Recurrent token mixers of transformers hybrids under sequence parallelism, each module under
+one of three schemes: Gated DeltaNet head-parallel (``deltanet_heads``: each rank runs its key
+heads over the whole sequence, two all-to-alls) when its key heads cover the SP group; short
+convolutions over a halo of k - 1 tokens per segment; every other mixer over the gathered
+sequence (the model's own mixer run over it in natural order, this rank's rows kept).
 
 Hybrid models put recurrences along the sequence beside softmax attention: Gated DeltaNet /
 KDA / lightning linear attention (Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear,
@@ -29,9 +31,9 @@ gradients of the P ranks are summed by the usual sequence-parallel gradient redu
 Cost per mixer layer and rank: one all-gather of S x H activations forward and one
 reduce-scatter of the same size backward ((P-1)/P x S x H x bytes each), the mixer's
 compute over the whole sequence (P-fold redundant) and O(S x H) activations saved for its
-backward. With documents the batch is (documents x longest document) long. The scalable
-schemes for the recurrences (head-parallel all-to-all, a state-passing scan of O(state)
-bytes) are the follow-up; see docs/huggingface.md.
+backward. With documents the batch is (documents x longest document) long. Head-parallel
+schemes for the other recurrences and a state-passing scan of O(state) bytes are not built;
+see docs/huggingface.md.
 
 Short convolutions (LFM2) have a finite reach: the whole mixer (pointwise projections and
 gates around one causal depthwise convolution of k taps) makes token t from tokens
@@ -46,14 +48,17 @@ length for contiguous, zigzag and doc_zigzag (per document), compute and activat
 of the sequence plus the halos. Striped puts every neighbour on another rank: the halo is
 then the whole shard (still exact).
 
-Both index tensors are built once per forward (``MixerIndex.build``: host arithmetic on the
-layout, one copy to the device) and read by every mixer: the hot path adds no host sync and
-no collective beyond the gather itself. The index lives on this object for the step, so a
-checkpointed layer's recompute uses the index of the latest forward: run a micro-batch's
-backward before the next micro-batch's forward (as the recipe and transformers' Trainer do).
+The index tensors (``MixerPlan``) are built once per forward on the host, with the step's
+attention plan (``SequenceMixers.plan``: host arithmetic on the layout, one copy to the
+device, no collective), and set with ``use`` before the forward: the hot path adds no host
+sync and no collective beyond the gathers and all-to-alls themselves. The plan in use lives
+on this object for the step, so a checkpointed layer's recompute uses the latest forward's:
+run a micro-batch's backward before the next micro-batch's forward (as the recipe and
+transformers' Trainer do).
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -63,8 +68,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm import gather_sequence
+from ..headsplit import split_heads
 from ..layouts import get_layout
 from ..sharding import held_indices
+from .deltanet_heads import DELTANET_FAMILIES, head_parallel_forward, key_heads
 
 # The mixer classes of transformers 5.x hybrids, by family (checked in
 # tests/test_hf_mixers.py: each is exact under every layout). Each is run as a black box.
@@ -114,17 +121,36 @@ def _held(sp, seqlen: int, cu) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class MixerIndex:
-    """One forward's permutation. ``gather`` (n,) indexes rows of [rank-major gathered
-    sequence; one zero row] into the mixer's natural-order input, viewed as (``rows``, n /
-    rows) (packed documents: one right-padded row per document; else the batch as it is);
-    ``mine`` (s/P,) indexes this rank's rows, in layout order, in the mixer's output
-    flattened to (1 or b, n, H)."""
+    """One forward's permutation between the rank-major gathered sequence (every rank's rows
+    in turn, as ``gather_sequence`` / ``heads_to_sequence`` return it) and the mixer's
+    natural-order input, viewed as (``rows``, n / rows) (packed documents: one right-padded
+    row per document; else the batch as it is). ``gather`` (n,) indexes rows of [gathered
+    sequence; one zero row]; ``ungather`` (S,) is the slot of each gathered row in the
+    natural-order output flattened to (1 or b, n, H); ``mine`` (s/P,) this rank's slots."""
 
     gather: torch.Tensor
-    mine: torch.Tensor
+    ungather: torch.Tensor
     rows: Optional[int]  # documents (batch 1 becomes one row per document); None: no documents
     group: object
     world: int
+    rank: int
+
+    @property
+    def mine(self) -> torch.Tensor:
+        local = len(self.ungather) // self.world
+        return self.ungather[self.rank * local:(self.rank + 1) * local]
+
+    def natural(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, S, H) rank-major -> the mixer's input (rows or b, n / rows, H)."""
+        if self.rows is not None:  # one right-padded row per document, the zero state each
+            return F.pad(x, (0, 0, 0, 1)).index_select(1, self.gather).view(self.rows, -1, x.shape[-1])
+        return x.index_select(1, self.gather) if self.world > 1 else x
+
+    def rank_major(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``natural`` for the mixer's output: (rows or b, n / rows, H) -> (b, S, H)."""
+        if self.rows is not None:
+            return y.reshape(1, -1, y.shape[-1]).index_select(1, self.ungather)
+        return y.index_select(1, self.ungather) if self.world > 1 else y
 
     @classmethod
     def build(cls, sp, shape, cu_seqlens=None, device=None) -> "MixerIndex":
@@ -132,8 +158,7 @@ class MixerIndex:
         p, local = sp.world_size, int(shape[1])
         seqlen = local * p
         cu = None if cu_seqlens is None else torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
-        parts = _held(sp, seqlen, cu)
-        held, me = torch.cat(parts), parts[0 if p == 1 else sp.rank]
+        held = torch.cat(_held(sp, seqlen, cu))
         order = torch.argsort(held)  # natural position -> row of the rank-major gather
         rows = None
         if cu is not None:
@@ -145,8 +170,9 @@ class MixerIndex:
             slot = doc * longest + torch.arange(seqlen) - cu[:-1][doc]  # natural pos -> padded slot
             gather = torch.full((rows * longest,), seqlen, dtype=torch.int64)  # the zero row
             gather[slot] = order
-            order, me = gather, slot[me]
-        return cls(order.to(device), me.to(device), rows, None if p == 1 else sp.group, p)
+            order, held = gather, slot[held]
+        return cls(order.to(device), held.to(device), rows, None if p == 1 else sp.group, p,
+                   0 if p == 1 else sp.rank)
 
 
 @dataclass(frozen=True)
@@ -224,18 +250,37 @@ class HaloIndex:
                    None if p == 1 else sp.group, p)
 
 
+@dataclass(frozen=True)
+class MixerPlan:
+    """A forward's mixer permutations (``SequenceMixers.plan``)."""
+
+    index: Optional[MixerIndex]  # gathered sequence and head-parallel mixers
+    halos: dict  # reach -> HaloIndex (short convolutions)
+    head_ranges: dict  # id(module) -> every rank's key-head ranges, None: gathered instead
+
+
 class SequenceMixers:
-    """Hooks on every known mixer of a transformers model (see the module doc); ``index``
-    is set once per forward with ``prepare``."""
+    """Every known mixer of a transformers model under its scheme (see the module doc): Gated
+    DeltaNet head-parallel (``deltanet_heads``) when its key heads cover the SP group, short
+    convolutions over a halo, the rest over the gathered sequence. ``prepare`` sets the
+    step's indices once per forward."""
 
     def __init__(self, model: nn.Module):
         self.mixers = find_mixers(model)
         self.index: Optional[MixerIndex] = None
         self.halos: dict[int, HaloIndex] = {}  # reach -> this forward's halo index
+        self.head_ranges: dict[int, Optional[tuple]] = {}  # id(module) -> key-head ranges
         self._reach = {}  # id(module) -> reach, for mixers of the halo scheme
         self._handles = []
+        self._forwards = []  # modules whose forward is ours (head-parallel families)
         for module in self.mixers.values():
-            reach = HALO_REACH.get(MIXER_CLASSES[type(module).__name__])
+            name = type(module).__name__
+            reach = HALO_REACH.get(MIXER_CLASSES[name])
+            if name in DELTANET_FAMILIES:
+                # an instance attribute shadows the class's forward; ``remove`` deletes it
+                module.forward = functools.partial(self._deltanet, module)
+                self._forwards.append(module)
+                continue
             if reach is not None:
                 self._reach[id(module)] = reach(module)
                 pre, post = self._halo, self._keep_mine_halo
@@ -247,16 +292,53 @@ class SequenceMixers:
     def __bool__(self) -> bool:
         return bool(self.mixers)
 
-    def prepare(self, sp, shape, cu_seqlens=None, device=None) -> None:
+    def schemes(self) -> dict[str, str]:
+        """{mixer name: scheme} as of the latest ``prepare``."""
+        def scheme(module):
+            if id(module) in self._reach:
+                return "halo"
+            return "heads" if self.head_ranges.get(id(module)) is not None else "gathered"
+        return {n: scheme(m) for n, m in self.mixers.items()}
+
+    def plan(self, sp, shape, cu_seqlens=None, device=None) -> "MixerPlan":
+        """The permutations every mixer of a forward over local shards of ``shape`` reads:
+        host work with no collective and no change to this object (build it ahead, e.g. in
+        the planning thread, with the step's attention plan)."""
         gathered = len(self._reach) < len(self.mixers)
-        self.index = MixerIndex.build(sp, shape, cu_seqlens, device) if gathered else None
-        self.halos = {k: HaloIndex.build(sp, shape, cu_seqlens, device, k)
-                      for k in set(self._reach.values())}
+        p = sp.world_size
+        return MixerPlan(
+            MixerIndex.build(sp, shape, cu_seqlens, device) if gathered else None,
+            {k: HaloIndex.build(sp, shape, cu_seqlens, device, k) for k in set(self._reach.values())},
+            {id(m): split_heads(key_heads(m), key_heads(m), p).q if key_heads(m) >= p else None
+             for m in self._forwards})
+
+    def use(self, plan: "MixerPlan") -> None:
+        """Set the forward's permutations (once per forward, before the model runs)."""
+        self.index, self.halos, self.head_ranges = plan.index, plan.halos, plan.head_ranges
+
+    def prepare(self, sp, shape, cu_seqlens=None, device=None) -> None:
+        self.use(self.plan(sp, shape, cu_seqlens, device))
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module in self._forwards:
+            del module.forward
+        self._forwards.clear()
+
+    def _deltanet(self, module, *args, **kwargs):
+        """A Gated DeltaNet mixer's forward: head-parallel, or (fewer key heads than ranks) the
+        class's own forward over the gathered sequence."""
+        if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
+            raise ValueError(f"{type(module).__name__}: a recurrent-state cache under sequence "
+                             "parallelism (generation) is not supported; decode on one process")
+        ranges = self.head_ranges.get(id(module))
+        if ranges is None:
+            args, kwargs = self._gather(module, args, kwargs)
+            return self._keep_mine(module, args, type(module).forward(module, *args, **kwargs))
+        x = self._input(module, self.index, args, kwargs)
+        return head_parallel_forward(module, x, self.index, ranges)
 
     @staticmethod
     def _input(module, idx, args, kwargs):
@@ -296,11 +378,7 @@ class SequenceMixers:
         idx = self.index
         x = self._input(module, idx, args, kwargs)
         x = gather_sequence(x, 1, idx.group) if idx.world > 1 else x
-        if idx.rows is not None:  # one right-padded row per document, the zero state each
-            x = F.pad(x, (0, 0, 0, 1)).index_select(1, idx.gather).view(idx.rows, -1, x.shape[-1])
-        elif idx.world > 1:
-            x = x.index_select(1, idx.gather)
-        return self._with_input(x, args, kwargs)
+        return self._with_input(idx.natural(x), args, kwargs)
 
     def _keep_mine(self, module, args, output):
         """The mixer's output over the whole sequence -> this rank's rows (b, s/P, H')."""
