@@ -61,6 +61,9 @@ def mixer_config(arch: str):
         "granitemoehybrid": lambda: tf.GraniteMoeHybridConfig(**common, layer_types=mixed, **mamba2,
                                                               num_local_experts=0),
         "bamba": lambda: tf.BambaConfig(**common, attn_layer_indices=[1], **mamba2),
+        # 12 heads in 3 groups: over 2 or 4 ranks a rank's heads straddle its groups unevenly
+        "bamba@12heads": lambda: tf.BambaConfig(**{**common, "hidden_size": 48}, attn_layer_indices=[1], **{
+            **mamba2, "mamba_n_heads": 12, "mamba_d_head": 8, "mamba_n_groups": 3}),
         "falcon_h1": lambda: tf.FalconH1Config(**common, **mamba2, mamba_d_ssm=64, head_dim=8),
         "jamba": lambda: tf.JambaConfig(**common, attn_layer_period=2, attn_layer_offset=1,
                                         expert_layer_period=2, expert_layer_offset=1, num_experts=2,
@@ -258,13 +261,15 @@ def test_hybrids_match_stock_sp4():
     layouts = (("zigzag", False), ("doc_zigzag", True), ("contiguous", True))
     strategies = ("ring", "hybrid", "allgather", "ulysses")
     cases = [(arch, strategies[i % 4], *layouts[i % 3]) for i, arch in enumerate(FAMILIES[::2])]
-    cases.append(("qwen3_5@6heads", "ring", "doc_zigzag", True))
+    cases += [("qwen3_5@6heads", "ring", "doc_zigzag", True), ("bamba@12heads", "ulysses", "zigzag", False)]
     for r in run_distributed(_mixer_cases, 4, cases, timeout=600):
         _check(r)
-        # Gated DeltaNet runs head-parallel where its key heads cover the ranks (6 over 4:
-        # 2, 2, 1, 1), over the gathered sequence where they do not (2 key heads)
+        # Gated DeltaNet and Mamba2 run head-parallel where their heads cover the ranks (6 key
+        # heads over 4: 2, 2, 1, 1; 12 Mamba2 heads in 3 groups: 3 a rank, straddling groups),
+        # over the gathered sequence where they do not (Qwen3-Next's 2 key heads)
         schemes = {arch: errs["schemes"] for (arch, *_), errs in r.items()}
-        assert schemes["qwen3_5@6heads"] == ["heads"] and schemes["qwen3_next"] == ["gathered"]
+        assert schemes["qwen3_5@6heads"] == schemes["bamba@12heads"] == schemes["bamba"] == ["heads"]
+        assert schemes["qwen3_next"] == ["gathered"]
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "lfm2"])
@@ -395,17 +400,17 @@ def test_mixer_index_positions_are_the_layouts(layout):
             assert torch.equal(got, held_indices(layout, seqlen, p, r, 1, cu)), (p, r)
 
 
-def _deltanet_plan_and_bytes(rank, world):
+def _plan_ahead_and_bytes(rank, world, arch, layout):
     """The mixers' permutations come with ``build_plan`` (the forward builds none), and a
-    Gated DeltaNet layer sends the bytes ``deltanet_heads.bytes_per_layer`` states (the
-    gathered sequence's (P-1) x S/P x D x e when told to gather)."""
+    head-parallel layer sends the bytes ``mixer_heads.bytes_sent`` states (the gathered
+    sequence's (P-1) x S/P x D x e when told to gather)."""
     import ringattn
     from ringattn import profile
-    from ringattn.models.deltanet_heads import bytes_per_layer
     from ringattn.models.hf import HFCausalLM
+    from ringattn.models.mixer_heads import bytes_sent
 
-    model = mixer_model("qwen3_5")
-    sp = ringattn.SequenceParallel("ring", layout="doc_zigzag")
+    model = mixer_model(arch)
+    sp = ringattn.SequenceParallel("ring", layout=layout)
     wrapped = HFCausalLM(model, sp)
     cu, _ = _documents()
     tokens = torch.randint(0, VOCAB, (1, sum(DOCS)), generator=torch.Generator().manual_seed(4))
@@ -426,19 +431,21 @@ def _deltanet_plan_and_bytes(rank, world):
         hidden = torch.randn(1, x.shape[1], model.config.hidden_size)
         sent = {}
         for scheme in ("heads", "gathered"):
-            if scheme == "gathered":  # as with fewer key heads than ranks
+            if scheme == "gathered":  # as with fewer heads than ranks
                 plan = dataclasses.replace(plan, mixers=dataclasses.replace(
-                    plan.mixers, head_ranges={id(mixer): None}))
+                    plan.mixers, splits={id(mixer): None}))
             wrapped._mixers.use(plan.mixers)
             assert wrapped._mixers.schemes()[name] == scheme
             with profile.RingProfile() as prof:
                 mixer(hidden)
             sent[scheme] = prof.bytes_sent
     seqlen = sum(DOCS)
-    return sent, bytes_per_layer(mixer, seqlen, world, 4), \
+    return sent, bytes_sent(mixer, seqlen, world, 4, rank), \
         (world - 1) * seqlen // world * model.config.hidden_size * 4
 
 
-def test_deltanet_plan_ahead_and_bytes_sent():
-    for sent, heads, gathered in run_distributed(_deltanet_plan_and_bytes, 2, timeout=180):
+@pytest.mark.parametrize("arch, layout", [("qwen3_5", "doc_zigzag"), ("bamba@12heads", "zigzag")])
+def test_plan_ahead_and_head_parallel_bytes_sent(arch, layout):
+    """Gated DeltaNet, and Mamba2 with groups shared by two ranks (their B, C sent to both)."""
+    for sent, heads, gathered in run_distributed(_plan_ahead_and_bytes, 2, arch, layout, timeout=180):
         assert sent == {"heads": heads, "gathered": gathered}

@@ -1,6 +1,6 @@
 """Recurrent token mixers of transformers hybrids under sequence parallelism, each module under
-one of three schemes: Gated DeltaNet head-parallel (``deltanet_heads``: each rank runs its key
-heads over the whole sequence, two all-to-alls) when its key heads cover the SP group; short
+one of three schemes: Gated DeltaNet and Mamba2 head-parallel (``mixer_heads``: each rank runs
+its heads over the whole sequence between all-to-alls) when their heads cover the SP group; short
 convolutions over a halo of k - 1 tokens per segment; every other mixer over the gathered
 sequence (the model's own mixer run over it in natural order, this rank's rows kept).
 
@@ -68,10 +68,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm import gather_sequence
-from ..headsplit import split_heads
 from ..layouts import get_layout
 from ..sharding import held_indices
-from .deltanet_heads import DELTANET_FAMILIES, head_parallel_forward, key_heads
+from .mixer_heads import HEAD_PARALLEL, head_parallel_forward, head_split
 
 # The mixer classes of transformers 5.x hybrids, by family (checked in
 # tests/test_hf_mixers.py: each is exact under every layout). Each is run as a black box.
@@ -256,29 +255,29 @@ class MixerPlan:
 
     index: Optional[MixerIndex]  # gathered sequence and head-parallel mixers
     halos: dict  # reach -> HaloIndex (short convolutions)
-    head_ranges: dict  # id(module) -> every rank's key-head ranges, None: gathered instead
+    splits: dict  # id(module) -> its heads' HeadSplit (head-parallel); None: gathered instead
 
 
 class SequenceMixers:
     """Every known mixer of a transformers model under its scheme (see the module doc): Gated
-    DeltaNet head-parallel (``deltanet_heads``) when its key heads cover the SP group, short
-    convolutions over a halo, the rest over the gathered sequence. ``prepare`` sets the
-    step's indices once per forward."""
+    DeltaNet and Mamba2 head-parallel (``mixer_heads``) when their heads cover the SP group,
+    short convolutions over a halo, the rest over the gathered sequence. ``use`` sets the
+    step's ``MixerPlan`` once per forward."""
 
     def __init__(self, model: nn.Module):
         self.mixers = find_mixers(model)
         self.index: Optional[MixerIndex] = None
         self.halos: dict[int, HaloIndex] = {}  # reach -> this forward's halo index
-        self.head_ranges: dict[int, Optional[tuple]] = {}  # id(module) -> key-head ranges
+        self.splits: dict = {}  # id(module) -> HeadSplit of a head-parallel mixer, or None
         self._reach = {}  # id(module) -> reach, for mixers of the halo scheme
         self._handles = []
         self._forwards = []  # modules whose forward is ours (head-parallel families)
         for module in self.mixers.values():
             name = type(module).__name__
             reach = HALO_REACH.get(MIXER_CLASSES[name])
-            if name in DELTANET_FAMILIES:
+            if name in HEAD_PARALLEL:
                 # an instance attribute shadows the class's forward; ``remove`` deletes it
-                module.forward = functools.partial(self._deltanet, module)
+                module.forward = functools.partial(self._head_parallel, module)
                 self._forwards.append(module)
                 continue
             if reach is not None:
@@ -297,7 +296,7 @@ class SequenceMixers:
         def scheme(module):
             if id(module) in self._reach:
                 return "halo"
-            return "heads" if self.head_ranges.get(id(module)) is not None else "gathered"
+            return "heads" if self.splits.get(id(module)) is not None else "gathered"
         return {n: scheme(m) for n, m in self.mixers.items()}
 
     def plan(self, sp, shape, cu_seqlens=None, device=None) -> "MixerPlan":
@@ -309,12 +308,11 @@ class SequenceMixers:
         return MixerPlan(
             MixerIndex.build(sp, shape, cu_seqlens, device) if gathered else None,
             {k: HaloIndex.build(sp, shape, cu_seqlens, device, k) for k in set(self._reach.values())},
-            {id(m): split_heads(key_heads(m), key_heads(m), p).q if key_heads(m) >= p else None
-             for m in self._forwards})
+            {id(m): head_split(m, p) for m in self._forwards})
 
     def use(self, plan: "MixerPlan") -> None:
         """Set the forward's permutations (once per forward, before the model runs)."""
-        self.index, self.halos, self.head_ranges = plan.index, plan.halos, plan.head_ranges
+        self.index, self.halos, self.splits = plan.index, plan.halos, plan.splits
 
     def prepare(self, sp, shape, cu_seqlens=None, device=None) -> None:
         self.use(self.plan(sp, shape, cu_seqlens, device))
@@ -327,18 +325,18 @@ class SequenceMixers:
             del module.forward
         self._forwards.clear()
 
-    def _deltanet(self, module, *args, **kwargs):
-        """A Gated DeltaNet mixer's forward: head-parallel, or (fewer key heads than ranks) the
-        class's own forward over the gathered sequence."""
+    def _head_parallel(self, module, *args, **kwargs):
+        """The forward of a mixer of a head-parallel family: head-parallel, or (fewer heads
+        than ranks) the class's own forward over the gathered sequence."""
         if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
             raise ValueError(f"{type(module).__name__}: a recurrent-state cache under sequence "
                              "parallelism (generation) is not supported; decode on one process")
-        ranges = self.head_ranges.get(id(module))
-        if ranges is None:
+        split = self.splits.get(id(module))
+        if split is None:
             args, kwargs = self._gather(module, args, kwargs)
             return self._keep_mine(module, args, type(module).forward(module, *args, **kwargs))
         x = self._input(module, self.index, args, kwargs)
-        return head_parallel_forward(module, x, self.index, ranges)
+        return head_parallel_forward(module, x, self.index, split)
 
     @staticmethod
     def _input(module, idx, args, kwargs):

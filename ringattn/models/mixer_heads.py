@@ -1,0 +1,285 @@
+"""Recurrent mixers head-parallel: each rank runs its share of the heads over the whole
+sequence, the scalable scheme for Gated DeltaNet (Qwen3-Next, Qwen3.5, OLMo-Hybrid; what
+PyTorch's and Megatron's context parallelism do) and Mamba2 (Nemotron-H, Granite-MoE-Hybrid,
+Bamba, Falcon-H1, Zamba2; Megatron's Mamba context parallelism).
+
+Per mixer layer and rank, with the SP group of P ranks and this rank's rows x (b, s/P, D):
+
+1. the module's own projections on the local rows; the gate (z) stays local;
+2. one all-to-all (``comm.heads_to_sequence``) of the recurrence's per-head inputs: rank r
+   receives every rank's tokens for its heads ``split.q[r]`` (uneven when P does not divide
+   them), put into natural order by the step's ``MixerIndex`` (packed documents: one
+   right-padded row per document, so each starts from the zero state). Gated DeltaNet packs
+   q, k, v, beta and decay inputs per key head (a key head's value heads travel with it);
+   Mamba2 sends x and dt per head and, in a second all-to-all, B and C per group to every rank
+   whose heads read that group (``split.kv[r]``; ranges may overlap when groups < ranks);
+3. the module's depthwise causal convolution restricted to those channels (a slice of its
+   weight: the convolution is per channel) and the model's own chunked kernel, looked up in
+   the model's modeling module (``torch_chunk_gated_delta_rule`` / ``mamba2_chunk_scan``:
+   flash-linear-attention's and mamba_ssm's kernels on GPU when installed, transformers' torch
+   paths otherwise);
+4. the inverse all-to-all (``comm.sequence_to_heads``) of the output back to this rank's rows,
+   then the module's gated norm (over all heads of a token) and output projection on them.
+
+The recurrence and the convolution run once over the sequence in all (1/P per rank) and a
+rank holds 1/P of their activations; ``bytes_sent`` gives the traffic (Gated DeltaNet at
+Qwen3-Next's widths sends 12,352 values per local token against 2,048 per token of the whole
+sequence for the gathered scheme). It needs heads >= P (a rank computes whole heads; for
+Gated DeltaNet, whole key heads); below that ``SequenceMixers`` keeps the gathered sequence.
+
+transformers has no per-layer seam between the projections and the recurrence (the kernel
+hub's ``kernelize`` swaps a function for every instance and device at once, while this needs
+the rank's group and the step's index), so the wrapper is a forward of our own per module,
+calling the module's submodules and its modeling module's kernels; ``HEAD_PARALLEL``
+describes where each family keeps them (read from the families' transformers 5.25 forwards).
+Parameter gradients are exact: projections, norm and output projection see this rank's rows,
+the convolution weight and the per-head parameters (``A_log``, ``dt_bias``, ``D``) slices of
+this rank's heads, and the sequence-parallel gradient reduction sums the ranks.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..comm import heads_to_sequence, sequence_to_heads
+from ..headsplit import HeadSplit, split_heads
+
+
+# ------------------------------------------------------------------ shared by the families
+
+def _gather_heads(per_head: torch.Tensor, ranges, index) -> torch.Tensor:
+    """(b, s/P, H, w) local rows -> (rows, L, n, w): every token of this rank's ``n`` heads
+    of ``ranges``, in the mixer's natural order (one right-padded row per document)."""
+    mine = heads_to_sequence(per_head, ranges, index.group)  # (b, S, n, w), rank-major
+    return index.natural(mine.flatten(2)).unflatten(-1, mine.shape[2:])
+
+
+def _scatter_heads(out: torch.Tensor, ranges, index) -> torch.Tensor:
+    """Inverse of ``_gather_heads`` for the output: (rows, L, n, w) -> (b, s/P, H, w)."""
+    rows, length, n, w = out.shape
+    back = index.rank_major(out.reshape(rows, length, n * w)).unflatten(-1, (n, w))
+    return sequence_to_heads(back, ranges, index.group)
+
+
+def _conv(module, kernels, mixed: torch.Tensor, channels) -> torch.Tensor:
+    """The module's depthwise causal convolution (and activation) over ``channels`` (slices
+    of its weight) of ``mixed`` (rows, L, C): the model's own ``causal_conv1d_fn``."""
+    conv = module.conv1d
+    weight = torch.cat([conv.weight[c] for c in channels]).squeeze(1)
+    bias = None if conv.bias is None else torch.cat([conv.bias[c] for c in channels])
+    out = kernels.causal_conv1d_fn(mixed.transpose(1, 2), weight, bias, activation=module.activation)
+    return out.transpose(1, 2)
+
+
+def _sent(split: HeadSplit, rank: int, local: int, per_unit: dict) -> int:
+    """Values this rank sends in the all-to-alls: to every other rank j, its local tokens'
+    units of j (``per_unit["q"]`` values per head of ``split.q[j]``, ``per_unit["kv"]`` per
+    group of ``split.kv[j]``), and back its own heads' outputs for j's tokens."""
+    other = [j for j in range(split.size) if j != rank]
+    width = lambda r, kind: (r[1] - r[0]) * per_unit.get(kind, 0)  # noqa: E731
+    forward = sum(width(split.q[j], "q") + width(split.kv[j], "kv") for j in other)
+    return local * (forward + len(other) * width(split.q[rank], "out"))
+
+
+# ------------------------------------------------------------------ Gated DeltaNet
+
+def _qwen3_next(m, x):
+    q, k, v, z, b, a = m.fix_query_key_value_ordering(m.in_proj_qkvz(x), m.in_proj_ba(x))
+    return q, k, v, z, b, a
+
+
+def _split_qkv(m, mixed):
+    q, k, v = mixed.split([m.key_dim, m.key_dim, m.value_dim], dim=-1)
+    b, s = mixed.shape[:2]
+    return (q.reshape(b, s, -1, m.head_k_dim), k.reshape(b, s, -1, m.head_k_dim),
+            v.reshape(b, s, -1, m.head_v_dim))
+
+
+def _qwen3_5(m, x):
+    q, k, v = _split_qkv(m, m.in_proj_qkv(x))
+    z = m.in_proj_z(x).reshape(*v.shape)
+    return q, k, v, z, m.in_proj_b(x), m.in_proj_a(x)
+
+
+def _olmo_hybrid(m, x):
+    q, k, v = _split_qkv(m, torch.cat([m.q_proj(x), m.k_proj(x), m.v_proj(x)], -1))
+    return q, k, v, m.g_proj(x).reshape(*v.shape), m.b_proj(x), m.a_proj(x)
+
+
+@dataclass(frozen=True)
+class DeltaNetParts:
+    """Where a Gated DeltaNet family keeps its pieces."""
+
+    project: Callable  # (module, x) -> q, k (b,s,Hk,dk); v, z (b,s,Hv,dv); beta_in, a (b,s,Hv)
+    norm: str  # gated RMSNorm (output, z) per value head
+    out: str  # output projection
+    beta_scale: Callable[[nn.Module], float] = lambda m: 1.0
+
+
+def deltanet_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> torch.Tensor:
+    """(b, s/P, D) local rows in layout order -> the mixer's output for them (b, s/P, D); the
+    unit of ``split`` is the key head."""
+    parts, kernels = _family(m).parts, sys.modules[type(m).__module__]
+    b, s = x.shape[:2]
+    q, k, v, z, beta_in, a = parts.project(m, x)
+    hk, hv = q.shape[2], v.shape[2]
+    per = hv // hk  # value heads per key head: they travel with it
+    dk, dv = m.head_k_dim, m.head_v_dim
+    packed = torch.cat([q, k, v.reshape(b, s, hk, per * dv), beta_in.reshape(b, s, hk, per),
+                        a.reshape(b, s, hk, per)], -1)
+    lo, hi = split.q[index.rank]
+    seq = _gather_heads(packed, split.q, index)  # (rows, L, n, w)
+    rows, length, n = seq.shape[:3]
+    q, k, v, beta_in, a = seq.split([dk, dk, per * dv, per, per], -1)
+    vlo, vhi = lo * per, hi * per
+    mixed = _conv(m, kernels, torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1),
+                  [slice(lo * dk, hi * dk), slice(m.key_dim + lo * dk, m.key_dim + hi * dk),
+                   slice(2 * m.key_dim + vlo * dv, 2 * m.key_dim + vhi * dv)])
+    q, k, v = mixed.split([n * dk, n * dk, n * per * dv], -1)
+    q, k = q.reshape(rows, length, n, dk), k.reshape(rows, length, n, dk)
+    v = v.reshape(rows, length, n * per, dv)
+    beta = beta_in.reshape(rows, length, n * per).sigmoid() * parts.beta_scale(m)
+    g = -m.A_log[vlo:vhi].float().exp() * F.softplus(
+        a.reshape(rows, length, n * per).float() + m.dt_bias[vlo:vhi])
+    out, _ = kernels.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
+                                                  output_final_state=False,
+                                                  use_qk_l2norm_in_kernel=True)
+    out = _scatter_heads(out.reshape(rows, length, n, per * dv), split.q, index)
+    out = getattr(m, parts.norm)(out.reshape(-1, dv), z.reshape(-1, dv))
+    return getattr(m, parts.out)(out.reshape(b, s, hv * dv))
+
+
+def _deltanet_split(m, world: int) -> Optional[HeadSplit]:
+    hk = int(m.num_k_heads)
+    return split_heads(hk, hk, world) if hk >= world else None
+
+
+def _deltanet_sent(m, split: HeadSplit, rank: int, local: int) -> int:
+    per = m.num_v_heads // m.num_k_heads
+    return _sent(split, rank, local, {"q": 2 * m.head_k_dim + per * (m.head_v_dim + 2),
+                                      "out": per * m.head_v_dim})
+
+
+# ------------------------------------------------------------------ Mamba2
+
+def _mamba2_projections(m, x):
+    return m.in_proj(x)
+
+
+def _falcon_h1_projections(m, x):  # muP multipliers around the projection
+    return m.in_proj(x * m.ssm_in_multiplier) * m.mup_vector
+
+
+def _gated_norm(m, y, gate):
+    return m.norm(y, gate)
+
+
+def _falcon_h1_gate(m, y, gate):  # the gated norm is optional (config.mamba_rms_norm)
+    return m.norm(y, gate) if m.mamba_rms_norm else y * F.silu(gate)
+
+
+@dataclass(frozen=True)
+class Mamba2Parts:
+    """Where a Mamba2 family keeps its pieces (all: ``in_proj`` -> [gate, x B C, dt], the
+    convolution over x B C, ``mamba2_chunk_scan``, a gate with the output, ``out_proj``)."""
+
+    project: Callable = _mamba2_projections
+    gate: Callable = _gated_norm
+
+
+def mamba2_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> torch.Tensor:
+    """(b, s/P, D) local rows in layout order -> the mixer's output for them (b, s/P, D); the
+    units of ``split`` are heads (``q``) and the groups their B, C come from (``kv``)."""
+    parts, kernels = _family(m).parts, sys.modules[type(m).__module__]
+    b, s = x.shape[:2]
+    heads, p, groups, n_state = m.num_heads, m.head_dim, m.n_groups, m.ssm_state_size
+    gate, xbc, dt = parts.project(m, x).split([m.intermediate_size, m.conv_dim, heads], -1)
+    xs, bs, cs = xbc.split([heads * p, groups * n_state, groups * n_state], -1)
+    per_head = torch.cat([xs.reshape(b, s, heads, p), dt.unsqueeze(-1)], -1)
+    per_group = torch.cat([bs.reshape(b, s, groups, n_state), cs.reshape(b, s, groups, n_state)], -1)
+    (hlo, hhi), (glo, ghi) = split.q[index.rank], split.kv[index.rank]
+    xh = _gather_heads(per_head, split.q, index)  # (rows, L, nh, p + 1)
+    bc = _gather_heads(per_group, split.kv, index)  # (rows, L, ng, 2 n_state)
+    rows, length, nh = xh.shape[:3]
+    ng = ghi - glo
+    x_at, bc_at = heads * p, heads * p + groups * n_state
+    mixed = _conv(m, kernels, torch.cat([xh[..., :p].flatten(2), bc[..., :n_state].flatten(2),
+                                         bc[..., n_state:].flatten(2)], -1),
+                  [slice(hlo * p, hhi * p), slice(x_at + glo * n_state, x_at + ghi * n_state),
+                   slice(bc_at + glo * n_state, bc_at + ghi * n_state)])
+    xm, bm, cm = mixed.split([nh * p, ng * n_state, ng * n_state], -1)
+    bm, cm = bm.reshape(rows, length, ng, n_state), cm.reshape(rows, length, ng, n_state)
+    head_group = split.kv_index(index.rank)
+    if head_group is not None:  # this rank's heads do not split its groups evenly: B, C per head
+        at = torch.tensor(head_group, device=bm.device)
+        bm, cm = bm.index_select(2, at), cm.index_select(2, at)
+    y = kernels.mamba2_chunk_scan(
+        xm.reshape(rows, length, nh, p), xh[..., p], -torch.exp(m.A_log[hlo:hhi].float()), bm, cm,
+        chunk_size=m.chunk_size, D=m.D[hlo:hhi], z=None, dt_bias=m.dt_bias[hlo:hhi],
+        dt_softplus=True, dt_limit=m.time_step_limit)
+    y = _scatter_heads(y.reshape(rows, length, nh, p), split.q, index).reshape(b, s, heads * p)
+    return m.out_proj(parts.gate(m, y, gate).to(x.dtype))
+
+
+def _mamba2_split(m, world: int) -> Optional[HeadSplit]:
+    return split_heads(int(m.num_heads), int(m.n_groups), world) if m.num_heads >= world else None
+
+
+def _mamba2_sent(m, split: HeadSplit, rank: int, local: int) -> int:
+    return _sent(split, rank, local, {"q": m.head_dim + 1, "kv": 2 * m.ssm_state_size,
+                                      "out": m.head_dim})
+
+
+# ------------------------------------------------------------------ the table
+
+@dataclass(frozen=True)
+class HeadParallel:
+    """One family's head-parallel scheme: its ``forward(module, x, index, split)``, the
+    ``split(module, world)`` of its heads (None: fewer heads than ranks), the values
+    ``sent(module, split, rank, local tokens)`` per layer, and where its pieces are."""
+
+    forward: Callable
+    split: Callable
+    sent: Callable
+    parts: object
+
+
+_DELTANET = dict(forward=deltanet_forward, split=_deltanet_split, sent=_deltanet_sent)
+_MAMBA2 = dict(forward=mamba2_forward, split=_mamba2_split, sent=_mamba2_sent)
+HEAD_PARALLEL = {
+    "Qwen3NextGatedDeltaNet": HeadParallel(**_DELTANET, parts=DeltaNetParts(_qwen3_next, "norm", "out_proj")),
+    "Qwen3_5GatedDeltaNet": HeadParallel(**_DELTANET, parts=DeltaNetParts(_qwen3_5, "norm", "out_proj")),
+    "Qwen3_5MoeGatedDeltaNet": HeadParallel(**_DELTANET, parts=DeltaNetParts(_qwen3_5, "norm", "out_proj")),
+    "OlmoHybridGatedDeltaNet": HeadParallel(**_DELTANET, parts=DeltaNetParts(
+        _olmo_hybrid, "o_norm", "o_proj", lambda m: 2.0 if m.allow_neg_eigval else 1.0)),
+    "NemotronHMamba2Mixer": HeadParallel(**_MAMBA2, parts=Mamba2Parts()),
+    "GraniteMoeHybridMambaLayer": HeadParallel(**_MAMBA2, parts=Mamba2Parts()),
+    "BambaMixer": HeadParallel(**_MAMBA2, parts=Mamba2Parts()),
+    "Zamba2MambaMixer": HeadParallel(**_MAMBA2, parts=Mamba2Parts()),
+    "FalconH1Mixer": HeadParallel(**_MAMBA2, parts=Mamba2Parts(_falcon_h1_projections, _falcon_h1_gate)),
+}
+
+
+def _family(module: nn.Module) -> HeadParallel:
+    return HEAD_PARALLEL[type(module).__name__]
+
+
+def head_split(module: nn.Module, world: int) -> Optional[HeadSplit]:
+    """The split of ``module``'s heads over ``world`` ranks, None where it has too few."""
+    return _family(module).split(module, world)
+
+
+def head_parallel_forward(module: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> torch.Tensor:
+    return _family(module).forward(module, x, index, split)
+
+
+def bytes_sent(module: nn.Module, seqlen: int, world: int, element_size: int, rank: int = 0) -> int:
+    """Bytes ``rank`` sends per layer in forward (its all-to-alls; backward the same), for a
+    sequence of ``seqlen`` tokens over ``world`` ranks (a split must exist)."""
+    split = head_split(module, world)
+    return _family(module).sent(module, split, rank, seqlen // world) * element_size
