@@ -1,7 +1,8 @@
 """Recurrent mixers head-parallel: each rank runs its share of the heads over the whole
 sequence, the scalable scheme for Gated DeltaNet (Qwen3-Next, Qwen3.5, OLMo-Hybrid; what
-PyTorch's and Megatron's context parallelism do) and Mamba2 (Nemotron-H, Granite-MoE-Hybrid,
-Bamba, Falcon-H1, Zamba2; Megatron's Mamba context parallelism).
+PyTorch's and Megatron's context parallelism do), KDA (Kimi-Linear, Bailing-Hybrid), lightning
+attention (MiniMax) and Mamba2 (Nemotron-H, Granite-MoE-Hybrid, Bamba, Falcon-H1, Zamba2;
+Megatron's Mamba context parallelism).
 
 Per mixer layer and rank, with the SP group of P ranks and this rank's rows x (b, s/P, D):
 
@@ -11,13 +12,17 @@ Per mixer layer and rank, with the SP group of P ranks and this rank's rows x (b
    them), put into natural order by the step's ``MixerIndex`` (packed documents: one
    right-padded row per document, so each starts from the zero state). Gated DeltaNet packs
    q, k, v, beta and decay inputs per key head (a key head's value heads travel with it);
-   Mamba2 sends x and dt per head and, in a second all-to-all, B and C per group to every rank
-   whose heads read that group (``split.kv[r]``; ranges may overlap when groups < ranks);
+   KDA packs q, k, v, beta per head and sends its per-channel decay in a second all-to-all;
+   lightning attention sends q, k, v per head; Mamba2 sends x and dt per head and, in a
+   second all-to-all, B and C per group to every rank whose heads read that group
+   (``split.kv[r]``; ranges may overlap when groups < ranks);
 3. the module's depthwise causal convolution restricted to those channels (a slice of its
    weight: the convolution is per channel) and the model's own chunked kernel, looked up in
-   the model's modeling module (``torch_chunk_gated_delta_rule`` / ``mamba2_chunk_scan``:
-   flash-linear-attention's and mamba_ssm's kernels on GPU when installed, transformers' torch
-   paths otherwise);
+   the model's modeling module (``torch_chunk_gated_delta_rule`` /
+   ``chunk_kimi_delta_attention`` / ``mamba2_chunk_scan``: flash-linear-attention's and
+   mamba_ssm's kernels on GPU when installed, transformers' torch paths otherwise; MiniMax
+   keeps its lightning recurrence inline in the module's forward, so ``_lightning`` is that
+   loop on the module's per-head buffers);
 4. the inverse all-to-all (``comm.sequence_to_heads``) of the output back to this rank's rows,
    then the module's gated norm (over all heads of a token) and output projection on them.
 
@@ -165,6 +170,99 @@ def _deltanet_sent(m, split: HeadSplit, rank: int, local: int) -> int:
                                       "out": per * m.head_v_dim})
 
 
+# ------------------------------------------------------------------ KDA
+
+@dataclass(frozen=True)
+class KDAParts:
+    """Where a KDA family keeps its output gate (``gate(module, x)`` -> (b, s, H * d))."""
+
+    gate: Callable
+
+
+def kda_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> torch.Tensor:
+    """KDA (Kimi-Linear; Bailing-Hybrid's linear layers): Gated DeltaNet with a decay per
+    channel. q, k, v and the beta input travel packed per head, the decay (computed per token
+    on the local rows, in its own dtype: float32 for Kimi-Linear) in a second all-to-all."""
+    parts, kernels = _family(m).parts, sys.modules[type(m).__module__]
+    b, s = x.shape[:2]
+    heads, d, width = m.num_heads, m.head_dim, m.qkv_dim
+    packed = torch.cat([m.q_proj(x).view(b, s, heads, d), m.k_proj(x).view(b, s, heads, d),
+                        m.v_proj(x).view(b, s, heads, d), m.b_proj(x).unsqueeze(-1)], -1)
+    lo, hi = split.q[index.rank]
+    seq = _gather_heads(packed, split.q, index)  # (rows, L, n, 3 d + 1)
+    decay = _gather_heads(m.forget_gate(x), split.q, index)  # (rows, L, n, d)
+    rows, length, n = seq.shape[:3]
+    q, k, v, beta_in = seq.split([d, d, d, 1], -1)
+    mixed = _conv(m, kernels, torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1),
+                  [slice(lo * d, hi * d), slice(width + lo * d, width + hi * d),
+                   slice(2 * width + lo * d, 2 * width + hi * d)])
+    q, k, v = (t.reshape(rows, length, n, d) for t in mixed.split([n * d] * 3, -1))
+    out, _ = kernels.chunk_kimi_delta_attention(
+        q, k, v, g=decay, beta=beta_in.squeeze(-1).sigmoid(), initial_state=None,
+        output_final_state=False, use_qk_l2norm_in_kernel=True)
+    out = _scatter_heads(out, split.q, index)  # (b, s/P, H, d)
+    out = m.o_norm(out, parts.gate(m, x).view(b, s, heads, d))
+    return m.o_proj(out.reshape(b, s, width))
+
+
+def _kda_split(m, world: int) -> Optional[HeadSplit]:
+    heads = int(m.num_heads)
+    return split_heads(heads, heads, world) if heads >= world else None
+
+
+def _kda_sent(m, split: HeadSplit, rank: int, local: int) -> int:
+    return _sent(split, rank, local, {"q": 4 * m.head_dim + 1, "out": m.head_dim})
+
+
+# ------------------------------------------------------------------ lightning attention
+
+def _lightning(m, q, k, v, lo: int, hi: int) -> torch.Tensor:
+    """MiniMax's lightning attention over heads [lo, hi): (rows, n, L, d) q, k, v -> out.
+    transformers keeps no kernel function for it (the block recurrence is inline in
+    ``MiniMaxLightningAttention.forward``); this is that loop, line for line, on the module's
+    per-head decay buffers sliced to these heads (the forward without a cache)."""
+    rows, n, length, d = q.shape
+    block = m.block_size
+    slope = m.slope_rate[lo:hi]
+    state = torch.zeros(rows, n, d, d, device=v.device, dtype=v.dtype)
+    out = []
+    for start in range(0, length, block):
+        size = min(block, length - start)
+        qb, kb, vb = (t[:, :, start:start + size] for t in (q, k, v))
+        intra = torch.matmul(torch.matmul(qb, kb.transpose(-1, -2))
+                             * m.diagonal_decay[:, lo:hi, :size, :size], vb)
+        inter = torch.matmul(qb * m.query_decay[lo:hi, :size], state)
+        out.append(inter + intra)
+        state = state * torch.exp(-slope * size) + torch.matmul(
+            (kb * m.key_decay[lo:hi, -size:]).transpose(-1, -2), vb)
+    return torch.cat(out, dim=-2)
+
+
+def lightning_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit):
+    """MiniMax's linear layers: q, k, v per head (after the projection's activation) to this
+    rank's heads, the lightning recurrence, back; RMSNorm over all heads, the output gate and
+    projection on the local rows. Returns (output, None) like the module (no cache)."""
+    b, s = x.shape[:2]
+    heads, d = m.num_attention_heads, m.head_dim
+    qkv = m.act_fn(m.qkv_proj(x)).reshape(b, s, heads, 3 * d)
+    lo, hi = split.q[index.rank]
+    seq = _gather_heads(qkv, split.q, index)  # (rows, L, n, 3 d)
+    q, k, v = (t.transpose(1, 2) for t in seq.split(d, -1))
+    out = _lightning(m, q, k, v, lo, hi).transpose(1, 2)  # (rows, L, n, d)
+    out = _scatter_heads(out, split.q, index).reshape(b, s, heads * d)
+    out = F.sigmoid(m.output_gate(x)) * m.norm(out)
+    return m.out_proj(out), None
+
+
+def _lightning_split(m, world: int) -> Optional[HeadSplit]:
+    heads = int(m.num_attention_heads)
+    return split_heads(heads, heads, world) if heads >= world else None
+
+
+def _lightning_sent(m, split: HeadSplit, rank: int, local: int) -> int:
+    return _sent(split, rank, local, {"q": 3 * m.head_dim, "out": m.head_dim})
+
+
 # ------------------------------------------------------------------ Mamba2
 
 def _mamba2_projections(m, x):
@@ -251,12 +349,17 @@ class HeadParallel:
 
 _DELTANET = dict(forward=deltanet_forward, split=_deltanet_split, sent=_deltanet_sent)
 _MAMBA2 = dict(forward=mamba2_forward, split=_mamba2_split, sent=_mamba2_sent)
+_KDA = dict(forward=kda_forward, split=_kda_split, sent=_kda_sent)
+_LIGHTNING = dict(forward=lightning_forward, split=_lightning_split, sent=_lightning_sent)
 HEAD_PARALLEL = {
     "Qwen3NextGatedDeltaNet": HeadParallel(**_DELTANET, parts=DeltaNetParts(_qwen3_next, "norm", "out_proj")),
     "Qwen3_5GatedDeltaNet": HeadParallel(**_DELTANET, parts=DeltaNetParts(_qwen3_5, "norm", "out_proj")),
     "Qwen3_5MoeGatedDeltaNet": HeadParallel(**_DELTANET, parts=DeltaNetParts(_qwen3_5, "norm", "out_proj")),
     "OlmoHybridGatedDeltaNet": HeadParallel(**_DELTANET, parts=DeltaNetParts(
         _olmo_hybrid, "o_norm", "o_proj", lambda m: 2.0 if m.allow_neg_eigval else 1.0)),
+    "KimiLinearDeltaAttention": HeadParallel(**_KDA, parts=KDAParts(lambda m, x: m.g_b_proj(m.g_a_proj(x)))),
+    "BailingHybridDeltaAttention": HeadParallel(**_KDA, parts=KDAParts(lambda m, x: m.g_proj(x))),
+    "MiniMaxLightningAttention": HeadParallel(**_LIGHTNING, parts=None),
     "NemotronHMamba2Mixer": HeadParallel(**_MAMBA2, parts=Mamba2Parts()),
     "GraniteMoeHybridMambaLayer": HeadParallel(**_MAMBA2, parts=Mamba2Parts()),
     "BambaMixer": HeadParallel(**_MAMBA2, parts=Mamba2Parts()),
