@@ -137,6 +137,38 @@ def gather_sequence(x_local: torch.Tensor, dim: int, group=None) -> torch.Tensor
     return _GatherSequence.apply(x_local, dim % x_local.dim(), group)
 
 
+def _all_reduce_counted(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``x`` over the group (a new tensor); counts the ring algorithm's bytes, 2 (P - 1) / P
+    of it per rank, whatever the backend runs."""
+    out = x.contiguous().clone()
+    prof = profile.active()
+    size = group_size(group)
+    if prof is not None:
+        prof.bytes_sent += 2 * (size - 1) * out.numel() * out.element_size() // size
+    with profile.timed("wait_s", out.device):
+        dist.all_reduce(out, group=group)
+    return out
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce_counted(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce_counted(grad, ctx.group), None
+
+
+def sum_over_ranks(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``x`` summed, on every rank (differentiable: each rank's gradient of the
+    sum is every rank's gradient summed, i.e. the gradient of the sum of all ranks' losses)."""
+    if group_size(group) == 1:
+        return x
+    return _SumOverRanks.apply(x, group)
+
+
 def _exchange(chunks: list[torch.Tensor], recv_numels: list[int], group) -> list[torch.Tensor]:
     """Send ``chunks[j]`` to rank j and receive ``recv_numels[j]`` elements from each rank j:
     one ``all_to_all_single`` with uneven split sizes over flat buffers (gloo and NCCL)."""

@@ -101,7 +101,8 @@ def _matrix(rank, world):
 
 
 # world 1 is slow too: the single-process matrix is the largest (the quick tier keeps P=2)
-@pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.slow), *worlds(2, 3, 4)])
+# P = 2 and an odd P (3): four ranks add nothing the two do not check, for twice the time
+@pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.slow), *worlds(2, 3)])
 def test_documents_and_windows_match_reference(world):
     for rank, failures in enumerate(run_distributed(_matrix, world, timeout=600)):
         assert not failures, f"rank {rank}: {len(failures)} cases beyond {FP32_TOL}: {failures[:4]}"

@@ -82,7 +82,7 @@ def test_flash_attn_2_8_on_cpu_standin(world):
 
 @pytest.mark.skipif(_installed(OLD_RELEASE) != "2.6.3",
                     reason=f"flash-attn 2.6.3 is not in {OLD_RELEASE.name} (bash .ci/run installs it)")
-@pytest.mark.parametrize("world", worlds(2, 4, quick=()))  # the older release: full suite only
+@pytest.mark.parametrize("world", worlds(2, quick=()))  # the older release: its glue, full suite only
 def test_flash_attn_2_6_on_cpu_standin(world):
     _check(_run_checks(OLD_RELEASE, str(world)), "2.6.3", world)
 

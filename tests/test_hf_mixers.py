@@ -37,8 +37,11 @@ def mixer_config(arch: str):
                linear_key_head_dim=8, linear_value_head_dim=8)
     mamba2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
                   mamba_chunk_size=8)
-    # Kimi-Linear and Bailing-Hybrid put MLA beside their linear layers: the MLA attention is
-    # another feature, so their tiny configs are all linear layers
+    # Kimi-Linear and Bailing-Hybrid put MLA beside their linear layers: all linear layers
+    # here, and with an MLA layer of real-checkpoint proportions (v's head size 16 against
+    # q/k's 16 + 8) in the "@mla" configs
+    mla_layers = dict(layer_types=["linear_attention", "full_attention"], kv_lora_rank=8,
+                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
     mla_free = dict(head_dim=8, linear_head_dim=8, linear_num_heads=4, num_experts=2,
                     num_experts_per_token=1, moe_intermediate_size=16, mlp_layer_types=["dense"] * 2,
                     layer_types=["linear_attention"] * 2, num_key_value_heads=4)
@@ -55,6 +58,9 @@ def mixer_config(arch: str):
         "bailing_hybrid": lambda: tf.BailingHybridConfig(**{**common, **mla_free}, layer_group_size=2,
                                                          num_nextn_predict_layers=0),
         # block_size 8: the lightning recurrence crosses blocks within a document
+        "kimi_linear@mla": lambda: tf.KimiLinearConfig(**{**common, **mla_free, **mla_layers}),
+        "bailing_hybrid@mla": lambda: tf.BailingHybridConfig(**{**common, **mla_free, **mla_layers},
+                                                             layer_group_size=2, num_nextn_predict_layers=0),
         "minimax": lambda: tf.MiniMaxConfig(**common, head_dim=8, layer_types=mixed, block_size=8),
         "nemotron_h": lambda: tf.NemotronHConfig(
             **{k: v for k, v in common.items() if k != "num_hidden_layers"},
@@ -238,8 +244,10 @@ def _cases_p2():
                   (arch, STRATEGIES[(i + 2) % 3], "doc_zigzag", True)]
     # activation checkpointing: transformers recomputes each layer's forward in backward;
     # striped: every short-convolution halo token is on another rank
+    # Kimi-Linear and Bailing-Hybrid with their MLA layers (v's head size unlike q/k's)
     return cases + [("jamba", "ring+ckpt", "zigzag", True), ("qwen3_next", "allgather+ckpt", "doc_zigzag", True),
-                    ("lfm2", "ring+ckpt", "striped", False)]
+                    ("lfm2", "ring+ckpt", "striped", False), ("kimi_linear@mla", "ring", "doc_zigzag", True),
+                    ("bailing_hybrid@mla", "ulysses", "zigzag", False)]
 
 
 QUICK = [("qwen3_next", "ring", "zigzag", False), ("minimax", "ulysses", "doc_zigzag", True),
@@ -263,7 +271,8 @@ def test_hybrids_match_stock_sp4():
     layouts = (("zigzag", False), ("doc_zigzag", True), ("contiguous", True))
     strategies = ("ring", "hybrid", "allgather", "ulysses")
     cases = [(arch, strategies[i % 4], *layouts[i % 3]) for i, arch in enumerate(FAMILIES[::2])]
-    cases += [("qwen3_5@6heads", "ring", "doc_zigzag", True), ("bamba@12heads", "ulysses", "zigzag", False)]
+    cases += [("qwen3_5@6heads", "ring", "doc_zigzag", True), ("bamba@12heads", "ulysses", "zigzag", False),
+              ("kimi_linear@mla", "hybrid", "contiguous", True)]
     for r in run_distributed(_mixer_cases, 4, cases, timeout=600):
         _check(r)
         # Gated DeltaNet and Mamba2 run head-parallel where their heads cover the ranks (6 key
@@ -272,7 +281,7 @@ def test_hybrids_match_stock_sp4():
         schemes = {arch: errs["schemes"] for (arch, *_), errs in r.items()}
         assert schemes["qwen3_5@6heads"] == schemes["bamba@12heads"] == schemes["bamba"] \
             == schemes["bailing_hybrid"] == ["heads"]
-        assert schemes["jamba"] == ["gathered"] and schemes["lfm2"] == ["halo"]
+        assert schemes["jamba"] == ["heads"] and schemes["lfm2"] == ["halo"]
         assert schemes["qwen3_next"] == ["gathered"]
 
 
@@ -453,9 +462,10 @@ def _plan_ahead_and_bytes(rank, world, arch, layout):
     ("qwen3_5", "doc_zigzag"),
     pytest.param("bamba@12heads", "zigzag", marks=pytest.mark.slow),
     pytest.param("kimi_linear", "contiguous", marks=pytest.mark.slow),
-    pytest.param("minimax", "zigzag", marks=pytest.mark.slow)])
+    pytest.param("minimax", "zigzag", marks=pytest.mark.slow),
+    pytest.param("jamba", "doc_zigzag", marks=pytest.mark.slow)])
 def test_plan_ahead_and_head_parallel_bytes_sent(arch, layout):
     """Gated DeltaNet; Mamba2 with groups shared by two ranks (their B, C sent to both); KDA
-    (two all-to-alls); lightning attention."""
+    (two all-to-alls); lightning attention; Mamba channel-parallel (all-to-alls and a sum)."""
     for sent, heads, gathered in run_distributed(_plan_ahead_and_bytes, 2, arch, layout, timeout=180):
         assert sent == {"heads": heads, "gathered": gathered}

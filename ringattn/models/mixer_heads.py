@@ -2,7 +2,7 @@
 sequence, the scalable scheme for Gated DeltaNet (Qwen3-Next, Qwen3.5, OLMo-Hybrid; what
 PyTorch's and Megatron's context parallelism do), KDA (Kimi-Linear, Bailing-Hybrid), lightning
 attention (MiniMax) and Mamba2 (Nemotron-H, Granite-MoE-Hybrid, Bamba, Falcon-H1, Zamba2;
-Megatron's Mamba context parallelism).
+Megatron's Mamba context parallelism), and Jamba's Mamba channel-parallel (``mamba_forward``).
 
 Per mixer layer and rank, with the SP group of P ranks and this rank's rows x (b, s/P, D):
 
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..comm import heads_to_sequence, sequence_to_heads
+from ..comm import heads_to_sequence, sequence_to_heads, sum_over_ranks
 from ..headsplit import HeadSplit, split_heads
 
 
@@ -333,6 +333,51 @@ def _mamba2_sent(m, split: HeadSplit, rank: int, local: int) -> int:
                                       "out": m.head_dim})
 
 
+# ------------------------------------------------------------------ Mamba (channel-parallel)
+
+def mamba_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> torch.Tensor:
+    """Jamba's Mamba, channel-parallel: every channel of the selective scan has its own state,
+    but its dt, B and C are projected (``x_proj``) from all channels of a token after the
+    convolution. So the convolution's input travels per channel to this rank's channels
+    (``split.q``: channel ranges), each rank projects its channels' share of ``x_proj`` and
+    one sum over ranks (``comm.sum_over_ranks``: (R + 2N) values per token, R = dt rank, N =
+    state) completes it on every rank; dt's per-channel projection, the scan and the D skip run
+    on this rank's channels, the gate and ``out_proj`` on the local rows after the inverse
+    all-to-all."""
+    kernels = sys.modules[type(m).__module__]
+    lo, hi = split.q[index.rank]
+    xs, gate = m.in_proj(x).chunk(2, dim=-1)  # (b, s/P, c) each, as the module splits them
+    xs = _gather_heads(xs.unsqueeze(-1), split.q, index).squeeze(-1)  # (rows, L, n channels)
+    xs = _conv(m, kernels, xs, [slice(lo, hi)])
+    # summed over the S real tokens (not the documents' padding), then laid out again
+    projected = index.natural(sum_over_ranks(
+        index.rank_major(F.linear(xs, m.x_proj.weight[:, lo:hi])), index.group))
+    time_step, b_ssm, c_ssm = projected.split([m.time_step_rank, m.ssm_state_size, m.ssm_state_size], -1)
+    time_step = m.dt_proj.weight[lo:hi] @ m.dt_layernorm(time_step).transpose(1, 2)  # (rows, n, L)
+    bias = None if m.dt_proj.bias is None else m.dt_proj.bias[lo:hi].float()
+    y = kernels.mamba_selective_scan(
+        xs.transpose(1, 2), time_step, -torch.exp(m.A_log[lo:hi].float()),
+        m.b_layernorm(b_ssm).transpose(1, 2), m.c_layernorm(c_ssm).transpose(1, 2),
+        D=m.D[lo:hi].float(), z=None, delta_bias=bias, delta_softplus=True,
+        use_mambapy=m.use_mambapy, use_associative_scan=m.use_associative_scan)
+    y = _scatter_heads(y.transpose(1, 2).unsqueeze(-1), split.q, index).squeeze(-1)
+    return m.out_proj((y * F.silu(gate)).to(x.dtype))
+
+
+def _mamba_split(m, world: int) -> Optional[HeadSplit]:
+    channels = int(m.intermediate_size)
+    return split_heads(channels, channels, world) if channels >= world else None
+
+
+def _mamba_sent(m, split: HeadSplit, rank: int, local: int) -> int:
+    """The channels' all-to-alls (in the model's dtype; the scan's output comes back in
+    float32, counted here as one value) and the ring all-reduce of the (R + 2N)-wide
+    projection over every token of the sequence."""
+    world = split.size
+    reduce = 2 * (world - 1) * local * world * (m.time_step_rank + 2 * m.ssm_state_size) // world
+    return _sent(split, rank, local, {"q": 1, "out": 1}) + reduce
+
+
 # ------------------------------------------------------------------ the table
 
 @dataclass(frozen=True)
@@ -351,6 +396,7 @@ _DELTANET = dict(forward=deltanet_forward, split=_deltanet_split, sent=_deltanet
 _MAMBA2 = dict(forward=mamba2_forward, split=_mamba2_split, sent=_mamba2_sent)
 _KDA = dict(forward=kda_forward, split=_kda_split, sent=_kda_sent)
 _LIGHTNING = dict(forward=lightning_forward, split=_lightning_split, sent=_lightning_sent)
+_MAMBA = dict(forward=mamba_forward, split=_mamba_split, sent=_mamba_sent)
 HEAD_PARALLEL = {
     "Qwen3NextGatedDeltaNet": HeadParallel(**_DELTANET, parts=DeltaNetParts(_qwen3_next, "norm", "out_proj")),
     "Qwen3_5GatedDeltaNet": HeadParallel(**_DELTANET, parts=DeltaNetParts(_qwen3_5, "norm", "out_proj")),
@@ -364,6 +410,7 @@ HEAD_PARALLEL = {
     "GraniteMoeHybridMambaLayer": HeadParallel(**_MAMBA2, parts=Mamba2Parts()),
     "BambaMixer": HeadParallel(**_MAMBA2, parts=Mamba2Parts()),
     "Zamba2MambaMixer": HeadParallel(**_MAMBA2, parts=Mamba2Parts()),
+    "JambaMambaMixer": HeadParallel(**_MAMBA, parts=None),
     "FalconH1Mixer": HeadParallel(**_MAMBA2, parts=Mamba2Parts(_falcon_h1_projections, _falcon_h1_gate)),
 }
 

@@ -1,9 +1,9 @@
 """Recurrent token mixers of transformers hybrids under sequence parallelism, each module under
-one of three schemes: Gated DeltaNet, KDA, lightning attention and Mamba2 head-parallel
-(``mixer_heads``: each rank runs its heads over the whole sequence between all-to-alls) when
-their heads cover the SP group; short convolutions over a halo of k - 1 tokens per segment;
-Jamba's Mamba (and any mixer with fewer heads than ranks) over the gathered sequence (the
-model's own mixer run over it in natural order, this rank's rows kept).
+one of three schemes: Gated DeltaNet, KDA, lightning attention and Mamba2 head-parallel, and
+Jamba's Mamba channel-parallel (``mixer_heads``: each rank runs its heads or channels over the
+whole sequence between all-to-alls) when they cover the SP group; short convolutions over a
+halo of k - 1 tokens per segment; a mixer with fewer heads than ranks over the gathered
+sequence (the model's own mixer run over it in natural order, this rank's rows kept).
 
 Hybrid models put recurrences along the sequence beside softmax attention: Gated DeltaNet /
 KDA / lightning linear attention (Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear,
