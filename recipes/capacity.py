@@ -69,10 +69,10 @@ def capacity_rows(cfg: CapacityConfig, model) -> list[dict]:
     """One row per (strategy, ZeRO stage, offload): the longest seq_len and its estimate."""
     if model.recurrent_mixers:
         raise ValueError(f"the memory model has no term for recurrent mixers ({', '.join(model.recurrent_mixers)}): "
-                         "a mixer layer runs over the whole gathered sequence (S x hidden input, the "
-                         "mixer's own activations over S tokens, P-fold the attention layers' share; "
-                         "short convolutions: this rank's tokens plus halos); capacity planning of "
-                         "hybrid models is not supported")
+                         "a mixer layer's activations (this rank's heads over the whole sequence; short "
+                         "convolutions: its tokens plus halos) depend on the kernel that runs it "
+                         "(transformers' PyTorch paths, flash-linear-attention, mamba_ssm) and are not "
+                         "calibrated; capacity planning of hybrid models is not supported")
     shape, world = model.shape, cfg.world_size
     heads, kv_heads = model.heads
     rows = []

@@ -526,10 +526,10 @@ def dry_run(job: JobConfig) -> None:
                         for z in range(4))
     print(f"  total per rank by ZeRO stage, no offload (GiB): {stages}", flush=True)
     if model.recurrent_mixers:
-        print(f"  not included: the recurrent mixers ({', '.join(model.recurrent_mixers)}); each of their "
-              "layers runs over the whole gathered sequence (S x hidden input and the mixer's "
-              "activations over S tokens per rank; short convolutions: local tokens plus halos)",
-              flush=True)
+        print(f"  not included: the recurrent mixers ({', '.join(model.recurrent_mixers)}); their "
+              "layers' activations (this rank's heads over the whole sequence, or with fewer heads "
+              "than ranks the whole gathered sequence; short convolutions: local tokens plus halos) "
+              "depend on the kernel that runs them and are not modelled", flush=True)
 
 
 def _rss() -> int:

@@ -333,27 +333,29 @@ def _save_tiny_hybrid(arch, path, vocab=272):
     return str(path)
 
 
-@pytest.mark.slow  # the recipe end to end, two runs (~25 s)
-@pytest.mark.parametrize("arch", ["qwen3_next"])  # Gated DeltaNet; "bamba" (Mamba2) passes too
+@pytest.mark.slow  # the recipe end to end, two runs each (~20 s)
+@pytest.mark.parametrize("arch", ["qwen3_next", "bamba"])  # a Gated DeltaNet and a Mamba2 hybrid
 def test_recipe_trains_hybrid_sp2_with_the_losses_of_one_process(tmp_path, arch):
-    """model=hf from a local tiny hybrid: 3 steps at sp=2 give the losses of one process (the
-    recipe's wiring is the same for every family; each family's mixer is checked above)."""
+    """model=hf from a local tiny hybrid: 3 steps at sp=2 give the losses and the final
+    weights of one process (the recipe's wiring is the same for every family; each family's
+    mixer is checked above)."""
     from tests.test_hf import _recipe
-    from tests.train_launch import FAST, assert_losses_close, metrics
+    from tests.train_launch import FAST, assert_losses_close, assert_weights_close, final_weights, metrics
 
     path = _save_tiny_hybrid(arch, tmp_path / "base")
     over = [o for o in FAST if not o.startswith("model=")]
     over += ["model=hf", f"model.path={path}", "trainer.max_steps=3", "trainer.seed=1",
-             "model.save_final=false"]
+             "trainer.save_every=3", "model.save_final=false"]
     _recipe("recipes.train", tmp_path / "sp1", 1, over)
     _recipe("recipes.train", tmp_path / "sp2", 2, over + ["parallel.sp_size=2"])
     ref, got = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")
     assert sorted(ref) == sorted(got) == [1, 2, 3]
     assert_losses_close(ref, got, [1, 2, 3])
+    assert_weights_close(final_weights(tmp_path / "sp1"), final_weights(tmp_path / "sp2"))
 
 
 def test_capacity_planner_refuses_hybrids(tmp_path):
-    """The memory model has no term for the mixers' gathered sequence: refused, naming them."""
+    """The memory model has no (calibrated) term for the mixers' activations: refused, naming them."""
     from recipes import capacity
     from recipes.models import HFModel, HFModelConfig
 
