@@ -114,6 +114,23 @@ def pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
     return x if x.shape[-1] == size else torch.nn.functional.pad(x, (0, size - x.shape[-1]))
 
 
+def forward_one_head_size(forward, q, k, v, **kwargs):
+    """``forward(q, k, v, **kwargs)`` of a kernel that takes one head size, for MLA's unequal
+    q/k and v sizes: padded (``pad_head_dims``), called, out sliced back (exact)."""
+    q, k, v, _, dv = pad_head_dims(q, k, v)
+    out, lse = forward(q, k, v, **kwargs)
+    return out[..., :dv], lse
+
+
+def backward_one_head_size(backward, dout, q, k, v, out, lse, **kwargs):
+    """The backward of ``forward_one_head_size``: dout and out padded like v, the
+    gradients sliced back."""
+    q, k, v, d, dv = pad_head_dims(q, k, v)
+    size = q.shape[-1]
+    dq, dk, dv_ = backward(pad_to(dout, size), q, k, v, pad_to(out, size), lse, **kwargs)
+    return dq[..., :d], dk[..., :d], dv_[..., :dv]
+
+
 def band(n: int, m: int, window: tuple[int, int], device, rows: slice | None = None,
          cols: slice | None = None) -> torch.Tensor:
     """bool (rows, cols) of the n x m block: the bottom-right aligned ``window`` band
@@ -195,6 +212,34 @@ def cu_seqlens_tensors(segments, cu_seqlens, device):
 def flatten_batch(x):
     """(b, s, ...) -> (1, b * s, ...): a batch as packed sequences."""
     return x.reshape(1, -1, *x.shape[2:])
+
+
+def dense_as_varlen_forward(call, q, k, v, causal, window):
+    """A dense block (b, n) x (b, m) through one varlen kernel call: the batch as b packed
+    sequences of the block's band (``block_as_band``; keys no row sees are not sent).
+    ``call(q, k, v, window, segments, cu_seqlens)`` on (1, b * n, h, d) -> (out, lse (1, h,
+    b * n)). Returns out (b, n, h, dv) and lse (b, h, n)."""
+    b, n, h, _ = q.shape
+    window, keys = block_as_band(causal, window, n, k.shape[1])
+    segments, cu_seqlens = batch_as_sequences(b, n, keys, q.device)
+    out, lse = call(flatten_batch(q), flatten_batch(k[:, :keys]), flatten_batch(v[:, :keys]), window,
+                    segments, cu_seqlens)
+    return out.view(q.shape[:3] + out.shape[3:]), lse.view(h, b, n).transpose(0, 1)
+
+
+def dense_as_varlen_backward(call, dout, q, k, v, out, lse, causal, window):
+    """The backward of ``dense_as_varlen_forward``: ``call(dout, q, k, v, out, lse, window,
+    segments, cu_seqlens)`` on the packed batch -> (dq, dk, dv); keys no row saw get zero."""
+    b, n, h, _ = q.shape
+    window, keys = block_as_band(causal, window, n, k.shape[1])
+    segments, cu_seqlens = batch_as_sequences(b, n, keys, q.device)
+    dq, dk_used, dv_used = call(flatten_batch(dout), flatten_batch(q), flatten_batch(k[:, :keys]),
+                                flatten_batch(v[:, :keys]), flatten_batch(out),
+                                lse.transpose(0, 1).reshape(1, h, b * n), window, segments, cu_seqlens)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    dk[:, :keys] = dk_used.view(b, keys, *k.shape[2:])
+    dv[:, :keys] = dv_used.view(b, keys, *v.shape[2:])
+    return dq.view(q.shape), dk, dv
 
 
 def batch_as_sequences(b, n, m, device):

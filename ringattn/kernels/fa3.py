@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from .base import batch_as_sequences, block_as_band, cu_seqlens_tensors, flatten_batch, segment_bounds
+from .base import cu_seqlens_tensors, dense_as_varlen_backward, dense_as_varlen_forward, segment_bounds
 
 MODULE = "flash_attn_interface"
 
@@ -95,14 +95,10 @@ class Fa3Backend:
     def forward(self, q, k, v, *, causal, scale, mask=None, softcap=None, window=None,
                 segments=None, cu_seqlens=None):
         assert mask is None, "fa3 blocks take no mask (blocks._kernel_for routes them)"
-        b, n, h, _ = q.shape
         if segments is None:
-            window, keys = block_as_band(causal, window, n, k.shape[1])
-            segments, cu_seqlens = batch_as_sequences(b, n, keys, q.device)
-            out, lse = self._call(flatten_batch(q), flatten_batch(k[:, :keys]), flatten_batch(v[:, :keys]), scale, softcap,
-                                  window, segments, cu_seqlens)
-            return out.view(q.shape[:3] + out.shape[3:]), lse.view(h, b, n).transpose(0, 1)
-        assert b == 1 and not causal, "varlen blocks: batch 1, causality in the window"
+            return dense_as_varlen_forward(
+                lambda q, k, v, *rest: self._call(q, k, v, scale, softcap, *rest), q, k, v, causal, window)
+        assert q.shape[0] == 1 and not causal, "varlen blocks: batch 1, causality in the window"
         return self._call(q, k, v, scale, softcap, window, segments, cu_seqlens)
 
     def _call(self, q, k, v, scale, softcap, window, segments, cu_seqlens):
@@ -118,18 +114,11 @@ class Fa3Backend:
     def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, softcap=None,
                  window=None, segments=None, cu_seqlens=None):
         assert mask is None, "fa3 blocks take no mask (blocks._kernel_for routes them)"
-        b, n, h, _ = q.shape
         if segments is None:
-            window, keys = block_as_band(causal, window, n, k.shape[1])
-            segments, cu_seqlens = batch_as_sequences(b, n, keys, q.device)
-            dq, dk_used, dv_used = self._call_backward(
-                flatten_batch(dout), flatten_batch(q), flatten_batch(k[:, :keys]), flatten_batch(v[:, :keys]), flatten_batch(out),
-                lse.transpose(0, 1).reshape(1, h, b * n), scale, softcap, window, segments, cu_seqlens)
-            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-            dk[:, :keys] = dk_used.view(b, keys, *k.shape[2:])
-            dv[:, :keys] = dv_used.view(b, keys, *v.shape[2:])
-            return dq.view(q.shape), dk, dv
-        assert b == 1 and not causal, "varlen blocks: batch 1, causality in the window"
+            return dense_as_varlen_backward(
+                lambda *t_rest: self._call_backward(*t_rest[:6], scale, softcap, *t_rest[6:]),
+                dout, q, k, v, out, lse, causal, window)
+        assert q.shape[0] == 1 and not causal, "varlen blocks: batch 1, causality in the window"
         return self._call_backward(dout, q, k, v, out, lse, scale, softcap, window, segments, cu_seqlens)
 
     def _call_backward(self, dout, q, k, v, out, lse, scale, softcap, window, segments, cu_seqlens):

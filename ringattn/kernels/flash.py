@@ -42,11 +42,10 @@ import sys
 
 import torch
 
-from .base import batch_as_sequences as _batch_as_sequences
 from .base import block_as_band as _block_window
 from .base import cu_seqlens_tensors as _cu
-from .base import flatten_batch as _flat
-from .base import pad_head_dims, pad_to, segment_bounds
+from .base import (backward_one_head_size, dense_as_varlen_backward, dense_as_varlen_forward, forward_one_head_size,
+                   segment_bounds)
 
 _COMPILED = "flash_attn_2_cuda"  # flash-attn 2's compiled module
 
@@ -184,10 +183,8 @@ class FlashAttnBackend:
                 segments=None, cu_seqlens=None):
         assert mask is None, "flash_attn blocks take no mask (blocks._kernel_for routes them)"
         if q.shape[-1] != v.shape[-1]:  # one head size in flash_api.cpp: pad, slice (exact)
-            q, k, v, _, dv = pad_head_dims(q, k, v)
-            out, lse = self.forward(q, k, v, causal=causal, scale=scale, softcap=softcap,
-                                    window=window, segments=segments, cu_seqlens=cu_seqlens)
-            return out[..., :dv], lse
+            return forward_one_head_size(self.forward, q, k, v, causal=causal, scale=scale, softcap=softcap,
+                                         window=window, segments=segments, cu_seqlens=cu_seqlens)
         fa = _flash()
         extra = {} if softcap is None else {"softcap": float(softcap)}
         if segments is None:
@@ -198,12 +195,10 @@ class FlashAttnBackend:
                     q, k, v, dropout_p=0.0, softmax_scale=scale, causal=False,
                     window_size=window or (-1, -1), return_attn_probs=True, **extra)
                 return out, lse
-            b, n, h, _ = q.shape
-            segments, cu_seqlens = _batch_as_sequences(b, n, keys, q.device)
-            out, lse = self.forward(_flat(q), _flat(k), _flat(v), causal=False, scale=scale,
-                                    softcap=softcap, window=window, segments=segments,
-                                    cu_seqlens=cu_seqlens)
-            return out.view(q.shape[:3] + out.shape[3:]), lse.view(h, b, n).transpose(0, 1)
+            return dense_as_varlen_forward(  # the batch as varlen sequences, each with its band
+                lambda q, k, v, band, segs, cu: self.forward(q, k, v, causal=False, scale=scale, softcap=softcap,
+                                                             window=band, segments=segs, cu_seqlens=cu),
+                q, k, v, False, window)
         assert q.shape[0] == 1 and not causal, "varlen blocks: batch 1, causality in the window"
         cu_q, cu_k = _cu(segments, cu_seqlens, q.device)
         window = window or (-1, -1)
@@ -216,27 +211,19 @@ class FlashAttnBackend:
                  window=None, segments=None, cu_seqlens=None):
         assert mask is None, "flash_attn blocks take no mask (blocks._kernel_for routes them)"
         if q.shape[-1] != v.shape[-1]:  # as forward: one head size, padded with zeros
-            q, k, v, d, dv = pad_head_dims(q, k, v)
-            size = q.shape[-1]
-            dq, dk, dv_ = self.backward(pad_to(dout, size), q, k, v, pad_to(out, size), lse,
-                                        causal=causal, scale=scale, softcap=softcap,
-                                        window=window, segments=segments, cu_seqlens=cu_seqlens)
-            return dq[..., :d], dk[..., :d], dv_[..., :dv]
+            return backward_one_head_size(self.backward, dout, q, k, v, out, lse, causal=causal, scale=scale,
+                                          softcap=softcap, window=window, segments=segments,
+                                          cu_seqlens=cu_seqlens)
         keys = k.shape[1]
         if segments is None:
-            window, keys = _block_window(causal, window, q.shape[1], k.shape[1])
-            if window is not None and not expresses(q.shape[1], keys, window):
-                b, n, h, _ = q.shape  # as forward: the batch as varlen sequences
-                segments, cu_seqlens = _batch_as_sequences(b, n, keys, q.device)
-                grads = self.backward(
-                    _flat(dout), _flat(q), _flat(k[:, :keys]), _flat(v[:, :keys]), _flat(out),
-                    lse.transpose(0, 1).reshape(1, h, b * n), causal=False, scale=scale,
-                    softcap=softcap, window=window, segments=segments, cu_seqlens=cu_seqlens)
-                dq = grads[0].view(q.shape)
-                dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-                dk[:, :keys], dv[:, :keys] = grads[1].view(b, keys, *k.shape[2:]), \
-                    grads[2].view(b, keys, *v.shape[2:])
-                return dq, dk, dv
+            band, keys = _block_window(causal, window, q.shape[1], k.shape[1])
+            if band is not None and not expresses(q.shape[1], keys, band):
+                return dense_as_varlen_backward(  # as forward: the batch as varlen sequences
+                    lambda dout, q, k, v, out, lse, band, segs, cu: self.backward(
+                        dout, q, k, v, out, lse, causal=False, scale=scale, softcap=softcap, window=band,
+                        segments=segs, cu_seqlens=cu),
+                    dout, q, k, v, out, lse, causal, window)
+            window = band
         left, right = window or (-1, -1)
         dq = torch.empty_like(q)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)

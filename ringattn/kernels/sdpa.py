@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import (accumulation_dtype, backward_segments, band, forward_segments, pad_head_dims,
-                   pad_to, repeat_kv, sum_kv_groups)
+from .base import (accumulation_dtype, backward_one_head_size, backward_segments, band, forward_one_head_size,
+                   forward_segments, repeat_kv, sum_kv_groups)
 
 _CUDA_LSE_ALIGN = 32  # kAlignLSE in PyTorch's memory-efficient attention
 
@@ -149,10 +149,8 @@ class SdpaBackend:
                 segments=None, cu_seqlens=None):
         assert softcap is None, "sdpa has no softcap (get_backend routes softcap elsewhere)"
         if q.shape[-1] != v.shape[-1] and self._ops(q.device).one_head_size:
-            q, k, v, _, dv = pad_head_dims(q, k, v)
-            out, lse = self.forward(q, k, v, causal=causal, scale=scale, mask=mask, window=window,
-                                    segments=segments)
-            return out[..., :dv], lse
+            return forward_one_head_size(self.forward, q, k, v, causal=causal, scale=scale, mask=mask,
+                                         window=window, segments=segments)
         if segments is not None:
             return forward_segments(self.forward, q, k, v, segments, causal=causal, scale=scale,
                                     mask=mask, window=window)
@@ -175,12 +173,8 @@ class SdpaBackend:
                  window=None, segments=None, cu_seqlens=None):
         assert softcap is None, "sdpa has no softcap (get_backend routes softcap elsewhere)"
         if q.shape[-1] != v.shape[-1] and self._ops(q.device).one_head_size:
-            q, k, v, d, dv = pad_head_dims(q, k, v)
-            size = q.shape[-1]
-            dq, dk, dv_ = self.backward(pad_to(dout, size), q, k, v, pad_to(out, size), lse,
-                                        causal=causal, scale=scale, mask=mask, window=window,
-                                        segments=segments)
-            return dq[..., :d], dk[..., :d], dv_[..., :dv]
+            return backward_one_head_size(self.backward, dout, q, k, v, out, lse, causal=causal, scale=scale,
+                                          mask=mask, window=window, segments=segments)
         if segments is not None:
             return backward_segments(self.backward, dout, q, k, v, out, lse, segments,
                                      causal=causal, scale=scale, mask=mask, window=window)

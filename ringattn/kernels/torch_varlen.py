@@ -28,7 +28,8 @@ import functools
 
 import torch
 
-from .base import batch_as_sequences, block_as_band, cu_seqlens_tensors, flatten_batch, pad_head_dims, pad_to
+from .base import (backward_one_head_size, cu_seqlens_tensors, dense_as_varlen_backward, dense_as_varlen_forward,
+                   forward_one_head_size)
 from .flash import _max_lengths
 
 
@@ -80,18 +81,12 @@ class TorchVarlenBackend:
                 segments=None, cu_seqlens=None):
         assert mask is None and softcap is None, "torch_varlen takes no mask or softcap"
         if q.shape[-1] != v.shape[-1]:  # one head size in the aten op: pad, slice (exact)
-            q, k, v, _, dv = pad_head_dims(q, k, v)
-            out, lse = self.forward(q, k, v, causal=causal, scale=scale, window=window, segments=segments,
-                                    cu_seqlens=cu_seqlens)
-            return out[..., :dv], lse
-        b, n, h, _ = q.shape
+            return forward_one_head_size(self.forward, q, k, v, causal=causal, scale=scale, window=window,
+                                         segments=segments, cu_seqlens=cu_seqlens)
         if segments is None:
-            window, keys = block_as_band(causal, window, n, k.shape[1])
-            segments, cu_seqlens = batch_as_sequences(b, n, keys, q.device)
-            out, lse = self._call(flatten_batch(q), flatten_batch(k[:, :keys]), flatten_batch(v[:, :keys]), scale,
-                                  window, segments, cu_seqlens)
-            return out.view(q.shape[:3] + out.shape[3:]), lse.view(h, b, n).transpose(0, 1)
-        assert b == 1 and not causal, "varlen blocks: batch 1, causality in the window"
+            return dense_as_varlen_forward(lambda q, k, v, *rest: self._call(q, k, v, scale, *rest),
+                                           q, k, v, causal, window)
+        assert q.shape[0] == 1 and not causal, "varlen blocks: batch 1, causality in the window"
         return self._call(q, k, v, scale, window, segments, cu_seqlens)
 
     def _call(self, q, k, v, scale, window, segments, cu_seqlens):
@@ -109,23 +104,13 @@ class TorchVarlenBackend:
                  window=None, segments=None, cu_seqlens=None):
         assert mask is None and softcap is None, "torch_varlen takes no mask or softcap"
         if q.shape[-1] != v.shape[-1]:  # as forward: one head size, padded with zeros
-            q, k, v, d, dv = pad_head_dims(q, k, v)
-            size = q.shape[-1]
-            dq, dk, dv_ = self.backward(pad_to(dout, size), q, k, v, pad_to(out, size), lse, causal=causal,
-                                        scale=scale, window=window, segments=segments, cu_seqlens=cu_seqlens)
-            return dq[..., :d], dk[..., :d], dv_[..., :dv]
-        b, n, h, _ = q.shape
+            return backward_one_head_size(self.backward, dout, q, k, v, out, lse, causal=causal, scale=scale,
+                                          window=window, segments=segments, cu_seqlens=cu_seqlens)
         if segments is None:
-            window, keys = block_as_band(causal, window, n, k.shape[1])
-            segments, cu_seqlens = batch_as_sequences(b, n, keys, q.device)
-            dq, dk_used, dv_used = self._call_backward(
-                flatten_batch(dout), flatten_batch(q), flatten_batch(k[:, :keys]), flatten_batch(v[:, :keys]), flatten_batch(out),
-                lse.transpose(0, 1).reshape(1, h, b * n), scale, window, segments, cu_seqlens)
-            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-            dk[:, :keys] = dk_used.view(b, keys, *k.shape[2:])
-            dv[:, :keys] = dv_used.view(b, keys, *v.shape[2:])
-            return dq.view(q.shape), dk, dv
-        assert b == 1 and not causal, "varlen blocks: batch 1, causality in the window"
+            return dense_as_varlen_backward(
+                lambda *t_rest: self._call_backward(*t_rest[:6], scale, *t_rest[6:]),
+                dout, q, k, v, out, lse, causal, window)
+        assert q.shape[0] == 1 and not causal, "varlen blocks: batch 1, causality in the window"
         return self._call_backward(dout, q, k, v, out, lse, scale, window, segments, cu_seqlens)
 
     def _call_backward(self, dout, q, k, v, out, lse, scale, window, segments, cu_seqlens):
