@@ -94,6 +94,18 @@ def sum_kv_groups(dx: torch.Tensor, groups: int) -> torch.Tensor:
     return dx.view(b, s, h // groups, groups, d).sum(dim=3)
 
 
+def cuda_problem(kernel: str, device, dtype, supported, generation: str) -> str | None:
+    """Why ``kernel`` (a flash-style CUDA kernel: fp16/bf16 only) cannot run on CUDA
+    ``device`` in ``dtype``, or None; ``supported(major)`` judges the compute capability,
+    ``generation`` names what it needs."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{kernel} needs fp16/bf16, got {dtype}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if not supported(major):
+        return f"{kernel} needs {generation}; {device} is sm{major}{minor}"
+    return None
+
+
 def pad_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """(q, k, v) zero-padded along head_dim to one size, max(q/k's, v's), for kernels that
     take one head size -> (q, k, v, head_dim, v_head_dim) with the original sizes. Exact:

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from .base import cu_seqlens_tensors, dense_as_varlen_backward, dense_as_varlen_forward, segment_bounds
+from .base import cu_seqlens_tensors, cuda_problem, dense_as_varlen_backward, dense_as_varlen_forward, segment_bounds
 
 MODULE = "flash_attn_interface"
 
@@ -76,11 +76,10 @@ class Fa3Backend:
         if device.type not in kernel_device_types():
             return "FA3 runs on CUDA only"
         if device.type == "cuda":
-            if dtype not in (torch.float16, torch.bfloat16):
-                return f"FA3 (training) needs fp16/bf16, got {dtype}"
-            major, minor = torch.cuda.get_device_capability(device)
-            if major != 9:
-                return f"FA3 is built for Hopper (sm90); {device} is sm{major}{minor}"
+            problem = cuda_problem("FA3 (training)", device, dtype, lambda major: major == 9,
+                                   "a Hopper (sm90) GPU, which it is built for")
+            if problem:
+                return problem
         if head_dim > 256 or head_dim % 8:
             return f"FA3 needs head_dim <= 256 and a multiple of 8, got {head_dim}"
         if v_head_dim is not None and v_head_dim_problem(head_dim, v_head_dim):

@@ -44,7 +44,7 @@ import torch
 
 from .base import block_as_band as _block_window
 from .base import cu_seqlens_tensors as _cu
-from .base import (backward_one_head_size, dense_as_varlen_backward, dense_as_varlen_forward, forward_one_head_size,
+from .base import (backward_one_head_size, cuda_problem, dense_as_varlen_backward, dense_as_varlen_forward, forward_one_head_size,
                    segment_bounds)
 
 _COMPILED = "flash_attn_2_cuda"  # flash-attn 2's compiled module
@@ -164,12 +164,10 @@ class FlashAttnBackend:
         if device.type not in kernel_device_types():
             return "flash-attn runs on CUDA only"
         if device.type == "cuda":
-            if dtype not in (torch.float16, torch.bfloat16):
-                return f"flash-attn needs fp16/bf16, got {dtype}"
-            major, minor = torch.cuda.get_device_capability(device)
-            if major < 8:
-                return (f"flash-attn 2 needs an Ampere (sm80) or newer GPU; {device} has compute "
-                        f"capability sm{major}{minor}")
+            problem = cuda_problem("flash-attn 2", device, dtype, lambda major: major >= 8,
+                                   "an Ampere (sm80) or newer GPU")
+            if problem:
+                return problem
         if head_dim > 256 or head_dim % 8:
             return f"flash-attn needs head_dim <= 256 and a multiple of 8, got {head_dim}"
         if importlib.util.find_spec("flash_attn") is None:

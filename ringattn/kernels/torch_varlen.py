@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from .base import (backward_one_head_size, cu_seqlens_tensors, dense_as_varlen_backward, dense_as_varlen_forward,
+from .base import (backward_one_head_size, cu_seqlens_tensors, cuda_problem, dense_as_varlen_backward, dense_as_varlen_forward,
                    forward_one_head_size)
 from .flash import _max_lengths
 
@@ -61,11 +61,10 @@ class TorchVarlenBackend:
         if _varlen() is None:
             return "torch.nn.attention.varlen needs torch >= 2.10"
         if device.type == "cuda":
-            if dtype not in (torch.float16, torch.bfloat16):
-                return f"torch's flash attention needs fp16/bf16, got {dtype}"
-            major, minor = torch.cuda.get_device_capability(device)
-            if major < 8:
-                return f"torch's flash attention needs sm80 or newer; {device} is sm{major}{minor}"
+            problem = cuda_problem("torch's flash attention", device, dtype, lambda major: major >= 8,
+                                   "an Ampere (sm80) or newer GPU")
+            if problem:
+                return problem
         elif not (device.type == "cpu" and cpu_kernel_registered()):
             return "torch's varlen attention runs on CUDA only"
         if head_dim > 256 or head_dim % 8:
