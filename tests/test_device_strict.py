@@ -70,6 +70,7 @@ def _failures(run, cases):
     return failed
 
 
+@pytest.mark.slow  # ~20 s; the quick tier keeps the flash adapter's device-strict checks
 def test_llama_training_step_and_generation_are_device_strict():
     """ringattn.models.Llama: forward + backward (checkpoint recompute included) with plain
     causal attention, packed documents, and sinks + softcap (Llama has no sliding window:
