@@ -75,7 +75,7 @@ def _check(summary, release, world):
 
 @pytest.mark.skipif(_installed() != "2.8.3",
                     reason="flash-attn 2.8.3 is not installed (bash .ci/run installs it)")
-@pytest.mark.parametrize("world", worlds(2, 4))
+@pytest.mark.parametrize("world", worlds(2))  # the ring around the kernel at P = 4: test_ring_attention
 def test_flash_attn_2_8_on_cpu_standin(world):
     _check(_run_checks(None, str(world)), "2.8.3", world)
 

@@ -34,7 +34,7 @@ def baseline(tmp_path_factory):
 
 EQUIVALENT = {
     "sp2": (2, ["parallel.sp_size=2"]),
-    "sp4": (4, ["parallel.sp_size=4"]),
+    # four ranks: dp2xsp2 and sp4_hybrid_u2 (the ring alone at P = 4: tests/test_ring_attention.py)
     "dp2xsp2": (4, ["parallel.sp_size=2"]),
     "sp2_contiguous_accum4": (2, ["parallel.sp_size=2", "parallel.layout=contiguous", "data.micro_batch_size=2"]),
     "dp2_striped_accum2": (2, ["parallel.sp_size=1", "parallel.layout=striped", "data.micro_batch_size=2"]),
