@@ -314,8 +314,8 @@ def mamba2_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> to
     bm, cm = bm.reshape(rows, length, ng, n_state), cm.reshape(rows, length, ng, n_state)
     head_group = split.kv_index(index.rank)
     if head_group is not None:  # this rank's heads do not split its groups evenly: B, C per head
-        at = torch.tensor(head_group, device=bm.device)
-        bm, cm = bm.index_select(2, at), cm.index_select(2, at)
+        # (slices, not an index tensor: no host-to-device copy in the layer)
+        bm, cm = (torch.cat([t[:, :, g:g + 1] for g in head_group], 2) for t in (bm, cm))
     y = kernels.mamba2_chunk_scan(
         xm.reshape(rows, length, nh, p), xh[..., p], -torch.exp(m.A_log[hlo:hhi].float()), bm, cm,
         chunk_size=m.chunk_size, D=m.D[hlo:hhi], z=None, dt_bias=m.dt_bias[hlo:hhi],
