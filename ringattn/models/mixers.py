@@ -293,7 +293,7 @@ class SequenceMixers:
         return bool(self.mixers)
 
     def schemes(self) -> dict[str, str]:
-        """{mixer name: scheme} as of the latest ``prepare``."""
+        """{mixer name: scheme} as of the latest ``use``."""
         def scheme(module):
             if id(module) in self._reach:
                 return "halo"
@@ -314,9 +314,6 @@ class SequenceMixers:
     def use(self, plan: "MixerPlan") -> None:
         """Set the forward's permutations (once per forward, before the model runs)."""
         self.index, self.halos, self.splits = plan.index, plan.halos, plan.splits
-
-    def prepare(self, sp, shape, cu_seqlens=None, device=None) -> None:
-        self.use(self.plan(sp, shape, cu_seqlens, device))
 
     def remove(self) -> None:
         for h in self._handles:
