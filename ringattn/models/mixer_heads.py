@@ -430,6 +430,7 @@ def head_parallel_forward(module: nn.Module, x: torch.Tensor, index, split: Head
 
 def bytes_sent(module: nn.Module, seqlen: int, world: int, element_size: int, rank: int = 0) -> int:
     """Bytes ``rank`` sends per layer in forward (its all-to-alls; backward the same), for a
-    sequence of ``seqlen`` tokens over ``world`` ranks (a split must exist)."""
+    sequence of ``seqlen`` tokens over ``world`` ranks (a split must exist), every value at
+    ``element_size`` (Kimi-Linear's decay and Jamba's scan output travel in float32)."""
     split = head_split(module, world)
     return _family(module).sent(module, split, rank, seqlen // world) * element_size
