@@ -19,6 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
+from recipes.distributed import shutdown
 from recipes.examples.tiny_hf import example_arguments, chunked_examples, example_model, packed_examples
 
 
@@ -95,3 +96,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    shutdown()  # destroy the process group and free its cycles before interpreter teardown

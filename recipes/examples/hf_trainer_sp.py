@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from recipes.distributed import shutdown
 from recipes.examples.tiny_hf import example_arguments, byte_tokenizer, chunked_examples, example_model, packed_examples, texts
 
 
@@ -112,3 +113,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    shutdown()  # destroy the process group and free its cycles before interpreter teardown
