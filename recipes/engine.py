@@ -105,4 +105,7 @@ def build(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, max_steps
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, max_steps)),
     )
+    # Training mode from the first step: transformers' from_pretrained returns a model in eval
+    # mode, where its layers skip activation checkpointing (and dropout) until set otherwise.
+    engine.train()
     return engine

@@ -55,6 +55,7 @@ def main(argv=None):
     if not args.baseline:
         loader = sp.data_loader(loader)  # SP: the same batches on every rank of an SP group
 
+    model.train()  # from_pretrained returns a model in eval mode
     batches_iter = iter(loader)
     losses = []
     for _ in range(args.steps):
