@@ -67,14 +67,9 @@ def strategies(world: int, gpus_per_node: int, kv_heads: int, heads: int) -> lis
 
 def capacity_rows(cfg: CapacityConfig, model) -> list[dict]:
     """One row per (strategy, ZeRO stage, offload): the longest seq_len and its estimate."""
-    if model.recurrent_mixers:
-        raise ValueError(f"the memory model has no term for recurrent mixers ({', '.join(model.recurrent_mixers)}): "
-                         "a mixer layer's activations (this rank's heads over the whole sequence; short "
-                         "convolutions: its tokens plus halos) depend on the kernel that runs it "
-                         "(transformers' PyTorch paths, flash-linear-attention, mamba_ssm) and are not "
-                         "calibrated; capacity planning of hybrid models is not supported")
     shape, world = model.shape, cfg.world_size
     heads, kv_heads = model.heads
+    mixers = model.mixer_memory(cfg.trainer.dtype, world)  # hybrids: measured once
     rows = []
     for strategy, u in strategies(world, cfg.gpus_per_node, kv_heads, heads):
         layout = "zigzag"
@@ -90,7 +85,7 @@ def capacity_rows(cfg: CapacityConfig, model) -> list[dict]:
                                              cfg.deepspeed.offload_optimizer and stage >= 1,
                                              cfg.deepspeed.offload_param and stage == 3,
                                              world_size=world, sp_size=world, micro=1, seq_len=seq_len,
-                                             options=opts, ulysses_size=u, strategy=strategy)
+                                             options=opts, ulysses_size=u, strategy=strategy, mixers=mixers)
 
                 def fits(seq_len):
                     e = est(seq_len)

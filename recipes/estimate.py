@@ -105,11 +105,13 @@ class MemoryEstimate:
 def estimate(model, dtype: str, zero_stage: int, offload_optimizer: bool, offload_param: bool,
              world_size: int, sp_size: int, micro: int, seq_len: int,
              options: ActivationOptions = ActivationOptions(), ulysses_size: int = 1,
-             strategy: Optional[str] = None) -> MemoryEstimate:
+             strategy: Optional[str] = None, mixers=None) -> MemoryEstimate:
     """``model``: the ``recipes.models.ModelShape`` of the recipe's model object. ``ulysses_size``:
     the all-to-all degree inside the SP group (1: ring only; sp_size: Ulysses only).
     ``strategy``: "allgather" for the all-gather strategy (ulysses_size 1); otherwise what
-    ``ulysses_size`` says (ring, Ulysses or hybrid)."""
+    ``ulysses_size`` says (ring, Ulysses or hybrid). ``mixers``: a hybrid's measured
+    ``recipes.mixer_memory.MixerMemory`` for this SP world (the model object's
+    ``mixer_memory``), None for attention-only models."""
     if strategy == "allgather" and ulysses_size != 1:
         raise ValueError(f"strategy=allgather gathers K/V instead of an all-to-all: ulysses_size must be 1, "
                          f"got {ulysses_size}")
@@ -162,6 +164,10 @@ def estimate(model, dtype: str, zero_stage: int, offload_optimizer: bool, offloa
     if not options.checkpointing:  # kept through the whole backward: under the loss phase too
         terms.append(("all layers kept", L * (KEPT_HIDDEN * d * b * T + KEPT_FFN * f * b * ffn_tokens),
                       f"no checkpointing: {L} layers x ({KEPT_HIDDEN} d-sized + {KEPT_FFN} {mlp_why})"))
+        if mixers is not None:
+            terms.append(("mixer layers kept", mixers.layers * mixers.kept * mixers.tokens_factor * T,
+                          f"no checkpointing: {mixers.layers} mixer layers x {mixers.kept / 1e3:.1f} KB per token "
+                          f"run x {mixers.tokens_factor:g} x T ({_measured(mixers)})"))
     layer = []  # one layer's backward: its base set, then the MLP's and the attention's in turn
     if options.checkpointing:
         layer.append(("layer backward", (LAYER_HIDDEN * d * b + upcast) * T,
@@ -185,6 +191,15 @@ def estimate(model, dtype: str, zero_stage: int, offload_optimizer: bool, offloa
                 "copies in flight (one q- and one kv-sized; measured on CPU)")
     else:
         attn = ("attention backward", ATTN_FUSED * d * b * T, "one fused kernel's backward (measured on CPU)")
+    if mixers is not None:
+        per_token = mixers.recompute if options.checkpointing else mixers.transient
+        mixer = per_token * mixers.tokens_factor * T
+        why = (f"{', '.join(mixers.families)}: {per_token / 1e3:.1f} KB per token run x "
+               f"{mixers.tokens_factor:g} x T ({_measured(mixers)})")
+        if mixers.beside_attention:  # one layer holds both working sets
+            attn = ("attention + mixer backward", attn[1] + mixer, f"{attn[2]}; with the mixer beside it, {why}")
+        elif mixer > attn[1]:
+            attn = ("mixer backward", mixer, f"{why}; a softmax layer's is smaller ({attn[1] / GiB:.2f} GiB)")
     big, small = (mlp, attn) if mlp[1] >= attn[1] else (attn, mlp)
     layer += [big, (small[0], 0.0, f"(not at the peak: {small[1] / GiB:.2f} GiB, after/before the other) "
                                    f"{small[2]}")]
@@ -204,6 +219,12 @@ def estimate(model, dtype: str, zero_stage: int, offload_optimizer: bool, offloa
     untied = model.embedding_params >= 2 * V * d
     late = V * d * b / (w if zero_stage >= 2 else 1) if untied else 0.0
     return MemoryEstimate(params, grads, optimizer, activations, offloaded, n, T, terms, late)
+
+
+def _measured(mixers) -> str:
+    if mixers.measured_on == "cpu":
+        return "measured on CPU: transformers' PyTorch path; less with the fused GPU kernels"
+    return f"measured on {mixers.measured_on} with the installed kernels"
 
 
 def max_seq_len(fits, start: int, divisor: int) -> int:

@@ -112,6 +112,9 @@ class LlamaModel:
 
     recurrent_mixers: tuple = ()  # attention only
 
+    def mixer_memory(self, dtype: str, world: int) -> None:
+        return None  # attention only
+
     @property
     def shape(self) -> ModelShape:
         c = self.cfg
@@ -154,6 +157,7 @@ class HFModel:
                              f"{tokenizer.vocab_size} (pass the model's tokenizer as data.tokenizer)")
         self._shape = None
         self._mixers = None
+        self._mixer_cost = {}  # dtype -> measured mixer layers (``mixer_memory``)
 
     @property
     def recurrent_mixers(self) -> tuple:
@@ -165,6 +169,48 @@ class HFModel:
             found = mixers.find_mixers(hf.empty_model(self.config)).values()
             self._mixers = tuple(sorted({mixers.MIXER_CLASSES[type(m).__name__] for m in found}))
         return self._mixers
+
+    def mixer_memory(self, dtype: str, world: int):
+        """``recipes.mixer_memory.MixerMemory`` of this hybrid over ``world`` SP ranks in ``dtype``
+        ("fp32" / "bf16"), None for attention-only models. The mixers are measured once per
+        dtype (one layer of each mixer class, real widths, on this machine's GPU if it has one,
+        else its CPU: seconds)."""
+        if not self.recurrent_mixers:
+            return None
+        import torch
+
+        from recipes import mixer_memory
+        from ringattn.models import hf, mixers
+        from ringattn.models.mixer_heads import HEAD_PARALLEL, head_split
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype not in self._mixer_cost:
+            meta = hf.empty_model(self.config)
+            found = mixers.find_mixers(meta)
+            costs, one = [], {}
+            for module in found.values():
+                one.setdefault(type(module), module)
+            for module in one.values():
+                mixer_memory.materialize(module)
+                costs.append(mixer_memory.measure(module, self.config.hidden_size,
+                                                  torch.bfloat16 if dtype == "bf16" else torch.float32, device))
+                module.to("meta")  # its memory back at once (a real-width layer holds GiBs)
+            self._mixer_cost[dtype] = (tuple(one.values()), len(mixers.mixer_layers(meta)),
+                                       tuple(max(c[i] for c in costs) for i in range(3)),
+                                       mixers.attention_beside_mixer(meta))
+        modules, layers, cost, beside = self._mixer_cost[dtype]
+
+        def factor(module):  # tokens run per local token on the busiest rank
+            name = type(module).__name__
+            if mixers.MIXER_CLASSES[name] in mixers.HALO_REACH or world == 1:
+                return 1.0
+            split = head_split(module, world) if name in HEAD_PARALLEL else None
+            if split is None:
+                return float(world)  # the gathered sequence, every head
+            return max(hi - lo for lo, hi in split.q) * world / split.heads
+
+        return mixer_memory.MixerMemory(self.recurrent_mixers, layers, *cost, device.type,
+                                        max(factor(m) for m in modules), beside)
 
     @property
     def heads(self) -> tuple:

@@ -511,13 +511,15 @@ def dry_run(job: JobConfig) -> None:
     p = batch_sizes(job, world, model)
     ds, par = job.deepspeed, job.parallel
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    mixers = model.mixer_memory(job.trainer.dtype, par.sp_size)
+
     def est(stage, **kw):
         return estimate.estimate(model.shape, job.trainer.dtype, stage, world_size=world, sp_size=par.sp_size,
                                  micro=p.micro, seq_len=job.data.seq_len, options=estimate.options_of(model),
-                                 ulysses_size=par.ulysses_size, **kw)
+                                 ulysses_size=par.ulysses_size, strategy=par.resolved_strategy, mixers=mixers, **kw)
 
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
     e = est(ds.zero_stage, offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param)
     print(estimate.report(e, world_size=world, dp=p.dp, sp_size=par.sp_size, strategy=par.resolved_strategy,
                           layout=par.layout, micro=p.micro, grad_accum=p.grad_accum, zero_stage=ds.zero_stage,
@@ -525,11 +527,6 @@ def dry_run(job: JobConfig) -> None:
     stages = " | ".join(f"{z}: {est(z, offload_optimizer=False, offload_param=False).total / estimate.GiB:.2f}"
                         for z in range(4))
     print(f"  total per rank by ZeRO stage, no offload (GiB): {stages}", flush=True)
-    if model.recurrent_mixers:
-        print(f"  not included: the recurrent mixers ({', '.join(model.recurrent_mixers)}); their "
-              "layers' activations (this rank's heads over the whole sequence, or with fewer heads "
-              "than ranks the whole gathered sequence; short convolutions: local tokens plus halos) "
-              "depend on the kernel that runs them and are not modelled", flush=True)
 
 
 def _rss() -> int:

@@ -354,18 +354,40 @@ def test_recipe_trains_hybrid_sp2_with_the_losses_of_one_process(tmp_path, arch)
     assert_weights_close(final_weights(tmp_path / "sp1"), final_weights(tmp_path / "sp2"))
 
 
-def test_capacity_planner_refuses_hybrids(tmp_path):
-    """The memory model has no (calibrated) term for the mixers' activations: refused, naming them."""
-    from recipes import capacity
+def test_capacity_planner_counts_the_mixers(tmp_path):
+    """The planner measures a hybrid's mixer layers (their own module, on the CPU) and counts
+    them per token they run over: this rank's tokens head-parallel or with a halo, the whole
+    sequence where the heads do not cover the ranks; the measured figures themselves are
+    checked against the recipe's peaks in tests/test_capacity.py."""
+    from recipes import capacity, estimate
     from recipes.models import HFModel, HFModelConfig
+    from tests.test_capacity import _capacity_cfg
 
     class Bytes:
         vocab_size = 259
 
-    model = HFModel(HFModelConfig(path=_save_tiny_hybrid("lfm2", tmp_path / "m")), Bytes())
-    assert model.recurrent_mixers == ("short_conv",)
-    with pytest.raises(ValueError, match=r"recurrent mixers \(short_conv\).*not supported"):
-        capacity.capacity_rows(None, model)
+    gdn = HFModel(HFModelConfig(path=_save_tiny_hybrid("qwen3_next", tmp_path / "gdn")), Bytes())
+    heads = gdn.config.linear_num_value_heads
+    cost = {w: gdn.mixer_memory("fp32", w) for w in (1, 2, 2 * heads)}
+    assert cost[1].families == ("gated_deltanet",) and cost[1].layers == 1  # layers: linear, full
+    assert cost[1].recompute > 0 and cost[1].kept > 0 and cost[1].transient >= 0
+    assert cost[1].tokens_factor == cost[2].tokens_factor == 1.0  # head-parallel: its share of the heads
+    assert cost[2 * heads].tokens_factor == 2 * heads  # fewer heads than ranks: the gathered sequence
+    conv = HFModel(HFModelConfig(path=_save_tiny_hybrid("lfm2", tmp_path / "conv")), Bytes())
+    assert conv.mixer_memory("fp32", 8).tokens_factor == 1.0  # halo: its own tokens
+
+    def mixer_term(world):
+        e = estimate.estimate(gdn.shape, "fp32", 0, False, False, world_size=world, sp_size=world, micro=1,
+                              seq_len=4096 * world, options=estimate.ActivationOptions(checkpointing=True),
+                              mixers=cost[world])
+        return dict((n, v) for n, v, _ in e.terms)["mixer backward"]
+
+    assert mixer_term(2 * heads) == 2 * heads * mixer_term(2)
+    cfg = _capacity_cfg("model=hf", f"model.path={tmp_path / 'gdn'}", "model.activation_checkpointing=true",
+                        "world_size=2", "device_gib=1", "device=cpu")
+    rows = capacity.capacity_rows(cfg, gdn)
+    assert rows and all(r["max_seq_len"] > 0 for r in rows)
+    assert "gated_deltanet" in capacity.report(cfg, rows)
 
 
 @pytest.mark.parametrize("layout, docs, most", [("contiguous", False, 1), ("zigzag", False, 2),

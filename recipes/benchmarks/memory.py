@@ -82,6 +82,7 @@ def run(cfg: MemoryBenchmarkConfig) -> dict:
     torch.manual_seed(job.trainer.seed)
     vocab = model.shape.vocab_size
     rows = []
+    mixers = model.mixer_memory(job.trainer.dtype, world)  # measured before the step's count starts
     with PeakMemory(ctx.device) as mem:  # entered before the model exists: everything is counted
         ds_config = engine_lib.deepspeed_config(job.deepspeed, job.optim, job.trainer.dtype, 1, 1, world)
         engine = engine_lib.build(model.build(ctx.sp, ctx.device, ds_config), ds_config, job.optim, 10)
@@ -108,7 +109,7 @@ def run(cfg: MemoryBenchmarkConfig) -> dict:
                                     world_size=world, sp_size=world, micro=1, seq_len=seq_len,
                                     options=estimate.options_of(model, ctx.device.type),
                                     ulysses_size=job.parallel.ulysses_size,
-                                    strategy=job.parallel.resolved_strategy)
+                                    strategy=job.parallel.resolved_strategy, mixers=mixers)
             rows.append({"seq_len": seq_len, "peak_bytes": peak, "static_bytes": static, "rss_bytes": rss,
                          "estimate_bytes": est.total})
             if ctx.is_logger:

@@ -101,6 +101,14 @@ def mixer_layers(model: nn.Module) -> set[int]:
     return {int(m.group(1)) for n in find_mixers(model) if (m := _LAYER.search(n + "."))}
 
 
+def attention_beside_mixer(model: nn.Module) -> bool:
+    """Whether a decoder layer holding a mixer runs softmax attention too (Falcon-H1's parallel
+    heads, Zamba2's hybrid layers): that layer's backward holds both working sets."""
+    layers = mixer_layers(model)
+    return any(type(m).__name__.endswith("Attention") and type(m).__name__ not in MIXER_CLASSES
+               for n, m in model.named_modules() if (i := _LAYER.search(n + ".")) and int(i.group(1)) in layers)
+
+
 def _held(sp, seqlen: int, cu) -> list[torch.Tensor]:
     """Every rank's global positions, in its local order: one vectorised pass over the
     layout's runs (O(runs), not a loop over ranks' tokens); hybrid splits each ring shard."""
