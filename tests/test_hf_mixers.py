@@ -361,6 +361,8 @@ def test_capacity_planner_counts_the_mixers(tmp_path):
     checked against the recipe's peaks in tests/test_capacity.py."""
     from recipes import capacity, estimate
     from recipes.models import HFModel, HFModelConfig
+    from ringattn.models import hf
+    from ringattn.models.mixers import attention_beside_mixer
     from tests.test_capacity import _capacity_cfg
 
     class Bytes:
@@ -375,6 +377,9 @@ def test_capacity_planner_counts_the_mixers(tmp_path):
     assert cost[2 * heads].tokens_factor == 2 * heads  # fewer heads than ranks: the gathered sequence
     conv = HFModel(HFModelConfig(path=_save_tiny_hybrid("lfm2", tmp_path / "conv")), Bytes())
     assert conv.mixer_memory("fp32", 8).tokens_factor == 1.0  # halo: its own tokens
+    # a layer that runs a mixer and softmax attention holds both working sets at once
+    beside = {a: attention_beside_mixer(hf.empty_model(mixer_config(a))) for a in ("falcon_h1", "zamba2", "bamba")}
+    assert beside == {"falcon_h1": True, "zamba2": True, "bamba": False}
 
     def mixer_term(world):
         e = estimate.estimate(gdn.shape, "fp32", 0, False, False, world_size=world, sp_size=world, micro=1,
