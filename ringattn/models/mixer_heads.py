@@ -10,7 +10,8 @@ Per mixer layer and rank, with the SP group of P ranks and this rank's rows x (b
 2. one all-to-all (``comm.heads_to_sequence``) of the recurrence's per-head inputs: rank r
    receives every rank's tokens for its heads ``split.q[r]`` (uneven when P does not divide
    them), put into natural order by the step's ``MixerIndex`` (packed documents: one
-   right-padded row per document, so each starts from the zero state). Gated DeltaNet packs
+   right-padded row per document, so each starts from the zero state, in batches of similar
+   length, ``mixers.document_batches``: step 3 runs once per batch). Gated DeltaNet packs
    q, k, v, beta and decay inputs per key head (a key head's value heads travel with it);
    KDA packs q, k, v, beta per head and sends its per-channel decay in a second all-to-all;
    lightning attention sends q, k, v per head; Mamba2 sends x and dt per head and, in a
@@ -58,17 +59,16 @@ from ..headsplit import HeadSplit, split_heads
 # ------------------------------------------------------------------ shared by the families
 
 def _gather_heads(per_head: torch.Tensor, ranges, index) -> torch.Tensor:
-    """(b, s/P, H, w) local rows -> (rows, L, n, w): every token of this rank's ``n`` heads
-    of ``ranges``, in the mixer's natural order (one right-padded row per document)."""
+    """(b, s/P, H, w) local rows -> every token of this rank's ``n`` heads of ``ranges`` in
+    the mixer's natural order: (b, S, n, w), or with documents (1, padded, n, w), their
+    right-padded batches end to end (``index.per_batch`` runs the recurrence per batch)."""
     mine = heads_to_sequence(per_head, ranges, index.group)  # (b, S, n, w), rank-major
-    return index.natural(mine.flatten(2)).unflatten(-1, mine.shape[2:])
+    return index.natural(mine)
 
 
 def _scatter_heads(out: torch.Tensor, ranges, index) -> torch.Tensor:
-    """Inverse of ``_gather_heads`` for the output: (rows, L, n, w) -> (b, s/P, H, w)."""
-    rows, length, n, w = out.shape
-    back = index.rank_major(out.reshape(rows, length, n * w)).unflatten(-1, (n, w))
-    return sequence_to_heads(back, ranges, index.group)
+    """Inverse of ``_gather_heads`` for the output: natural order -> (b, s/P, H, w)."""
+    return sequence_to_heads(index.rank_major(out), ranges, index.group)
 
 
 def _conv(module, kernels, mixed: torch.Tensor, channels) -> torch.Tensor:
@@ -138,23 +138,26 @@ def deltanet_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> 
     packed = torch.cat([q, k, v.reshape(b, s, hk, per * dv), beta_in.reshape(b, s, hk, per),
                         a.reshape(b, s, hk, per)], -1)
     lo, hi = split.q[index.rank]
-    seq = _gather_heads(packed, split.q, index)  # (rows, L, n, w)
-    rows, length, n = seq.shape[:3]
-    q, k, v, beta_in, a = seq.split([dk, dk, per * dv, per, per], -1)
     vlo, vhi = lo * per, hi * per
-    mixed = _conv(m, kernels, torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1),
-                  [slice(lo * dk, hi * dk), slice(m.key_dim + lo * dk, m.key_dim + hi * dk),
-                   slice(2 * m.key_dim + vlo * dv, 2 * m.key_dim + vhi * dv)])
-    q, k, v = mixed.split([n * dk, n * dk, n * per * dv], -1)
-    q, k = q.reshape(rows, length, n, dk), k.reshape(rows, length, n, dk)
-    v = v.reshape(rows, length, n * per, dv)
-    beta = beta_in.reshape(rows, length, n * per).sigmoid() * parts.beta_scale(m)
-    g = -m.A_log[vlo:vhi].float().exp() * F.softplus(
-        a.reshape(rows, length, n * per).float() + m.dt_bias[vlo:vhi])
-    out, _ = kernels.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
-                                                  output_final_state=False,
-                                                  use_qk_l2norm_in_kernel=True)
-    out = _scatter_heads(out.reshape(rows, length, n, per * dv), split.q, index)
+
+    def run(seq):  # (rows, L, n, w): one batch
+        rows, length, n = seq.shape[:3]
+        q, k, v, beta_in, a = seq.split([dk, dk, per * dv, per, per], -1)
+        mixed = _conv(m, kernels, torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1),
+                      [slice(lo * dk, hi * dk), slice(m.key_dim + lo * dk, m.key_dim + hi * dk),
+                       slice(2 * m.key_dim + vlo * dv, 2 * m.key_dim + vhi * dv)])
+        q, k, v = mixed.split([n * dk, n * dk, n * per * dv], -1)
+        q, k = q.reshape(rows, length, n, dk), k.reshape(rows, length, n, dk)
+        v = v.reshape(rows, length, n * per, dv)
+        beta = beta_in.reshape(rows, length, n * per).sigmoid() * parts.beta_scale(m)
+        g = -m.A_log[vlo:vhi].float().exp() * F.softplus(
+            a.reshape(rows, length, n * per).float() + m.dt_bias[vlo:vhi])
+        out, _ = kernels.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
+                                                      output_final_state=False,
+                                                      use_qk_l2norm_in_kernel=True)
+        return out.reshape(rows, length, n, per * dv)
+
+    out = _scatter_heads(index.per_batch(run, _gather_heads(packed, split.q, index)), split.q, index)
     out = getattr(m, parts.norm)(out.reshape(-1, dv), z.reshape(-1, dv))
     return getattr(m, parts.out)(out.reshape(b, s, hv * dv))
 
@@ -189,17 +192,21 @@ def kda_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> torch
     packed = torch.cat([m.q_proj(x).view(b, s, heads, d), m.k_proj(x).view(b, s, heads, d),
                         m.v_proj(x).view(b, s, heads, d), m.b_proj(x).unsqueeze(-1)], -1)
     lo, hi = split.q[index.rank]
-    seq = _gather_heads(packed, split.q, index)  # (rows, L, n, 3 d + 1)
-    decay = _gather_heads(m.forget_gate(x), split.q, index)  # (rows, L, n, d)
-    rows, length, n = seq.shape[:3]
-    q, k, v, beta_in = seq.split([d, d, d, 1], -1)
-    mixed = _conv(m, kernels, torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1),
-                  [slice(lo * d, hi * d), slice(width + lo * d, width + hi * d),
-                   slice(2 * width + lo * d, 2 * width + hi * d)])
-    q, k, v = (t.reshape(rows, length, n, d) for t in mixed.split([n * d] * 3, -1))
-    out, _ = kernels.chunk_kimi_delta_attention(
-        q, k, v, g=decay, beta=beta_in.squeeze(-1).sigmoid(), initial_state=None,
-        output_final_state=False, use_qk_l2norm_in_kernel=True)
+
+    def run(seq, decay):  # (rows, L, n, 3 d + 1), (rows, L, n, d): one batch
+        rows, length, n = seq.shape[:3]
+        q, k, v, beta_in = seq.split([d, d, d, 1], -1)
+        mixed = _conv(m, kernels, torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1),
+                      [slice(lo * d, hi * d), slice(width + lo * d, width + hi * d),
+                       slice(2 * width + lo * d, 2 * width + hi * d)])
+        q, k, v = (t.reshape(rows, length, n, d) for t in mixed.split([n * d] * 3, -1))
+        out, _ = kernels.chunk_kimi_delta_attention(
+            q, k, v, g=decay, beta=beta_in.squeeze(-1).sigmoid(), initial_state=None,
+            output_final_state=False, use_qk_l2norm_in_kernel=True)
+        return out
+
+    out = index.per_batch(run, _gather_heads(packed, split.q, index),
+                          _gather_heads(m.forget_gate(x), split.q, index))
     out = _scatter_heads(out, split.q, index)  # (b, s/P, H, d)
     out = m.o_norm(out, parts.gate(m, x).view(b, s, heads, d))
     return m.o_proj(out.reshape(b, s, width))
@@ -246,9 +253,12 @@ def lightning_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit):
     heads, d = m.num_attention_heads, m.head_dim
     qkv = m.act_fn(m.qkv_proj(x)).reshape(b, s, heads, 3 * d)
     lo, hi = split.q[index.rank]
-    seq = _gather_heads(qkv, split.q, index)  # (rows, L, n, 3 d)
-    q, k, v = (t.transpose(1, 2) for t in seq.split(d, -1))
-    out = _lightning(m, q, k, v, lo, hi).transpose(1, 2)  # (rows, L, n, d)
+
+    def run(seq):  # (rows, L, n, 3 d): one batch
+        q, k, v = (t.transpose(1, 2) for t in seq.split(d, -1))
+        return _lightning(m, q, k, v, lo, hi).transpose(1, 2)  # (rows, L, n, d)
+
+    out = index.per_batch(run, _gather_heads(qkv, split.q, index))
     out = _scatter_heads(out, split.q, index).reshape(b, s, heads * d)
     out = F.sigmoid(m.output_gate(x)) * m.norm(out)
     return m.out_proj(out), None
@@ -301,26 +311,29 @@ def mamba2_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> to
     per_head = torch.cat([xs.reshape(b, s, heads, p), dt.unsqueeze(-1)], -1)
     per_group = torch.cat([bs.reshape(b, s, groups, n_state), cs.reshape(b, s, groups, n_state)], -1)
     (hlo, hhi), (glo, ghi) = split.q[index.rank], split.kv[index.rank]
-    xh = _gather_heads(per_head, split.q, index)  # (rows, L, nh, p + 1)
-    bc = _gather_heads(per_group, split.kv, index)  # (rows, L, ng, 2 n_state)
-    rows, length, nh = xh.shape[:3]
     ng = ghi - glo
     x_at, bc_at = heads * p, heads * p + groups * n_state
-    mixed = _conv(m, kernels, torch.cat([xh[..., :p].flatten(2), bc[..., :n_state].flatten(2),
-                                         bc[..., n_state:].flatten(2)], -1),
-                  [slice(hlo * p, hhi * p), slice(x_at + glo * n_state, x_at + ghi * n_state),
-                   slice(bc_at + glo * n_state, bc_at + ghi * n_state)])
-    xm, bm, cm = mixed.split([nh * p, ng * n_state, ng * n_state], -1)
-    bm, cm = bm.reshape(rows, length, ng, n_state), cm.reshape(rows, length, ng, n_state)
     head_group = split.kv_index(index.rank)
-    if head_group is not None:  # this rank's heads do not split its groups evenly: B, C per head
-        # (slices, not an index tensor: no host-to-device copy in the layer)
-        bm, cm = (torch.cat([t[:, :, g:g + 1] for g in head_group], 2) for t in (bm, cm))
-    y = kernels.mamba2_chunk_scan(
-        xm.reshape(rows, length, nh, p), xh[..., p], -torch.exp(m.A_log[hlo:hhi].float()), bm, cm,
-        chunk_size=m.chunk_size, D=m.D[hlo:hhi], z=None, dt_bias=m.dt_bias[hlo:hhi],
-        dt_softplus=True, dt_limit=m.time_step_limit)
-    y = _scatter_heads(y.reshape(rows, length, nh, p), split.q, index).reshape(b, s, heads * p)
+
+    def run(xh, bc):  # (rows, L, nh, p + 1), (rows, L, ng, 2 n_state): one batch
+        rows, length, nh = xh.shape[:3]
+        mixed = _conv(m, kernels, torch.cat([xh[..., :p].flatten(2), bc[..., :n_state].flatten(2),
+                                             bc[..., n_state:].flatten(2)], -1),
+                      [slice(hlo * p, hhi * p), slice(x_at + glo * n_state, x_at + ghi * n_state),
+                       slice(bc_at + glo * n_state, bc_at + ghi * n_state)])
+        xm, bm, cm = mixed.split([nh * p, ng * n_state, ng * n_state], -1)
+        bm, cm = bm.reshape(rows, length, ng, n_state), cm.reshape(rows, length, ng, n_state)
+        if head_group is not None:  # this rank's heads do not split its groups evenly: B, C per head
+            # (slices, not an index tensor: no host-to-device copy in the layer)
+            bm, cm = (torch.cat([t[:, :, g:g + 1] for g in head_group], 2) for t in (bm, cm))
+        y = kernels.mamba2_chunk_scan(
+            xm.reshape(rows, length, nh, p), xh[..., p], -torch.exp(m.A_log[hlo:hhi].float()), bm, cm,
+            chunk_size=m.chunk_size, D=m.D[hlo:hhi], z=None, dt_bias=m.dt_bias[hlo:hhi],
+            dt_softplus=True, dt_limit=m.time_step_limit)
+        return y.reshape(rows, length, nh, p)
+
+    y = index.per_batch(run, _gather_heads(per_head, split.q, index), _gather_heads(per_group, split.kv, index))
+    y = _scatter_heads(y, split.q, index).reshape(b, s, heads * p)
     return m.out_proj(parts.gate(m, y, gate).to(x.dtype))
 
 
@@ -347,20 +360,24 @@ def mamba_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> tor
     kernels = sys.modules[type(m).__module__]
     lo, hi = split.q[index.rank]
     xs, gate = m.in_proj(x).chunk(2, dim=-1)  # (b, s/P, c) each, as the module splits them
-    xs = _gather_heads(xs.unsqueeze(-1), split.q, index).squeeze(-1)  # (rows, L, n channels)
-    xs = _conv(m, kernels, xs, [slice(lo, hi)])
+    xs = _gather_heads(xs.unsqueeze(-1), split.q, index).squeeze(-1)  # natural order, n channels
+    xs = index.per_batch(lambda t: _conv(m, kernels, t, [slice(lo, hi)]), xs)
     # summed over the S real tokens (not the documents' padding), then laid out again
     projected = index.natural(sum_over_ranks(
         index.rank_major(F.linear(xs, m.x_proj.weight[:, lo:hi])), index.group))
-    time_step, b_ssm, c_ssm = projected.split([m.time_step_rank, m.ssm_state_size, m.ssm_state_size], -1)
-    time_step = m.dt_proj.weight[lo:hi] @ m.dt_layernorm(time_step).transpose(1, 2)  # (rows, n, L)
     bias = None if m.dt_proj.bias is None else m.dt_proj.bias[lo:hi].float()
-    y = kernels.mamba_selective_scan(
-        xs.transpose(1, 2), time_step, -torch.exp(m.A_log[lo:hi].float()),
-        m.b_layernorm(b_ssm).transpose(1, 2), m.c_layernorm(c_ssm).transpose(1, 2),
-        D=m.D[lo:hi].float(), z=None, delta_bias=bias, delta_softplus=True,
-        use_mambapy=m.use_mambapy, use_associative_scan=m.use_associative_scan)
-    y = _scatter_heads(y.transpose(1, 2).unsqueeze(-1), split.q, index).squeeze(-1)
+
+    def run(xs, projected):  # (rows, L, n), (rows, L, R + 2 N): one batch
+        time_step, b_ssm, c_ssm = projected.split([m.time_step_rank, m.ssm_state_size, m.ssm_state_size], -1)
+        time_step = m.dt_proj.weight[lo:hi] @ m.dt_layernorm(time_step).transpose(1, 2)  # (rows, n, L)
+        y = kernels.mamba_selective_scan(
+            xs.transpose(1, 2), time_step, -torch.exp(m.A_log[lo:hi].float()),
+            m.b_layernorm(b_ssm).transpose(1, 2), m.c_layernorm(c_ssm).transpose(1, 2),
+            D=m.D[lo:hi].float(), z=None, delta_bias=bias, delta_softplus=True,
+            use_mambapy=m.use_mambapy, use_associative_scan=m.use_associative_scan)
+        return y.transpose(1, 2)  # (rows, L, n)
+
+    y = _scatter_heads(index.per_batch(run, xs, projected).unsqueeze(-1), split.q, index).squeeze(-1)
     return m.out_proj((y * F.silu(gate)).to(x.dtype))
 
 

@@ -11,19 +11,21 @@ Bailing-Hybrid, MiniMax), Mamba2 (Nemotron-H, Granite-MoE-Hybrid, Bamba, Falcon-
 Mamba (Jamba) and short causal convolutions (LFM2). A token's output depends on every earlier
 token of its document in natural order, so a rank's shard alone (any layout) is not enough.
 
-The scheme here is exact for every family and treats the model's mixer as a black box:
-forward hooks (``nn.Module.register_forward_pre_hook`` / ``register_forward_hook``, state-dict
-keys unchanged) on each mixer module
+The scheme here is exact for every family and treats the model's mixer as a black box. Each
+mixer module's forward is replaced by one of ours (an instance attribute; parameters and
+state-dict keys unchanged; ``remove`` restores the class's), which for the gathered sequence
 
-1. all-gather the mixer's input hidden states (b, s/P, H) over the SP group
+1. all-gathers the mixer's input hidden states (b, s/P, H) over the SP group
    (``comm.gather_sequence``: backward reduce-scatters, i.e. sums, the gradient);
-2. put them in natural order with one ``index_select`` (the inverse of the layout's
+2. puts them in natural order with one ``index_select`` (the inverse of the layout's
    permutation, zigzag's two chunks and doc_zigzag's runs included); with packed documents
-   the same index lays the documents out as a right-padded batch (documents, longest, H):
-   each document starts from the mixer's zero state, and padding after a document's last
-   token never reaches its rows (a causal recurrence only looks back);
-3. run the model's own mixer on it, and keep this rank's rows (b, s/P, H) in layout order
-   with a second ``index_select``.
+   the same index lays the documents out as right-padded rows, one per document, in batches
+   of documents of similar length (``document_batches``: lengths sharing ceil(log2), padding
+   under 2x the tokens, at most ceil(log2(longest)) + 1 batches): each document starts from
+   the mixer's zero state, and padding after a document's last token never reaches its rows
+   (a causal recurrence only looks back);
+3. runs the class's own forward on each batch, and keeps this rank's rows (b, s/P, H) in
+   layout order with a second ``index_select``.
 
 Gradients are exact: each rank back-propagates only its own rows' outputs, the all-gather's
 backward sums every rank's input gradient into the owner's shard, and the parameter
@@ -32,7 +34,7 @@ gradients of the P ranks are summed by the usual sequence-parallel gradient redu
 Cost per mixer layer and rank: one all-gather of S x H activations forward and one
 reduce-scatter of the same size backward ((P-1)/P x S x H x bytes each), the mixer's
 compute over the whole sequence (P-fold redundant) and O(S x H) activations saved for its
-backward. With documents the batch is (documents x longest document) long. Head-parallel
+backward. With documents, padding adds under S tokens more. Head-parallel
 schemes for the other recurrences and a state-passing scan of O(state) bytes are not built;
 see docs/huggingface.md.
 
@@ -41,8 +43,8 @@ gates around one causal depthwise convolution of k taps) makes token t from toke
 t-k+1..t of its document. They take the **halo** scheme instead (``HaloIndex``): each
 rank's rows are cut into segments (a layout run, cut again at document starts), every
 segment gets the k - 1 tokens before it in its document (fewer at a document's start), and
-the mixer runs over this rank's segments as a right-padded batch, each row starting at its
-first real token (so the mixer's own zero padding is the document start, biases included).
+the mixer runs over this rank's segments as right-padded rows (batched by length like
+documents), each row starting at its first real token (so the mixer's own zero padding is the document start, biases included).
 The halo tokens come from an all-gather of at most (k - 1) x segments rows per rank
 (backward: their gradients summed into the owners): bytes independent of the sequence
 length for contiguous, zigzag and doc_zigzag (per document), compute and activations 1/P
@@ -127,18 +129,47 @@ def _held(sp, seqlen: int, cu) -> list[torch.Tensor]:
     return list(pos.split((seqlen // p,) * p))
 
 
+def document_batches(lengths: torch.Tensor) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+    """Packed documents of ``lengths`` (D,) as right-padded batches of similar lengths: the
+    documents whose lengths share ceil(log2) form one batch (rows, its longest), batches in
+    ascending length, documents in their order within one. Returns each document's first slot
+    in the batches laid end to end, and the batches' (rows, length). Padding stays under 2x
+    the tokens (one batch of documents x the longest would pad 15-30x at 1M-16M tokens with a
+    long-tailed mix) for at most ceil(log2(longest)) + 1 kernel calls per layer."""
+    size_class = torch.ceil(torch.log2(lengths.double())).long()
+    by_class = torch.argsort(size_class, stable=True)
+    classes, rows = torch.unique_consecutive(size_class[by_class], return_counts=True)
+    which = torch.repeat_interleave(torch.arange(len(classes)), rows)  # batch of each sorted document
+    longest = torch.zeros(len(classes), dtype=torch.int64).scatter_reduce(0, which, lengths[by_class], "amax")
+    size = rows * longest
+    row = torch.arange(len(lengths)) - torch.repeat_interleave(torch.cumsum(rows, 0) - rows, rows)
+    first = torch.empty_like(lengths)
+    first[by_class] = (torch.cumsum(size, 0) - size)[which] + row * longest[which]
+    return first, tuple(zip(rows.tolist(), longest.tolist()))
+
+
+def per_batch(shapes, run, *inputs: torch.Tensor) -> torch.Tensor:
+    """``run`` over each batch of ``inputs`` (b, n, ...) laid out as ``shapes`` ((rows,
+    length) per batch, end to end along dim 1): each batch an independent (b x rows, length,
+    ...) batch whose rows start from the mixer's zero state; the outputs end to end again."""
+    b, sizes = inputs[0].shape[0], [r * n for r, n in shapes]
+    parts = zip(*(t.split(sizes, 1) for t in inputs))
+    outs = [run(*(t.reshape(b * r, n, *t.shape[2:]) for t in ts)) for (r, n), ts in zip(shapes, parts)]
+    return torch.cat([o.reshape(b, -1, *o.shape[2:]) for o in outs], 1)
+
+
 @dataclass(frozen=True)
 class MixerIndex:
     """One forward's permutation between the rank-major gathered sequence (every rank's rows
     in turn, as ``gather_sequence`` / ``heads_to_sequence`` return it) and the mixer's
-    natural-order input, viewed as (``rows``, n / rows) (packed documents: one right-padded
-    row per document; else the batch as it is). ``gather`` (n,) indexes rows of [gathered
-    sequence; one zero row]; ``ungather`` (S,) is the slot of each gathered row in the
-    natural-order output flattened to (1 or b, n, H); ``mine`` (s/P,) this rank's slots."""
+    natural-order input: (b, S, H) as it is, or with packed documents (1, n, H), the
+    right-padded batches of ``document_batches`` laid end to end (``batches`` cuts it).
+    ``gather`` (n,) indexes rows of [gathered sequence; one zero row]; ``ungather`` (S,) is
+    the slot of each gathered row in the natural-order output; ``mine`` (s/P,) this rank's."""
 
     gather: torch.Tensor
     ungather: torch.Tensor
-    rows: Optional[int]  # documents (batch 1 becomes one row per document); None: no documents
+    shapes: Optional[tuple]  # (rows, length) of each batch of documents; None: no documents
     group: object
     world: int
     rank: int
@@ -149,16 +180,23 @@ class MixerIndex:
         return self.ungather[self.rank * local:(self.rank + 1) * local]
 
     def natural(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, S, H) rank-major -> the mixer's input (rows or b, n / rows, H)."""
-        if self.rows is not None:  # one right-padded row per document, the zero state each
-            return F.pad(x, (0, 0, 0, 1)).index_select(1, self.gather).view(self.rows, -1, x.shape[-1])
+        """(b, S, ...) rank-major -> the mixer's input in natural order (b, S, ...) or, with
+        documents, (1, n, ...): the batches end to end."""
+        if self.shapes is not None:
+            zero = x.new_zeros(1, 1, *x.shape[2:])
+            return torch.cat([x, zero], 1).index_select(1, self.gather)
         return x.index_select(1, self.gather) if self.world > 1 else x
 
     def rank_major(self, y: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``natural`` for the mixer's output: (rows or b, n / rows, H) -> (b, S, H)."""
-        if self.rows is not None:
-            return y.reshape(1, -1, y.shape[-1]).index_select(1, self.ungather)
-        return y.index_select(1, self.ungather) if self.world > 1 else y
+        """Inverse of ``natural`` for the mixer's output (natural order) -> (b, S, ...)."""
+        if self.shapes is not None or self.world > 1:
+            return y.index_select(1, self.ungather)
+        return y
+
+    def per_batch(self, run, *inputs: torch.Tensor) -> torch.Tensor:
+        """``run`` over each batch of documents of the natural-order ``inputs`` (see
+        ``per_batch``); without documents, ``run(*inputs)``."""
+        return run(*inputs) if self.shapes is None else per_batch(self.shapes, run, *inputs)
 
     @classmethod
     def build(cls, sp, shape, cu_seqlens=None, device=None) -> "MixerIndex":
@@ -168,32 +206,34 @@ class MixerIndex:
         cu = None if cu_seqlens is None else torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
         held = torch.cat(_held(sp, seqlen, cu))
         order = torch.argsort(held)  # natural position -> row of the rank-major gather
-        rows = None
+        shapes = None
         if cu is not None:
             if int(shape[0]) != 1:
                 raise ValueError("packed documents (cu_seqlens) take batch 1")
             lengths = cu[1:] - cu[:-1]
-            rows, longest = len(lengths), int(lengths.max())
-            doc = torch.repeat_interleave(torch.arange(rows), lengths)
-            slot = doc * longest + torch.arange(seqlen) - cu[:-1][doc]  # natural pos -> padded slot
-            gather = torch.full((rows * longest,), seqlen, dtype=torch.int64)  # the zero row
+            first, shapes = document_batches(lengths)
+            doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths, output_size=seqlen)
+            slot = first[doc] + torch.arange(seqlen) - cu[:-1][doc]  # natural pos -> padded slot
+            gather = torch.full((sum(r * n for r, n in shapes),), seqlen, dtype=torch.int64)  # the zero row
             gather[slot] = order
             order, held = gather, slot[held]
-        return cls(order.to(device), held.to(device), rows, None if p == 1 else sp.group, p,
+        return cls(order.to(device), held.to(device), shapes, None if p == 1 else sp.group, p,
                    0 if p == 1 else sp.rank)
 
 
 @dataclass(frozen=True)
 class HaloIndex:
     """One forward's halo permutation for mixers of reach k. ``send`` (E,) local rows the
-    other ranks need (padded to the largest E of any rank); ``batch`` (R * n,) indexes rows
-    of [local shard; every rank's E sent rows; one zero row] into R right-padded segment
-    rows of n tokens; ``mine`` (s/P,) this rank's rows in the mixer's output (b, R * n, H)."""
+    other ranks need (padded to the largest E of any rank); ``batch`` (n,) indexes rows of
+    [local shard; every rank's E sent rows; one zero row] into this rank's segments, each
+    after its halo, right-padded in batches of similar length laid end to end (``shapes``,
+    as ``document_batches`` makes them); ``mine`` (s/P,) this rank's rows in the mixer's
+    output (b, n, H)."""
 
     send: torch.Tensor
     batch: torch.Tensor
     mine: torch.Tensor
-    rows: int
+    shapes: tuple  # (rows, length) of each batch of segments
     group: object
     world: int
 
@@ -242,20 +282,18 @@ class HaloIndex:
         zero = local + (p * width if p > 1 else 0)
 
         a, n, h, halo = segments(held[me])
-        rows, longest = len(a), int((h + n).max())
-        batch = torch.full((rows, longest), zero, dtype=torch.int64)
-        seg = torch.arange(rows)
-        halo_row = torch.repeat_interleave(seg, h, output_size=len(halo))
+        first, shapes = document_batches(h + n)  # segments of similar length batched together
+        seg = torch.arange(len(a))
+        batch = torch.full((sum(r * m for r, m in shapes),), zero, dtype=torch.int64)
+        halo_seg = torch.repeat_interleave(seg, h, output_size=len(halo))
         halo_col = torch.arange(len(halo)) - torch.repeat_interleave(torch.cumsum(h, 0) - h, h, output_size=len(halo))
-        batch[halo_row, halo_col] = torch.where(owner[halo] == me, row_of[halo], slot_in_gather[halo])
-        tok_row = torch.repeat_interleave(seg, n, output_size=local)
-        tok_col = h[tok_row] + torch.arange(local) - a[tok_row]
-        batch[tok_row, tok_col] = torch.arange(local)
-        mine = tok_row * longest + tok_col
+        batch[first[halo_seg] + halo_col] = torch.where(owner[halo] == me, row_of[halo], slot_in_gather[halo])
+        tok_seg = torch.repeat_interleave(seg, n, output_size=local)
+        mine = first[tok_seg] + h[tok_seg] + torch.arange(local) - a[tok_seg]
+        batch[mine] = torch.arange(local)
         send = row_of[sends[me]] if p > 1 else torch.empty(0, dtype=torch.int64)
         send = torch.cat([send, send.new_zeros(width - len(send))]) if p > 1 else send
-        return cls(send.to(device), batch.flatten().to(device), mine.to(device), rows,
-                   None if p == 1 else sp.group, p)
+        return cls(send.to(device), batch.to(device), mine.to(device), shapes, None if p == 1 else sp.group, p)
 
 
 @dataclass(frozen=True)
@@ -279,23 +317,21 @@ class SequenceMixers:
         self.halos: dict[int, HaloIndex] = {}  # reach -> this forward's halo index
         self.splits: dict = {}  # id(module) -> HeadSplit of a head-parallel mixer, or None
         self._reach = {}  # id(module) -> reach, for mixers of the halo scheme
-        self._handles = []
-        self._forwards = []  # modules whose forward is ours (head-parallel families)
+        self._forwards = []  # every known mixer: its forward is ours until ``remove``
         for module in self.mixers.values():
             name = type(module).__name__
             reach = HALO_REACH.get(MIXER_CLASSES[name])
-            if name in HEAD_PARALLEL:
-                # an instance attribute shadows the class's forward; ``remove`` deletes it
-                module.forward = functools.partial(self._head_parallel, module)
-                self._forwards.append(module)
-                continue
             if reach is not None:
                 self._reach[id(module)] = reach(module)
-                pre, post = self._halo, self._keep_mine_halo
+                forward = self._halo
+            elif name in HEAD_PARALLEL:
+                forward = self._head_parallel
             else:
-                pre, post = self._gather, self._keep_mine
-            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(post))
+                forward = self._gathered
+            # an instance attribute shadows the class's forward (the batches of documents need
+            # one call of it per batch, which a pre/post hook pair cannot make)
+            module.forward = functools.partial(forward, module)
+            self._forwards.append(module)
 
     def __bool__(self) -> bool:
         return bool(self.mixers)
@@ -317,16 +353,13 @@ class SequenceMixers:
         return MixerPlan(
             MixerIndex.build(sp, shape, cu_seqlens, device) if gathered else None,
             {k: HaloIndex.build(sp, shape, cu_seqlens, device, k) for k in set(self._reach.values())},
-            {id(m): head_split(m, p) for m in self._forwards})
+            {id(m): head_split(m, p) for m in self._forwards if type(m).__name__ in HEAD_PARALLEL})
 
     def use(self, plan: "MixerPlan") -> None:
         """Set the forward's permutations (once per forward, before the model runs)."""
         self.index, self.halos, self.splits = plan.index, plan.halos, plan.splits
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
         for module in self._forwards:
             del module.forward
         self._forwards.clear()
@@ -334,18 +367,56 @@ class SequenceMixers:
     def _head_parallel(self, module, *args, **kwargs):
         """The forward of a mixer of a head-parallel family: head-parallel, or (fewer heads
         than ranks) the class's own forward over the gathered sequence."""
-        if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
-            raise ValueError(f"{type(module).__name__}: a recurrent-state cache under sequence "
-                             "parallelism (generation) is not supported; decode on one process")
         split = self.splits.get(id(module))
         if split is None:
-            args, kwargs = self._gather(module, args, kwargs)
-            return self._keep_mine(module, args, type(module).forward(module, *args, **kwargs))
+            return self._gathered(module, *args, **kwargs)
         x = self._input(module, self.index, args, kwargs)
         return head_parallel_forward(module, x, self.index, split)
 
+    def _gathered(self, module, *args, **kwargs):
+        """The class's own forward over the whole sequence in natural order (the local hidden
+        states all-gathered; documents: once per batch of them), this rank's rows kept."""
+        idx = self.index
+        x = self._input(module, idx, args, kwargs)
+        x = idx.natural(gather_sequence(x, 1, idx.group) if idx.world > 1 else x)
+        out, rest = self._per_batch(module, idx.shapes, x, args, kwargs)
+        mine = out.index_select(1, idx.mine) if idx.shapes is not None or idx.world > 1 else out
+        return mine if rest is None else (mine, *rest)
+
+    def _halo(self, module, *args, **kwargs):
+        """The class's own forward over this rank's segments, each after its halo (batches
+        of segments of similar length), this rank's rows kept."""
+        idx = self.halos.get(self._reach[id(module)])
+        x = self._input(module, idx, args, kwargs)
+        parts = [x]
+        if idx.world > 1:  # the rows other ranks' halos need, from every rank
+            parts.append(gather_sequence(x.index_select(1, idx.send), 1, idx.group))
+        parts.append(x.new_zeros(x.shape[0], 1, x.shape[-1]))
+        x = torch.cat(parts, 1).index_select(1, idx.batch)
+        out, rest = self._per_batch(module, idx.shapes, x, args, kwargs)
+        mine = out.index_select(1, idx.mine)
+        return mine if rest is None else (mine, *rest)
+
+    def _per_batch(self, module, shapes, x, args, kwargs):
+        """(output over ``x`` laid out as ``shapes``, the rest of a tuple output or None)."""
+        rest = []
+
+        def run(piece):
+            a, kw = self._with_input(piece, args, kwargs)
+            out = type(module).forward(module, *a, **kw)
+            if isinstance(out, tuple):
+                rest[:] = [tuple(out[1:])]
+                return out[0]
+            return out
+
+        out = run(x) if shapes is None else per_batch(shapes, run, x)
+        return out, (rest[0] if rest else None)
+
     @staticmethod
     def _input(module, idx, args, kwargs):
+        if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
+            raise ValueError(f"{type(module).__name__}: a recurrent-state cache under sequence "
+                             "parallelism (generation) is not supported; decode on one process")
         if idx is None:
             raise RuntimeError(f"{type(module).__name__}: the sequence mixers were not prepared "
                                "for this forward (HFCausalLM.forward does it)")
@@ -359,36 +430,3 @@ class SequenceMixers:
         if args:
             return (x, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": x}
-
-    def _halo(self, module, args, kwargs):
-        """(b, s/P, H) -> (b * segments, longest, H): each segment after its halo."""
-        idx = self.halos.get(self._reach[id(module)])
-        x = self._input(module, idx, args, kwargs)
-        parts = [x]
-        if idx.world > 1:  # the rows other ranks' halos need, from every rank
-            parts.append(gather_sequence(x.index_select(1, idx.send), 1, idx.group))
-        parts.append(x.new_zeros(x.shape[0], 1, x.shape[-1]))
-        x = torch.cat(parts, 1).index_select(1, idx.batch)
-        return self._with_input(x.view(x.shape[0] * idx.rows, -1, x.shape[-1]), args, kwargs)
-
-    def _keep_mine_halo(self, module, args, output):
-        idx = self.halos[self._reach[id(module)]]
-        out = output[0] if isinstance(output, tuple) else output
-        out = out.reshape(-1, idx.rows * out.shape[1], out.shape[-1]).index_select(1, idx.mine)
-        return (out, *output[1:]) if isinstance(output, tuple) else out
-
-    def _gather(self, module, args, kwargs):
-        """(b, s/P, H) local hidden states -> the mixer's whole input in natural order."""
-        idx = self.index
-        x = self._input(module, idx, args, kwargs)
-        x = gather_sequence(x, 1, idx.group) if idx.world > 1 else x
-        return self._with_input(idx.natural(x), args, kwargs)
-
-    def _keep_mine(self, module, args, output):
-        """The mixer's output over the whole sequence -> this rank's rows (b, s/P, H')."""
-        idx = self.index
-        out = output[0] if isinstance(output, tuple) else output
-        if idx.rows is not None:
-            out = out.reshape(1, -1, out.shape[-1])
-        mine = out.index_select(1, idx.mine) if idx.rows is not None or idx.world > 1 else out
-        return (mine, *output[1:]) if isinstance(output, tuple) else mine
