@@ -21,8 +21,9 @@ Two figures per mixer class (``MixerMemory``):
   and ``transient``: what its backward adds to that at its peak.
 
 Both are per token the mixer runs over. Under sequence parallelism a rank runs its heads over
-the whole sequence (head/channel-parallel: ``max heads per rank x P / heads`` times its local
-tokens), the whole sequence with every head (fewer heads than ranks: the gathered sequence,
+the whole sequence (head/channel-parallel: ``mixer_heads.work_share`` times its local tokens,
+1 for an even split; Gated DeltaNet's value-channel slices count their key head's work), the
+whole sequence with every head (fewer heads than ranks: the gathered sequence,
 P times), or its own tokens plus a few halo rows (short convolutions: 1 times):
 ``MixerMemory.tokens_factor``.
 """

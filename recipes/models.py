@@ -181,7 +181,7 @@ class HFModel:
 
         from recipes import mixer_memory
         from ringattn.models import hf, mixers
-        from ringattn.models.mixer_heads import HEAD_PARALLEL, head_split
+        from ringattn.models.mixer_heads import HEAD_PARALLEL, head_split, work_share
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dtype not in self._mixer_cost:
@@ -207,7 +207,7 @@ class HFModel:
             split = head_split(module, world) if name in HEAD_PARALLEL else None
             if split is None:
                 return float(world)  # the gathered sequence, every head
-            return max(hi - lo for lo, hi in split.q) * world / split.heads
+            return work_share(module, split)
 
         return mixer_memory.MixerMemory(self.recurrent_mixers, layers, *cost, device.type,
                                         max(factor(m) for m in modules), beside)

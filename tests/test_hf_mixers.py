@@ -54,6 +54,12 @@ def mixer_config(arch: str):
         # 6 key heads (2 value heads each) over 4 ranks: the head-parallel split is uneven
         "qwen3_5@6heads": lambda: tf.Qwen3_5TextConfig(**common, **{
             **gdn, "linear_num_key_heads": 6, "linear_num_value_heads": 12}),
+        # 3 key heads over 4 ranks: neither whole heads nor equal value-channel slices
+        "qwen3_5@3heads": lambda: tf.Qwen3_5TextConfig(**common, **{
+            **gdn, "linear_num_key_heads": 3, "linear_num_value_heads": 6}),
+        # 1 key head (2 value heads) over 2 ranks: each rank runs half of every value channel
+        "qwen3_next@1key": lambda: tf.Qwen3NextConfig(**common, **{
+            **gdn, "linear_num_key_heads": 1, "linear_num_value_heads": 2}, num_experts=0),
         "olmo_hybrid": lambda: tf.OlmoHybridConfig(**common, layer_types=mixed),
         "kimi_linear": lambda: tf.KimiLinearConfig(**{**common, **mla_free}),
         "bailing_hybrid": lambda: tf.BailingHybridConfig(**{**common, **mla_free}, layer_group_size=2,
@@ -247,6 +253,7 @@ def _cases_p2():
     # striped: every short-convolution halo token is on another rank
     # Kimi-Linear and Bailing-Hybrid with their MLA layers (v's head size unlike q/k's)
     return cases + [("jamba", "ring+ckpt", "zigzag", True), ("qwen3_next", "allgather+ckpt", "doc_zigzag", True),
+                    ("qwen3_next@1key", "ring", "doc_zigzag", True),
                     ("lfm2", "ring+ckpt", "striped", False), ("kimi_linear@mla", "ring", "doc_zigzag", True),
                     ("bailing_hybrid@mla", "ulysses", "zigzag", False)]
 
@@ -273,17 +280,19 @@ def test_hybrids_match_stock_sp4():
     strategies = ("ring", "hybrid", "allgather", "ulysses")
     cases = [(arch, strategies[i % 4], *layouts[i % 3]) for i, arch in enumerate(FAMILIES)]
     cases += [("qwen3_5@6heads", "ring", "doc_zigzag", True), ("bamba@12heads", "ulysses", "zigzag", False),
-              ("kimi_linear@mla", "hybrid", "contiguous", True)]
+              ("kimi_linear@mla", "hybrid", "contiguous", True), ("qwen3_5@3heads", "ring", "zigzag", False)]
     for r in run_distributed(_mixer_cases, 4, cases, timeout=600):
         _check(r)
         # Gated DeltaNet and Mamba2 run head-parallel where their heads cover the ranks (6 key
         # heads over 4: 2, 2, 1, 1; 12 Mamba2 heads in 3 groups: 3 a rank, straddling groups),
-        # over the gathered sequence where they do not (Qwen3-Next's 2 key heads)
+        # Gated DeltaNet in value-channel slices where its key heads divide the ranks
+        # (Qwen3-Next's 2 key heads: each value head's 8 channels in halves), over the
+        # gathered sequence where neither covers them (3 key heads over 4 ranks)
         schemes = {arch: errs["schemes"] for (arch, *_), errs in r.items()}
         assert schemes["qwen3_5@6heads"] == schemes["bamba@12heads"] == schemes["bamba"] \
-            == schemes["bailing_hybrid"] == ["heads"]
+            == schemes["bailing_hybrid"] == schemes["qwen3_next"] == ["heads"]
         assert schemes["jamba"] == ["heads"] and schemes["lfm2"] == ["halo"]
-        assert schemes["qwen3_next"] == ["gathered"]
+        assert schemes["qwen3_5@3heads"] == ["gathered"]
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "lfm2"])
@@ -370,12 +379,13 @@ def test_capacity_planner_counts_the_mixers(tmp_path):
         vocab_size = 259
 
     gdn = HFModel(HFModelConfig(path=_save_tiny_hybrid("qwen3_next", tmp_path / "gdn")), Bytes())
-    heads = gdn.config.linear_num_value_heads
-    cost = {w: gdn.mixer_memory("fp32", w) for w in (1, 2, 2 * heads)}
+    cost = {w: gdn.mixer_memory("fp32", w) for w in (1, 2, 8, 6)}  # 2 key heads, value heads of 8
     assert cost[1].families == ("gated_deltanet",) and cost[1].layers == 1  # layers: linear, full
     assert cost[1].recompute > 0 and cost[1].kept > 0 and cost[1].transient >= 0
-    assert cost[1].tokens_factor == cost[2].tokens_factor == 1.0  # head-parallel: its share of the heads
-    assert cost[2 * heads].tokens_factor == 2 * heads  # fewer heads than ranks: the gathered sequence
+    # head-parallel (2 ranks: a key head each): its share; 8 ranks: value channels in quarters,
+    # each repeating its key head's q/k work (4 ranks a key head)
+    assert cost[1].tokens_factor == cost[2].tokens_factor == 1.0 and cost[8].tokens_factor == 4.0
+    assert cost[6].tokens_factor == 6  # 8 channels do not split in 3: the gathered sequence
     conv = HFModel(HFModelConfig(path=_save_tiny_hybrid("lfm2", tmp_path / "conv")), Bytes())
     assert conv.mixer_memory("fp32", 8).tokens_factor == 1.0  # halo: its own tokens
     # a layer that runs a mixer and softmax attention holds both working sets at once
@@ -388,7 +398,7 @@ def test_capacity_planner_counts_the_mixers(tmp_path):
                               mixers=cost[world])
         return dict((n, v) for n, v, _ in e.terms)["mixer backward"]
 
-    assert mixer_term(2 * heads) == 2 * heads * mixer_term(2)
+    assert mixer_term(6) == 6 * mixer_term(2)
     cfg = _capacity_cfg("model=hf", f"model.path={tmp_path / 'gdn'}", "model.activation_checkpointing=true",
                         "world_size=2", "device_gib=1", "device=cpu")
     rows = capacity.capacity_rows(cfg, gdn)
@@ -528,6 +538,7 @@ def _plan_ahead_and_bytes(rank, world, arch, layout):
 @pytest.mark.slow  # the quick tier checks the schemes' exactness (test_hybrids_match_stock_sp2_quick)
 @pytest.mark.parametrize("arch, layout", [
     ("qwen3_5", "doc_zigzag"),
+    pytest.param("qwen3_next@1key", "zigzag", marks=pytest.mark.slow),  # value-channel slices
     pytest.param("bamba@12heads", "zigzag", marks=pytest.mark.slow),
     pytest.param("kimi_linear", "contiguous", marks=pytest.mark.slow),
     # lightning attention's one all-to-all each way is Gated DeltaNet's shape (passed, not rerun)

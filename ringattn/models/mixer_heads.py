@@ -29,9 +29,11 @@ Per mixer layer and rank, with the SP group of P ranks and this rank's rows x (b
 
 The recurrence and the convolution run once over the sequence in all (1/P per rank) and a
 rank holds 1/P of their activations; ``bytes_sent`` gives the traffic (Gated DeltaNet at
-Qwen3-Next's widths sends 12,352 values per local token against 2,048 per token of the whole
-sequence for the gathered scheme). It needs heads >= P (a rank computes whole heads; for
-Gated DeltaNet, whole key heads); below that ``SequenceMixers`` keeps the gathered sequence.
+Qwen3-Next-80B's widths over 16 ranks sends 11,580 values per local token against 30,720 for
+the gathered scheme). It needs heads >= P (a rank computes whole heads); Gated DeltaNet also
+runs with fewer key heads than ranks where they divide P, each value head's channels in P / Hk
+slices (a rank: one key head, one slice of its value channels). Below that
+``SequenceMixers`` keeps the gathered sequence.
 
 transformers has no per-layer seam between the projections and the recurrence (the kernel
 hub's ``kernelize`` swaps a function for every instance and device at once, while this needs
@@ -127,50 +129,71 @@ class DeltaNetParts:
 
 
 def deltanet_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> torch.Tensor:
-    """(b, s/P, D) local rows in layout order -> the mixer's output for them (b, s/P, D); the
-    unit of ``split`` is the key head."""
+    """(b, s/P, D) local rows in layout order -> the mixer's output for them (b, s/P, D). The
+    units of ``split.q`` are key heads (their value heads travel with them), or, with more
+    ranks than key heads, slices of their value heads' channels (``split.kv``: each unit's key
+    head): the state's value channels evolve independently, so a slice runs the recurrence
+    with its key head's q, k, beta and decay and gives the output's same channels, exactly."""
     parts, kernels = _family(m).parts, sys.modules[type(m).__module__]
     b, s = x.shape[:2]
     q, k, v, z, beta_in, a = parts.project(m, x)
     hk, hv = q.shape[2], v.shape[2]
-    per = hv // hk  # value heads per key head: they travel with it
+    per = hv // hk  # value heads per key head
     dk, dv = m.head_k_dim, m.head_v_dim
-    packed = torch.cat([q, k, v.reshape(b, s, hk, per * dv), beta_in.reshape(b, s, hk, per),
-                        a.reshape(b, s, hk, per)], -1)
-    lo, hi = split.q[index.rank]
-    vlo, vhi = lo * per, hi * per
+    slices = split.heads // hk  # of each value head's channels (1: whole key heads a rank)
+    dc = dv // slices
+    keyed = torch.cat([q, k, beta_in.reshape(b, s, hk, per), a.reshape(b, s, hk, per)], -1)
+    valued = v.reshape(b, s, hk, per, slices, dc).transpose(3, 4).reshape(b, s, hk * slices, per * dc)
+    lo, hi = split.q[index.rank]  # units
+    klo, khi = split.kv[index.rank]  # their key heads (the same ranges with one slice)
+    vlo, vhi = klo * per, khi * per
+    v_at = [2 * m.key_dim + ((u // slices) * per + i) * dv + (u % slices) * dc
+            for u in range(lo, hi) for i in range(per)]  # each unit's value channels, per value head
+    if slices == 1:  # one all-to-all: a key head's inputs travel together
+        inputs = (_gather_heads(torch.cat([keyed, valued], -1), split.q, index),)
+    else:  # q, k, beta and decay to every rank holding a slice of the key head
+        inputs = (_gather_heads(keyed, split.kv, index), _gather_heads(valued, split.q, index))
 
-    def run(seq):  # (rows, L, n, w): one batch
-        rows, length, n = seq.shape[:3]
-        q, k, v, beta_in, a = seq.split([dk, dk, per * dv, per, per], -1)
-        mixed = _conv(m, kernels, torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1),
-                      [slice(lo * dk, hi * dk), slice(m.key_dim + lo * dk, m.key_dim + hi * dk),
-                       slice(2 * m.key_dim + vlo * dv, 2 * m.key_dim + vhi * dv)])
-        q, k, v = mixed.split([n * dk, n * dk, n * per * dv], -1)
+    def run(*seqs):  # (rows, L, n, w) one batch (key-head inputs, value slices)
+        keyed, valued = seqs if len(seqs) == 2 else seqs[0].split([2 * dk + 2 * per, per * dc], -1)
+        rows, length, n = keyed.shape[:3]
+        q, k, beta_in, a = keyed.split([dk, dk, per, per], -1)
+        mixed = _conv(m, kernels, torch.cat([q.flatten(2), k.flatten(2), valued.flatten(2)], -1),
+                      [slice(klo * dk, khi * dk), slice(m.key_dim + klo * dk, m.key_dim + khi * dk),
+                       *(slice(c, c + dc) for c in v_at)])
+        q, k, v = mixed.split([n * dk, n * dk, n * per * dc], -1)
         q, k = q.reshape(rows, length, n, dk), k.reshape(rows, length, n, dk)
-        v = v.reshape(rows, length, n * per, dv)
+        v = v.reshape(rows, length, n * per, dc)
         beta = beta_in.reshape(rows, length, n * per).sigmoid() * parts.beta_scale(m)
         g = -m.A_log[vlo:vhi].float().exp() * F.softplus(
             a.reshape(rows, length, n * per).float() + m.dt_bias[vlo:vhi])
         out, _ = kernels.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
                                                       output_final_state=False,
                                                       use_qk_l2norm_in_kernel=True)
-        return out.reshape(rows, length, n, per * dv)
+        return out.reshape(rows, length, n, per * dc)
 
-    out = _scatter_heads(index.per_batch(run, _gather_heads(packed, split.q, index)), split.q, index)
+    out = _scatter_heads(index.per_batch(run, *inputs), split.q, index)  # (b, s/P, units, per dc)
+    out = out.reshape(b, s, hk, slices, per, dc).transpose(3, 4).reshape(b, s, hv, dv)
     out = getattr(m, parts.norm)(out.reshape(-1, dv), z.reshape(-1, dv))
     return getattr(m, parts.out)(out.reshape(b, s, hv * dv))
 
 
 def _deltanet_split(m, world: int) -> Optional[HeadSplit]:
-    hk = int(m.num_k_heads)
-    return split_heads(hk, hk, world) if hk >= world else None
+    """Key heads over the ranks; with fewer key heads than ranks, each value head's channels
+    in world / key heads slices (where that divides them), else None (the gathered sequence)."""
+    hk, dv = int(m.num_k_heads), int(m.head_v_dim)
+    if hk >= world:
+        return split_heads(hk, hk, world)
+    slices = world // hk
+    if world % hk or dv % slices:
+        return None
+    return split_heads(hk * slices, hk, world)  # unit u reads key head u // slices
 
 
 def _deltanet_sent(m, split: HeadSplit, rank: int, local: int) -> int:
     per = m.num_v_heads // m.num_k_heads
-    return _sent(split, rank, local, {"q": 2 * m.head_k_dim + per * (m.head_v_dim + 2),
-                                      "out": per * m.head_v_dim})
+    dc = m.head_v_dim // (split.heads // m.num_k_heads)
+    return _sent(split, rank, local, {"q": per * dc, "kv": 2 * m.head_k_dim + 2 * per, "out": per * dc})
 
 
 # ------------------------------------------------------------------ KDA
@@ -439,6 +462,16 @@ def _family(module: nn.Module) -> HeadParallel:
 def head_split(module: nn.Module, world: int) -> Optional[HeadSplit]:
     """The split of ``module``'s heads over ``world`` ranks, None where it has too few."""
     return _family(module).split(module, world)
+
+
+def work_share(module: nn.Module, split: HeadSplit) -> float:
+    """The busiest rank's share of the layer's recurrence, times P: 1 for an even split
+    (uneven: more). Gated DeltaNet's value-channel slices each repeat their key head's q/k
+    work (the chunked kernel's per-head matrices), so its share counts key heads too."""
+    units = max(hi - lo for lo, hi in split.q) * split.size / split.heads
+    if _family(module).forward is deltanet_forward:
+        return max(units, max(hi - lo for lo, hi in split.kv) * split.size / split.kv_heads)
+    return units
 
 
 def head_parallel_forward(module: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> torch.Tensor:

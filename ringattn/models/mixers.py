@@ -34,9 +34,8 @@ gradients of the P ranks are summed by the usual sequence-parallel gradient redu
 Cost per mixer layer and rank: one all-gather of S x H activations forward and one
 reduce-scatter of the same size backward ((P-1)/P x S x H x bytes each), the mixer's
 compute over the whole sequence (P-fold redundant) and O(S x H) activations saved for its
-backward. With documents, padding adds under S tokens more. Head-parallel
-schemes for the other recurrences and a state-passing scan of O(state) bytes are not built;
-see docs/huggingface.md.
+backward. With documents, padding adds under S tokens more. A state-passing scan of
+O(state) bytes (no head limit) is not built; see docs/huggingface.md.
 
 Short convolutions (LFM2) have a finite reach: the whole mixer (pointwise projections and
 gates around one causal depthwise convolution of k taps) makes token t from tokens
