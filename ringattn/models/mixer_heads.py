@@ -73,14 +73,19 @@ def _scatter_heads(out: torch.Tensor, ranges, index) -> torch.Tensor:
     return sequence_to_heads(index.rank_major(out), ranges, index.group)
 
 
-def _conv(module, kernels, mixed: torch.Tensor, channels) -> torch.Tensor:
-    """The module's depthwise causal convolution (and activation) over ``channels`` (slices
-    of its weight) of ``mixed`` (rows, L, C): the model's own ``causal_conv1d_fn``."""
+def _conv(module, kernels, channels) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module's depthwise causal convolution (and activation) restricted to ``channels``
+    (slices of its weight, cut once per layer, not per batch of documents), as a function of
+    the input (rows, L, C): the model's own ``causal_conv1d_fn``."""
     conv = module.conv1d
     weight = torch.cat([conv.weight[c] for c in channels]).squeeze(1)
     bias = None if conv.bias is None else torch.cat([conv.bias[c] for c in channels])
-    out = kernels.causal_conv1d_fn(mixed.transpose(1, 2), weight, bias, activation=module.activation)
-    return out.transpose(1, 2)
+
+    def run(mixed: torch.Tensor) -> torch.Tensor:
+        out = kernels.causal_conv1d_fn(mixed.transpose(1, 2), weight, bias, activation=module.activation)
+        return out.transpose(1, 2)
+
+    return run
 
 
 def _sent(split: HeadSplit, rank: int, local: int, per_unit: dict) -> int:
@@ -149,6 +154,8 @@ def deltanet_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> 
     vlo, vhi = klo * per, khi * per
     v_at = [2 * m.key_dim + ((u // slices) * per + i) * dv + (u % slices) * dc
             for u in range(lo, hi) for i in range(per)]  # each unit's value channels, per value head
+    conv = _conv(m, kernels, [slice(klo * dk, khi * dk), slice(m.key_dim + klo * dk, m.key_dim + khi * dk),
+                              *(slice(c, c + dc) for c in v_at)])
     if slices == 1:  # one all-to-all: a key head's inputs travel together
         inputs = (_gather_heads(torch.cat([keyed, valued], -1), split.q, index),)
     else:  # q, k, beta and decay to every rank holding a slice of the key head
@@ -158,9 +165,7 @@ def deltanet_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> 
         keyed, valued = seqs if len(seqs) == 2 else seqs[0].split([2 * dk + 2 * per, per * dc], -1)
         rows, length, n = keyed.shape[:3]
         q, k, beta_in, a = keyed.split([dk, dk, per, per], -1)
-        mixed = _conv(m, kernels, torch.cat([q.flatten(2), k.flatten(2), valued.flatten(2)], -1),
-                      [slice(klo * dk, khi * dk), slice(m.key_dim + klo * dk, m.key_dim + khi * dk),
-                       *(slice(c, c + dc) for c in v_at)])
+        mixed = conv(torch.cat([q.flatten(2), k.flatten(2), valued.flatten(2)], -1))
         q, k, v = mixed.split([n * dk, n * dk, n * per * dc], -1)
         q, k = q.reshape(rows, length, n, dk), k.reshape(rows, length, n, dk)
         v = v.reshape(rows, length, n * per, dc)
@@ -215,13 +220,13 @@ def kda_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> torch
     packed = torch.cat([m.q_proj(x).view(b, s, heads, d), m.k_proj(x).view(b, s, heads, d),
                         m.v_proj(x).view(b, s, heads, d), m.b_proj(x).unsqueeze(-1)], -1)
     lo, hi = split.q[index.rank]
+    conv = _conv(m, kernels, [slice(lo * d, hi * d), slice(width + lo * d, width + hi * d),
+                              slice(2 * width + lo * d, 2 * width + hi * d)])
 
     def run(seq, decay):  # (rows, L, n, 3 d + 1), (rows, L, n, d): one batch
         rows, length, n = seq.shape[:3]
         q, k, v, beta_in = seq.split([d, d, d, 1], -1)
-        mixed = _conv(m, kernels, torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1),
-                      [slice(lo * d, hi * d), slice(width + lo * d, width + hi * d),
-                       slice(2 * width + lo * d, 2 * width + hi * d)])
+        mixed = conv(torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1))
         q, k, v = (t.reshape(rows, length, n, d) for t in mixed.split([n * d] * 3, -1))
         out, _ = kernels.chunk_kimi_delta_attention(
             q, k, v, g=decay, beta=beta_in.squeeze(-1).sigmoid(), initial_state=None,
@@ -337,13 +342,13 @@ def mamba2_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> to
     ng = ghi - glo
     x_at, bc_at = heads * p, heads * p + groups * n_state
     head_group = split.kv_index(index.rank)
+    conv = _conv(m, kernels, [slice(hlo * p, hhi * p), slice(x_at + glo * n_state, x_at + ghi * n_state),
+                              slice(bc_at + glo * n_state, bc_at + ghi * n_state)])
 
     def run(xh, bc):  # (rows, L, nh, p + 1), (rows, L, ng, 2 n_state): one batch
         rows, length, nh = xh.shape[:3]
-        mixed = _conv(m, kernels, torch.cat([xh[..., :p].flatten(2), bc[..., :n_state].flatten(2),
-                                             bc[..., n_state:].flatten(2)], -1),
-                      [slice(hlo * p, hhi * p), slice(x_at + glo * n_state, x_at + ghi * n_state),
-                       slice(bc_at + glo * n_state, bc_at + ghi * n_state)])
+        mixed = conv(torch.cat([xh[..., :p].flatten(2), bc[..., :n_state].flatten(2),
+                                bc[..., n_state:].flatten(2)], -1))
         xm, bm, cm = mixed.split([nh * p, ng * n_state, ng * n_state], -1)
         bm, cm = bm.reshape(rows, length, ng, n_state), cm.reshape(rows, length, ng, n_state)
         if head_group is not None:  # this rank's heads do not split its groups evenly: B, C per head
@@ -384,7 +389,7 @@ def mamba_forward(m: nn.Module, x: torch.Tensor, index, split: HeadSplit) -> tor
     lo, hi = split.q[index.rank]
     xs, gate = m.in_proj(x).chunk(2, dim=-1)  # (b, s/P, c) each, as the module splits them
     xs = _gather_heads(xs.unsqueeze(-1), split.q, index).squeeze(-1)  # natural order, n channels
-    xs = index.per_batch(lambda t: _conv(m, kernels, t, [slice(lo, hi)]), xs)
+    xs = index.per_batch(_conv(m, kernels, [slice(lo, hi)]), xs)
     # summed over the S real tokens (not the documents' padding), then laid out again
     projected = index.natural(sum_over_ranks(
         index.rank_major(F.linear(xs, m.x_proj.weight[:, lo:hi])), index.group))
